@@ -1,0 +1,472 @@
+"""Shared plumbing for the experiment scripts: data, device, seeding, run directories,
+checkpoints, metrics files and plots. Nothing here knows about a particular model.
+
+A script uses it like this:
+
+    args = common.args_from(locals())                 # the options as a namespace
+    device = common.pick_device(args.device)
+    data = common.load_mnist(args.data_dir, device, digits=..., val_fraction=..., limit=..., seed=...)
+    for x, y in common.Batches(data.train_x, data.train_y, 64, shuffle=True, seed=args.seed): ...
+    run_dir = common.make_run_dir(args.out_dir, "train_mlp", args.tag)
+    common.save_checkpoint(run_dir / "last.pt", {...}); common.write_json(run_dir / "metrics.json", {...})
+
+Errors the user can fix are raised as `UserError("what is wrong: what to do")`; `common.main(app)`
+turns them (and Typer's own option errors) into one line on stderr and exit code 2.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import json
+import math
+import os
+import platform
+import random
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from types import SimpleNamespace
+from typing import Annotated, Optional
+
+import numpy as np
+import torch
+import typer
+
+MNIST_MEAN, MNIST_STD = 0.1307, 0.3081
+
+
+# ----------------------------------------------------------------------------- errors and entry point
+class UserError(Exception):
+    """A problem with the user's input: printed as one line, exit code 2, no traceback."""
+
+
+def main(app: typer.Typer) -> None:
+    """Run a Typer app; bad input of any kind ends with one line on stderr and exit code 2."""
+    try:
+        code = app(standalone_mode=False)
+    except (UserError, typer.TyperException) as e:
+        message = e.format_message() if isinstance(e, typer.TyperException) else str(e)
+        print(f"error: {message}", file=sys.stderr)
+        sys.exit(2)
+    except typer.Abort:
+        sys.exit(130)
+    sys.exit(code if isinstance(code, int) else 0)
+
+
+# ----------------------------------------------------------------------------- the options every script shares
+DataDir = Annotated[Path, typer.Option(envvar="DATA_DIR", help="Folder holding MNIST/raw (downloaded there if missing).")]
+OutDir = Annotated[Path, typer.Option(help="Runs go to OUT_DIR/<script>/<timestamp>[-tag]/.")]
+Epochs = Annotated[int, typer.Option(help="Training epochs.")]
+BatchSize = Annotated[int, typer.Option(help="Mini-batch size.")]
+LearningRate = Annotated[float, typer.Option("--lr", help="Learning rate.")]
+Seed = Annotated[int, typer.Option(help="Seed for python, numpy and torch (split, init, shuffling).")]
+Device = Annotated[str, typer.Option(help="auto (CUDA, then MPS, then CPU), cpu, cuda or mps.")]
+Digits = Annotated[Optional[str], typer.Option(help="Train on these digits only, e.g. 0,1; labels become 0..k-1.")]
+Limit = Annotated[Optional[int], typer.Option(help="Use only the first N training samples (quick runs).")]
+ValFraction = Annotated[float, typer.Option(help="Share of the training set held out for validation.")]
+Resume = Annotated[Optional[Path], typer.Option(help="Continue the run in this directory from its last.pt.")]
+Tag = Annotated[Optional[str], typer.Option(help="Suffix for the run directory name.")]
+Quiet = Annotated[bool, typer.Option(help="No progress bars or tables, only the summary lines.")]
+
+
+def args_from(options: dict) -> SimpleNamespace:
+    """The command's options (its locals()) as a namespace with JSON-friendly values."""
+    clean = {k: (str(v) if isinstance(v, Path) else v) for k, v in options.items() if not k.startswith("_") and k != "ctx"}
+    return SimpleNamespace(**clean)
+
+
+def check(condition: bool, message: str) -> None:
+    if not condition:
+        raise UserError(message)
+
+
+# ----------------------------------------------------------------------------- device and seeding
+def pick_device(name: str = "auto") -> torch.device:
+    """auto = CUDA, then MPS, then CPU. Asking for a device that is not there is a UserError."""
+    name = name.lower()
+    has_mps = getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available()
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "mps" if has_mps else "cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise UserError("--device cuda: no CUDA device is available on this machine; use --device auto or cpu")
+    if name == "mps" and not has_mps:
+        raise UserError("--device mps: Apple MPS is not available on this machine; use --device auto or cpu")
+    check(name in ("cpu", "cuda", "mps"), f"--device {name}: unknown device; use auto, cpu, cuda or mps")
+    return torch.device(name)
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def rng_state() -> dict:
+    """torch's global RNG state (dropout, augmentation), for checkpoints; numpy and python are not used in training."""
+    state = {"torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict) -> None:
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+# ----------------------------------------------------------------------------- MNIST held on the device
+MNIST_FILES = ["train-images-idx3-ubyte", "train-labels-idx1-ubyte", "t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte"]
+
+
+def parse_digits(text: Optional[str]) -> list[int]:
+    """'6,8,9' -> [6, 8, 9]; None -> all ten digits. At least two distinct digits 0-9."""
+    if text is None or str(text).strip() == "":
+        return list(range(10))
+    try:
+        digits = [int(part) for part in str(text).split(",") if part.strip() != ""]
+    except ValueError:
+        raise UserError(f"--digits {text}: give digits 0-9 separated by commas, e.g. --digits 0,1") from None
+    check(all(0 <= d <= 9 for d in digits), f"--digits {text}: digits must be between 0 and 9")
+    check(len(set(digits)) == len(digits), f"--digits {text}: each digit may appear once")
+    check(len(digits) >= 2, f"--digits {text}: a classifier needs at least two digits, e.g. --digits 3,5")
+    return sorted(digits)
+
+
+def read_mnist(data_dir, train: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """MNIST through torchvision (downloading it if absent) as (uint8 [N,28,28], int64 [N]) on the CPU."""
+    import torchvision
+
+    data_dir = Path(data_dir)
+    raw = data_dir / "MNIST" / "raw"
+    missing = [f for f in MNIST_FILES if not (raw / f).is_file()]
+    if missing:
+        print(f"MNIST not found in {raw}: downloading it there", file=sys.stderr)
+        try:
+            with contextlib.redirect_stdout(io.StringIO()):
+                torchvision.datasets.MNIST(root=str(data_dir), train=train, download=True)
+        except Exception as e:
+            reason = str(e).strip().splitlines()[-1] if str(e).strip() else type(e).__name__
+            raise UserError(
+                f"MNIST is not in {raw} and downloading it failed ({reason}); "
+                f"copy the four raw IDX files there or point --data-dir (or DATA_DIR) at a folder holding MNIST/raw"
+            ) from None
+    try:
+        ds = torchvision.datasets.MNIST(root=str(data_dir), train=train, download=False)
+        images, labels = ds.data, ds.targets
+        check(images.dim() == 3 and images.shape[1:] == (28, 28) and len(images) == len(labels), "shapes do not match")
+    except Exception as e:
+        split = "train" if train else "t10k"
+        raise UserError(
+            f"the MNIST {split} files in {raw} are truncated or corrupt ({type(e).__name__}: {str(e).splitlines()[0][:120]}); "
+            f"delete them to download a fresh copy, or point --data-dir at a good one"
+        ) from None
+    return images.to(torch.uint8), labels.long()
+
+
+@dataclass
+class MNIST:
+    """uint8 images [N,28,28] and remapped int64 labels on the device; `digits[label]` is the original digit."""
+
+    train_x: torch.Tensor
+    train_y: torch.Tensor
+    val_x: torch.Tensor
+    val_y: torch.Tensor
+    test_x: torch.Tensor
+    test_y: torch.Tensor
+    digits: list[int] = field(default_factory=lambda: list(range(10)))
+    train_index: Optional[torch.Tensor] = None  # each training sample's index in the original 60,000
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.digits)
+
+    @property
+    def digit_map(self) -> dict[str, int]:
+        return {str(d): i for i, d in enumerate(self.digits)}
+
+    def describe(self) -> dict:
+        return {"digit_map": self.digit_map, "num_classes": self.num_classes,
+                "n_train": len(self.train_y), "n_val": len(self.val_y), "n_test": len(self.test_y)}
+
+
+def load_mnist(data_dir, device, digits: Optional[str] = None, val_fraction: float = 0.1,
+               limit: Optional[int] = None, seed: int = 0) -> MNIST:
+    """Load MNIST onto `device`: filter to `digits` (labels remapped 0..k-1 in sorted digit order),
+    keep the first `limit` training samples, split off `val_fraction` by a permutation seeded with `seed`."""
+    digit_list = parse_digits(digits)
+    check(0.0 < val_fraction < 1.0, f"--val-fraction {val_fraction}: must be between 0 and 1 (exclusive)")
+    check(limit is None or limit >= 2, f"--limit {limit}: need at least 2 samples (one to train, one to validate)")
+    lookup = torch.full((10,), -1, dtype=torch.long)
+    lookup[digit_list] = torch.arange(len(digit_list))
+
+    def select(images, labels):
+        keep = lookup[labels] >= 0
+        index = torch.nonzero(keep).squeeze(1)
+        return images[index], lookup[labels[index]], index
+
+    train_x, train_y, train_index = select(*read_mnist(data_dir, train=True))
+    test_x, test_y, _ = select(*read_mnist(data_dir, train=False))
+    if limit is not None:
+        train_x, train_y, train_index = train_x[:limit], train_y[:limit], train_index[:limit]
+    n = len(train_y)
+    n_val = min(max(1, round(n * val_fraction)), n - 1)
+    perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed))
+    val_idx, tr_idx = perm[:n_val], perm[n_val:]
+    to = lambda t: t.to(device)  # noqa: E731
+    return MNIST(to(train_x[tr_idx]), to(train_y[tr_idx]), to(train_x[val_idx]), to(train_y[val_idx]),
+                 to(test_x), to(test_y), digit_list, train_index[tr_idx])
+
+
+def normalize(images: torch.Tensor) -> torch.Tensor:
+    """uint8 [B,28,28] -> float [B,1,28,28] with MNIST's mean and std."""
+    return images.unsqueeze(1).float().div_(255.0).sub_(MNIST_MEAN).div_(MNIST_STD)
+
+
+class Batches:
+    """Mini-batches of an in-memory dataset, normalized as they are taken. With shuffle=True the order
+    is redrawn each epoch from a generator seeded once; its state goes into checkpoints. The last,
+    partial batch is kept."""
+
+    def __init__(self, images, labels, batch_size: int, shuffle: bool = False, seed: int = 0, transform=normalize):
+        check(batch_size >= 1, f"--batch-size {batch_size}: must be at least 1")
+        self.images, self.labels, self.batch_size, self.shuffle, self.transform = images, labels, batch_size, shuffle, transform
+        self.generator = torch.Generator().manual_seed(seed)
+
+    def __len__(self) -> int:
+        return math.ceil(len(self.labels) / self.batch_size)
+
+    def __iter__(self):
+        n = len(self.labels)
+        order = torch.randperm(n, generator=self.generator).to(self.labels.device) if self.shuffle else None
+        for start in range(0, n, self.batch_size):
+            if order is None:
+                x, y = self.images[start:start + self.batch_size], self.labels[start:start + self.batch_size]
+            else:
+                idx = order[start:start + self.batch_size]
+                x, y = self.images[idx], self.labels[idx]
+            yield self.transform(x), y
+
+
+def progress(iterable, quiet: bool = False, **kwargs):
+    """A tqdm bar, off with --quiet or when stderr is not a terminal."""
+    from tqdm import tqdm
+
+    return tqdm(iterable, disable=quiet or not sys.stderr.isatty(), leave=False, dynamic_ncols=True, **kwargs)
+
+
+# ----------------------------------------------------------------------------- run directories, JSON, checkpoints
+def write_json(path, obj) -> None:
+    """Write JSON atomically (temporary file, then os.replace)."""
+    path = Path(path)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
+    with os.fdopen(fd, "w") as f:
+        json.dump(obj, f, indent=2, default=_json_default)
+        f.write("\n")
+    os.replace(tmp, path)
+
+
+def _json_default(obj):
+    if isinstance(obj, (np.integer, np.floating)):
+        return obj.item()
+    if isinstance(obj, (np.ndarray, torch.Tensor)):
+        return obj.tolist()
+    if isinstance(obj, (Path, torch.device)):
+        return str(obj)
+    raise TypeError(f"not JSON serializable: {type(obj).__name__}")
+
+
+def read_json(path) -> dict:
+    path = Path(path)
+    check(path.is_file(), f"{path} not found: is this a run directory?")
+    try:
+        return json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise UserError(f"{path} is not valid JSON ({e}); the run directory is damaged") from None
+
+
+def make_run_dir(out_dir, script: str, tag: Optional[str] = None) -> Path:
+    """OUT_DIR/<script>/<YYYYmmdd-HHMMSS>[-tag]/, with -2, -3... if that name is taken."""
+    if tag is not None:
+        check(tag != "" and all(c.isalnum() or c in "-_." for c in tag), f"--tag {tag!r}: use letters, digits, '-', '_' or '.'")
+    base = time.strftime("%Y%m%d-%H%M%S") + (f"-{tag}" if tag else "")
+    parent = Path(out_dir) / script
+    parent.mkdir(parents=True, exist_ok=True)
+    for n in range(1, 1000):
+        run_dir = parent / (base if n == 1 else f"{base}-{n}")
+        try:
+            run_dir.mkdir()
+            return run_dir
+        except FileExistsError:
+            continue
+    raise UserError(f"could not create a new run directory under {parent}")
+
+
+def versions() -> dict:
+    import torchvision
+
+    return {"python": platform.python_version(), "torch": torch.__version__, "torchvision": torchvision.__version__,
+            "numpy": np.__version__, "platform": platform.platform()}
+
+
+def save_config(run_dir, args: SimpleNamespace, **derived) -> dict:
+    """config.json: every option plus derived facts (device, versions, digit map, ...)."""
+    config = {**vars(args), **derived, "versions": versions(), "created": time.strftime("%Y-%m-%dT%H:%M:%S")}
+    write_json(Path(run_dir) / "config.json", config)
+    return config
+
+
+def save_checkpoint(path, state: dict) -> None:
+    """torch.save to a temporary file in the same folder, then os.replace: never a half-written file."""
+    path = Path(path)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
+    os.close(fd)
+    try:
+        torch.save(state, tmp)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
+def load_checkpoint(path, map_location="cpu") -> dict:
+    path = Path(path)
+    check(path.is_file(), f"{path} not found: the run has no such checkpoint")
+    try:
+        return torch.load(path, map_location=map_location, weights_only=True)
+    except Exception as e:
+        raise UserError(f"{path} is unreadable ({type(e).__name__}); the file is damaged: start a new run or use another checkpoint") from None
+
+
+def resume_args(ctx: typer.Context, args: SimpleNamespace, changeable=("epochs", "device", "quiet", "data_dir")):
+    """For --resume RUN_DIR: the run's saved options, with those in `changeable` taken from the command
+    line when given there. Any other option given on the command line must match the saved one."""
+    run_dir = Path(args.resume)
+    check(run_dir.is_dir(), f"--resume {run_dir}: no such run directory")
+    saved = read_json(run_dir / "config.json")
+    merged = dict(vars(args))
+    for name in vars(args):
+        if name in ("resume", "tag") or name not in saved:
+            continue
+        given = ctx.get_parameter_source(name)
+        explicit = given is not None and given.name in ("COMMANDLINE", "ENVIRONMENT")
+        if explicit and name in changeable:
+            continue
+        if explicit and saved[name] != getattr(args, name) and given.name == "COMMANDLINE":
+            flag = "--" + name.replace("_", "-")
+            raise UserError(f"{flag} cannot change when resuming ({saved[name]!r} in {run_dir}); start a new run instead")
+        merged[name] = saved[name]
+    merged["resume"] = str(run_dir)
+    return SimpleNamespace(**merged), run_dir
+
+
+def append_result(out_dir, record: dict) -> None:
+    """One line per finished run in OUT_DIR/results.jsonl."""
+    path = Path(out_dir) / "results.jsonl"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "a") as f:
+        f.write(json.dumps({"time": time.strftime("%Y-%m-%dT%H:%M:%S"), **record}, default=_json_default) + "\n")
+
+
+def parameter_table(model: torch.nn.Module) -> str:
+    """Per-layer parameter counts and the total, as a printable table."""
+    rows = [(name, "x".join(map(str, p.shape)), p.numel()) for name, p in model.named_parameters()]
+    total = sum(r[2] for r in rows)
+    width = max([len(r[0]) for r in rows] + [9])
+    lines = [f"{'parameter':<{width}}  {'shape':>14}  {'count':>11}"]
+    lines += [f"{name:<{width}}  {shape:>14}  {count:>11,}" for name, shape, count in rows]
+    lines.append(f"{'total':<{width}}  {'':>14}  {total:>11,}")
+    return "\n".join(lines)
+
+
+def count_parameters(model: torch.nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())
+
+
+# ----------------------------------------------------------------------------- plots (matplotlib, Agg)
+def _plt():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def plot_image_grid(images, titles, path, colors=None, suptitle=None, cols=8) -> None:
+    """Grayscale images [N,H,W] (uint8 or float) in a grid, each with a title (colored if given)."""
+    plt = _plt()
+    images = images.detach().cpu().numpy() if isinstance(images, torch.Tensor) else np.asarray(images)
+    n = len(images)
+    cols = min(cols, max(n, 1))
+    rows = max(1, math.ceil(n / cols))
+    fig, axes = plt.subplots(rows, cols, figsize=(1.5 * cols, 1.7 * rows), squeeze=False)
+    for i, ax in enumerate(axes.flat):
+        ax.axis("off")
+        if i < n:
+            ax.imshow(images[i], cmap="gray")
+            ax.set_title(titles[i], fontsize=8, color="black" if colors is None else colors[i])
+    if suptitle:
+        fig.suptitle(suptitle)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def plot_samples(images, digits, path, n: int = 32) -> None:
+    """The first n images with their (original) digit."""
+    plot_image_grid(images[:n], [f"label {int(d)}" for d in digits[:n]], path, suptitle="MNIST samples")
+
+
+def plot_predictions(images, true_digits, pred_digits, path, n: int = 32) -> None:
+    """Predictions: title 'pred (true)', green when right, red when wrong."""
+    true_digits, pred_digits = [int(d) for d in true_digits[:n]], [int(d) for d in pred_digits[:n]]
+    titles = [f"{p} (true {t})" for t, p in zip(true_digits, pred_digits)]
+    colors = ["green" if t == p else "red" for t, p in zip(true_digits, pred_digits)]
+    plot_image_grid(images[:n], titles, path, colors=colors, suptitle="Test predictions (green right, red wrong)")
+
+
+def plot_curves(history: list[dict], path, keys=("loss", "acc")) -> None:
+    """Loss and accuracy per epoch, train and val, from metrics.json's per-epoch records."""
+    plt = _plt()
+    fig, axes = plt.subplots(1, len(keys), figsize=(5 * len(keys), 3.6), squeeze=False)
+    epochs = [h["epoch"] for h in history]
+    for ax, key in zip(axes.flat, keys):
+        for split in ("train", "val", "test"):
+            name = f"{split}_{key}"
+            if history and name in history[0]:
+                ax.plot(epochs, [h[name] for h in history], marker="o", label=split)
+        ax.set_xlabel("epoch")
+        ax.set_ylabel(key)
+        ax.grid(alpha=0.3)
+        ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def confusion_matrix(true, pred, num_classes: int) -> np.ndarray:
+    true, pred = torch.as_tensor(true).long().cpu(), torch.as_tensor(pred).long().cpu()
+    return torch.bincount(true * num_classes + pred, minlength=num_classes**2).view(num_classes, num_classes).numpy()
+
+
+def plot_confusion(cm: np.ndarray, names, path, title="Confusion matrix (test)") -> None:
+    plt = _plt()
+    k = len(names)
+    fig, ax = plt.subplots(figsize=(1 + 0.6 * k, 0.8 + 0.6 * k))
+    ax.imshow(cm, cmap="Blues")
+    for i in range(k):
+        for j in range(k):
+            ax.text(j, i, str(cm[i, j]), ha="center", va="center", fontsize=7,
+                    color="white" if cm[i, j] > cm.max() / 2 else "black")
+    ax.set_xticks(range(k), names)
+    ax.set_yticks(range(k), names)
+    ax.set_xlabel("predicted")
+    ax.set_ylabel("true")
+    ax.set_title(title)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
