@@ -312,9 +312,9 @@ def versions() -> dict:
             "numpy": np.__version__, "platform": platform.platform()}
 
 
-def save_config(run_dir, args: SimpleNamespace, **derived) -> dict:
-    """config.json: every option plus derived facts (device, versions, digit map, ...)."""
-    config = {**vars(args), **derived, "versions": versions(), "created": time.strftime("%Y-%m-%dT%H:%M:%S")}
+def save_config(run_dir, script: str, args: SimpleNamespace, **derived) -> dict:
+    """config.json: the script's name, every option and derived facts (device, versions, digit map, ...)."""
+    config = {"script": script, **vars(args), **derived, "versions": versions(), "created": time.strftime("%Y-%m-%dT%H:%M:%S")}
     write_json(Path(run_dir) / "config.json", config)
     return config
 

@@ -148,7 +148,7 @@ def main(
     else:
         run_dir = common.make_run_dir(args.out_dir, "train_mlp", args.tag)
     n_params = common.count_parameters(model)
-    common.save_config(run_dir, args, device=str(device), n_parameters=n_params, **data.describe())
+    common.save_config(run_dir, "train_mlp", args, device=str(device), n_parameters=n_params, **data.describe())
     if not args.quiet:
         print(common.parameter_table(model))
     print(f"device {device} | train {len(data.train_y)} val {len(data.val_y)} test {len(data.test_y)} | "
