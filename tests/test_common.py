@@ -1,0 +1,104 @@
+"""common.py: MNIST loading through torchvision's real IDX path, digit filtering, splits, batching,
+run directories and checkpoint I/O."""
+
+import json
+
+import pytest
+import torch
+
+import common
+
+
+def test_load_mnist_shapes_split_and_normalization(tiny_mnist):
+    data = common.load_mnist(tiny_mnist, "cpu", val_fraction=0.1, seed=0)
+    assert data.train_x.dtype == torch.uint8 and data.train_x.shape[1:] == (28, 28)
+    assert len(data.train_y) == 540 and len(data.val_y) == 60 and len(data.test_y) == 200
+    assert data.num_classes == 10 and data.digits == list(range(10))
+    # the training split is 540 distinct samples of the 600; val holds the other 60
+    assert len(set(data.train_index.tolist())) == 540 and int(data.train_index.max()) < 600
+    again = common.load_mnist(tiny_mnist, "cpu", val_fraction=0.1, seed=0)
+    other = common.load_mnist(tiny_mnist, "cpu", val_fraction=0.1, seed=1)
+    assert torch.equal(again.val_y, data.val_y) and torch.equal(again.train_index, data.train_index)
+    assert not torch.equal(other.train_index, data.train_index)
+    x = common.normalize(data.train_x)
+    assert x.shape == (540, 1, 28, 28) and x.dtype == torch.float32
+    expected = (data.train_x.float() / 255 - common.MNIST_MEAN) / common.MNIST_STD
+    assert torch.allclose(x[:, 0], expected)
+
+
+def test_digit_filter_remaps_labels_in_sorted_order(tiny_mnist):
+    full = common.load_mnist(tiny_mnist, "cpu", seed=0)
+    data = common.load_mnist(tiny_mnist, "cpu", digits="9,6,8", seed=0)
+    assert data.digits == [6, 8, 9] and data.digit_map == {"6": 0, "8": 1, "9": 2}
+    assert set(data.train_y.tolist()) == {0, 1, 2} and set(data.test_y.tolist()) == {0, 1, 2}
+    n_full_test = sum(int((full.test_y == d).sum()) for d in (6, 8, 9))
+    assert len(data.test_y) == n_full_test
+    # the remapped label of a sample is the position of its original digit
+    import torchvision
+    original = torchvision.datasets.MNIST(str(tiny_mnist), train=True).targets
+    assert torch.equal(torch.tensor([6, 8, 9])[data.train_y], original[data.train_index])
+
+
+def test_limit_takes_first_samples(tiny_mnist):
+    data = common.load_mnist(tiny_mnist, "cpu", limit=50, val_fraction=0.2, seed=0)
+    assert len(data.train_y) + len(data.val_y) == 50
+    assert len(data.val_y) == 10 and data.train_index.max() < 50
+
+
+@pytest.mark.parametrize("text", ["11", "3", "1,1", "a,b", "-1,2"])
+def test_parse_digits_rejects(text):
+    with pytest.raises(common.UserError):
+        common.parse_digits(text)
+
+
+def test_batches_cover_every_sample_once_and_reshuffle():
+    images = torch.arange(10, dtype=torch.uint8).view(10, 1, 1).expand(10, 28, 28).contiguous()
+    labels = torch.arange(10)
+    batches = common.Batches(images, labels, batch_size=4, shuffle=True, seed=3)
+    assert len(batches) == 3
+    epoch1 = [y for _, y in batches]
+    epoch2 = [y for _, y in batches]
+    assert [len(y) for y in epoch1] == [4, 4, 2]  # last partial batch kept
+    assert sorted(torch.cat(epoch1).tolist()) == list(range(10))
+    assert torch.cat(epoch1).tolist() != torch.cat(epoch2).tolist()  # a new order each epoch
+    replay = common.Batches(images, labels, batch_size=4, shuffle=True, seed=3)
+    assert torch.cat([y for _, y in replay]).tolist() == torch.cat(epoch1).tolist()
+    x, y = next(iter(common.Batches(images, labels, batch_size=4)))
+    assert y.tolist() == [0, 1, 2, 3] and torch.allclose(x[:, 0, 0, 0], common.normalize(images[:4])[:, 0, 0, 0])
+
+
+def test_checkpoint_roundtrip_and_damaged_file(tmp_path):
+    state = {"model": {"w": torch.randn(3, 2)}, "epoch": 4, "state": {"best": 0.5, "name": "x"}}
+    common.save_checkpoint(tmp_path / "last.pt", state)
+    loaded = common.load_checkpoint(tmp_path / "last.pt")
+    assert torch.equal(loaded["model"]["w"], state["model"]["w"]) and loaded["state"] == state["state"]
+    assert [p.name for p in tmp_path.iterdir()] == ["last.pt"]  # no temporary file left behind
+    (tmp_path / "bad.pt").write_bytes(b"not a checkpoint")
+    with pytest.raises(common.UserError, match="unreadable"):
+        common.load_checkpoint(tmp_path / "bad.pt")
+    with pytest.raises(common.UserError, match="not found"):
+        common.load_checkpoint(tmp_path / "missing.pt")
+
+
+def test_run_dirs_are_unique_and_results_append(tmp_path):
+    first = common.make_run_dir(tmp_path, "script", "t")
+    second = common.make_run_dir(tmp_path, "script", "t")
+    assert first != second and first.parent == second.parent == tmp_path / "script"
+    assert first.name.endswith("-t")
+    common.append_result(tmp_path, {"a": 1})
+    common.append_result(tmp_path, {"a": 2})
+    lines = (tmp_path / "results.jsonl").read_text().splitlines()
+    assert [json.loads(line)["a"] for line in lines] == [1, 2]
+    with pytest.raises(common.UserError):
+        common.make_run_dir(tmp_path, "script", "bad/tag")
+
+
+def test_device_choice():
+    assert common.pick_device("cpu").type == "cpu"
+    has_mps = torch.backends.mps.is_available()
+    assert common.pick_device("auto").type == ("cuda" if torch.cuda.is_available() else "mps" if has_mps else "cpu")
+    if not torch.cuda.is_available():
+        with pytest.raises(common.UserError, match="CUDA"):
+            common.pick_device("cuda")
+    with pytest.raises(common.UserError):
+        common.pick_device("tpu")

@@ -1,0 +1,191 @@
+"""train_mlp.py: the production source's sanity checks, an end-to-end CLI run, digit subsets,
+Ctrl-C + resume giving the same result as an uninterrupted run, and bad input."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import common
+import train_mlp
+from conftest import OFFLINE_ENV, ROOT, assert_user_error, run_cli
+
+RUN_FILES = ["config.json", "metrics.json", "best.pt", "last.pt", "mnist_samples.png", "training_curves.png",
+             "predictions.png", "confusion_matrix.png"]
+
+
+def make_model_and_optimizer(seed=0, lr=1e-3):
+    torch.manual_seed(seed)
+    model = train_mlp.MLP([512], 10)
+    return model, torch.optim.Adam(model.parameters(), lr=lr)
+
+
+# ----------------------------------------------------------------------------- sanity checks (real MNIST)
+def test_overfits_128_samples(real_mnist):
+    data = common.load_mnist(real_mnist, "cpu", limit=200, seed=0)
+    x, y = data.train_x[:128], data.train_y[:128]
+    model, opt = make_model_and_optimizer()
+    batches = common.Batches(x, y, 32, shuffle=True, seed=0)
+    for epoch in range(50):
+        _, train_acc = train_mlp.train_epoch(model, batches, opt, lambda step: 1e-3, 0, quiet=True)
+        if train_acc >= 0.99:
+            break
+    _, acc, _, _ = train_mlp.evaluate(model, x, y)
+    assert acc >= 0.99, f"train accuracy {acc:.3f} after {epoch + 1} epochs"
+
+
+def test_random_labels_are_memorized_not_learned(real_mnist):
+    data = common.load_mnist(real_mnist, "cpu", limit=3000, val_fraction=0.3, seed=0)
+    shuffled = data.train_y[torch.randperm(len(data.train_y), generator=torch.Generator().manual_seed(0))]
+    model, opt = make_model_and_optimizer()
+    batches = common.Batches(data.train_x, shuffled, 64, shuffle=True, seed=0)
+    losses = [train_mlp.train_epoch(model, batches, opt, lambda step: 1e-3, 0, quiet=True)[0] for _ in range(15)]
+    _, held_out_acc, _, _ = train_mlp.evaluate(model, data.val_x, data.val_y)
+    assert losses[-1] < 0.8 * losses[0], losses  # it fits the noise...
+    assert held_out_acc <= 0.20, held_out_acc  # ...and learns nothing that carries over
+
+
+def test_single_batch_loss_goes_below_005(real_mnist):
+    data = common.load_mnist(real_mnist, "cpu", limit=100, seed=0)
+    x, y = common.normalize(data.train_x[:64]), data.train_y[:64]
+    model, opt = make_model_and_optimizer()
+    for _ in range(200):
+        loss = F.cross_entropy(model(x), y)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        if loss.item() < 0.05:
+            break
+    assert loss.item() < 0.05
+
+
+# ----------------------------------------------------------------------------- the CLI, end to end
+def test_cli_run_writes_every_output(tiny_mnist, tmp_path):
+    proc = run_cli("train_mlp.py", "--data-dir", tiny_mnist, "--out-dir", tmp_path, "--epochs", 3,
+                   "--patience", 5, "--tag", "e2e", "--quiet")
+    assert proc.returncode == 0, proc.stderr
+    (run_dir,) = (tmp_path / "train_mlp").iterdir()
+    assert run_dir.name.endswith("-e2e")
+    for name in RUN_FILES:
+        assert (run_dir / name).is_file(), name
+    assert any(p.name.startswith("events.out.tfevents") for p in run_dir.iterdir())
+    last_line = proc.stdout.strip().splitlines()[-1]
+    assert str(run_dir) in last_line and "test accuracy" in last_line
+
+    config = json.loads((run_dir / "config.json").read_text())
+    assert config["script"] == "train_mlp" and config["hidden"] == [512] and config["device"] == "cpu"
+    assert config["digit_map"] == {str(d): d for d in range(10)} and "torch" in config["versions"]
+    metrics = json.loads((run_dir / "metrics.json").read_text())
+    assert [e["epoch"] for e in metrics["epochs"]] == [1, 2, 3]
+    final = metrics["final"]
+    assert set(final["per_class_acc"]) == {str(d) for d in range(10)}
+    assert final["test_acc"] > 0.8  # the synthetic digits are easy: a working pipeline learns them
+    (result,) = [json.loads(line) for line in (tmp_path / "results.jsonl").read_text().splitlines()]
+    assert result["run_dir"] == str(run_dir) and result["test_acc"] == final["test_acc"]
+    best = common.load_checkpoint(run_dir / "best.pt")
+    assert best["epoch"] == final["best_epoch"] and best["model"]["net.3.weight"].shape == (10, 512)
+
+
+@pytest.mark.parametrize("digits,classes", [("0,1", 2), ("9,6,8", 3)])
+def test_digit_subsets_train_smaller_heads(tiny_mnist, tmp_path, digits, classes):
+    proc = run_cli("train_mlp.py", "--data-dir", tiny_mnist, "--out-dir", tmp_path, "--epochs", 2,
+                   "--digits", digits, "--hidden", 64, "--hidden", 32, "--dropout", 0.2, "--quiet")
+    assert proc.returncode == 0, proc.stderr
+    (run_dir,) = (tmp_path / "train_mlp").iterdir()
+    config = json.loads((run_dir / "config.json").read_text())
+    wanted = sorted(int(d) for d in digits.split(","))
+    assert config["num_classes"] == classes and config["digit_map"] == {str(d): i for i, d in enumerate(wanted)}
+    weights = common.load_checkpoint(run_dir / "best.pt")["model"]
+    assert weights["net.7.weight"].shape == (classes, 32)
+    final = json.loads((run_dir / "metrics.json").read_text())["final"]
+    assert sorted(final["per_class_acc"]) == [str(d) for d in wanted]
+    assert final["test_acc"] > 0.9
+
+
+def test_ctrl_c_then_resume_matches_an_uninterrupted_run(tiny_mnist, tmp_path):
+    """Batch size 1 makes each epoch long enough to interrupt; resuming must give identical metrics."""
+    common_args = ["--data-dir", tiny_mnist, "--epochs", 5, "--batch-size", 1, "--hidden", 32, "--quiet",
+                   "--device", "cpu", "--seed", 3]
+    straight = run_cli("train_mlp.py", *common_args, "--out-dir", tmp_path / "a")
+    assert straight.returncode == 0, straight.stderr
+
+    env = {**os.environ, **OFFLINE_ENV}
+    proc = subprocess.Popen([sys.executable, str(ROOT / "train_mlp.py"), *map(str, common_args), "--out-dir", str(tmp_path / "b")],
+                            cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 120
+    metrics_files = []
+    while time.time() < deadline and not metrics_files:
+        metrics_files = list((tmp_path / "b").glob("train_mlp/*/metrics.json"))
+        time.sleep(0.01)
+    assert metrics_files, "the run never finished an epoch"
+    proc.send_signal(signal.SIGINT)
+    out, err = proc.communicate(timeout=60)
+    assert proc.returncode == 130, (proc.returncode, err)
+    assert "Traceback" not in err and "--resume" in err
+    run_dir = metrics_files[0].parent
+    stopped_at = common.load_checkpoint(run_dir / "last.pt")["state"]["epoch"]
+    assert 1 <= stopped_at < 5
+
+    resumed = run_cli("train_mlp.py", "--resume", run_dir, "--quiet")
+    assert resumed.returncode == 0, resumed.stderr
+    a = json.loads(next((tmp_path / "a").glob("train_mlp/*/metrics.json")).read_text())
+    b = json.loads((run_dir / "metrics.json").read_text())
+    strip = lambda epochs: [{k: v for k, v in e.items() if k != "epoch_time_s"} for e in epochs]  # noqa: E731
+    assert strip(a["epochs"]) == strip(b["epochs"])
+    assert a["final"]["test_acc"] == b["final"]["test_acc"] and a["final"]["test_loss"] == b["final"]["test_loss"]
+
+    again = run_cli("train_mlp.py", "--resume", run_dir, "--quiet")  # nothing left to train
+    assert_user_error(again, "--epochs")
+    changed = run_cli("train_mlp.py", "--resume", run_dir, "--lr", "0.5", "--quiet")
+    assert_user_error(changed, "--lr")
+
+
+# ----------------------------------------------------------------------------- bad input
+@pytest.mark.parametrize("args,words", [
+    (["--digits", "11"], ["--digits"]),
+    (["--digits", "3"], ["two digits"]),
+    (["--digits", "1,1"], ["once"]),
+    (["--hidden", "0"], ["--hidden"]),
+    (["--batch-size", "0"], ["--batch-size"]),
+    (["--epochs", "-1"], ["--epochs"]),
+    (["--val-fraction", "1.5"], ["--val-fraction"]),
+    (["--optimizer", "lbfgs"], ["--optimizer"]),
+    (["--epochs", "two"], ["--epochs"]),
+])
+def test_bad_options_exit_2_with_one_line(tiny_mnist, tmp_path, args, words):
+    proc = run_cli("train_mlp.py", "--data-dir", tiny_mnist, "--out-dir", tmp_path, *args)
+    assert_user_error(proc, *words)
+    assert not (tmp_path / "train_mlp").exists()  # nothing was started
+
+
+def test_missing_mnist_while_offline(tmp_path):
+    proc = run_cli("train_mlp.py", "--data-dir", tmp_path / "empty", "--out-dir", tmp_path)
+    assert_user_error(proc, "MNIST", "--data-dir")
+
+
+def test_truncated_idx_file(tiny_mnist, tmp_path):
+    import shutil
+    broken = tmp_path / "broken"
+    shutil.copytree(tiny_mnist, broken)
+    images = broken / "MNIST" / "raw" / "train-images-idx3-ubyte"
+    images.write_bytes(images.read_bytes()[:5000])
+    proc = run_cli("train_mlp.py", "--data-dir", broken, "--out-dir", tmp_path)
+    assert_user_error(proc, "corrupt")
+
+
+def test_resume_of_missing_or_damaged_run(tiny_mnist, tmp_path):
+    assert_user_error(run_cli("train_mlp.py", "--resume", tmp_path / "nope"), "--resume")
+    proc = run_cli("train_mlp.py", "--data-dir", tiny_mnist, "--out-dir", tmp_path, "--epochs", 1, "--quiet")
+    assert proc.returncode == 0, proc.stderr
+    (run_dir,) = (tmp_path / "train_mlp").iterdir()
+    (run_dir / "last.pt").write_bytes(b"garbage")
+    before = {p.name: p.read_bytes() for p in run_dir.iterdir() if p.is_file()}
+    proc = run_cli("train_mlp.py", "--resume", run_dir, "--epochs", 2)
+    assert_user_error(proc, "last.pt")
+    assert {p.name: p.read_bytes() for p in run_dir.iterdir() if p.is_file()} == before  # nothing lost
