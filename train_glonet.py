@@ -96,20 +96,28 @@ def build_model(config: dict) -> DepthNet:
 
 @torch.inference_mode()
 def evaluate(model, images, labels, usage: bool = False, batch_size: int = 2000) -> dict:
-    """Loss and accuracy over a split; with usage=True also output_l1 per hidden layer and, for glonet,
+    """Loss and accuracy over a split. With usage=True also, per hidden layer: output_l1 (mean L1 norm of its
+    output), output_spread (sum over units of the output's std over the split: the input-dependent part; a layer
+    whose output is the same for every image only shifts the head's bias) and weight_l1; and for glonet
     prefix_acc[k]: the head's accuracy on the sum of only the first k+1 hidden outputs."""
     model.eval()
-    n_hidden = len(model.hidden)
+    n_hidden, dev = len(model.hidden), labels.device
     loss_sum, correct = 0.0, 0
-    l1 = torch.zeros(n_hidden, device=labels.device)
-    prefix_correct = torch.zeros(n_hidden, device=labels.device)
-    for x, y in common.Batches(images, labels, batch_size):
+    l1, prefix_correct = torch.zeros(n_hidden, device=dev), torch.zeros(n_hidden, device=dev)
+    # per layer and unit: sums of (o - shift) and its square, shift = the first batch's mean (accurate in float32)
+    s1, s2, shift = (torch.zeros(n_hidden, model.head.in_features, device=dev) for _ in range(3))
+    for b, (x, y) in enumerate(common.Batches(images, labels, batch_size if not usage else min(batch_size, 500))):
         outputs = [] if usage else None
         logits = model(x, outputs)
         loss_sum += F.cross_entropy(logits, y, reduction="sum").item()
         correct += (logits.argmax(1) == y).sum().item()
         if usage and n_hidden:
-            l1 += torch.stack([o.abs().sum(1).sum() for o in outputs])
+            for i, o in enumerate(outputs):
+                l1[i] += o.abs().sum()
+                if b == 0:
+                    shift[i] = o.mean(0)
+                s1[i] += (o - shift[i]).sum(0)
+                s2[i] += (o - shift[i]).square().sum(0)
             if model.model == "glonet":
                 total = torch.zeros_like(outputs[0])
                 for k, o in enumerate(outputs):
@@ -119,6 +127,8 @@ def evaluate(model, images, labels, usage: bool = False, batch_size: int = 2000)
     result = {"loss": loss_sum / n, "acc": correct / n}
     if usage:
         result["output_l1"] = (l1 / n).tolist()
+        spread = (s2 / n - (s1 / n).square()).clamp_min(0).sqrt().sum(1)
+        result["output_spread"] = spread.tolist()
         result["weight_l1"] = [layer.weight.abs().sum().item() for layer in model.hidden]
         if model.model == "glonet":
             result["prefix_acc"] = (prefix_correct / n).tolist()
@@ -198,24 +208,29 @@ def usage_lines(ax, history, key, ylabel):
 
 
 def figure_usage(history: list[dict], title: str):
-    """Per-layer output L1 and weight L1 for every epoch; for glonet the accuracy of the first-k-layer sum."""
+    """Per-layer output L1, output spread and weight L1 for every epoch; for glonet the accuracy of the
+    head on the sum of the first k layers."""
     plt = common._plt()
-    glonet = bool(history) and "prefix_acc" in history[-1]
-    fig, axes = plt.subplots(1, 3 if glonet else 2, figsize=(16 if glonet else 11, 4.2))
-    usage_lines(axes[0], history, "output_l1", "mean L1 norm of the layer's output (test)")
-    usage_lines(axes[1], history, "weight_l1", "L1 norm of the layer's weights")
-    if glonet and history[-1]["prefix_acc"]:
-        last = history[-1]
+    last = history[-1] if history else {}
+    panels = ["output_l1"] + (["output_spread"] if "output_spread" in last else []) + ["weight_l1"]
+    panels += ["prefix_acc"] if last.get("prefix_acc") else []
+    fig, axes = plt.subplots(1, len(panels), figsize=(5.2 * len(panels), 4.2), squeeze=False)
+    labels = {"output_l1": "mean L1 norm of the layer's output (test)",
+              "output_spread": "its input-dependent part: sum of unit stds",
+              "weight_l1": "L1 norm of the layer's weights"}
+    for ax, key in zip(axes.flat, panels):
+        if key != "prefix_acc":
+            usage_lines(ax, history, key, labels[key])
+            continue
         ks = range(1, len(last["prefix_acc"]) + 1)
         for h in (history[0], last) if len(history) > 1 else (last,):
-            ax_label = f"epoch {h['epoch']}"
-            axes[2].plot(ks, h["prefix_acc"], marker="." if len(ks) <= 30 else None, label=ax_label)
-        axes[2].axhline(last["test_acc"], color="gray", ls="--", lw=1, label="all layers")
-        axes[2].set_xscale("log" if len(ks) > 30 else "linear")
-        axes[2].set_xlabel("k: head reads the sum of hidden layers 1..k")
-        axes[2].set_ylabel("test accuracy")
-        axes[2].grid(alpha=0.3)
-        axes[2].legend()
+            ax.plot(ks, h["prefix_acc"], marker="." if len(ks) <= 30 else None, label=f"epoch {h['epoch']}")
+        ax.axhline(last["test_acc"], color="gray", ls="--", lw=1, label="all layers")
+        ax.set_xscale("log" if len(ks) > 30 else "linear")
+        ax.set_xlabel("k: head reads the sum of hidden layers 1..k")
+        ax.set_ylabel("test accuracy")
+        ax.grid(alpha=0.3)
+        ax.legend()
     fig.suptitle(title)
     fig.tight_layout()
     return fig
@@ -348,7 +363,7 @@ def main(
             test = evaluate(net, data.test_x, data.test_y, usage=True)
             record = {"epoch": epoch, "train_loss": train_loss, "train_acc": train_acc, "val_loss": val["loss"],
                       "val_acc": val["acc"], "test_loss": test["loss"], "test_acc": test["acc"],
-                      "output_l1": test["output_l1"], "weight_l1": test["weight_l1"],
+                      "output_l1": test["output_l1"], "output_spread": test["output_spread"], "weight_l1": test["weight_l1"],
                       **({"prefix_acc": test["prefix_acc"]} if "prefix_acc" in test else {}),
                       "train_time_s": train_time, "epoch_time_s": time.time() - t0}
             history.append(record)

@@ -1,0 +1,112 @@
+"""bench_glonet.py: one training epoch of train_glonet.py (the real train_epoch, model and fused Adam) at depth
+50 and 200, against the time of the bare matrix multiplications that epoch has to do (the same forward and
+backward GEMMs, on preallocated tensors, same shapes, same number of steps), measured in the same process.
+
+    OMP_NUM_THREADS=1 python benchmarks/bench_glonet.py                  # a full 54,000-sample epoch per depth
+    python benchmarks/bench_glonet.py --steps 50 --depth 50 --depth 200 --model mlp
+
+Prints, per depth: the epoch time, the matmul-only time, their ratio (target <= 2x), the achieved GFLOP/s,
+and the evaluation time of an epoch (val + test with layer usage). The images are random uint8 (the cost does
+not depend on the pixels), so it needs no MNIST. With --steps N the times are for N steps, scaled to an epoch.
+"""
+
+import math
+import sys
+import time
+from pathlib import Path
+from typing import Annotated
+
+import torch
+import typer
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import common  # noqa: E402
+import train_glonet  # noqa: E402
+
+app = typer.Typer(add_completion=False, pretty_exceptions_enable=False)
+
+
+def flops_per_sample(model) -> int:
+    """Forward 2*in*out per Linear; backward 2*in*out for each weight gradient and for the input gradient
+    of every layer but the first (the input image needs none)."""
+    linears = list(model.hidden) + [model.head]
+    fwd = sum(2 * m.in_features * m.out_features for m in linears)
+    return 2 * fwd + sum(2 * m.in_features * m.out_features for m in linears[1:])
+
+
+def matmul_buffers(model, batch_size: int) -> list:
+    """Per Linear, its own input, weight, output gradient and result tensors (the model's shapes and memory)."""
+    return [{"x": torch.randn(batch_size, m.in_features), "w": torch.randn(m.out_features, m.in_features),
+             "g": torch.randn(batch_size, m.out_features), "y": torch.empty(batch_size, m.out_features),
+             "dw": torch.empty(m.out_features, m.in_features), "dx": torch.empty(batch_size, m.in_features)}
+            for m in list(model.hidden) + [model.head]]
+
+
+def matmuls_only(buffers: list, batch_sizes: list[int]) -> float:
+    """The GEMMs of the given steps and nothing else: per Linear y = x W^T (forward, in layer order), then
+    dW = g^T x and dx = g W (backward, in reverse order; no dx for the first layer)."""
+    start = time.perf_counter()
+    for b in batch_sizes:
+        for t in buffers:
+            torch.mm(t["x"][:b], t["w"].T, out=t["y"][:b])
+        for i in range(len(buffers) - 1, -1, -1):
+            t = buffers[i]
+            torch.mm(t["g"][:b].T, t["x"][:b], out=t["dw"])
+            if i > 0:
+                torch.mm(t["g"][:b], t["w"], out=t["dx"][:b])
+    return time.perf_counter() - start
+
+
+@app.command()
+def main(
+    depth: Annotated[list[int], typer.Option(help="Depths (--layers) to time; repeat the option.")] = [50, 200],
+    model: Annotated[str, typer.Option(help="glonet, mlp or resmlp.")] = "glonet",
+    features: Annotated[int, typer.Option(help="Hidden width.")] = 256,
+    batch_size: common.BatchSize = 256,
+    n_train: Annotated[int, typer.Option(help="Samples in an epoch (54,000: MNIST less the 10% val split).")] = 54000,
+    steps: Annotated[int, typer.Option(help="Time this many steps and scale to an epoch (0 = the whole epoch).")] = 0,
+    threads: Annotated[int, typer.Option(help="torch threads (0 = torch's default).")] = 0,
+    seed: common.Seed = 0,
+):
+    common.check(model in train_glonet.MODELS, f"--model {model}: use glonet, mlp or resmlp")
+    common.check(all(d >= 2 for d in depth), f"--depth {depth}: every depth must be at least 2")
+    common.check(steps >= 0 and n_train >= 1, "--steps and --n-train: must be positive (--steps 0 = a whole epoch)")
+    if threads:
+        torch.set_num_threads(threads)
+    epoch_steps = math.ceil(n_train / batch_size)
+    run_steps = min(steps or epoch_steps, epoch_steps)
+    n = min(n_train, run_steps * batch_size)
+    sizes = [min(batch_size, n - s) for s in range(0, n, batch_size)]
+    scale = epoch_steps / run_steps
+    gen = torch.Generator().manual_seed(seed)
+    images, labels = torch.randint(0, 256, (n, 28, 28), dtype=torch.uint8, generator=gen), torch.randint(0, 10, (n,), generator=gen)
+    test_x, test_y = torch.randint(0, 256, (10000, 28, 28), dtype=torch.uint8, generator=gen), torch.randint(0, 10, (10000,), generator=gen)
+    print(f"{model}, width {features}, batch {batch_size}, {run_steps} of {epoch_steps} steps an epoch"
+          f"{' (times scaled to an epoch)' if scale != 1 else ''}, threads {torch.get_num_threads()}, torch {torch.__version__}")
+    print(f"{'depth':>5}  {'params':>10}  {'epoch s':>8}  {'matmul s':>8}  {'ratio':>6}  {'GFLOP/s':>7}  {'matmul GFLOP/s':>14}  {'eval s':>6}")
+    for d in depth:
+        torch.manual_seed(seed)
+        net = train_glonet.DepthNet(model, d, features)
+        opt = torch.optim.Adam(net.parameters(), lr=0.01, fused=True)
+        buffers = matmul_buffers(net, batch_size)
+        warm = common.Batches(images[:2 * batch_size], labels[:2 * batch_size], batch_size)
+        train_glonet.train_epoch(net, warm, opt)  # warm-up: allocator, Adam state
+        matmuls_only(buffers, sizes[:2])
+        base_a = matmuls_only(buffers, sizes)
+        start = time.perf_counter()
+        train_glonet.train_epoch(net, common.Batches(images, labels, batch_size, shuffle=True, seed=seed), opt)
+        epoch = time.perf_counter() - start
+        base_b = matmuls_only(buffers, sizes)  # before and after, so that a change of load shows
+        base = min(base_a, base_b)
+        start = time.perf_counter()
+        train_glonet.evaluate(net, test_x[:6000], test_y[:6000])
+        train_glonet.evaluate(net, test_x, test_y, usage=True)
+        eval_time = time.perf_counter() - start
+        flops = flops_per_sample(net) * n
+        print(f"{d:>5}  {common.count_parameters(net):>10,}  {epoch * scale:>8.2f}  {base * scale:>8.2f}  {epoch / base:>5.2f}x  "
+              f"{flops / epoch / 1e9:>7.1f}  {flops / base / 1e9:>14.1f}  {eval_time:>6.2f}"
+              + (f"   (matmul before/after {base_a * scale:.2f}/{base_b * scale:.2f} s)" if abs(base_a - base_b) > 0.1 * base else ""))
+        del buffers, net, opt
+
+if __name__ == "__main__":
+    common.main(app)

@@ -1,0 +1,209 @@
+"""train_glonet.py: the GloNet head reads the sum of the hidden outputs (checked by hand on a tiny model),
+the usage vectors, depth 1 and depth 200, divergence handling, an end-to-end CLI run with resume, and bad input."""
+
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import common
+import train_glonet
+from conftest import assert_user_error, run_cli
+
+ONE_THREAD = {"OMP_NUM_THREADS": "1"}  # tiny models: threads only add synchronisation, badly so on a busy machine
+RUN_FILES = ["config.json", "metrics.json", "best.pt", "last.pt", "training_metrics.png", "layer_usage.png",
+             "training_report.pdf"]
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def by_hand(model, x):
+    """Each hidden layer's output and the head's input, written out with plain matrix products."""
+    h, outputs = x.flatten(1), []
+    for layer in model.hidden:
+        outputs.append(torch.relu(h @ layer.weight.T + layer.bias))
+        h = outputs[-1] if model.model != "resmlp" or len(outputs) == 1 else h + outputs[-1]
+    head_input = {"glonet": sum(outputs), "mlp": outputs[-1], "resmlp": h}[model.model]
+    return outputs, head_input
+
+
+@pytest.mark.parametrize("kind", ["glonet", "mlp", "resmlp"])
+def test_head_input_matches_a_hand_computation(kind):
+    torch.manual_seed(0)
+    model = train_glonet.DepthNet(kind, layers=4, features=3)
+    x = torch.randn(5, 1, 28, 28)
+    seen = {}
+    model.head.register_forward_pre_hook(lambda module, inputs: seen.update(head_input=inputs[0]))
+    outputs = []
+    logits = model(x, outputs)
+    hand_outputs, hand_head_input = by_hand(model, x)
+    assert len(outputs) == 3
+    for got, want in zip(outputs, hand_outputs):
+        torch.testing.assert_close(got, want)
+    torch.testing.assert_close(seen["head_input"], hand_head_input)
+    torch.testing.assert_close(logits, hand_head_input @ model.head.weight.T + model.head.bias)
+    if kind == "glonet":  # the sum is not just the last layer: the head of a GloNet sees the first layer too
+        assert not torch.allclose(seen["head_input"], hand_outputs[-1])
+
+
+def test_usage_vectors_have_one_entry_per_hidden_layer():
+    torch.manual_seed(0)
+    model = train_glonet.DepthNet("glonet", layers=6, features=8)
+    images = torch.randint(0, 256, (50, 28, 28), dtype=torch.uint8)
+    labels = torch.randint(0, 10, (50,))
+    result = train_glonet.evaluate(model, images, labels, usage=True, batch_size=16)  # 4 batches, the last partial
+    assert len(result["output_l1"]) == len(result["output_spread"]) == len(result["weight_l1"]) == len(result["prefix_acc"]) == 5
+    outputs, _ = by_hand(model, common.normalize(images))
+    torch.testing.assert_close(torch.tensor(result["output_l1"]), torch.stack([o.abs().sum(1).mean() for o in outputs]))
+    torch.testing.assert_close(torch.tensor(result["output_spread"]), torch.stack([o.std(0, correction=0).sum() for o in outputs]))
+    torch.testing.assert_close(torch.tensor(result["weight_l1"]), torch.stack([l.weight.abs().sum() for l in model.hidden]))
+    assert result["prefix_acc"][-1] == pytest.approx(result["acc"])  # all k layers = the model itself
+    mlp = train_glonet.DepthNet("mlp", layers=6, features=8)
+    result = train_glonet.evaluate(mlp, images, labels, usage=True)
+    assert len(result["output_l1"]) == len(result["output_spread"]) == 5 and "prefix_acc" not in result
+
+
+def test_depth_1_is_a_linear_model():
+    torch.manual_seed(0)
+    for kind in ("glonet", "mlp", "resmlp"):
+        model = train_glonet.DepthNet(kind, layers=1)
+        assert len(model.hidden) == 0 and common.count_parameters(model) == 784 * 10 + 10
+        x, outputs = torch.randn(4, 1, 28, 28), []
+        torch.testing.assert_close(model(x, outputs), x.flatten(1) @ model.head.weight.T + model.head.bias)
+        assert outputs == []
+
+
+@pytest.mark.parametrize("kind", ["glonet", "mlp", "resmlp"])
+def test_depth_200_trains_a_few_steps_without_nans(kind):
+    torch.manual_seed(0)
+    model = train_glonet.DepthNet(kind, layers=200, features=32)
+    assert len(model.hidden) == 199
+    opt = torch.optim.Adam(model.parameters(), lr=0.01)  # the default learning rate
+    x, y = torch.randn(64, 1, 28, 28), torch.randint(0, 10, (64,))
+    for _ in range(3):
+        logits = model(x)
+        loss = F.cross_entropy(logits, y)
+        opt.zero_grad()
+        loss.backward()
+        assert torch.isfinite(loss) and all(torch.isfinite(p.grad).all() for p in model.parameters())
+        assert logits.abs().max() < 1e3, logits.abs().max()  # not blowing up either
+        opt.step()
+
+
+def test_depth_200_forward_scale_default_vs_kaiming_init():
+    """He init keeps the signal's scale through 199 layers (within finite-width drift); PyTorch's default
+    init shrinks the input-dependent part to nothing, which is what leaves a deep plain MLP at chance."""
+    torch.manual_seed(0)
+    x = torch.randn(64, 1, 28, 28)
+    for init, low, high in (("kaiming", 1e-2, 1e2), ("default", 0, 1e-6)):
+        outputs = []
+        logits = train_glonet.DepthNet("mlp", layers=200, features=64, init=init)(x, outputs)
+        assert torch.isfinite(logits).all()
+        spread = [o.std(0).mean().item() for o in outputs]
+        assert low <= spread[-1] / spread[0] < high, (init, spread[0], spread[-1])
+
+
+def test_glonet_usage_decays_with_depth_at_the_default_init():
+    """Why GloNets stay trainable: with PyTorch's init each layer shrinks the input-dependent part of its
+    input, so the head's sum carries the image through the first layers, while a plain MLP's last layer
+    outputs nearly the same vector for every image."""
+    torch.manual_seed(0)
+    images = torch.randint(0, 256, (256, 28, 28), dtype=torch.uint8)
+    model = train_glonet.DepthNet("glonet", layers=50)
+    usage = train_glonet.evaluate(model, images, torch.randint(0, 10, (256,)), usage=True)
+    l1, spread = usage["output_l1"], usage["output_spread"]
+    assert l1[0] > 10 * l1[-1]
+    assert sum(spread[:8]) > 0.99 * sum(spread)
+    assert spread[-1] < 1e-6 * spread[0]  # what the MLP's head would see: the same vector for every image
+
+
+# ----------------------------------------------------------------------------- the CLI, end to end
+def test_cli_run_writes_every_output_and_resumes(tiny_mnist, tmp_path):
+    args = ["--data-dir", tiny_mnist, "--layers", 4, "--features", 64, "--lr", 3e-3, "--batch-size", 32, "--quiet"]
+    proc = run_cli("train_glonet.py", *args, "--epochs", 3, "--out-dir", tmp_path / "a", "--tag", "e2e", env=ONE_THREAD)
+    assert proc.returncode == 0, proc.stderr
+    (run_dir,) = (tmp_path / "a" / "train_glonet").iterdir()
+    assert run_dir.name.endswith("-e2e")
+    for name in RUN_FILES:
+        assert (run_dir / name).is_file() and (run_dir / name).stat().st_size > 0, name
+    assert (run_dir / "training_report.pdf").read_bytes().startswith(b"%PDF")
+    assert any(p.name.startswith("events.out.tfevents") for p in run_dir.iterdir())
+    last_line = proc.stdout.strip().splitlines()[-1]
+    assert str(run_dir) in last_line and "test accuracy" in last_line
+
+    config = json.loads((run_dir / "config.json").read_text())
+    assert (config["script"], config["model"], config["layers"], config["features"]) == ("train_glonet", "glonet", 4, 64)
+    metrics = json.loads((run_dir / "metrics.json").read_text())
+    assert [e["epoch"] for e in metrics["epochs"]] == [1, 2, 3]
+    for e in metrics["epochs"]:
+        assert len(e["output_l1"]) == len(e["output_spread"]) == len(e["weight_l1"]) == len(e["prefix_acc"]) == 3
+        assert {"train_loss", "val_acc", "test_loss", "test_acc"} <= set(e)
+    final = metrics["final"]
+    assert final["test_acc"] == metrics["epochs"][-1]["test_acc"] > 0.8  # the synthetic digits are easy
+    (result,) = [json.loads(line) for line in (tmp_path / "a" / "results.jsonl").read_text().splitlines()]
+    assert (result["model"], result["layers"], result["features"], result["seed"]) == ("glonet", 4, 64, 0)
+    assert result["test_acc"] == final["test_acc"] and result["run_dir"] == str(run_dir)
+    best = common.load_checkpoint(run_dir / "best.pt")
+    assert best["epoch"] == final["best_epoch"]
+    model = train_glonet.build_model(config)
+    model.load_state_dict(best["model"])
+
+    # 2 epochs, then --resume to 3: the same numbers as the straight run
+    proc = run_cli("train_glonet.py", *args, "--epochs", 2, "--out-dir", tmp_path / "b", env=ONE_THREAD)
+    assert proc.returncode == 0, proc.stderr
+    (resumed_dir,) = (tmp_path / "b" / "train_glonet").iterdir()
+    proc = run_cli("train_glonet.py", "--resume", resumed_dir, "--epochs", 3, "--quiet", env=ONE_THREAD)
+    assert proc.returncode == 0, proc.stderr
+    b = json.loads((resumed_dir / "metrics.json").read_text())
+    timeless = lambda epochs: [{k: v for k, v in e.items() if not k.endswith("time_s")} for e in epochs]  # noqa: E731
+    assert timeless(b["epochs"]) == timeless(metrics["epochs"])
+    assert b["final"]["test_acc"] == final["test_acc"]
+
+
+def test_divergence_stops_with_a_clear_message_and_keeps_last_pt(tiny_mnist, tmp_path):
+    proc = run_cli("train_glonet.py", "--data-dir", tiny_mnist, "--out-dir", tmp_path, "--layers", 3, "--features", 16,
+                   "--optimizer", "sgd", "--lr", 1e30, "--epochs", 3, "--quiet", env=ONE_THREAD)
+    assert proc.returncode == 1, (proc.returncode, proc.stderr)
+    assert "Traceback" not in proc.stderr
+    (line,) = [line for line in proc.stderr.splitlines() if line.strip()]
+    assert "diverged" in line and "epoch 1" in line and "last.pt" in line
+    (run_dir,) = (tmp_path / "train_glonet").iterdir()
+    last = common.load_checkpoint(run_dir / "last.pt")
+    assert last["state"]["epoch"] == 0 and all(torch.isfinite(v).all() for v in last["model"].values())
+
+
+# ----------------------------------------------------------------------------- bad input
+def test_layers_0_exits_2_with_one_line(tmp_path):
+    proc = run_cli("train_glonet.py", "--layers", 0, "--out-dir", tmp_path)
+    assert_user_error(proc, "--layers")
+    assert not (tmp_path / "train_glonet").exists()
+
+
+@pytest.mark.parametrize("args,words", [
+    (["--layers", "0"], ["--layers"]),
+    (["--layers", "-3"], ["--layers"]),
+    (["--features", "0"], ["--features"]),
+    (["--model", "transformer"], ["--model", "glonet"]),
+    (["--activation", "gelu"], ["--activation"]),
+    (["--init", "xavier"], ["--init"]),
+    (["--optimizer", "lbfgs"], ["--optimizer"]),
+    (["--layers", "ten"], ["--layers"]),
+])
+def test_bad_options_exit_2_with_one_line(tiny_mnist, tmp_path, monkeypatch, capsys, args, words):
+    """In-process (the same entry point, without a fresh interpreter per case)."""
+    argv = ["train_glonet.py", "--data-dir", str(tiny_mnist), "--out-dir", str(tmp_path), *args]
+    monkeypatch.setattr(sys, "argv", argv)
+    with pytest.raises(SystemExit) as exit_info:
+        common.main(train_glonet.app)
+    out, err = capsys.readouterr()
+    assert_user_error(subprocess.CompletedProcess(argv, exit_info.value.code, out, err), *words)
+    assert not (tmp_path / "train_glonet").exists()
