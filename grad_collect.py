@@ -453,9 +453,12 @@ def analyze_run(run_dir: Path, args, device) -> dict:
             if args.compare_sklearn and epoch in tsne_epochs:
                 from sklearn.cluster import KMeans
 
+                from threadpoolctl import threadpool_limits
+
                 xn = x.cpu().numpy()
-                same = KMeans(k, init=km["init"].cpu().numpy(), n_init=1, algorithm="lloyd").fit(xn)
-                own = KMeans(k, random_state=args.seed, algorithm="lloyd").fit(xn)
+                with threadpool_limits(1, user_api="openmp"):
+                    same = KMeans(k, init=km["init"].cpu().numpy(), n_init=1, algorithm="lloyd").fit(xn)
+                    own = KMeans(k, random_state=args.seed, algorithm="lloyd").fit(xn)
                 entry["sklearn"] = {"inertia_same_init": float(same.inertia_), "inertia_own_init": float(own.inertia_),
                                     "ratio_same_init": km["inertia"] / float(same.inertia_), "ratio_own_init": km["inertia"] / float(own.inertia_)}
             entry["kmeans_seconds"] = time.time() - t0
@@ -526,7 +529,7 @@ def main(
     analyze: Annotated[Optional[Path], typer.Option(help="Only analyze the saved gradients of this grad_collect run.")] = None,
     analysis: Annotated[bool, typer.Option(help="Analyze after collecting.")] = True,
     clusters: Annotated[Optional[int], typer.Option(help="k of k-means (default: the number of classes).")] = None,
-    kmeans_init: Annotated[int, typer.Option(help="k-means++ restarts; the lowest inertia wins.")] = 3,
+    kmeans_init: Annotated[int, typer.Option(help="k-means++ restarts; the lowest inertia wins (1 = scikit-learn's default).")] = 1,
     tsne_samples: Annotated[int, typer.Option(help="Samples in the t-SNE plots (a seeded subsample).")] = 5000,
     perplexity: Annotated[float, typer.Option(help="t-SNE perplexity.")] = 30.0,
     tsne_epochs: Annotated[str, typer.Option(help="last or all: which epochs get t-SNE plots.")] = "last",

@@ -1,0 +1,150 @@
+"""bench_grad.py: per-sample gradients as grad_collect.py computes them against the source project's method
+(a Python loop over samples, one backward each, gradients copied out), on the same 784-512-10 MLP and the
+same MNIST samples, in one process. Also torch.func's vmap(grad) for scale.
+
+    python benchmarks/bench_grad.py --data-dir ../shared/data
+
+Prints, on --loop-samples samples: seconds per sample and the speed ratio to the loop of
+  - layer factors: the exact per-sample gradients as (a_i, b_i) per layer, what grad_collect.py works from,
+  - projected: those factors projected to K dims (whole model), what --project-dim K stores,
+  - materialized: full per-sample gradient tensors [S, *param.shape], what the loop produces,
+  - vmap(grad): torch.func over all parameters;
+the largest difference to the loop's gradients; and then grad_collect.collect() for all 60,000 training
+samples projected to K=1024 and written to a memory-mapped .npy: time, MB written and the peak RSS.
+Targets: factors >= 20x the loop; all 60,000 projected to K=1024 in <= 60 s with peak RSS <= 4 GB.
+"""
+
+import os
+import resource
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Annotated
+
+import torch
+import torch.nn.functional as F
+import typer
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import common  # noqa: E402
+import grad_collect as gc  # noqa: E402
+from train_mlp import MLP  # noqa: E402
+
+app = typer.Typer(add_completion=False, pretty_exceptions_enable=False)
+
+
+def peak_rss_mb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: kilobytes
+
+
+def loop_grads(model, x, y) -> dict:
+    """The source's method: for each sample, forward, backward, copy every parameter's gradient out."""
+    out = {name: torch.empty(len(y), *p.shape) for name, p in model.named_parameters()}
+    for i in range(len(y)):
+        model.zero_grad(set_to_none=True)
+        F.cross_entropy(model(x[i:i + 1]), y[i:i + 1]).backward()
+        for name, p in model.named_parameters():
+            out[name][i] = p.grad
+    return out
+
+
+def vmap_grads(model, x, y, chunk: int = 32) -> dict:
+    from torch.func import functional_call, grad, vmap
+
+    params = {k: v.detach() for k, v in model.named_parameters()}
+
+    def loss(p, xi, yi):
+        return F.cross_entropy(functional_call(model, p, (xi[None],)), yi[None])
+
+    per = vmap(grad(loss), in_dims=(None, 0, 0))
+    out = {name: torch.empty(len(y), *p.shape) for name, p in params.items()}
+    for s in range(0, len(y), chunk):
+        g = per(params, x[s:s + chunk], y[s:s + chunk])
+        for name in out:
+            out[name][s:s + chunk] = g[name]
+    return out
+
+
+def timed(fn, repeat: int = 1):
+    best, result = float("inf"), None
+    for _ in range(repeat):
+        start = time.perf_counter()
+        result = fn()
+        best = min(best, time.perf_counter() - start)
+    return best, result
+
+
+@app.command()
+def main(data_dir: common.DataDir = Path("./data"), k: Annotated[int, typer.Option(help="Projection dimension.")] = 1024,
+         loop_samples: Annotated[int, typer.Option(help="Samples for the loop comparison.")] = 256,
+         batch_size: Annotated[int, typer.Option(help="Samples per batch for grad_collect.")] = 1000,
+         n: Annotated[int, typer.Option(help="Training samples for the full projected run (at most 60,000).")] = 60000,
+         vmap: Annotated[bool, typer.Option(help="Also time torch.func vmap(grad).")] = True,
+         seed: common.Seed = 0):
+    images, labels = common.read_mnist(data_dir, train=True)
+    images, labels = images[:n], labels[:n]
+    torch.manual_seed(seed)
+    model = MLP([512], 10).eval()
+    names = gc.param_names(model)
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, load average {os.getloadavg()[0]:.2f} "
+          f"(cpus: {os.cpu_count()}) | model 784-512-10, {common.count_parameters(model):,} parameters | "
+          f"peak RSS so far {peak_rss_mb():.0f} MB")
+
+    # 1. grad_collect's path for every training sample: project to K and write a memory-mapped .npy.
+    factors = gc.projection_factors(model, k, seed, "cpu")
+    plan = gc.plan_arrays(model, names, k, "whole")
+    with tempfile.TemporaryDirectory(prefix="bench_grad_") as tmp:
+        seconds, _ = timed(lambda: gc.collect(model, images, labels, Path(tmp), plan, "float32", batch_size, factors))
+        written = sum(f.stat().st_size for f in Path(tmp).iterdir())
+    full_rss = peak_rss_mb()
+    print(f"all {len(labels):,} samples, whole-model gradients projected to K={k}, written to .npy: {seconds:.1f} s "
+          f"({written / 1e6:.0f} MB) | peak RSS {full_rss:.0f} MB | targets <= 60 s, <= 4096 MB")
+
+    # 2. The same S samples by every method.
+    s = loop_samples
+    x, y = common.normalize(images[:s]), labels[:s]
+    t_loop, want = timed(lambda: loop_grads(model, x, y))
+    t_vmap, got_vmap = timed(lambda: vmap_grads(model, x, y)) if vmap else (None, None)
+
+    def factors_only():
+        return [gc.layer_factors(model, x[i:i + batch_size], y[i:i + batch_size]) for i in range(0, s, batch_size)]
+
+    def projected():
+        where = gc.factor_of(model)
+        out = []
+        for a, b, _, _ in factors_only():
+            out.append(sum(gc.project_param(a, b, where, p, factors) for p in names))
+        return torch.cat(out)
+
+    def materialized():
+        out = {name: torch.empty(s, *p.shape) for name, p in model.named_parameters()}
+        for i in range(0, s, 64):
+            for name, g in gc.per_sample_grads(model, x[i:i + 64], y[i:i + 64]).items():
+                out[name][i:i + 64] = g
+        return out
+
+    t_fac, _ = timed(factors_only, repeat=3)
+    t_proj, _ = timed(projected, repeat=3)
+    t_mat, got = timed(materialized, repeat=3)
+    err = max((got[name] - want[name]).abs().max().item() for name in names)
+    err_vmap = max((got_vmap[name] - want[name]).abs().max().item() for name in names) if vmap else float("nan")
+
+    print(f"\n{s} samples, per-sample gradients of the loss, same model and samples:")
+    print(f"{'method':<46} {'ms/sample':>10} {'vs loop':>9}")
+    rows = [("python loop, backward per sample (the source)", t_loop),
+            ("layer factors (a_i, b_i), exact [grad_collect]", t_fac),
+            (f"factors projected to K={k} (whole model)", t_proj),
+            ("materialized [S, *param.shape] from factors", t_mat)]
+    if vmap:
+        rows.append(("torch.func vmap(grad), all parameters", t_vmap))
+    for name, t in rows:
+        print(f"{name:<46} {1e3 * t / s:>10.3f} {t_loop / t:>8.1f}x")
+    print(f"max |difference| to the loop's gradients: materialized {err:.2e}, vmap {err_vmap:.2e}")
+    print(f"peak RSS {peak_rss_mb():.0f} MB (after the {s}-sample comparison, which holds several full gradient sets)")
+    print(f"\nspeed ratio (layer factors vs loop) {t_loop / t_fac:.1f}x (target >= 20x) | "
+          f"all {len(labels):,} projected to K={k}: {seconds:.1f} s, peak RSS {full_rss:.0f} MB")
+
+
+if __name__ == "__main__":
+    common.main(app)
