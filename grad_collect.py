@@ -428,7 +428,8 @@ def analyze_run(run_dir: Path, args, device) -> dict:
         if grad_dir.is_dir() else []
     common.check(len(epochs) > 0, f"{run_dir}: no gradients/epoch_<n>/ folders; is this a grad_collect run directory?")
     tsne_epochs = epochs if args.tsne_epochs == "all" else epochs[-1:]
-    result = {"epochs": {}}
+    suffix = "_normalized" if args.normalize else ""
+    result = {"normalized": args.normalize, "epochs": {}}
     for epoch in epochs:
         edir = grad_dir / f"epoch_{epoch}"
         meta = common.read_json(edir / "metadata.json")
@@ -446,9 +447,12 @@ def analyze_run(run_dir: Path, args, device) -> dict:
             t0 = time.time()
             x, reduced = load_array(edir / info["file"], args.analysis_dim, args.seed)
             x = x.to(device)
+            if args.normalize:  # cluster directions: each sample's vector scaled to length 1
+                x = x / x.norm(dim=1, keepdim=True).clamp_min(1e-30)
             km = kmeans(x, k, seed=args.seed, n_init=args.kmeans_init)
             clusters = km["labels"].cpu().numpy()
             entry = {"k": k, "inertia": km["inertia"], "iterations": km["iterations"], "dims": x.shape[1], "reduced": reduced,
+                     "normalized": args.normalize,
                      **cluster_scores(digit, clusters, digits, k)}
             if args.compare_sklearn and epoch in tsne_epochs:
                 from sklearn.cluster import KMeans
@@ -478,9 +482,9 @@ def analyze_run(run_dir: Path, args, device) -> dict:
                 # One OpenMP thread: on a busy machine scikit-learn's threaded Barnes-Hut t-SNE ran ~100x slower.
                 with threadpool_limits(1, user_api="openmp"):
                     emb = TSNE(2, perplexity=perplexity, init="pca", learning_rate="auto", random_state=args.seed).fit_transform(xs)
-                png = run_dir / f"tsne_{name}_epoch_{epoch}.png"
+                png = run_dir / f"tsne_{name}_epoch_{epoch}{suffix}.png"
                 legends = plot_tsne(emb, digit[sub], clusters[sub], pred_digit[sub], digits, png,
-                                    f"t-SNE of per-sample gradients '{name}' ({info['kind']}), epoch {epoch}, {len(sub):,} samples, "
+                                    f"t-SNE of per-sample gradients '{name}' ({info['kind']}{', L2-normalized' if args.normalize else ''}), epoch {epoch}, {len(sub):,} samples, "
                                     f"PCA {dims} dims, perplexity {perplexity:g} | k-means ARI {entry['ari']:.3f} NMI {entry['nmi']:.3f}")
                 entry["tsne"] = {"file": png.name, "samples": len(sub), "pca_dims": dims, "perplexity": perplexity,
                                  "legends": legends, "seconds": time.time() - t0}
@@ -490,7 +494,7 @@ def analyze_run(run_dir: Path, args, device) -> dict:
                       f"purity {entry['purity']:.3f} inertia {entry['inertia']:.4g}")
         result["epochs"][str(epoch)] = per_array
     result["headline"] = headline(result, run_dir)
-    common.write_json(run_dir / "analysis.json", result)
+    common.write_json(run_dir / f"analysis{suffix}.json", result)
     return result
 
 
@@ -506,6 +510,9 @@ def headline(result: dict, run_dir: Path) -> dict:
 
 
 # ----------------------------------------------------------------------------- command line
+ANALYSIS_OPTIONS = ("analysis", "normalize", "clusters", "kmeans_init", "tsne_samples", "perplexity", "tsne_epochs", "analysis_dim", "compare_sklearn")
+
+
 @app.command()
 def main(
     ctx: typer.Context,
@@ -534,6 +541,8 @@ def main(
     perplexity: Annotated[float, typer.Option(help="t-SNE perplexity.")] = 30.0,
     tsne_epochs: Annotated[str, typer.Option(help="last or all: which epochs get t-SNE plots.")] = "last",
     analysis_dim: Annotated[int, typer.Option(help="Arrays wider than this are CountSketched to this width for the analysis.")] = 8192,
+    normalize: Annotated[bool, typer.Option(help="Cluster and plot gradient directions (each sample's vector scaled to length 1); "
+                                                "writes analysis_normalized.json and tsne_*_normalized.png.")] = False,
     compare_sklearn: Annotated[bool, typer.Option(help="Also run scikit-learn's KMeans on the t-SNE epochs and record its inertia.")] = False,
     val_fraction: common.ValFraction = 0.1,
     data_dir: common.DataDir = Path("./data"),
@@ -567,7 +576,7 @@ def main(
 
     if args.resume:
         common.check(args.from_run is None, "--resume and --from-run do not go together")
-        args, run_dir = common.resume_args(ctx, args)
+        args, run_dir = common.resume_args(ctx, args, changeable=("epochs", "device", "quiet", "data_dir") + ANALYSIS_OPTIONS)
     if args.from_run:
         src = Path(args.from_run)
         common.check(src.is_dir(), f"--from-run {src}: no such run directory")
