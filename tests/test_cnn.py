@@ -1,0 +1,121 @@
+"""train_cnn.py: every arch's shapes and sizes, the one-cycle schedule against torch's, augmentation,
+an end-to-end CLI run writing every output, resume matching an uninterrupted run, and bad input."""
+
+import json
+import math
+
+import pytest
+import torch
+
+import train_cnn
+from conftest import assert_user_error, run_cli
+
+RUN_FILES = ["config.json", "metrics.json", "best.pt", "last.pt", "mnist_samples.png", "training_curves.png",
+             "predictions.png", "confusion_matrix.png", "failures.png", "filters.png", "feature_maps.png"]
+# conv/linear weights + biases (+ BatchNorm affine) counted by hand from each layout
+PARAMETERS = {
+    "fast": (1 * 24 * 25 + 24) + (24 * 32 * 9 + 32) + (800 * 256 + 256) + (256 * 10 + 10),
+    "small": (1 * 16 * 9 + 16) + (16 * 32 * 9 + 32) + (1568 * 128 + 128) + (128 * 10 + 10),
+    "bn": (32 * 9 + 32) + 2 * 32 + (32 * 64 * 9 + 64) + 2 * 64 + (1600 * 128 + 128) + (128 * 10 + 10),
+    "classic": (32 * 9 + 32) + (32 * 64 * 9 + 64) + (9216 * 128 + 128) + (128 * 10 + 10),
+}
+
+
+@pytest.mark.parametrize("arch", train_cnn.ARCHS)
+def test_arch_output_shape_and_parameter_count(arch):
+    model = train_cnn.CNN(arch)
+    assert sum(p.numel() for p in model.parameters()) == PARAMETERS[arch]
+    model.eval()
+    assert model(torch.randn(3, 1, 28, 28)).shape == (3, 10)
+    assert train_cnn.CNN(arch, num_classes=2)(torch.randn(5, 1, 28, 28)).shape == (5, 2)
+    assert train_cnn.build_model({"arch": arch, "num_classes": 4})(torch.randn(1, 1, 28, 28)).shape == (1, 4)
+
+
+def test_onecycle_matches_torch():
+    model = torch.nn.Linear(2, 2)
+    opt = torch.optim.Adam(model.parameters(), lr=0.01, betas=(0.7, 0.9))
+    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=0.01, total_steps=57)
+    for step in range(57):
+        lr, beta1 = train_cnn.schedule("onecycle", step, 57, 19, 0.01, 0.7)
+        assert math.isclose(lr, opt.param_groups[0]["lr"], rel_tol=1e-9, abs_tol=1e-12), step
+        assert math.isclose(beta1, opt.param_groups[0]["betas"][0], rel_tol=1e-9), step
+        opt.step()
+        sched.step()
+
+
+def test_step_and_cosine_schedules():
+    assert train_cnn.schedule("step", 25, 100, 10, 1.0, 0.7)[0] == pytest.approx(0.49)
+    assert train_cnn.schedule("cosine", 50, 100, 10, 1.0, 0.7)[0] == pytest.approx(0.5)
+    assert train_cnn.schedule("none", 99, 100, 10, 0.3, 0.7) == (0.3, None)
+
+
+def test_augment_moves_pixels_but_keeps_the_image():
+    torch.manual_seed(0)
+    images = (torch.rand(16, 28, 28) * 255).to(torch.uint8)
+    same = train_cnn.augment_batch(images, max_shift=0.0, max_degrees=0.0)
+    assert torch.allclose(same, images.unsqueeze(1).float() / 255, atol=1e-5)  # zero shift and angle: identity
+    moved = train_cnn.augment_batch(images)
+    assert moved.shape == (16, 1, 28, 28) and moved.min() >= 0 and moved.max() <= 1
+    assert (moved - same).abs().mean() > 0.05
+
+
+# ----------------------------------------------------------------------------- the CLI, end to end
+@pytest.fixture(scope="module")
+def two_epoch_run(tiny_mnist, tmp_path_factory):
+    out = tmp_path_factory.mktemp("cnn_runs")
+    proc = run_cli("train_cnn.py", "--data-dir", tiny_mnist, "--out-dir", out, "--arch", "small", "--epochs", 2,
+                   "--augment", "--lr-schedule", "step", "--patience", 3, "--tag", "e2e", "--quiet")
+    assert proc.returncode == 0, proc.stderr
+    (run_dir,) = (out / "train_cnn").iterdir()
+    return run_dir, proc
+
+
+def test_cli_run_writes_every_output(two_epoch_run):
+    run_dir, proc = two_epoch_run
+    assert run_dir.name.endswith("-e2e")
+    for name in RUN_FILES:
+        assert (run_dir / name).is_file(), name
+    assert any(p.name.startswith("events.out.tfevents") for p in run_dir.iterdir())
+    metrics = json.loads((run_dir / "metrics.json").read_text())
+    assert [e["epoch"] for e in metrics["epochs"]] == [1, 2]
+    assert set(metrics["final"]["per_class_acc"]) == {str(d) for d in range(10)}
+    assert metrics["final"]["test_acc"] > 0.3  # 10 synthetic classes: chance is 0.1
+    config = json.loads((run_dir / "config.json").read_text())
+    assert config["arch"] == "small" and config["augment"] and config["lr"] == 0.01 and config["n_parameters"] == PARAMETERS["small"]
+    last_line = proc.stdout.strip().splitlines()[-1]
+    assert str(run_dir) in last_line and "test accuracy" in last_line
+    results = (run_dir.parents[1] / "results.jsonl").read_text().splitlines()
+    assert json.loads(results[-1])["arch"] == "small"
+
+
+def test_resume_continues_like_an_uninterrupted_run(two_epoch_run, tiny_mnist, tmp_path):
+    first = run_cli("train_cnn.py", "--data-dir", tiny_mnist, "--out-dir", tmp_path, "--arch", "small", "--epochs", 1,
+                    "--augment", "--lr-schedule", "step", "--patience", 3, "--quiet")
+    assert first.returncode == 0, first.stderr
+    (run_dir,) = (tmp_path / "train_cnn").iterdir()
+    resumed = run_cli("train_cnn.py", "--resume", run_dir, "--epochs", 2, "--quiet")
+    assert resumed.returncode == 0, resumed.stderr
+    assert "resuming" in resumed.stdout
+    got = json.loads((run_dir / "metrics.json").read_text())["epochs"]
+    want = json.loads((two_epoch_run[0] / "metrics.json").read_text())["epochs"]
+    assert len(got) == 2
+    for key in ("train_loss", "val_loss", "val_acc"):
+        assert got[1][key] == pytest.approx(want[1][key], rel=1e-5), key
+
+
+# ----------------------------------------------------------------------------- bad input: one line, exit 2
+@pytest.mark.parametrize("args, words", [
+    (["--arch", "resnet"], ["--arch resnet", "fast"]),
+    (["--optimizer", "rmsprop"], ["--optimizer", "adadelta"]),
+    (["--lr-schedule", "linear"], ["--lr-schedule", "onecycle"]),
+    (["--epochs", "0"], ["--epochs"]),
+    (["--precision", "fp16"], ["--precision", "bf16"]),
+    (["--resume", "/nonexistent/run"], ["no such run directory"]),
+])
+def test_bad_options_exit_2(tiny_mnist, tmp_path, args, words):
+    assert_user_error(run_cli("train_cnn.py", "--data-dir", tiny_mnist, "--out-dir", tmp_path, *args), *words)
+
+
+def test_missing_data_exits_2(tmp_path):
+    proc = run_cli("train_cnn.py", "--data-dir", tmp_path / "empty", "--out-dir", tmp_path, "--quiet")
+    assert_user_error(proc, "MNIST")
