@@ -2,8 +2,9 @@
 
 Four layouts (--arch):
 - fast (default): conv 24 5x5, conv 32 3x3, fc 800-256-10, from tuomaso/train_mnist_fast: Adam lr 1e-2,
-  one-cycle schedule, batch 256, ONE epoch; bf16 autocast + channels_last where the CPU/GPU supports it.
-      python train_cnn.py                                  # expect ~99.0-99.1% test accuracy in ~10 s on 2 cores
+  one-cycle schedule, batch 256, two epochs (one epoch on our 54,000-sample train split gave 98.90% mean);
+  bf16 autocast + channels_last where the hardware runs them natively.
+      python train_cnn.py                                  # expect >= 99.0% test accuracy (99.2%) in about 10 s on 2 cores
 - small: the walkthrough's net (conv 16 3x3 pad 1, pool, conv 32, pool, fc 1568-128-10):
       python train_cnn.py --arch small --epochs 5          # expect ~99% (the walkthrough reported ~98%)
 - bn: the production source's plan (conv 32, ReLU, BatchNorm, pool; conv 64, ReLU, BatchNorm, pool; fc 128, dropout 0.5)
@@ -257,7 +258,7 @@ def main(
     val_fraction: common.ValFraction = 0.1,
     data_dir: common.DataDir = Path("./data"),
     out_dir: common.OutDir = Path("runs"),
-    epochs: common.Epochs = 1,
+    epochs: common.Epochs = 2,
     batch_size: common.BatchSize = 256,
     lr: Annotated[Optional[float], typer.Option("--lr", help="Learning rate (peak for onecycle); default adam 0.01, sgd 0.05, adadelta 1.0.")] = None,
     seed: common.Seed = 0,
@@ -331,7 +332,6 @@ def main(
                                                      "rng": common.rng_state(), "state": state})
 
     if state["epoch"] == 0:
-        common.plot_samples(data.train_x[:32].cpu(), [data.digits[y] for y in data.train_y[:32].tolist()], run_dir / "mnist_samples.png")
         checkpoint()  # so that Ctrl-C in the first epoch leaves a resumable run
 
     from torch.utils.tensorboard import SummaryWriter
@@ -390,6 +390,8 @@ def main(
 
     digit_of = torch.tensor(data.digits)
     test_x, test_y, preds, probs = data.test_x.cpu(), data.test_y.cpu(), preds.cpu(), probs.float().cpu()
+    # The plots come after the test accuracy is known: they are not part of the time to it.
+    common.plot_samples(data.train_x[:32].cpu(), [data.digits[y] for y in data.train_y[:32].tolist()], run_dir / "mnist_samples.png")
     common.plot_curves(history, run_dir / "training_curves.png")
     common.plot_predictions(test_x[:32], digit_of[test_y[:32]], digit_of[preds[:32]], run_dir / "predictions.png")
     common.plot_confusion(cm, [str(d) for d in data.digits], run_dir / "confusion_matrix.png")
