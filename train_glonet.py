@@ -189,7 +189,8 @@ def figure_metrics(history: list[dict], title: str):
 
 
 def usage_lines(ax, history, key, ylabel):
-    """One line per epoch (darker = later) of a per-hidden-layer quantity, log scale."""
+    """One line per epoch (darker = earlier) of a per-hidden-layer quantity, log scale; zeros (dead layers)
+    are gaps, and the axis shows 12 decades below the largest value (float32 resolves about 7)."""
     import matplotlib
 
     cmap = matplotlib.colormaps["viridis"]
@@ -197,10 +198,13 @@ def usage_lines(ax, history, key, ylabel):
     if n == 0:
         ax.text(0.5, 0.5, "no hidden layers (--layers 1)", ha="center", va="center", transform=ax.transAxes)
         return
+    values = [v for h in history for v in h[key] if v > 0]
     for j, h in enumerate(history):
-        ax.plot(range(1, n + 1), [max(v, 1e-30) for v in h[key]], color=cmap(j / max(len(history) - 1, 1)),
+        ax.plot(range(1, n + 1), [v if v > 0 else float("nan") for v in h[key]], color=cmap(j / max(len(history) - 1, 1)),
                 marker="." if n <= 30 else None, label=f"epoch {h['epoch']}" if j in (0, len(history) - 1) else None)
     ax.set_yscale("log")
+    if values:
+        ax.set_ylim(bottom=max(min(values), max(values) * 1e-12) / 2)
     ax.set_xlabel("hidden layer")
     ax.set_ylabel(ylabel)
     ax.grid(alpha=0.3)
