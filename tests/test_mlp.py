@@ -117,7 +117,9 @@ def test_ctrl_c_then_resume_matches_an_uninterrupted_run(tiny_mnist, tmp_path):
 
     env = {**os.environ, **OFFLINE_ENV}
     proc = subprocess.Popen([sys.executable, str(ROOT / "train_mlp.py"), *map(str, common_args), "--out-dir", str(tmp_path / "b")],
-                            cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                            cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            # a shell that runs us in the background ignores SIGINT; the child must not inherit that
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     deadline = time.time() + 120
     metrics_files = []
     while time.time() < deadline and not metrics_files:
