@@ -199,6 +199,7 @@ def collect(model, images, labels, epoch_dir: Path, plan: list[dict], dtype: str
     preds = torch.empty(n, dtype=torch.long, device=device)
     losses = torch.empty(n, device=device)
     sq_norms = torch.empty(n, len(names), device=device)
+    buffers = {}
     start = 0
     for x, y in common.progress(common.Batches(images, labels, batch_size), quiet, desc="gradients"):
         a, b, logits, loss = layer_factors(model, x, y)
@@ -215,11 +216,14 @@ def collect(model, images, labels, epoch_dir: Path, plan: list[dict], dtype: str
             if kind == "bias":
                 out[start:stop] = b[i].cpu().numpy()
                 continue
-            # raw weight gradients b_i a_i^T, a few rows at a time (about 64 MB each)
-            rows = max(1, (64 << 20) // (4 * b[i].shape[1] * a[i].shape[1]))
-            for s in range(0, len(y), rows):
-                e = min(s + rows, len(y))
-                out[start + s:start + e] = (b[i][s:e, :, None] * a[i][s:e, None, :]).cpu().numpy()
+            # raw weight gradients b_i a_i^T, a few rows at a time into one reused buffer (about 64 MB)
+            if arr["name"] not in buffers:
+                rows = max(1, (64 << 20) // (4 * b[i].shape[1] * a[i].shape[1]))
+                buffers[arr["name"]] = torch.empty(rows, b[i].shape[1], a[i].shape[1], device=device)
+            buf = buffers[arr["name"]]
+            for s in range(0, len(y), len(buf)):
+                e = min(s + len(buf), len(y))
+                out[start + s:start + e] = torch.mul(b[i][s:e, :, None], a[i][s:e, None, :], out=buf[:e - s]).cpu().numpy()
         start = stop
     for out in files.values():
         out.flush()
