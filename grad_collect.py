@@ -381,9 +381,10 @@ def plot_tsne(emb, digit, cluster, pred_digit, digits, path: Path, title: str) -
     """Three panels (original digit, k-means cluster, predicted digit); returns each panel's legend entries."""
     plt = common._plt()
     fig, axes = plt.subplots(1, 3, figsize=(16, 5.2))
-    cmap_d, cmap_c = plt.get_cmap("tab10"), plt.get_cmap("tab20")
+    cmap_d = plt.get_cmap("tab10")
+    cmap_c = plt.get_cmap("tab10" if cluster.max() < 10 else "tab20")
     panels = [("original digit", digit, lambda v: cmap_d(v % 10), digits),
-              ("k-means cluster", cluster, lambda v: cmap_c(v % 20), sorted(set(cluster.tolist()))),
+              ("k-means cluster", cluster, lambda v: cmap_c(v % cmap_c.N), sorted(set(cluster.tolist()))),
               ("model prediction (digit)", pred_digit, lambda v: cmap_d(v % 10), digits)]
     legends = {}
     for ax, (name, values, color, order) in zip(axes, panels):
