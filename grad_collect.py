@@ -364,15 +364,16 @@ def load_array(path: Path, max_dim: int, seed: int) -> tuple[torch.Tensor, Optio
     flat = np.load(path, mmap_mode="r")
     flat = flat.reshape(len(flat), -1)
     n, d = flat.shape
-    if d <= max_dim:
-        return torch.from_numpy(np.array(flat, dtype=np.float32)), None
+    if d <= max_dim:  # read into memory once (a copy of a memory map would count twice in RSS)
+        del flat
+        return torch.from_numpy(np.load(path).reshape(n, d)).float(), None
     g = torch.Generator().manual_seed(seed)
     bucket = torch.randint(max_dim, (d,), generator=g)
     sign = torch.randint(0, 2, (d,), generator=g).float() * 2 - 1
     out = torch.zeros(n, max_dim)
     rows = max(1, (128 << 20) // (4 * d))
     for s in range(0, n, rows):
-        x = torch.from_numpy(np.asarray(flat[s:s + rows], dtype=np.float32))
+        x = torch.from_numpy(np.array(flat[s:s + rows], dtype=np.float32))
         out[s:s + rows].index_add_(1, bucket, x * sign)
     return out, f"CountSketch {d} -> {max_dim} (seed {seed})"
 

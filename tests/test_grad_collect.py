@@ -142,6 +142,21 @@ def test_kmeans_inertia_matches_scikit_learn():
     assert math.isclose(ours["inertia"], exact, rel_tol=1e-6)
 
 
+def test_wide_arrays_are_count_sketched_for_the_analysis(tmp_path):
+    x = np.random.default_rng(0).normal(size=(50, 300)).astype(np.float16)
+    np.save(tmp_path / "g.npy", x)
+    same, how = gc.load_array(tmp_path / "g.npy", 300, seed=1)
+    assert how is None and torch.equal(same, torch.from_numpy(x.astype(np.float32)))
+    sketch, how = gc.load_array(tmp_path / "g.npy", 40, seed=1)
+    assert sketch.shape == (50, 40) and "CountSketch" in how
+    g = torch.Generator().manual_seed(1)  # the sketch as a dense matrix: one +-1 per input coordinate
+    bucket = torch.randint(40, (300,), generator=g)
+    sign = torch.randint(0, 2, (300,), generator=g).float() * 2 - 1
+    dense = torch.zeros(300, 40)
+    dense[torch.arange(300), bucket] = sign
+    torch.testing.assert_close(sketch, torch.from_numpy(x.astype(np.float32)) @ dense, atol=1e-4, rtol=1e-5)
+
+
 def test_size_guard_stops_before_training(tiny_mnist, tmp_path):
     # raw gradients of the whole 784-512-10 model for 540 samples and 5 epochs: about 4.4 GB
     proc = run_cli("grad_collect.py", "--data-dir", tiny_mnist, "--out-dir", tmp_path, "--device", "cpu", "--quiet", env=ONE_THREAD)
