@@ -1,7 +1,7 @@
 """benchmarks/bench_cnn.py: time to 99.0% MNIST test accuracy, train_cnn.py's defaults against a reference
 trained the way pytorch/examples mnist/main.py does it, measured in the same run on the same machine.
 
-    python benchmarks/bench_cnn.py --data-dir ../shared/data                 # about 1.5 minutes on 2 idle cores
+    python benchmarks/bench_cnn.py --data-dir ../shared/data                 # 5.5 minutes on 2 cores at load ~3.7
     python benchmarks/bench_cnn.py --data-dir ../shared/data --full-reference  # the reference for real (~10 min)
 
 Ours: `python train_cnn.py --seed S --quiet` for each seed, as a separate process; its metrics.json gives the time
