@@ -112,10 +112,11 @@ def test_ctrl_c_then_resume_matches_an_uninterrupted_run(tiny_mnist, tmp_path):
     """Batch size 1 makes each epoch long enough to interrupt; resuming must give identical metrics."""
     common_args = ["--data-dir", tiny_mnist, "--epochs", 5, "--batch-size", 1, "--hidden", 32, "--quiet",
                    "--device", "cpu", "--seed", 3]
-    straight = run_cli("train_mlp.py", *common_args, "--out-dir", tmp_path / "a")
+    one_thread = {"OMP_NUM_THREADS": "1"}  # batch-size-1 steps are all overhead; extra threads only add waiting
+    straight = run_cli("train_mlp.py", *common_args, "--out-dir", tmp_path / "a", env=one_thread)
     assert straight.returncode == 0, straight.stderr
 
-    env = {**os.environ, **OFFLINE_ENV}
+    env = {**os.environ, **OFFLINE_ENV, **one_thread}
     proc = subprocess.Popen([sys.executable, str(ROOT / "train_mlp.py"), *map(str, common_args), "--out-dir", str(tmp_path / "b")],
                             cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                             # a shell that runs us in the background ignores SIGINT; the child must not inherit that
@@ -134,7 +135,7 @@ def test_ctrl_c_then_resume_matches_an_uninterrupted_run(tiny_mnist, tmp_path):
     stopped_at = common.load_checkpoint(run_dir / "last.pt")["state"]["epoch"]
     assert 1 <= stopped_at < 5
 
-    resumed = run_cli("train_mlp.py", "--resume", run_dir, "--quiet")
+    resumed = run_cli("train_mlp.py", "--resume", run_dir, "--quiet", env=one_thread)
     assert resumed.returncode == 0, resumed.stderr
     a = json.loads(next((tmp_path / "a").glob("train_mlp/*/metrics.json")).read_text())
     b = json.loads((run_dir / "metrics.json").read_text())
