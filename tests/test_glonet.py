@@ -161,7 +161,8 @@ def test_cli_run_writes_every_output_and_resumes(tiny_mnist, tmp_path):
     proc = run_cli("train_glonet.py", *args, "--epochs", 2, "--out-dir", tmp_path / "b", env=ONE_THREAD)
     assert proc.returncode == 0, proc.stderr
     (resumed_dir,) = (tmp_path / "b" / "train_glonet").iterdir()
-    proc = run_cli("train_glonet.py", "--resume", resumed_dir, "--epochs", 3, "--quiet", env=ONE_THREAD)
+    # --data-dir again: resume takes it from DATA_DIR when that is set (make test sets it to the real MNIST)
+    proc = run_cli("train_glonet.py", "--resume", resumed_dir, "--epochs", 3, "--data-dir", tiny_mnist, "--quiet", env=ONE_THREAD)
     assert proc.returncode == 0, proc.stderr
     b = json.loads((resumed_dir / "metrics.json").read_text())
     timeless = lambda epochs: [{k: v for k, v in e.items() if not k.endswith("time_s")} for e in epochs]  # noqa: E731
