@@ -39,7 +39,7 @@ import torch.nn.functional as F
 import typer
 
 import common
-from train_mlp import MLP, evaluate, train_epoch
+from train_mlp import MLP, evaluate, make_optimizer, train_epoch
 
 app = typer.Typer(add_completion=False, pretty_exceptions_enable=False, help=__doc__.split("\n")[0])
 
@@ -647,10 +647,7 @@ def main(
         return
 
     # ---- train as train_mlp.py does, collecting after each epoch
-    if args.optimizer == "adam":
-        opt = torch.optim.Adam(model.parameters(), lr=args.lr, weight_decay=args.weight_decay)
-    else:
-        opt = torch.optim.SGD(model.parameters(), lr=args.lr, momentum=args.momentum, weight_decay=args.weight_decay)
+    opt = make_optimizer(model, args.optimizer, args.lr, args.weight_decay, args.momentum)
     train_batches = common.Batches(data.train_x, data.train_y, args.batch_size, shuffle=True, seed=args.seed)
     total_steps = args.epochs * len(train_batches)
 

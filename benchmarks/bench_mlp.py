@@ -34,7 +34,7 @@ def flops_per_sample(model) -> int:
 def make_model(seed: int):
     torch.manual_seed(seed)
     model = train_mlp.MLP([512], 10)
-    return model, torch.optim.Adam(model.parameters(), lr=1e-3, weight_decay=1e-4)
+    return model, train_mlp.make_optimizer(model, "adam", 1e-3, 1e-4, 0.9)
 
 
 def epoch_ours(data, batch_size: int, seed: int) -> float:
