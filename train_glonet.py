@@ -12,9 +12,9 @@ depth 6/24/50/100/200: MLP ~97.5/97/95/92/85%, GloNet ~98% at every depth.
                                       python train_glonet.py --model mlp --layers $d; done
 Measured here (10 epochs, seed 0, last-epoch test accuracy; the README's GloNet section has the full table):
 at the defaults (Adam lr 0.01) GloNet/MLP got 96.5/96.6% at depth 6, 93.9/11.4% at 24, 62.3/11.4% at 50 and
-14.4/11.4% at 100. GloNet passes 95% within 2 epochs at every depth, but from depth 24 on, at lr 0.01, the deep
-layers' weights grow ~2.5x (from PyTorch's init, gain ~0.4 a layer, to about 1) and training blows up in epoch
-3-4. With --lr 0.001 GloNet gets 97.8% at depth 50 and 98.2% at depth 200, its head needing only the first 4-5
+14.4/11.4% at 100. GloNet reaches 93-95% within 2 epochs at every depth, but from depth 24 on, at lr 0.01, the deep
+layers' weights grow 2-3x (from PyTorch's init, gain ~0.4 a layer, to about 1) and training turns unstable in
+epoch 3-4. With --lr 0.001 GloNet gets 97.8% at depth 50 and 98.2% at depth 200, its head needing only the first 4-5
 hidden layers. The plain MLP sits at chance from depth 24 on at the defaults; it needs He init and lr 0.001
 (96.7% at depth 24, source ~97%).
 
