@@ -343,7 +343,8 @@ def load_checkpoint(path, map_location="cpu") -> dict:
 
 def resume_args(ctx: typer.Context, args: SimpleNamespace, changeable=("epochs", "device", "quiet", "data_dir")):
     """For --resume RUN_DIR: the run's saved options, with those in `changeable` taken from the command
-    line when given there. Any other option given on the command line must match the saved one."""
+    line when typed there (environment variables such as DATA_DIR do not override a saved run's options).
+    Any other option typed on the command line must match the saved one."""
     run_dir = Path(args.resume)
     check(run_dir.is_dir(), f"--resume {run_dir}: no such run directory")
     saved = read_json(run_dir / "config.json")
@@ -352,10 +353,10 @@ def resume_args(ctx: typer.Context, args: SimpleNamespace, changeable=("epochs",
         if name in ("resume", "tag") or name not in saved:
             continue
         given = ctx.get_parameter_source(name)
-        explicit = given is not None and given.name in ("COMMANDLINE", "ENVIRONMENT")
+        explicit = given is not None and given.name == "COMMANDLINE"  # not DATA_DIR: the run keeps its own data
         if explicit and name in changeable:
             continue
-        if explicit and saved[name] != getattr(args, name) and given.name == "COMMANDLINE":
+        if explicit and saved[name] != getattr(args, name):
             flag = "--" + name.replace("_", "-")
             raise UserError(f"{flag} cannot change when resuming ({saved[name]!r} in {run_dir}); start a new run instead")
         merged[name] = saved[name]
