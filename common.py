@@ -388,7 +388,8 @@ def count_parameters(model: torch.nn.Module) -> int:
 
 
 # ----------------------------------------------------------------------------- plots (matplotlib, Agg)
-def _plt():
+def pyplot():
+    """matplotlib.pyplot on the Agg backend (no display needed)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -399,7 +400,7 @@ def _plt():
 
 def plot_image_grid(images, titles, path, colors=None, suptitle=None, cols=8) -> None:
     """Grayscale images [N,H,W] (uint8 or float) in a grid, each with a title (colored if given)."""
-    plt = _plt()
+    plt = pyplot()
     images = images.detach().cpu().numpy() if isinstance(images, torch.Tensor) else np.asarray(images)
     n = len(images)
     cols = min(cols, max(n, 1))
@@ -432,7 +433,7 @@ def plot_predictions(images, true_digits, pred_digits, path, n: int = 32) -> Non
 
 def plot_curves(history: list[dict], path, keys=("loss", "acc")) -> None:
     """Loss and accuracy per epoch, train and val, from metrics.json's per-epoch records."""
-    plt = _plt()
+    plt = pyplot()
     fig, axes = plt.subplots(1, len(keys), figsize=(5 * len(keys), 3.6), squeeze=False)
     epochs = [h["epoch"] for h in history]
     for ax, key in zip(axes.flat, keys):
@@ -455,7 +456,7 @@ def confusion_matrix(true, pred, num_classes: int) -> np.ndarray:
 
 
 def plot_confusion(cm: np.ndarray, names, path, title="Confusion matrix (test)") -> None:
-    plt = _plt()
+    plt = pyplot()
     k = len(names)
     fig, ax = plt.subplots(figsize=(1 + 0.6 * k, 0.8 + 0.6 * k))
     ax.imshow(cm, cmap="Blues")

@@ -381,7 +381,7 @@ def load_array(path: Path, max_dim: int, seed: int) -> tuple[torch.Tensor, Optio
 
 def plot_tsne(emb, digit, cluster, pred_digit, digits, path: Path, title: str) -> dict:
     """Three panels (original digit, k-means cluster, predicted digit); returns each panel's legend entries."""
-    plt = common._plt()
+    plt = common.pyplot()
     fig, axes = plt.subplots(1, 3, figsize=(16, 5.2))
     cmap_d = plt.get_cmap("tab10")
     cmap_c = plt.get_cmap("tab10" if cluster.max() < 10 else "tab20")
@@ -407,7 +407,7 @@ def plot_tsne(emb, digit, cluster, pred_digit, digits, path: Path, title: str) -
 
 
 def plot_norm_histograms(norms: np.ndarray, columns: list[str], digit: np.ndarray, digits: list[int], path: Path, epoch: int) -> None:
-    plt = common._plt()
+    plt = common.pyplot()
     cols = min(3, len(columns))
     rows = math.ceil(len(columns) / cols)
     fig, axes = plt.subplots(rows, cols, figsize=(5 * cols, 3.4 * rows), squeeze=False)

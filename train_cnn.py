@@ -219,11 +219,7 @@ def feature_maps(model: CNN, x: torch.Tensor) -> list[torch.Tensor]:
 
 
 def plot_feature_maps(image, maps, digit: int, path, max_channels: int = 16) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = common.pyplot()
     cols = max_channels
     fig, axes = plt.subplots(len(maps) + 1, cols, figsize=(1.1 * cols, 1.3 * (len(maps) + 1)), squeeze=False)
     for ax in axes.flat:

@@ -178,7 +178,7 @@ def usage_summary(record: dict) -> dict:
 # ----------------------------------------------------------------------------- figures
 def figure_metrics(history: list[dict], title: str):
     """Loss, accuracy (train/val/test per epoch) and the last epoch's per-layer output L1 norm."""
-    plt = common._plt()
+    plt = common.pyplot()
     fig, axes = plt.subplots(1, 3, figsize=(16, 4.2))
     epochs = [h["epoch"] for h in history]
     for ax, key in zip(axes[:2], ("loss", "acc")):
@@ -220,7 +220,7 @@ def usage_lines(ax, history, key, ylabel):
 def figure_usage(history: list[dict], title: str):
     """Per-layer output L1, output spread and weight L1 for every epoch; for glonet the accuracy of the
     head on the sum of the first k layers."""
-    plt = common._plt()
+    plt = common.pyplot()
     last = history[-1] if history else {}
     panels = ["output_l1"] + (["output_spread"] if "output_spread" in last else []) + ["weight_l1"]
     panels += ["prefix_acc"] if last.get("prefix_acc") else []
@@ -247,7 +247,7 @@ def figure_usage(history: list[dict], title: str):
 
 
 def figure_text(text: str, title: str):
-    plt = common._plt()
+    plt = common.pyplot()
     fig = plt.figure(figsize=(8.5, 11))
     fig.text(0.05, 0.97, title, fontsize=12, va="top", weight="bold")
     fig.text(0.05, 0.94, text, fontsize=7, va="top", family="monospace")
@@ -260,7 +260,7 @@ def write_report(path, history, config: dict, table: str, title: str) -> None:
 
     from matplotlib.backends.backend_pdf import PdfPages
 
-    plt = common._plt()
+    plt = common.pyplot()
     lines = table.splitlines()
     pages = [figure_metrics(history, title), figure_usage(history, title),
              figure_text(json.dumps(config, indent=1), "config.json")]
@@ -408,7 +408,7 @@ def main(
     common.write_json(run_dir / "metrics.json", {"epochs": history, "final": final})
     writer.close()
 
-    plt = common._plt()
+    plt = common.pyplot()
     for name, fig in (("training_metrics.png", figure_metrics(history, title)), ("layer_usage.png", figure_usage(history, title))):
         fig.savefig(run_dir / name, dpi=100)
         plt.close(fig)
