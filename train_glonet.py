@@ -108,15 +108,16 @@ def evaluate(model, images, labels, usage: bool = False, batch_size: int = 2000)
     prefix_acc[k]: the head's accuracy on the sum of only the first k+1 hidden outputs."""
     model.eval()
     n_hidden, dev = len(model.hidden), labels.device
-    loss_sum, correct = 0.0, 0
+    loss_sum = torch.zeros((), device=dev, dtype=torch.float64)  # accumulated on the device: no sync per batch
+    correct = torch.zeros((), device=dev, dtype=torch.long)
     l1, prefix_correct = torch.zeros(n_hidden, device=dev), torch.zeros(n_hidden, device=dev)
     # per layer and unit: sums of (o - shift) and its square, shift = the first batch's mean (accurate in float32)
     s1, s2, shift = (torch.zeros(n_hidden, model.head.in_features, device=dev) for _ in range(3))
     for b, (x, y) in enumerate(common.Batches(images, labels, batch_size if not usage else min(batch_size, 500))):
         outputs = [] if usage else None
         logits = model(x, outputs)
-        loss_sum += F.cross_entropy(logits, y, reduction="sum").item()
-        correct += (logits.argmax(1) == y).sum().item()
+        loss_sum += F.cross_entropy(logits, y, reduction="sum")
+        correct += (logits.argmax(1) == y).sum()
         if usage and n_hidden:
             for i, o in enumerate(outputs):
                 l1[i] += o.abs().sum()
@@ -130,7 +131,7 @@ def evaluate(model, images, labels, usage: bool = False, batch_size: int = 2000)
                     total += o
                     prefix_correct[k] += (model.head(total).argmax(1) == y).sum()
     n = len(labels)
-    result = {"loss": loss_sum / n, "acc": correct / n}
+    result = {"loss": loss_sum.item() / n, "acc": correct.item() / n}
     if usage:
         result["output_l1"] = (l1 / n).tolist()
         spread = (s2 / n - (s1 / n).square()).clamp_min(0).sqrt().sum(1)
