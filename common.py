@@ -62,7 +62,7 @@ OutDir = Annotated[Path, typer.Option(help="Runs go to OUT_DIR/<script>/<timesta
 Epochs = Annotated[int, typer.Option(help="Training epochs.")]
 BatchSize = Annotated[int, typer.Option(help="Mini-batch size.")]
 LearningRate = Annotated[float, typer.Option("--lr", help="Learning rate.")]
-Seed = Annotated[int, typer.Option(help="Seed for python, numpy and torch (split, init, shuffling).")]
+Seed = Annotated[int, typer.Option(help="Seed of the run; the split, shuffling and init each draw from their own stream derived from it.")]
 Device = Annotated[str, typer.Option(help="auto (CUDA, then MPS, then CPU), cpu, cuda or mps.")]
 Digits = Annotated[Optional[str], typer.Option(help="Train on these digits only, e.g. 0,1; labels become 0..k-1.")]
 Limit = Annotated[Optional[int], typer.Option(help="Use only the first N training samples (quick runs).")]
@@ -196,7 +196,8 @@ class MNIST:
 def load_mnist(data_dir, device, digits: Optional[str] = None, val_fraction: float = 0.1,
                limit: Optional[int] = None, seed: int = 0) -> MNIST:
     """Load MNIST onto `device`: filter to `digits` (labels remapped 0..k-1 in sorted digit order),
-    keep the first `limit` training samples, split off `val_fraction` by a permutation seeded with `seed`."""
+    keep the first `limit` training samples, split off `val_fraction` by a permutation seeded with
+    seed_for(seed, "split")."""
     digit_list = parse_digits(digits)
     check(0.0 < val_fraction < 1.0, f"--val-fraction {val_fraction}: must be between 0 and 1 (exclusive)")
     check(limit is None or limit >= 2, f"--limit {limit}: need at least 2 samples (one to train, one to validate)")
@@ -214,7 +215,7 @@ def load_mnist(data_dir, device, digits: Optional[str] = None, val_fraction: flo
         train_x, train_y, train_index = train_x[:limit], train_y[:limit], train_index[:limit]
     n = len(train_y)
     n_val = min(max(1, round(n * val_fraction)), n - 1)
-    perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed))
+    perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed_for(seed, "split")))
     val_idx, tr_idx = perm[:n_val], perm[n_val:]
     to = lambda t: t.to(device)  # noqa: E731
     return MNIST(to(train_x[tr_idx]), to(train_y[tr_idx]), to(train_x[val_idx]), to(train_y[val_idx]),
@@ -255,18 +256,37 @@ def progress(iterable, quiet: bool = False, **kwargs):
     """A tqdm bar, off with --quiet or when stderr is not a terminal."""
     from tqdm import tqdm
 
-    return tqdm(iterable, disable=quiet or not sys.stderr.isatty(), leave=False, dynamic_ncols=True, **kwargs)
+    bar = tqdm(iterable, disable=quiet or not sys.stderr.isatty(), leave=False, dynamic_ncols=True, **kwargs)
+    if kwargs.get("desc") == "train" and os.environ.get("RUN_TEST_KILL_AT", "").startswith("batch:"):
+        return _count_batches(bar)
+    return bar
+
+
+_batches_seen = 0
+
+
+def _count_batches(iterable):
+    """Training batches counted over the whole process, for RUN_TEST_KILL_AT=batch:N (a kill mid-epoch)."""
+    global _batches_seen
+    for item in iterable:
+        _batches_seen += 1
+        _test_kill_point("batch", _batches_seen)
+        yield item
 
 
 # ----------------------------------------------------------------------------- run directories, JSON, checkpoints
 def write_json(path, obj) -> None:
-    """Write JSON atomically (temporary file, then os.replace)."""
+    """Write JSON atomically and durably (temporary file, fsync, then os.replace)."""
     path = Path(path)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
-    with os.fdopen(fd, "w") as f:
-        json.dump(obj, f, indent=2, default=_json_default)
-        f.write("\n")
-    os.replace(tmp, path)
+    try:
+        with os.fdopen(fd, "w") as f:
+            json.dump(obj, f, indent=2, default=_json_default)
+            f.write("\n")
+        _fsync_replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
 
 
 def _json_default(obj):
@@ -320,13 +340,13 @@ def save_config(run_dir, script: str, args: SimpleNamespace, **derived) -> dict:
 
 
 def save_checkpoint(path, state: dict) -> None:
-    """torch.save to a temporary file in the same folder, then os.replace: never a half-written file."""
+    """torch.save to a temporary file in the same folder, fsync, then os.replace: never a half-written file."""
     path = Path(path)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
     os.close(fd)
     try:
         torch.save(state, tmp)
-        os.replace(tmp, path)
+        _fsync_replace(tmp, path)
     finally:
         if os.path.exists(tmp):
             os.remove(tmp)
@@ -365,11 +385,22 @@ def resume_args(ctx: typer.Context, args: SimpleNamespace, changeable=("epochs",
 
 
 def append_result(out_dir, record: dict) -> None:
-    """One line per finished run in OUT_DIR/results.jsonl."""
+    """One line per finished run in OUT_DIR/results.jsonl, written in one call (whole lines only); a run directory
+    already listed is not listed again (a resumed final report)."""
     path = Path(out_dir) / "results.jsonl"
     path.parent.mkdir(parents=True, exist_ok=True)
+    if "run_dir" in record and path.is_file():
+        for line in path.read_text(errors="replace").splitlines():
+            try:
+                if json.loads(line).get("run_dir") == record["run_dir"]:
+                    return
+            except (json.JSONDecodeError, AttributeError):
+                continue
+    line = json.dumps({"time": time.strftime("%Y-%m-%dT%H:%M:%S"), **record}, default=_json_default) + "\n"
     with open(path, "a") as f:
-        f.write(json.dumps({"time": time.strftime("%Y-%m-%dT%H:%M:%S"), **record}, default=_json_default) + "\n")
+        f.write(line)
+        f.flush()
+        os.fsync(f.fileno())
 
 
 def parameter_table(model: torch.nn.Module) -> str:
@@ -385,6 +416,340 @@ def parameter_table(model: torch.nn.Module) -> str:
 
 def count_parameters(model: torch.nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())
+
+
+# ----------------------------------------------------------------------------- seeds: one stream per purpose
+def seed_for(seed: int, purpose: str) -> int:
+    """A 63-bit seed derived from --seed for one purpose ("split", "shuffle", "init", "projection", ...), so the
+    streams are independent: the split's permutation is not the first epoch's shuffle, and changing how one
+    stream is used does not change what another draws."""
+    import hashlib
+
+    digest = hashlib.sha256(f"{int(seed)}:{purpose}".encode()).digest()
+    return int.from_bytes(digest[:8], "little") >> 1
+
+
+# ----------------------------------------------------------------------------- precision by hardware
+def pick_precision(name: str, device: torch.device) -> tuple[str, str]:
+    """(precision, reason). auto = bf16 autocast only where the hardware computes bf16 natively: CUDA GPUs with
+    native bf16, CPUs with AVX512_BF16 or AMX (oneDNN emulates bf16 on other AVX512 CPUs, slower than fp32);
+    fp32 elsewhere."""
+    check(name in ("auto", "fp32", "bf16"), f"--precision {name}: use auto, fp32 or bf16")
+    if name != "auto":
+        return name, "asked for on the command line"
+    if device.type == "cuda":
+        native = torch.cuda.is_bf16_supported(including_emulation=False)
+        return ("bf16", "the GPU computes bf16 natively") if native else ("fp32", "the GPU has no native bf16")
+    if device.type == "cpu":
+        flags = [f for f, ok in (("avx512_bf16", torch.cpu._is_avx512_bf16_supported()),
+                                 ("amx", torch.cpu._is_amx_tile_supported())) if ok]
+        if flags:
+            return "bf16", f"the CPU has {' and '.join(flags)} (native bf16)"
+        return "fp32", "the CPU has neither avx512_bf16 nor amx: bf16 would be emulated, slower than fp32"
+    return "fp32", f"bf16 autocast is not used on {device.type}"
+
+
+# ----------------------------------------------------------------------------- durable files
+def _fsync_replace(tmp: str, path: Path) -> None:
+    """Make tmp durable, rename it over path, and make the rename durable (the folder's entry)."""
+    with open(tmp, "rb") as f:
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+    try:
+        fd = os.open(path.parent, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+    except OSError:  # some filesystems do not fsync folders
+        pass
+
+
+def _save_npz(path, state: dict) -> None:
+    """A nested dict of arrays/tensors/JSON values as one .npz: arrays under 'a/b/c' keys, the rest as JSON."""
+    arrays, meta = {}, {}
+
+    def walk(prefix, value, into):
+        if isinstance(value, torch.Tensor):
+            arrays[prefix] = value.detach().cpu().numpy()
+        elif isinstance(value, np.ndarray):
+            arrays[prefix] = value
+        elif isinstance(value, dict) and value and all(isinstance(k, str) for k in value):
+            sub = into.setdefault(prefix.rsplit("/", 1)[-1], {}) if prefix else into
+            for k, v in value.items():
+                walk(f"{prefix}/{k}" if prefix else k, v, sub)
+        else:
+            into[prefix.rsplit("/", 1)[-1]] = value
+
+    walk("", state, meta)
+    with open(path, "wb") as f:
+        np.savez(f, __meta__=np.array(json.dumps(meta, default=_json_default)), **arrays)
+
+
+def _load_npz(path) -> dict:
+    with np.load(path, allow_pickle=False) as z:
+        state = json.loads(str(z["__meta__"]))
+        for key in z.files:
+            if key == "__meta__":
+                continue
+            node, parts = state, key.split("/")
+            for part in parts[:-1]:
+                node = node.setdefault(part, {})
+            node[parts[-1]] = z[key]
+    return state
+
+
+# ----------------------------------------------------------------------------- a run: the one bookkeeping path
+_SCHEDULES_WITH_HORIZON = ("cosine", "onecycle", "warmup_cosine")
+
+
+class Run:
+    """One training run's directory and bookkeeping: create or resume, config.json, last/best checkpoints with
+    the metrics history, early stopping, Ctrl-C, the final report. A script's loop reads:
+
+        run = common.Run(ctx, args, "train_mlp"); args = run.args        # --resume merges the saved options
+        run.save_config(device=str(device), **data.describe())            # creates the directory
+        run.restore(model=net, optimizer=opt, generator=batches.generator) # last.pt, if the run has one
+        with run.guard():                                                  # Ctrl-C: resume command, exit 130
+            for epoch in run.epochs():
+                ...; run.end_epoch(record, score=val_acc, loss=val_loss)   # best.pt, last.pt, metrics.json
+        run.finish(final, result)                                          # metrics.json final, results.jsonl
+
+    last.* holds every registered object's state, the torch RNG and the history, so it is the one source of
+    truth after a kill at any moment: metrics.json is rewritten from it on resume. Files are fsynced before
+    their atomic rename. A run killed before its first checkpoint restarts from epoch 1 in place; one killed
+    during its final report resumes straight to the report."""
+
+    def __init__(self, ctx, args: SimpleNamespace, script: str, ext: str = ".pt", main_process: bool = True,
+                 changeable=("epochs", "device", "quiet", "data_dir")):
+        check(ext in (".pt", ".npz"), f"unknown checkpoint format {ext}")
+        self.script, self.ext, self.main_process = script, ext, main_process
+        self.resumed = bool(getattr(args, "resume", None))
+        self.typed = {}
+        if self.resumed:
+            run_dir = Path(args.resume)
+            check(run_dir.is_dir(), f"--resume {run_dir}: no such run directory")
+            check((run_dir / "config.json").is_file(), f"--resume {run_dir}: it has no config.json (the run was stopped "
+                  f"before it started, or this is not a run directory); start a new run")
+            saved = read_json(run_dir / "config.json")
+            check(saved.get("script") == script, f"--resume {run_dir}: that is a {saved.get('script')} run, not {script}")
+            self.original = saved
+            args, self.dir = resume_args(ctx, args, changeable)
+        else:
+            self.original, self.dir = None, None
+        self.args = args
+        self.objects: dict = {}
+        self.epoch, self.history, self.best, self.extra = 0, [], {"epoch": 0, "score": None}, {}
+        self.best_loss, self.bad_epochs, self.stopped_early = float("inf"), 0, False
+        self.training_done = False
+        self._writer, self._pending_config = None, None
+
+    # ---- files
+    @property
+    def last_path(self) -> Path:
+        return self.dir / f"last{self.ext}"
+
+    @property
+    def best_path(self) -> Path:
+        return self.dir / f"best{self.ext}"
+
+    def _save(self, path: Path, state: dict) -> None:
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
+        os.close(fd)
+        try:
+            if self.ext == ".pt":
+                torch.save(state, tmp)
+            else:
+                _save_npz(tmp, state)
+            _fsync_replace(tmp, path)
+        finally:
+            if os.path.exists(tmp):
+                os.remove(tmp)
+
+    def _load(self, path: Path, map_location="cpu") -> dict:
+        check(path.is_file(), f"{path} not found: the run has no such checkpoint")
+        try:
+            if self.ext == ".pt":
+                return torch.load(path, map_location=map_location, weights_only=True)
+            return _load_npz(path)
+        except Exception as e:
+            raise UserError(f"{path} is unreadable ({type(e).__name__}); the file is damaged: "
+                            f"start a new run or use another checkpoint") from None
+
+    # ---- config
+    def save_config(self, **derived) -> dict:
+        """New run: create the directory and write config.json (every option + derived facts). Resumed run: the
+        original settings stay; what changed (options typed again, device...) is appended to config["resumes"]."""
+        if not self.resumed:
+            if self.main_process:
+                self.dir = make_run_dir(self.args.out_dir, self.script, self.args.tag)
+                config = save_config(self.dir, self.script, self.args, **derived)
+                _test_kill_point("config")
+                return config
+            return {"script": self.script, **vars(self.args), **derived}
+        config = dict(self.original)
+        now = {**vars(self.args), **derived, "versions": versions()}
+        changed = {k: [config.get(k), v] for k, v in now.items()
+                   if k not in ("resume", "created") and json.loads(json.dumps(v, default=_json_default)) != config.get(k)}
+        config["resumes"] = config.get("resumes", []) + [{"time": time.strftime("%Y-%m-%dT%H:%M:%S"), "changed": changed}]
+        self._pending_config = config  # written by restore() once last.* has loaded: a failed resume changes nothing
+        return {**config, **{k: v[1] for k, v in changed.items()}}
+
+    # ---- state
+    def _state_of(self, obj):
+        return obj.get_state() if isinstance(obj, torch.Generator) else obj.state_dict()
+
+    def _checkpoint(self) -> dict:
+        rng = rng_state()
+        return {"objects": {name: self._state_of(obj) for name, obj in self.objects.items()},
+                "rng": rng if self.ext == ".pt" else {k: v for k, v in rng.items() if k == "torch"},
+                "run": {"epoch": self.epoch, "history": self.history, "best": self.best, "extra": self.extra,
+                        "best_loss": self.best_loss, "bad_epochs": self.bad_epochs, "stopped_early": self.stopped_early}}
+
+    def save_last(self) -> None:
+        if self.main_process:
+            self._save(self.last_path, self._checkpoint())
+
+    def restore(self, map_location="cpu", **objects) -> None:
+        """Register the objects saved in last.* (torch.Generator, or anything with state_dict/load_state_dict) and
+        restore them, the RNG and the history from last.* when the run has one; else write last.* at epoch 0."""
+        self.objects = objects
+        if not (self.resumed and (self.dir / f"last{self.ext}").is_file()):
+            if self.resumed:
+                print(f"{self.dir} has no last{self.ext} (stopped before its first checkpoint): starting from epoch 1")
+                if self.main_process:
+                    write_json(self.dir / "config.json", self._pending_config)
+            self.save_last()
+            if self.main_process:
+                write_json(self.dir / "metrics.json", {"epochs": []})
+            return
+        ckpt = self._load(self.last_path, map_location)
+        try:
+            for name, obj in objects.items():
+                state = ckpt["objects"][name]
+                if isinstance(obj, torch.Generator):
+                    obj.set_state(torch.as_tensor(state, dtype=torch.uint8))
+                else:
+                    obj.load_state_dict(state)
+            torch.set_rng_state(torch.as_tensor(ckpt["rng"]["torch"], dtype=torch.uint8))
+            if "cuda" in ckpt["rng"] and torch.cuda.is_available():
+                torch.cuda.set_rng_state_all(ckpt["rng"]["cuda"])
+            r = ckpt["run"]
+            self.epoch, self.history, self.best, self.extra = int(r["epoch"]), list(r["history"]), dict(r["best"]), dict(r["extra"])
+            self.best_loss, self.bad_epochs, self.stopped_early = float(r["best_loss"]), int(r["bad_epochs"]), bool(r["stopped_early"])
+        except (KeyError, RuntimeError, ValueError, TypeError) as e:
+            raise UserError(f"{self.last_path} does not fit this script's model or options ({type(e).__name__}: "
+                            f"{str(e).splitlines()[0][:120] if str(e) else ''}); start a new run") from None
+        finished = "final" in self._metrics_on_disk()
+        trained = self.stopped_early or self.epoch >= self.args.epochs
+        if finished and self.stopped_early:
+            raise UserError(f"--resume {self.dir}: that run stopped early at epoch {self.epoch} and is finished; start a new run")
+        if finished and trained:
+            raise UserError(f"--resume {self.dir}: it has trained all {self.epoch} epochs; "
+                            f"pass --epochs N with N > {self.epoch} to train further")
+        planned = (self.original or {}).get("epochs")
+        schedule = getattr(self.args, "lr_schedule", None)
+        if planned is not None and self.args.epochs != planned and schedule in _SCHEDULES_WITH_HORIZON:
+            raise UserError(f"--epochs {self.args.epochs}: this run's {schedule} learning-rate schedule spans its {planned} "
+                            f"planned epochs; changing that would jump the learning rate back up mid-run. Start a new run "
+                            f"with --epochs {self.args.epochs} (or use a schedule without a horizon)")
+        if self.main_process:
+            write_json(self.dir / "config.json", self._pending_config)
+            for stale in self.dir.glob("*.tmp"):  # temporary files of a write that a kill interrupted
+                stale.unlink()
+            # metrics.json may lag last.* by one epoch if a kill fell between the two writes
+            write_json(self.dir / "metrics.json", {"epochs": self.history})
+        self.training_done = trained
+        print(f"resuming {self.dir} after epoch {self.epoch}" + (" (training finished: redoing the final report)" if trained else ""))
+
+    def _metrics_on_disk(self) -> dict:
+        path = self.dir / "metrics.json"
+        try:
+            return json.loads(path.read_text()) if path.is_file() else {}
+        except (json.JSONDecodeError, UnicodeDecodeError):
+            return {}  # rewritten from last.* below
+
+    # ---- the loop
+    def epochs(self, total: Optional[int] = None):
+        """The epochs still to train: run.epoch + 1 .. total (default --epochs); none once stopped early."""
+        total = self.args.epochs if total is None else total
+        for epoch in range(self.epoch + 1, total + 1):
+            if self.stopped_early:
+                return
+            yield epoch
+
+    def end_epoch(self, record: dict, score: Optional[float] = None, loss: Optional[float] = None,
+                  best_state: Optional[dict] = None) -> None:
+        """Record an epoch: best.* when `score` beats the best so far (or when there is no score: no validation
+        split, best follows the last epoch); early stopping on `loss` with --patience/--min-delta; then last.*
+        and metrics.json, in that order, each durable before the next."""
+        self.epoch = int(record["epoch"])
+        self.history.append(record)
+        if score is None or self.best["score"] is None or score > self.best["score"]:
+            self.best = {"epoch": self.epoch, "score": score}
+            if best_state is None:
+                best_state = {"model": self.objects["model"].state_dict()}
+            if self.main_process:
+                self._save(self.best_path, {**best_state, "epoch": self.epoch, "score": score})
+        patience = getattr(self.args, "patience", None)
+        if loss is not None:
+            if loss < self.best_loss - getattr(self.args, "min_delta", 0.0):
+                self.best_loss, self.bad_epochs = loss, 0
+            else:
+                self.bad_epochs += 1
+            self.stopped_early = patience is not None and self.bad_epochs >= patience
+        self.save_last()
+        _test_kill_point("checkpoint", self.epoch)
+        if self.main_process:
+            write_json(self.dir / "metrics.json", {"epochs": self.history})
+        if self.stopped_early:
+            print(f"early stopping: val loss has not improved for {patience} epochs")
+
+    def load_best(self, map_location="cpu") -> dict:
+        return self._load(self.best_path, map_location)
+
+    def tensorboard(self):
+        """A SummaryWriter on the run directory that drops events past the resumed epoch; closed by guard/finish."""
+        from torch.utils.tensorboard import SummaryWriter
+
+        if self._writer is None and self.main_process:
+            self._writer = SummaryWriter(str(self.dir), purge_step=self.epoch + 1)
+        return self._writer
+
+    @contextlib.contextmanager
+    def guard(self):
+        """Ctrl-C inside: last.* already holds the last finished epoch; print how to resume and exit 130."""
+        try:
+            yield
+        except KeyboardInterrupt:
+            if self._writer is not None:
+                self._writer.close()
+            if self.main_process:
+                print(f"\ninterrupted in epoch {self.epoch + 1}; {self.last_path.name} holds epoch {self.epoch}.\n"
+                      f"resume with: python {self.script}.py --resume {self.dir}", file=sys.stderr)
+            sys.exit(130)
+
+    def finish(self, final: dict, result: dict) -> None:
+        """The end of the final report: one line in OUT_DIR/results.jsonl (once per run directory), then metrics.json
+        with `final`, which marks the run finished. Killed before this, a resume redoes the report."""
+        if self._writer is not None:
+            self._writer.close()
+        if not self.main_process:
+            return
+        _test_kill_point("report")
+        append_result(self.args.out_dir, {"script": self.script, "run_dir": str(self.dir), "tag": self.args.tag,
+                                          "seed": self.args.seed, **result})
+        write_json(self.dir / "metrics.json", {"epochs": self.history, "final": final})
+
+
+def _test_kill_point(event: str, epoch: Optional[int] = None) -> None:
+    """Tests kill a run for real (SIGKILL) at a chosen point: RUN_TEST_KILL_AT=checkpoint:2 (right after last.*
+    of epoch 2 is written), report (inside the final report), or batch:N (see progress)."""
+    want = os.environ.get("RUN_TEST_KILL_AT")
+    if want and want == (event if epoch is None else f"{event}:{epoch}"):
+        import signal
+
+        os.kill(os.getpid(), signal.SIGKILL)
 
 
 # ----------------------------------------------------------------------------- plots (matplotlib, Agg)

@@ -14,7 +14,6 @@ training_curves.png, predictions.png, confusion_matrix.png and TensorBoard event
 from __future__ import annotations
 
 import math
-import sys
 import time
 from pathlib import Path
 from typing import Annotated, Optional
@@ -87,6 +86,64 @@ def train_epoch(model, batches, optimizer, lr_at, first_step: int, quiet: bool):
     return loss_sum.item() / n, correct.item() / n
 
 
+def check_options(args) -> None:
+    common.check(all(h >= 1 for h in args.hidden), f"--hidden {args.hidden}: every layer needs at least 1 unit")
+    common.check(0 <= args.dropout < 1, f"--dropout {args.dropout}: must be in [0, 1)")
+    common.check(args.optimizer in ("adam", "sgd"), f"--optimizer {args.optimizer}: use adam or sgd")
+    common.check(args.epochs >= 1, f"--epochs {args.epochs}: must be at least 1")
+    common.check(args.batch_size >= 1, f"--batch-size {args.batch_size}: must be at least 1")
+    common.check(args.lr > 0, f"--lr {args.lr}: must be positive")
+    common.check(args.lr_schedule in ("cosine", "none"), f"--lr-schedule {args.lr_schedule}: use cosine or none")
+    common.check(args.patience is None or args.patience >= 1, f"--patience {args.patience}: must be at least 1")
+
+
+def train(run, model, optimizer, batches, data, after_epoch=None) -> None:
+    """The epochs still to run: train, validate, then run.end_epoch (best.pt, early stopping, last.pt, metrics.json).
+    after_epoch(epoch, record) runs before the epoch is recorded (grad_collect.py collects gradients there)."""
+    args, writer = run.args, run.tensorboard()
+    total_steps = args.epochs * len(batches)
+
+    def lr_at(step: int) -> float:
+        return args.lr if args.lr_schedule == "none" else args.lr * 0.5 * (1 + math.cos(math.pi * step / total_steps))
+
+    with run.guard():
+        for epoch in run.epochs():
+            t0 = time.time()
+            train_loss, train_acc = train_epoch(model, batches, optimizer, lr_at, (epoch - 1) * len(batches), args.quiet)
+            val_loss, val_acc, _, _ = evaluate(model, data.val_x, data.val_y) if len(data.val_y) else (None, None, None, None)
+            record = {"epoch": epoch, "train_loss": train_loss, "train_acc": train_acc, "val_loss": val_loss,
+                      "val_acc": val_acc, "epoch_time_s": time.time() - t0}
+            if after_epoch is not None:
+                after_epoch(epoch, record)
+            for key in ("train_loss", "val_loss", "train_acc", "val_acc"):
+                if record[key] is not None:
+                    writer.add_scalar("{1}/{0}".format(*key.split("_")), record[key], epoch)
+            run.end_epoch(record, score=val_acc, loss=val_loss)
+            print(f"epoch {epoch:3d} | train loss {train_loss:.4f} acc {train_acc:.2%} | "
+                  + (f"val loss {val_loss:.4f} acc {val_acc:.2%} | " if val_acc is not None else "")
+                  + f"{record['epoch_time_s']:.1f}s" + (f" + gradients {record['collect_time_s']:.1f}s" if "collect_time_s" in record else ""))
+
+
+def report(run, model, data, device) -> dict:
+    """The final report: the best weights on the test set, metrics.json's final, TensorBoard's test point, plots."""
+    model.load_state_dict(run.load_best(device)["model"])
+    test_loss, test_acc, preds, _ = evaluate(model, data.test_x, data.test_y)
+    cm = common.confusion_matrix(data.test_y, preds, data.num_classes)
+    per_class = {str(d): float(cm[i, i] / max(cm[i].sum(), 1)) for i, d in enumerate(data.digits)}
+    final = {"test_loss": test_loss, "test_acc": test_acc, "per_class_acc": per_class, "best_epoch": run.best["epoch"],
+             "best_val_acc": run.best["score"], "epochs_run": run.epoch, "stopped_early": run.stopped_early,
+             "train_time_s": sum(h["epoch_time_s"] for h in run.history)}
+    writer = run.tensorboard()
+    writer.add_scalar("loss/test", test_loss, run.epoch)
+    writer.add_scalar("acc/test", test_acc, run.epoch)
+    digit_of = torch.tensor(data.digits)
+    common.plot_curves(run.history, run.dir / "training_curves.png")
+    common.plot_predictions(data.test_x[:32].cpu(), digit_of[data.test_y[:32].cpu()], digit_of[preds[:32].cpu()], run.dir / "predictions.png")
+    common.plot_confusion(cm, [str(d) for d in data.digits], run.dir / "confusion_matrix.png")
+    print(f"per-class test accuracy: " + " ".join(f"{d}:{a:.2%}" for d, a in per_class.items()))
+    return final
+
+
 @app.command()
 def main(
     ctx: typer.Context,
@@ -113,121 +170,29 @@ def main(
     quiet: common.Quiet = False,
 ):
     """Train an MLP on MNIST and report test accuracy with the best (by val accuracy) weights."""
-    args = common.args_from(locals())
-    if args.resume:
-        args, run_dir = common.resume_args(ctx, args)
-    common.check(all(h >= 1 for h in args.hidden), f"--hidden {args.hidden}: every layer needs at least 1 unit")
-    common.check(0 <= args.dropout < 1, f"--dropout {args.dropout}: must be in [0, 1)")
-    common.check(args.optimizer in ("adam", "sgd"), f"--optimizer {args.optimizer}: use adam or sgd")
-    common.check(args.epochs >= 1, f"--epochs {args.epochs}: must be at least 1")
-    common.check(args.batch_size >= 1, f"--batch-size {args.batch_size}: must be at least 1")
-    common.check(args.lr > 0, f"--lr {args.lr}: must be positive")
-    common.check(args.lr_schedule in ("cosine", "none"), f"--lr-schedule {args.lr_schedule}: use cosine or none")
-    common.check(args.patience is None or args.patience >= 1, f"--patience {args.patience}: must be at least 1")
+    run = common.Run(ctx, common.args_from(locals()), "train_mlp")
+    args = run.args
+    check_options(args)
     device = common.pick_device(args.device)
-    common.seed_everything(args.seed)
-
     data = common.load_mnist(args.data_dir, device, args.digits, args.val_fraction, args.limit, args.seed)
+    common.seed_everything(common.seed_for(args.seed, "init"))
     model = MLP(args.hidden, data.num_classes, args.dropout).to(device)
     opt = make_optimizer(model, args.optimizer, args.lr, args.weight_decay, args.momentum)
-    train_batches = common.Batches(data.train_x, data.train_y, args.batch_size, shuffle=True, seed=args.seed)
-    total_steps = args.epochs * len(train_batches)
-
-    def lr_at(step: int) -> float:
-        return args.lr if args.lr_schedule == "none" else args.lr * 0.5 * (1 + math.cos(math.pi * step / total_steps))
-
-    state = {"epoch": 0, "best_val_acc": -1.0, "best_val_loss": float("inf"), "bad_epochs": 0, "stopped_early": False}
-    history = []
-    if args.resume:
-        ckpt = common.load_checkpoint(run_dir / "last.pt", device)
-        model.load_state_dict(ckpt["model"])
-        opt.load_state_dict(ckpt["optimizer"])
-        train_batches.generator.set_state(ckpt["generator"])
-        common.set_rng_state(ckpt["rng"])
-        state = ckpt["state"]
-        history = common.read_json(run_dir / "metrics.json")["epochs"][: state["epoch"]]
-        common.check(not state["stopped_early"], f"--resume {run_dir}: that run stopped early at epoch {state['epoch']}; start a new run")
-        common.check(state["epoch"] < args.epochs, f"--resume {run_dir}: it has trained all {state['epoch']} epochs; "
-                     f"pass --epochs N with N > {state['epoch']} to train further")
-        print(f"resuming {run_dir} after epoch {state['epoch']}")
-    else:
-        run_dir = common.make_run_dir(args.out_dir, "train_mlp", args.tag)
+    batches = common.Batches(data.train_x, data.train_y, args.batch_size, shuffle=True, seed=common.seed_for(args.seed, "shuffle"))
     n_params = common.count_parameters(model)
-    common.save_config(run_dir, "train_mlp", args, device=str(device), n_parameters=n_params, **data.describe())
+    run.save_config(device=str(device), n_parameters=n_params, **data.describe())
     if not args.quiet:
         print(common.parameter_table(model))
     print(f"device {device} | train {len(data.train_y)} val {len(data.val_y)} test {len(data.test_y)} | "
-          f"digits {data.digits} | {n_params:,} parameters | run {run_dir}")
+          f"digits {data.digits} | {n_params:,} parameters | run {run.dir}")
+    run.restore(device, model=model, optimizer=opt, generator=batches.generator)
+    if run.epoch == 0:
+        common.plot_samples(data.train_x[:32].cpu(), [data.digits[y] for y in data.train_y[:32].tolist()], run.dir / "mnist_samples.png")
 
-    def checkpoint():
-        common.save_checkpoint(run_dir / "last.pt", {"model": model.state_dict(), "optimizer": opt.state_dict(),
-                                                     "generator": train_batches.generator.get_state(),
-                                                     "rng": common.rng_state(), "state": state})
-
-    if state["epoch"] == 0:
-        common.plot_samples(data.train_x[:32].cpu(), [data.digits[y] for y in data.train_y[:32].tolist()], run_dir / "mnist_samples.png")
-        checkpoint()  # so that Ctrl-C in the first epoch leaves a resumable run
-
-    from torch.utils.tensorboard import SummaryWriter
-
-    writer = SummaryWriter(str(run_dir), purge_step=state["epoch"] + 1)
-    start = time.time()
-    try:
-        for epoch in range(state["epoch"] + 1, args.epochs + 1):
-            t0 = time.time()
-            train_loss, train_acc = train_epoch(model, train_batches, opt, lr_at, (epoch - 1) * len(train_batches), args.quiet)
-            val_loss, val_acc, _, _ = evaluate(model, data.val_x, data.val_y)
-            record = {"epoch": epoch, "train_loss": train_loss, "train_acc": train_acc, "val_loss": val_loss,
-                      "val_acc": val_acc, "epoch_time_s": time.time() - t0}
-            history.append(record)
-            for key in ("train_loss", "val_loss", "train_acc", "val_acc"):
-                split, name = key.split("_")
-                writer.add_scalar(f"{name}/{split}", record[key], epoch)
-            state["epoch"] = epoch
-            if val_acc > state["best_val_acc"]:
-                state["best_val_acc"], state["best_epoch"] = val_acc, epoch
-                common.save_checkpoint(run_dir / "best.pt", {"model": model.state_dict(), "epoch": epoch, "val_acc": val_acc})
-            if val_loss < state["best_val_loss"] - args.min_delta:
-                state["best_val_loss"], state["bad_epochs"] = val_loss, 0
-            else:
-                state["bad_epochs"] += 1
-            state["stopped_early"] = args.patience is not None and state["bad_epochs"] >= args.patience
-            checkpoint()
-            common.write_json(run_dir / "metrics.json", {"epochs": history})
-            print(f"epoch {epoch:3d} | train loss {train_loss:.4f} acc {train_acc:.2%} | "
-                  f"val loss {val_loss:.4f} acc {val_acc:.2%} | {record['epoch_time_s']:.1f}s")
-            if state["stopped_early"]:
-                print(f"early stopping: val loss has not improved for {args.patience} epochs")
-                break
-    except KeyboardInterrupt:
-        writer.close()
-        print(f"\ninterrupted in epoch {state['epoch'] + 1}; last.pt holds epoch {state['epoch']}.\n"
-              f"resume with: python train_mlp.py --resume {run_dir}", file=sys.stderr)
-        sys.exit(130)
-    train_time = time.time() - start
-
-    # Final report on the test set, with the best weights.
-    model.load_state_dict(common.load_checkpoint(run_dir / "best.pt", device)["model"])
-    test_loss, test_acc, preds, _ = evaluate(model, data.test_x, data.test_y)
-    cm = common.confusion_matrix(data.test_y, preds, data.num_classes)
-    per_class = {str(d): float(cm[i, i] / max(cm[i].sum(), 1)) for i, d in enumerate(data.digits)}
-    final = {"test_loss": test_loss, "test_acc": test_acc, "per_class_acc": per_class, "best_epoch": state["best_epoch"],
-             "best_val_acc": state["best_val_acc"], "epochs_run": state["epoch"], "stopped_early": state["stopped_early"],
-             "train_time_s": train_time}
-    common.write_json(run_dir / "metrics.json", {"epochs": history, "final": final})
-    writer.add_scalar("loss/test", test_loss, state["epoch"])
-    writer.add_scalar("acc/test", test_acc, state["epoch"])
-    writer.close()
-
-    digit_of = torch.tensor(data.digits)
-    common.plot_curves(history, run_dir / "training_curves.png")
-    common.plot_predictions(data.test_x[:32].cpu(), digit_of[data.test_y[:32].cpu()], digit_of[preds[:32].cpu()], run_dir / "predictions.png")
-    common.plot_confusion(cm, [str(d) for d in data.digits], run_dir / "confusion_matrix.png")
-    common.append_result(args.out_dir, {"script": "train_mlp", "run_dir": str(run_dir), "tag": args.tag, "seed": args.seed,
-                                        "hidden": args.hidden, "digits": data.digits, "epochs": state["epoch"],
-                                        "test_acc": test_acc})
-    print(f"per-class test accuracy: " + " ".join(f"{d}:{a:.2%}" for d, a in per_class.items()))
-    print(f"run {run_dir} | test accuracy {test_acc:.2%} (best epoch {state['best_epoch']})")
+    train(run, model, opt, batches, data)
+    final = report(run, model, data, device)
+    run.finish(final, {"hidden": args.hidden, "digits": data.digits, "epochs": run.epoch, "test_acc": final["test_acc"]})
+    print(f"run {run.dir} | test accuracy {final['test_acc']:.2%} (best epoch {final['best_epoch']})")
 
 
 if __name__ == "__main__":

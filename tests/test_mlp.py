@@ -123,8 +123,8 @@ def test_ctrl_c_then_resume_matches_an_uninterrupted_run(tiny_mnist, tmp_path):
                             preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     deadline = time.time() + 120
     metrics_files = []
-    while time.time() < deadline and not metrics_files:
-        metrics_files = list((tmp_path / "b").glob("train_mlp/*/metrics.json"))
+    while time.time() < deadline and not metrics_files:  # metrics.json is written at epoch 0: wait for epoch 1
+        metrics_files = [p for p in (tmp_path / "b").glob("train_mlp/*/metrics.json") if '"epoch"' in p.read_text()]
         time.sleep(0.01)
     assert metrics_files, "the run never finished an epoch"
     proc.send_signal(signal.SIGINT)
@@ -132,7 +132,7 @@ def test_ctrl_c_then_resume_matches_an_uninterrupted_run(tiny_mnist, tmp_path):
     assert proc.returncode == 130, (proc.returncode, err)
     assert "Traceback" not in err and "--resume" in err
     run_dir = metrics_files[0].parent
-    stopped_at = common.load_checkpoint(run_dir / "last.pt")["state"]["epoch"]
+    stopped_at = common.load_checkpoint(run_dir / "last.pt")["run"]["epoch"]
     assert 1 <= stopped_at < 5
 
     resumed = run_cli("train_mlp.py", "--resume", run_dir, "--quiet", env=one_thread)
