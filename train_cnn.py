@@ -20,7 +20,6 @@ activations for one test image) and TensorBoard events. Classify your own images
 from __future__ import annotations
 
 import math
-import sys
 import time
 from pathlib import Path
 from typing import Annotated, Optional
@@ -72,18 +71,6 @@ def build_model(config: dict) -> CNN:
 
 
 # ----------------------------------------------------------------------------- speed: precision, memory layout, augmentation
-def pick_precision(name: str, device: torch.device) -> str:
-    """auto = bf16 autocast where the hardware runs it natively (CUDA with bf16, CPUs with AVX512-BF16/AMX), else fp32."""
-    common.check(name in ("auto", "fp32", "bf16"), f"--precision {name}: use auto, fp32 or bf16")
-    if name != "auto":
-        return name
-    if device.type == "cuda":
-        return "bf16" if torch.cuda.is_bf16_supported() else "fp32"
-    if device.type == "cpu":
-        return "bf16" if torch.ops.mkldnn._is_mkldnn_bf16_supported() else "fp32"
-    return "fp32"
-
-
 def autocast(device: torch.device, precision: str):
     return torch.autocast(device.type, dtype=torch.bfloat16, enabled=precision == "bf16")
 
@@ -237,7 +224,81 @@ def plot_feature_maps(image, maps, digit: int, path, max_channels: int = 16) -> 
     plt.close(fig)
 
 
-# ----------------------------------------------------------------------------- the command
+# ----------------------------------------------------------------------------- the loop, the report, the command
+def check_options(args) -> None:
+    common.check(args.arch in ARCHS, f"--arch {args.arch}: unknown architecture; use one of {', '.join(ARCHS)}")
+    common.check(args.optimizer in DEFAULT_LR, f"--optimizer {args.optimizer}: use adam, sgd or adadelta")
+    common.check(args.lr_schedule in ("none", "step", "cosine", "onecycle"),
+                 f"--lr-schedule {args.lr_schedule}: use none, step, cosine or onecycle")
+    common.check(args.epochs >= 1, f"--epochs {args.epochs}: must be at least 1")
+    common.check(args.batch_size >= 1, f"--batch-size {args.batch_size}: must be at least 1")
+    common.check(args.lr is None or args.lr > 0, f"--lr {args.lr}: must be positive")
+    common.check(0 < args.gamma <= 1, f"--gamma {args.gamma}: must be in (0, 1]")
+    common.check(0 <= args.momentum < 1, f"--momentum {args.momentum}: must be in [0, 1)")
+    common.check(args.weight_decay >= 0, f"--weight-decay {args.weight_decay}: must not be negative")
+    common.check(args.patience is None or args.patience >= 1, f"--patience {args.patience}: must be at least 1")
+
+
+def train(run, model, optimizer, batches, data, plain) -> None:
+    """The epochs still to run: train with the per-step schedule, validate, run.end_epoch (best/last/metrics)."""
+    args, writer = run.args, run.tensorboard()
+    total_steps = args.epochs * len(batches)
+
+    def lr_at(step: int):
+        return schedule(args.lr_schedule, step, total_steps, len(batches), args.lr, args.gamma)
+
+    with run.guard():
+        for epoch in run.epochs():
+            t0 = time.time()
+            train_loss, train_acc = train_epoch(model, batches, optimizer, lr_at, (epoch - 1) * len(batches), args.precision, args.quiet)
+            val_loss, val_acc = evaluate(model, data.val_x, data.val_y, plain, args.precision)[:2] if len(data.val_y) else (None, None)
+            record = {"epoch": epoch, "train_loss": train_loss, "train_acc": train_acc, "val_loss": val_loss,
+                      "val_acc": val_acc, "lr_end": lr_at(epoch * len(batches) - 1)[0], "epoch_time_s": time.time() - t0}
+            for key in ("train_loss", "val_loss", "train_acc", "val_acc"):
+                if record[key] is not None:
+                    writer.add_scalar("{1}/{0}".format(*key.split("_")), record[key], epoch)
+            writer.add_scalar("lr", record["lr_end"], epoch)
+            run.end_epoch(record, score=val_acc, loss=val_loss)
+            print(f"epoch {epoch:3d} | train loss {train_loss:.4f} acc {train_acc:.2%} | "
+                  + (f"val loss {val_loss:.4f} acc {val_acc:.2%} | " if val_acc is not None else "") + f"{record['epoch_time_s']:.1f}s")
+
+
+def report(run, model, data, plain, started: float) -> dict:
+    """Best weights on the test set (the timed part ends here), then metrics, TensorBoard and the plots."""
+    args = run.args
+    model.load_state_dict(run.load_best(data.test_y.device)["model"])
+    test_loss, test_acc, preds, probs = evaluate(model, data.test_x, data.test_y, plain, args.precision)
+    time_to_test = time.time() - started
+    cm = common.confusion_matrix(data.test_y, preds, data.num_classes)
+    per_class = {str(d): float(cm[i, i] / max(cm[i].sum(), 1)) for i, d in enumerate(data.digits)}
+    final = {"test_loss": test_loss, "test_acc": test_acc, "per_class_acc": per_class, "best_epoch": run.best["epoch"],
+             "best_val_acc": run.best["score"], "epochs_run": run.epoch, "stopped_early": run.stopped_early,
+             "train_time_s": sum(h["epoch_time_s"] for h in run.history), "time_to_test_acc_s": time_to_test}
+    writer = run.tensorboard()
+    writer.add_scalar("loss/test", test_loss, run.epoch)
+    writer.add_scalar("acc/test", test_acc, run.epoch)
+
+    digit_of = torch.tensor(data.digits)
+    test_x, test_y, preds, probs = data.test_x.cpu(), data.test_y.cpu(), preds.cpu(), probs.float().cpu()
+    # The plots come after the test accuracy is known: they are not part of the time to it.
+    common.plot_samples(data.train_x[:32].cpu(), [data.digits[y] for y in data.train_y[:32].tolist()], run.dir / "mnist_samples.png")
+    common.plot_curves(run.history, run.dir / "training_curves.png")
+    common.plot_predictions(test_x[:32], digit_of[test_y[:32]], digit_of[preds[:32]], run.dir / "predictions.png")
+    common.plot_confusion(cm, [str(d) for d in data.digits], run.dir / "confusion_matrix.png")
+    wrong = torch.nonzero(preds != test_y).squeeze(1)
+    confidence = probs.max(1).values
+    worst = wrong[confidence[wrong].argsort(descending=True)][:25]
+    plot_failures(test_x[worst], digit_of[test_y[worst]].tolist(), digit_of[preds[worst]].tolist(),
+                  confidence[worst].tolist(), run.dir / "failures.png")
+    model = model.float().to(memory_format=torch.contiguous_format)
+    plot_filters(model, run.dir / "filters.png")
+    maps = feature_maps(model, plain(data.test_x[:1]).float())
+    plot_feature_maps(test_x[0], maps, data.digits[int(test_y[0])], run.dir / "feature_maps.png")
+    print(f"per-class test accuracy: " + " ".join(f"{d}:{a:.2%}" for d, a in per_class.items()))
+    print(f"{len(wrong)} test mistakes; training {final['train_time_s']:.1f}s, start to test accuracy {time_to_test:.1f}s")
+    return final
+
+
 @app.command()
 def main(
     ctx: typer.Context,
@@ -248,7 +309,7 @@ def main(
     gamma: Annotated[float, typer.Option(help="Per-epoch lr factor of --lr-schedule step.")] = 0.7,
     momentum: Annotated[float, typer.Option(help="SGD momentum (onecycle cycles it, and Adam's beta1, 0.95-0.85).")] = 0.9,
     weight_decay: Annotated[float, typer.Option(help="L2 weight decay.")] = 0.0,
-    precision: Annotated[str, typer.Option(help="auto (bf16 autocast where the hardware supports it natively), fp32 or bf16.")] = "auto",
+    precision: Annotated[str, typer.Option(help="auto (bf16 autocast only where the hardware computes bf16 natively: CUDA with bf16, CPUs with AVX512_BF16 or AMX), fp32 or bf16.")] = "auto",
     patience: Annotated[Optional[int], typer.Option(help="Stop after this many epochs without val-loss improvement (off unless given).")] = None,
     min_delta: Annotated[float, typer.Option(help="Smallest val-loss decrease that counts as improvement.")] = 0.0,
     val_fraction: common.ValFraction = 0.1,
@@ -267,145 +328,34 @@ def main(
 ):
     """Train a CNN on MNIST and report test accuracy with the best (by val accuracy) weights."""
     started = time.time()
-    args = common.args_from(locals())
-    if args.resume:
-        args, run_dir = common.resume_args(ctx, args)
-    common.check(args.arch in ARCHS, f"--arch {args.arch}: unknown architecture; use one of {', '.join(ARCHS)}")
-    common.check(args.optimizer in DEFAULT_LR, f"--optimizer {args.optimizer}: use adam, sgd or adadelta")
-    common.check(args.lr_schedule in ("none", "step", "cosine", "onecycle"),
-                 f"--lr-schedule {args.lr_schedule}: use none, step, cosine or onecycle")
-    common.check(args.epochs >= 1, f"--epochs {args.epochs}: must be at least 1")
-    common.check(args.batch_size >= 1, f"--batch-size {args.batch_size}: must be at least 1")
-    common.check(args.lr is None or args.lr > 0, f"--lr {args.lr}: must be positive")
-    common.check(0 < args.gamma <= 1, f"--gamma {args.gamma}: must be in (0, 1]")
-    common.check(0 <= args.momentum < 1, f"--momentum {args.momentum}: must be in [0, 1)")
-    common.check(args.weight_decay >= 0, f"--weight-decay {args.weight_decay}: must not be negative")
-    common.check(args.patience is None or args.patience >= 1, f"--patience {args.patience}: must be at least 1")
+    run = common.Run(ctx, common.args_from(locals()), "train_cnn")
+    args = run.args
+    check_options(args)
     if args.lr is None:
         args.lr = DEFAULT_LR[args.optimizer]
     device = common.pick_device(args.device)
-    args.precision = pick_precision(args.precision, device)
-    common.seed_everything(args.seed)
-
+    args.precision, precision_reason = common.pick_precision(args.precision, device)
     data = common.load_mnist(args.data_dir, device, args.digits, args.val_fraction, args.limit, args.seed)
+    common.seed_everything(common.seed_for(args.seed, "init"))
     model = CNN(args.arch, data.num_classes).to(device, memory_format=memory_format(device))
     opt = make_optimizer(args.optimizer, model, args.lr, args.momentum, args.weight_decay)
     plain = make_transform(device, augmented=False)
-    train_batches = common.Batches(data.train_x, data.train_y, args.batch_size, shuffle=True, seed=args.seed,
-                                   transform=make_transform(device, args.augment))
-    total_steps = args.epochs * len(train_batches)
-
-    def lr_at(step: int):
-        return schedule(args.lr_schedule, step, total_steps, len(train_batches), args.lr, args.gamma)
-
-    state = {"epoch": 0, "best_val_acc": -1.0, "best_val_loss": float("inf"), "bad_epochs": 0, "stopped_early": False}
-    history = []
-    if args.resume:
-        ckpt = common.load_checkpoint(run_dir / "last.pt", device)
-        model.load_state_dict(ckpt["model"])
-        opt.load_state_dict(ckpt["optimizer"])
-        train_batches.generator.set_state(ckpt["generator"])
-        common.set_rng_state(ckpt["rng"])
-        state = ckpt["state"]
-        history = common.read_json(run_dir / "metrics.json")["epochs"][: state["epoch"]]
-        common.check(not state["stopped_early"], f"--resume {run_dir}: that run stopped early at epoch {state['epoch']}; start a new run")
-        common.check(state["epoch"] < args.epochs, f"--resume {run_dir}: it has trained all {state['epoch']} epochs; "
-                     f"pass --epochs N with N > {state['epoch']} to train further")
-        print(f"resuming {run_dir} after epoch {state['epoch']}")
-    else:
-        run_dir = common.make_run_dir(args.out_dir, "train_cnn", args.tag)
+    batches = common.Batches(data.train_x, data.train_y, args.batch_size, shuffle=True,
+                             seed=common.seed_for(args.seed, "shuffle"), transform=make_transform(device, args.augment))
     n_params = common.count_parameters(model)
-    common.save_config(run_dir, "train_cnn", args, device=str(device), n_parameters=n_params,
-                       threads=torch.get_num_threads(), **data.describe())
+    run.save_config(device=str(device), precision_reason=precision_reason, n_parameters=n_params,
+                    threads=torch.get_num_threads(), **data.describe())
     if not args.quiet:
         print(common.parameter_table(model))
-    print(f"device {device} ({args.precision}) | arch {args.arch} | train {len(data.train_y)} val {len(data.val_y)} "
-          f"test {len(data.test_y)} | digits {data.digits} | {n_params:,} parameters | run {run_dir}")
+    print(f"device {device} ({args.precision}: {precision_reason}) | arch {args.arch} | train {len(data.train_y)} "
+          f"val {len(data.val_y)} test {len(data.test_y)} | digits {data.digits} | {n_params:,} parameters | run {run.dir}")
+    run.restore(device, model=model, optimizer=opt, generator=batches.generator)
 
-    def checkpoint():
-        common.save_checkpoint(run_dir / "last.pt", {"model": model.state_dict(), "optimizer": opt.state_dict(),
-                                                     "generator": train_batches.generator.get_state(),
-                                                     "rng": common.rng_state(), "state": state})
-
-    if state["epoch"] == 0:
-        checkpoint()  # so that Ctrl-C in the first epoch leaves a resumable run
-
-    from torch.utils.tensorboard import SummaryWriter
-
-    writer = SummaryWriter(str(run_dir), purge_step=state["epoch"] + 1)
-    start = time.time()
-    try:
-        for epoch in range(state["epoch"] + 1, args.epochs + 1):
-            t0 = time.time()
-            train_loss, train_acc = train_epoch(model, train_batches, opt, lr_at, (epoch - 1) * len(train_batches),
-                                                args.precision, args.quiet)
-            val_loss, val_acc, _, _ = evaluate(model, data.val_x, data.val_y, plain, args.precision)
-            record = {"epoch": epoch, "train_loss": train_loss, "train_acc": train_acc, "val_loss": val_loss,
-                      "val_acc": val_acc, "lr_end": lr_at(epoch * len(train_batches) - 1)[0], "epoch_time_s": time.time() - t0}
-            history.append(record)
-            for key in ("train_loss", "val_loss", "train_acc", "val_acc"):
-                split, name = key.split("_")
-                writer.add_scalar(f"{name}/{split}", record[key], epoch)
-            writer.add_scalar("lr", record["lr_end"], epoch)
-            state["epoch"] = epoch
-            if val_acc > state["best_val_acc"]:
-                state["best_val_acc"], state["best_epoch"] = val_acc, epoch
-                common.save_checkpoint(run_dir / "best.pt", {"model": model.state_dict(), "epoch": epoch, "val_acc": val_acc})
-            if val_loss < state["best_val_loss"] - args.min_delta:
-                state["best_val_loss"], state["bad_epochs"] = val_loss, 0
-            else:
-                state["bad_epochs"] += 1
-            state["stopped_early"] = args.patience is not None and state["bad_epochs"] >= args.patience
-            checkpoint()
-            common.write_json(run_dir / "metrics.json", {"epochs": history})
-            print(f"epoch {epoch:3d} | train loss {train_loss:.4f} acc {train_acc:.2%} | "
-                  f"val loss {val_loss:.4f} acc {val_acc:.2%} | {record['epoch_time_s']:.1f}s")
-            if state["stopped_early"]:
-                print(f"early stopping: val loss has not improved for {args.patience} epochs")
-                break
-    except KeyboardInterrupt:
-        writer.close()
-        print(f"\ninterrupted in epoch {state['epoch'] + 1}; last.pt holds epoch {state['epoch']}.\n"
-              f"resume with: python train_cnn.py --resume {run_dir}", file=sys.stderr)
-        sys.exit(130)
-    train_time = time.time() - start
-
-    # Final report on the test set, with the best weights.
-    model.load_state_dict(common.load_checkpoint(run_dir / "best.pt", device)["model"])
-    test_loss, test_acc, preds, probs = evaluate(model, data.test_x, data.test_y, plain, args.precision)
-    test_done = time.time()
-    cm = common.confusion_matrix(data.test_y, preds, data.num_classes)
-    per_class = {str(d): float(cm[i, i] / max(cm[i].sum(), 1)) for i, d in enumerate(data.digits)}
-    final = {"test_loss": test_loss, "test_acc": test_acc, "per_class_acc": per_class, "best_epoch": state["best_epoch"],
-             "best_val_acc": state["best_val_acc"], "epochs_run": state["epoch"], "stopped_early": state["stopped_early"],
-             "train_time_s": train_time, "time_to_test_acc_s": test_done - started}
-    common.write_json(run_dir / "metrics.json", {"epochs": history, "final": final})
-    writer.add_scalar("loss/test", test_loss, state["epoch"])
-    writer.add_scalar("acc/test", test_acc, state["epoch"])
-    writer.close()
-
-    digit_of = torch.tensor(data.digits)
-    test_x, test_y, preds, probs = data.test_x.cpu(), data.test_y.cpu(), preds.cpu(), probs.float().cpu()
-    # The plots come after the test accuracy is known: they are not part of the time to it.
-    common.plot_samples(data.train_x[:32].cpu(), [data.digits[y] for y in data.train_y[:32].tolist()], run_dir / "mnist_samples.png")
-    common.plot_curves(history, run_dir / "training_curves.png")
-    common.plot_predictions(test_x[:32], digit_of[test_y[:32]], digit_of[preds[:32]], run_dir / "predictions.png")
-    common.plot_confusion(cm, [str(d) for d in data.digits], run_dir / "confusion_matrix.png")
-    wrong = torch.nonzero(preds != test_y).squeeze(1)
-    confidence = probs.max(1).values
-    worst = wrong[confidence[wrong].argsort(descending=True)][:25]
-    plot_failures(test_x[worst], digit_of[test_y[worst]].tolist(), digit_of[preds[worst]].tolist(),
-                  confidence[worst].tolist(), run_dir / "failures.png")
-    model = model.float().to(memory_format=torch.contiguous_format)
-    plot_filters(model, run_dir / "filters.png")
-    maps = feature_maps(model, plain(data.test_x[:1]).float())
-    plot_feature_maps(test_x[0], maps, data.digits[int(test_y[0])], run_dir / "feature_maps.png")
-    common.append_result(args.out_dir, {"script": "train_cnn", "run_dir": str(run_dir), "tag": args.tag, "seed": args.seed,
-                                        "arch": args.arch, "digits": data.digits, "epochs": state["epoch"],
-                                        "test_acc": test_acc, "time_to_test_acc_s": final["time_to_test_acc_s"]})
-    print(f"per-class test accuracy: " + " ".join(f"{d}:{a:.2%}" for d, a in per_class.items()))
-    print(f"{len(wrong)} test mistakes; training {train_time:.1f}s, start to test accuracy {final['time_to_test_acc_s']:.1f}s")
-    print(f"run {run_dir} | test accuracy {test_acc:.2%} (best epoch {state['best_epoch']})")
+    train(run, model, opt, batches, data, plain)
+    final = report(run, model, data, plain, started)
+    run.finish(final, {"arch": args.arch, "digits": data.digits, "epochs": run.epoch, "test_acc": final["test_acc"],
+                       "time_to_test_acc_s": final["time_to_test_acc_s"]})
+    print(f"run {run.dir} | test accuracy {final['test_acc']:.2%} (best epoch {final['best_epoch']})")
 
 
 if __name__ == "__main__":

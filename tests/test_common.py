@@ -107,7 +107,8 @@ def test_device_choice():
 def test_resume_keeps_the_runs_data_dir_over_DATA_DIR(tiny_mnist, tmp_path):
     """make test exports DATA_DIR; a resumed run must still read the data it was started on."""
     from conftest import run_cli
-    proc = run_cli("train_mlp.py", "--data-dir", tiny_mnist, "--out-dir", tmp_path, "--epochs", 1, "--hidden", 16, "--quiet")
+    proc = run_cli("train_mlp.py", "--data-dir", tiny_mnist, "--out-dir", tmp_path, "--epochs", 1, "--hidden", 16,
+                   "--lr-schedule", "none", "--quiet")
     assert proc.returncode == 0, proc.stderr
     (run_dir,) = (tmp_path / "train_mlp").iterdir()
     resumed = run_cli("train_mlp.py", "--resume", run_dir, "--epochs", 2, "--quiet", env={"DATA_DIR": str(tmp_path / "elsewhere")})
