@@ -272,6 +272,74 @@ def write_report(path, history, config: dict, table: str, title: str) -> None:
             plt.close(fig)
 
 
+# ----------------------------------------------------------------------------- the loop, the report, the command
+def check_options(args) -> None:
+    common.check(args.model in MODELS, f"--model {args.model}: unknown model; use glonet, mlp or resmlp")
+    common.check(args.layers >= 1, f"--layers {args.layers}: must be at least 1 (1 is a linear model)")
+    common.check(args.features >= 1, f"--features {args.features}: every hidden layer needs at least 1 unit")
+    common.check(args.activation in ACTIVATIONS, f"--activation {args.activation}: use relu or leaky")
+    common.check(args.init in INITS, f"--init {args.init}: use {', '.join(INITS)}")
+    common.check(args.optimizer in ("adam", "sgd"), f"--optimizer {args.optimizer}: use adam or sgd")
+    common.check(0 <= args.momentum < 1, f"--momentum {args.momentum}: must be in [0, 1)")
+    common.check(args.epochs >= 1, f"--epochs {args.epochs}: must be at least 1")
+    common.check(args.batch_size >= 1, f"--batch-size {args.batch_size}: must be at least 1")
+    common.check(args.lr > 0, f"--lr {args.lr}: must be positive")
+
+
+def train(run, net, opt, batches, data) -> None:
+    """The epochs still to run: train, evaluate val and test (with layer usage) every epoch, run.end_epoch.
+    A NaN/inf training loss stops the run with exit 1; last.pt keeps the last finite epoch."""
+    writer = run.tensorboard()
+    with run.guard():
+        for epoch in run.epochs():
+            t0 = time.time()
+            train_loss, train_acc = train_epoch(net, batches, opt, run.args.quiet)
+            train_time = time.time() - t0
+            if not math.isfinite(train_loss):
+                writer.close()
+                print(f"error: training diverged: the training loss became {train_loss} in epoch {epoch}; last.pt in "
+                      f"{run.dir} holds epoch {run.epoch}; start a new run with a smaller --lr", file=sys.stderr)
+                sys.exit(1)
+            val = evaluate(net, data.val_x, data.val_y) if len(data.val_y) else {"loss": None, "acc": None}
+            test = evaluate(net, data.test_x, data.test_y, usage=True)
+            record = {"epoch": epoch, "train_loss": train_loss, "train_acc": train_acc, "val_loss": val["loss"],
+                      "val_acc": val["acc"], "test_loss": test["loss"], "test_acc": test["acc"],
+                      "output_l1": test["output_l1"], "output_spread": test["output_spread"], "weight_l1": test["weight_l1"],
+                      **({"prefix_acc": test["prefix_acc"]} if "prefix_acc" in test else {}),
+                      "train_time_s": train_time, "epoch_time_s": time.time() - t0}
+            for split in ("train", "val", "test"):
+                if record[f"{split}_acc"] is not None:
+                    writer.add_scalar(f"loss/{split}", record[f"{split}_loss"], epoch)
+                    writer.add_scalar(f"acc/{split}", record[f"{split}_acc"], epoch)
+            for i, v in enumerate(record["output_l1"]):
+                writer.add_scalar(f"output_l1/layer{i + 1:03d}", v, epoch)
+            run.end_epoch(record, score=val["acc"])
+            summary = usage_summary(record)
+            print(f"epoch {epoch:3d} | train loss {train_loss:.4f} acc {train_acc:.2%} | "
+                  + (f"val acc {val['acc']:.2%} | " if val["acc"] is not None else "")
+                  + f"test loss {test['loss']:.4f} acc {test['acc']:.2%} | "
+                  + (f"90% of output L1 in layers 1-{summary['layers_for_90pct_l1']} | " if summary else "")
+                  + f"{train_time:.1f}s train, {record['epoch_time_s']:.1f}s total")
+
+
+def report(run, config: dict, table: str, title: str) -> dict:
+    """The last epoch's test accuracy is the headline (fixed epochs, as the source); the figures and the PDF."""
+    history, last = run.history, run.history[-1]
+    summary = usage_summary(last)
+    final = {"test_loss": last["test_loss"], "test_acc": last["test_acc"], "best_epoch": run.best["epoch"],
+             "best_val_acc": run.best["score"], "test_acc_at_best_val": history[run.best["epoch"] - 1]["test_acc"],
+             "epochs_run": run.epoch, "train_time_s": sum(h["epoch_time_s"] for h in history),
+             "mean_epoch_time_s": sum(h["epoch_time_s"] for h in history) / len(history), **summary}
+    plt = common.pyplot()
+    for name, fig in (("training_metrics.png", figure_metrics(history, title)), ("layer_usage.png", figure_usage(history, title))):
+        fig.savefig(run.dir / name, dpi=100)
+        plt.close(fig)
+    write_report(run.dir / "training_report.pdf", history, config, table, title)
+    if summary:
+        print("layer usage (last epoch): " + ", ".join(f"{k} {v}" for k, v in summary.items()))
+    return final
+
+
 @app.command()
 def main(
     ctx: typer.Context,
@@ -297,131 +365,35 @@ def main(
     quiet: common.Quiet = False,
 ):
     """Train a GloNet, MLP or residual MLP of a given depth on MNIST; test accuracy and layer usage every epoch."""
-    args = common.args_from(locals())
-    if args.resume:
-        args, run_dir = common.resume_args(ctx, args)
-    common.check(args.model in MODELS, f"--model {args.model}: unknown model; use glonet, mlp or resmlp")
-    common.check(args.layers >= 1, f"--layers {args.layers}: must be at least 1 (1 is a linear model)")
-    common.check(args.features >= 1, f"--features {args.features}: every hidden layer needs at least 1 unit")
-    common.check(args.activation in ACTIVATIONS, f"--activation {args.activation}: use relu or leaky")
-    common.check(args.init in INITS, f"--init {args.init}: use default or kaiming")
-    common.check(args.optimizer in ("adam", "sgd"), f"--optimizer {args.optimizer}: use adam or sgd")
-    common.check(0 <= args.momentum < 1, f"--momentum {args.momentum}: must be in [0, 1)")
-    common.check(args.epochs >= 1, f"--epochs {args.epochs}: must be at least 1")
-    common.check(args.batch_size >= 1, f"--batch-size {args.batch_size}: must be at least 1")
-    common.check(args.lr > 0, f"--lr {args.lr}: must be positive")
+    run = common.Run(ctx, common.args_from(locals()), "train_glonet")
+    args = run.args
+    check_options(args)
     device = common.pick_device(args.device)
-    common.seed_everything(args.seed)
-
     data = common.load_mnist(args.data_dir, device, args.digits, args.val_fraction, args.limit, args.seed)
+    common.seed_everything(common.seed_for(args.seed, "init"))
     net = DepthNet(args.model, args.layers, args.features, data.num_classes, args.activation, args.init).to(device)
     if args.optimizer == "adam":
         opt = torch.optim.Adam(net.parameters(), lr=args.lr, fused=device.type in ("cpu", "cuda"))  # one kernel, ~15% faster
     else:
         opt = torch.optim.SGD(net.parameters(), lr=args.lr, momentum=args.momentum)
-    train_batches = common.Batches(data.train_x, data.train_y, args.batch_size, shuffle=True, seed=args.seed)
-
-    state = {"epoch": 0, "best_val_acc": -1.0, "best_epoch": 0}
-    history = []
-    if args.resume:
-        ckpt = common.load_checkpoint(run_dir / "last.pt", device)
-        net.load_state_dict(ckpt["model"])
-        opt.load_state_dict(ckpt["optimizer"])
-        train_batches.generator.set_state(ckpt["generator"])
-        common.set_rng_state(ckpt["rng"])
-        state = ckpt["state"]
-        history = common.read_json(run_dir / "metrics.json")["epochs"][: state["epoch"]] if state["epoch"] else []
-        common.check(state["epoch"] < args.epochs, f"--resume {run_dir}: it has trained all {state['epoch']} epochs; "
-                     f"pass --epochs N with N > {state['epoch']} to train further")
-        print(f"resuming {run_dir} after epoch {state['epoch']}")
-    else:
-        run_dir = common.make_run_dir(args.out_dir, "train_glonet", args.tag)
+    batches = common.Batches(data.train_x, data.train_y, args.batch_size, shuffle=True, seed=common.seed_for(args.seed, "shuffle"))
     n_params = common.count_parameters(net)
-    config = common.save_config(run_dir, "train_glonet", args, device=str(device), n_parameters=n_params,
-                                n_hidden=len(net.hidden), **data.describe())
+    config = run.save_config(device=str(device), n_parameters=n_params, n_hidden=len(net.hidden), **data.describe())
     table = common.parameter_table(net)
     if not args.quiet and args.layers <= 12:
         print(table)
     print(f"{args.model} depth {args.layers} ({len(net.hidden)} hidden x {args.features}) | device {device} | "
-          f"train {len(data.train_y)} val {len(data.val_y)} test {len(data.test_y)} | {n_params:,} parameters | run {run_dir}")
+          f"train {len(data.train_y)} val {len(data.val_y)} test {len(data.test_y)} | {n_params:,} parameters | run {run.dir}")
+    run.restore(device, model=net, optimizer=opt, generator=batches.generator)
 
-    def checkpoint():
-        common.save_checkpoint(run_dir / "last.pt", {"model": net.state_dict(), "optimizer": opt.state_dict(),
-                                                     "generator": train_batches.generator.get_state(),
-                                                     "rng": common.rng_state(), "state": state})
-
-    if state["epoch"] == 0:
-        checkpoint()  # so that Ctrl-C in the first epoch leaves a resumable run
-
-    from torch.utils.tensorboard import SummaryWriter
-
-    writer = SummaryWriter(str(run_dir), purge_step=state["epoch"] + 1)
+    train(run, net, opt, batches, data)
     title = f"{args.model}, depth {args.layers}, width {args.features}, {args.activation}, {args.init} init, " \
             f"{args.optimizer} lr {args.lr}"
-    start = time.time()
-    try:
-        for epoch in range(state["epoch"] + 1, args.epochs + 1):
-            t0 = time.time()
-            train_loss, train_acc = train_epoch(net, train_batches, opt, args.quiet)
-            train_time = time.time() - t0
-            if not math.isfinite(train_loss):
-                writer.close()
-                print(f"error: training diverged: the training loss became {train_loss} in epoch {epoch}; "
-                      f"last.pt in {run_dir} holds epoch {state['epoch']}; start a new run with a smaller --lr",
-                      file=sys.stderr)
-                sys.exit(1)
-            val = evaluate(net, data.val_x, data.val_y)
-            test = evaluate(net, data.test_x, data.test_y, usage=True)
-            record = {"epoch": epoch, "train_loss": train_loss, "train_acc": train_acc, "val_loss": val["loss"],
-                      "val_acc": val["acc"], "test_loss": test["loss"], "test_acc": test["acc"],
-                      "output_l1": test["output_l1"], "output_spread": test["output_spread"], "weight_l1": test["weight_l1"],
-                      **({"prefix_acc": test["prefix_acc"]} if "prefix_acc" in test else {}),
-                      "train_time_s": train_time, "epoch_time_s": time.time() - t0}
-            history.append(record)
-            for split in ("train", "val", "test"):
-                writer.add_scalar(f"loss/{split}", record[f"{split}_loss"], epoch)
-                writer.add_scalar(f"acc/{split}", record[f"{split}_acc"], epoch)
-            for i, v in enumerate(record["output_l1"]):
-                writer.add_scalar(f"output_l1/layer{i + 1:03d}", v, epoch)
-            state["epoch"] = epoch
-            if val["acc"] > state["best_val_acc"]:
-                state["best_val_acc"], state["best_epoch"] = val["acc"], epoch
-                common.save_checkpoint(run_dir / "best.pt", {"model": net.state_dict(), "epoch": epoch, "val_acc": val["acc"]})
-            checkpoint()
-            common.write_json(run_dir / "metrics.json", {"epochs": history})
-            summary = usage_summary(record)
-            print(f"epoch {epoch:3d} | train loss {train_loss:.4f} acc {train_acc:.2%} | val acc {val['acc']:.2%} | "
-                  f"test loss {test['loss']:.4f} acc {test['acc']:.2%} | "
-                  + (f"90% of output L1 in layers 1-{summary['layers_for_90pct_l1']} | " if summary else "")
-                  + f"{train_time:.1f}s train, {record['epoch_time_s']:.1f}s total")
-    except KeyboardInterrupt:
-        writer.close()
-        print(f"\ninterrupted in epoch {state['epoch'] + 1}; last.pt holds epoch {state['epoch']}.\n"
-              f"resume with: python train_glonet.py --resume {run_dir}", file=sys.stderr)
-        sys.exit(130)
-
-    last = history[-1]
-    summary = usage_summary(last)
-    final = {"test_loss": last["test_loss"], "test_acc": last["test_acc"], "best_epoch": state["best_epoch"],
-             "best_val_acc": state["best_val_acc"], "test_acc_at_best_val": history[state["best_epoch"] - 1]["test_acc"],
-             "epochs_run": state["epoch"], "train_time_s": time.time() - start,
-             "mean_epoch_time_s": sum(h["epoch_time_s"] for h in history) / len(history), **summary}
-    common.write_json(run_dir / "metrics.json", {"epochs": history, "final": final})
-    writer.close()
-
-    plt = common.pyplot()
-    for name, fig in (("training_metrics.png", figure_metrics(history, title)), ("layer_usage.png", figure_usage(history, title))):
-        fig.savefig(run_dir / name, dpi=100)
-        plt.close(fig)
-    write_report(run_dir / "training_report.pdf", history, config, table, title)
-    common.append_result(args.out_dir, {"script": "train_glonet", "run_dir": str(run_dir), "tag": args.tag,
-                                        "model": args.model, "layers": args.layers, "features": args.features,
-                                        "activation": args.activation, "init": args.init, "optimizer": args.optimizer,
-                                        "lr": args.lr, "seed": args.seed, "epochs": state["epoch"],
-                                        "test_acc": last["test_acc"], **summary})
-    if summary:
-        print("layer usage (last epoch): " + ", ".join(f"{k} {v}" for k, v in summary.items()))
-    print(f"run {run_dir} | test accuracy {last['test_acc']:.2%} after {state['epoch']} epochs "
+    final = report(run, config, table, title)
+    run.finish(final, {"model": args.model, "layers": args.layers, "features": args.features, "activation": args.activation,
+                       "init": args.init, "optimizer": args.optimizer, "lr": args.lr, "epochs": run.epoch,
+                       "test_acc": final["test_acc"], **usage_summary(run.history[-1])})
+    print(f"run {run.dir} | test accuracy {final['test_acc']:.2%} after {run.epoch} epochs "
           f"({args.model}, depth {args.layers})")
 
 
