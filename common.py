@@ -257,20 +257,21 @@ def progress(iterable, quiet: bool = False, **kwargs):
     from tqdm import tqdm
 
     bar = tqdm(iterable, disable=quiet or not sys.stderr.isatty(), leave=False, dynamic_ncols=True, **kwargs)
-    if kwargs.get("desc") == "train" and os.environ.get("RUN_TEST_KILL_AT", "").startswith("batch:"):
-        return _count_batches(bar)
+    event = "batch" if kwargs.get("desc") == "train" else kwargs.get("desc")
+    if event and os.environ.get("RUN_TEST_KILL_AT", "").startswith(event + ":"):
+        return _count_batches(bar, event)
     return bar
 
 
-_batches_seen = 0
+_batches_seen: dict = {}
 
 
-def _count_batches(iterable):
-    """Training batches counted over the whole process, for RUN_TEST_KILL_AT=batch:N (a kill mid-epoch)."""
-    global _batches_seen
+def _count_batches(iterable, event: str):
+    """Batches counted over the whole process, for RUN_TEST_KILL_AT=batch:N (the N-th training batch: a kill
+    mid-epoch) or DESC:N (the N-th step of another progress bar, e.g. gradients:N in grad_collect.py)."""
     for item in iterable:
-        _batches_seen += 1
-        _test_kill_point("batch", _batches_seen)
+        _batches_seen[event] = _batches_seen.get(event, 0) + 1
+        _test_kill_point(event, _batches_seen[event])
         yield item
 
 
@@ -743,8 +744,9 @@ class Run:
 
 
 def _test_kill_point(event: str, epoch: Optional[int] = None) -> None:
-    """Tests kill a run for real (SIGKILL) at a chosen point: RUN_TEST_KILL_AT=checkpoint:2 (right after last.*
-    of epoch 2 is written), report (inside the final report), or batch:N (see progress)."""
+    """Tests kill a run for real (SIGKILL) at a chosen point: RUN_TEST_KILL_AT=config (config.json written, no
+    checkpoint yet), checkpoint:2 (right after last.* of epoch 2 is written), report (inside the final report, before
+    results.jsonl and metrics.json's final), or batch:N / gradients:N (see progress)."""
     want = os.environ.get("RUN_TEST_KILL_AT")
     if want and want == (event if epoch is None else f"{event}:{epoch}"):
         import signal
@@ -764,21 +766,35 @@ def pyplot():
 
 
 def plot_image_grid(images, titles, path, colors=None, suptitle=None, cols=8) -> None:
-    """Grayscale images [N,H,W] (uint8 or float) in a grid, each with a title (colored if given)."""
+    """Grayscale images [N,H,W] (uint8 or float) in a grid, each with a title (colored if given). Drawn as one
+    mosaic in one axes (a figure of 32 small axes takes seconds to lay out); each tile is scaled to its own
+    min..max, as imshow does for a single image."""
     plt = pyplot()
-    images = images.detach().cpu().numpy() if isinstance(images, torch.Tensor) else np.asarray(images)
+    images = images.detach().float().cpu().numpy() if isinstance(images, torch.Tensor) else np.asarray(images, dtype=np.float32)
     n = len(images)
     cols = min(cols, max(n, 1))
     rows = max(1, math.ceil(n / cols))
-    fig, axes = plt.subplots(rows, cols, figsize=(1.5 * cols, 1.7 * rows), squeeze=False)
-    for i, ax in enumerate(axes.flat):
-        ax.axis("off")
-        if i < n:
-            ax.imshow(images[i], cmap="gray")
-            ax.set_title(titles[i], fontsize=8, color="black" if colors is None else colors[i])
+    h, w = images.shape[1:3] if n else (28, 28)
+    lines = max([str(t).count("\n") + 1 for t in titles] or [1])
+    pad_x, pad_top = max(1, round(0.15 * w)), round(0.3 * h * lines)
+    cell_h, cell_w = h + pad_top, w + pad_x
+    mosaic = np.full((rows * cell_h, cols * cell_w), np.nan, dtype=np.float32)
+    for i, img in enumerate(images):
+        lo, hi = float(img.min()), float(img.max())
+        r, c = divmod(i, cols)
+        top, left = r * cell_h + pad_top, c * cell_w
+        mosaic[top:top + h, left:left + w] = (img - lo) / (hi - lo) if hi > lo else 0.0
+    fig, ax = plt.subplots(figsize=(1.5 * cols, 1.5 * cols * mosaic.shape[0] / mosaic.shape[1] + (0.4 if suptitle else 0)))
+    cmap = plt.get_cmap("gray").with_extremes(bad="white")
+    ax.imshow(mosaic, cmap=cmap, vmin=0, vmax=1, interpolation="nearest")
+    for i, title in enumerate(titles[:n]):
+        r, c = divmod(i, cols)
+        ax.text(c * cell_w + w / 2, r * cell_h + pad_top - 0.5, title, ha="center", va="bottom", fontsize=8,
+                color="black" if colors is None else colors[i])
+    ax.axis("off")
     if suptitle:
         fig.suptitle(suptitle)
-    fig.tight_layout()
+    fig.subplots_adjust(left=0.01, right=0.99, bottom=0.01, top=0.99 if not suptitle else 1 - 0.5 / fig.get_figheight())
     fig.savefig(path, dpi=100)
     plt.close(fig)
 

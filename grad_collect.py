@@ -18,6 +18,7 @@ Expect about 98% test accuracy (measured 98.22%) and 556 MB of gradients per epo
 on the plain last-layer gradients finds gradient size, not digits (measured ARI 0.000, NMI 0.016: norms span ten
 orders of magnitude); on their directions (--analyze RUN --normalize) it finds the digits (ARI 0.998, NMI 0.997).
 Writes runs/grad_collect/<timestamp>[-tag]/: config.json, metrics.json, best.pt, last.pt, training_curves.png,
+predictions.png, confusion_matrix.png,
 gradients/epoch_<n>/{<array>.npy, norms.npy, metadata.json, stats.json}, analysis.json,
 tsne_<array>_epoch_<n>.png, grad_norms_epoch_<n>.png and TensorBoard events.
 """
@@ -27,7 +28,6 @@ from __future__ import annotations
 import math
 import os
 import shutil
-import sys
 import time
 from pathlib import Path
 from typing import Annotated, Optional
@@ -39,7 +39,8 @@ import torch.nn.functional as F
 import typer
 
 import common
-from train_mlp import MLP, evaluate, make_optimizer, train_epoch
+import train_mlp
+from train_mlp import MLP, evaluate, make_optimizer, report, train
 
 app = typer.Typer(add_completion=False, pretty_exceptions_enable=False, help=__doc__.split("\n")[0])
 
@@ -567,193 +568,126 @@ def main(
 ):
     """Train the MLP (or load a run) and collect, store and analyze per-sample gradients of every training sample."""
     args = common.args_from(locals())
+    check_analysis_options(args)
+    if args.analyze:
+        run_dir = Path(args.analyze)
+        common.check(run_dir.is_dir(), f"--analyze {run_dir}: no such run directory")
+        h = analyze_run(run_dir, args, common.pick_device(args.device))["headline"]
+        print(f"run {run_dir} | {h['array']} gradient clusters (epoch {h['epoch']}): ARI {h['ari']:.3f} NMI {h['nmi']:.3f} purity {h['purity']:.3f}")
+        return
+    common.check(not (args.resume and args.from_run), "--resume and --from-run do not go together")
+    run = common.Run(ctx, args, "grad_collect", changeable=("epochs", "device", "quiet", "data_dir") + ANALYSIS_OPTIONS)
+    args = run.args
+    if args.from_run:
+        take_model_and_split_of(args)
+    check_options(args)
+    device = common.pick_device(args.device)
+    data = common.load_mnist(args.data_dir, device, args.digits, args.val_fraction, args.limit, args.seed)
+    common.seed_everything(common.seed_for(args.seed, "init"))
+    model = MLP(args.hidden, data.num_classes, args.dropout).to(device)  # as train_mlp.py: the same seed, the same run
+    plan = plan_arrays(model, chosen_params(model, args.params), args.project_dim, args.project_scope)
+    factors = projection_factors(model, args.project_dim, args.project_seed, device) if args.project_dim else None
+    itemsize, n_names = np.dtype(args.dtype).itemsize, len(param_names(model))
+    samples = (f"the training split: the {len(data.train_y):,} training samples left after taking the validation split "
+               f"(val_fraction {args.val_fraction}, seed {args.seed}) from MNIST's 60,000 training images"
+               f" filtered to digits {data.digits}" + (f" and limited to the first {args.limit}" if args.limit else ""))
+    collect_epoch = lambda epoch: write_epoch(model, data, run.dir, epoch, plan, args, factors, samples)  # noqa: E731
+
+    if args.from_run:  # ---- gradients of an existing run's best weights
+        check_size(len(data.train_y), plan, itemsize, n_names, 1, args.max_gb, args.out_dir)
+        ckpt = common.load_checkpoint(Path(args.from_run) / "best.pt", device)
+        try:
+            model.load_state_dict(ckpt["model"])
+        except RuntimeError as e:
+            raise common.UserError(f"--from-run {args.from_run}: best.pt does not fit its config ({str(e).splitlines()[0]})") from None
+        run.save_config(device=str(device), n_parameters=common.count_parameters(model), arrays=plan,
+                        source_checkpoint=str(Path(args.from_run) / "best.pt"), **data.describe())
+        print(f"device {device} | {len(data.train_y):,} training samples | digits {data.digits} | "
+              f"{args.from_run}/best.pt (epoch {ckpt['epoch']}) | run {run.dir}")
+        collect_epoch(ckpt["epoch"])
+        test_loss, test_acc, _, _ = evaluate(model, data.test_x, data.test_y)
+        return finish(run, {"test_loss": test_loss, "test_acc": test_acc, "epoch": ckpt["epoch"]}, data, device)
+
+    # ---- train with train_mlp.py's loop, collecting after each epoch (before last.pt records it)
+    opt = make_optimizer(model, args.optimizer, args.lr, args.weight_decay, args.momentum)
+    batches = common.Batches(data.train_x, data.train_y, args.batch_size, shuffle=True, seed=common.seed_for(args.seed, "shuffle"))
+    if not run.resumed:
+        check_size(len(data.train_y), plan, itemsize, n_names, args.epochs if args.every_epoch else 1, args.max_gb, args.out_dir)
+    n_params = common.count_parameters(model)
+    run.save_config(device=str(device), n_parameters=n_params, arrays=plan, **data.describe())
+    if not args.quiet:
+        print(common.parameter_table(model))
+    print(f"device {device} | train {len(data.train_y)} val {len(data.val_y)} test {len(data.test_y)} | digits {data.digits} | "
+          f"{n_params:,} parameters | gradients {', '.join(a['name'] + ':' + a['kind'] for a in plan)} "
+          f"{estimate_bytes(len(data.train_y), plan, itemsize, n_names) / 1e6:,.1f} MB per epoch | run {run.dir}")
+    run.restore(device, model=model, optimizer=opt, generator=batches.generator)
+    if run.resumed:
+        check_size(len(data.train_y), plan, itemsize, n_names, (args.epochs - run.epoch) if args.every_epoch else 1, args.max_gb, args.out_dir)
+
+    def after_epoch(epoch, record):
+        if args.every_epoch:
+            record["collect_time_s"] = collect_epoch(epoch)["collect_seconds"]
+
+    train(run, model, opt, batches, data, after_epoch)
+    if not (run.dir / "gradients" / f"epoch_{run.epoch}").is_dir():  # --no-every-epoch: the last epoch's weights
+        run.history[-1]["collect_time_s"] = collect_epoch(run.epoch)["collect_seconds"]
+    final = report(run, model, data, device)
+    finish(run, final, data, device)
+
+
+def check_analysis_options(args) -> None:
     common.check(args.clusters is None or args.clusters >= 2, f"--clusters {args.clusters}: need at least 2")
     common.check(args.kmeans_init >= 1, f"--kmeans-init {args.kmeans_init}: must be at least 1")
     common.check(args.tsne_samples >= 10, f"--tsne-samples {args.tsne_samples}: need at least 10")
     common.check(args.perplexity > 0, f"--perplexity {args.perplexity}: must be positive")
     common.check(args.tsne_epochs in ("last", "all"), f"--tsne-epochs {args.tsne_epochs}: use last or all")
     common.check(args.analysis_dim >= 2, f"--analysis-dim {args.analysis_dim}: must be at least 2")
-    if args.analyze:
-        run_dir = Path(args.analyze)
-        common.check(run_dir.is_dir(), f"--analyze {run_dir}: no such run directory")
-        result = analyze_run(run_dir, args, common.pick_device(args.device))
-        h = result["headline"]
-        print(f"run {run_dir} | {h['array']} gradient clusters (epoch {h['epoch']}): ARI {h['ari']:.3f} NMI {h['nmi']:.3f} purity {h['purity']:.3f}")
-        return
 
-    if args.resume:
-        common.check(args.from_run is None, "--resume and --from-run do not go together")
-        args, run_dir = common.resume_args(ctx, args, changeable=("epochs", "device", "quiet", "data_dir") + ANALYSIS_OPTIONS)
-    if args.from_run:
-        src = Path(args.from_run)
-        common.check(src.is_dir(), f"--from-run {src}: no such run directory")
-        cfg = common.read_json(src / "config.json")
-        common.check(cfg.get("script") in ("train_mlp", "grad_collect"), f"--from-run {src}: not a train_mlp run (its config names {cfg.get('script')!r})")
-        for key in ("hidden", "dropout", "digits", "val_fraction", "limit", "seed"):  # the run's model and exact data split
-            setattr(args, key, cfg[key])
-        args.every_epoch = False
-    common.check(all(h >= 1 for h in args.hidden), f"--hidden {args.hidden}: every layer needs at least 1 unit")
-    common.check(0 <= args.dropout < 1, f"--dropout {args.dropout}: must be in [0, 1)")
-    common.check(args.optimizer in ("adam", "sgd"), f"--optimizer {args.optimizer}: use adam or sgd")
-    common.check(args.epochs >= 1, f"--epochs {args.epochs}: must be at least 1")
-    common.check(args.batch_size >= 1, f"--batch-size {args.batch_size}: must be at least 1")
-    common.check(args.lr > 0, f"--lr {args.lr}: must be positive")
-    common.check(args.lr_schedule in ("cosine", "none"), f"--lr-schedule {args.lr_schedule}: use cosine or none")
-    common.check(args.patience is None or args.patience >= 1, f"--patience {args.patience}: must be at least 1")
+
+def check_options(args) -> None:
+    train_mlp.check_options(args)
     common.check(args.dtype in ("float32", "float16"), f"--dtype {args.dtype}: use float32 or float16")
     common.check(args.project_dim is None or args.project_dim >= 1, f"--project-dim {args.project_dim}: must be at least 1")
     common.check(args.project_scope in ("whole", "param"), f"--project-scope {args.project_scope}: use whole or param")
     common.check(args.max_gb > 0, f"--max-gb {args.max_gb}: must be positive")
     common.check(args.collect_batch_size >= 1, f"--collect-batch-size {args.collect_batch_size}: must be at least 1")
-    if args.project_seed is None:
-        args.project_seed = args.seed
-    device = common.pick_device(args.device)
-    common.seed_everything(args.seed)
+    if args.project_seed is None:  # its own stream: changing the projection never changes the split, init or order
+        args.project_seed = common.seed_for(args.seed, "projection")
 
-    data = common.load_mnist(args.data_dir, device, args.digits, args.val_fraction, args.limit, args.seed)
-    model = MLP(args.hidden, data.num_classes, args.dropout).to(device)  # as train_mlp.py, so the same seed gives the same run
+
+def take_model_and_split_of(args) -> None:
+    """--from-run: the source run's model and exact data split; one collection, of its best.pt."""
+    src = Path(args.from_run)
+    common.check(src.is_dir(), f"--from-run {src}: no such run directory")
+    common.check((src / "config.json").is_file(), f"--from-run {src}: it has no config.json; is this a train_mlp run directory?")
+    cfg = common.read_json(src / "config.json")
+    common.check(cfg.get("script") in ("train_mlp", "grad_collect"), f"--from-run {src}: not a train_mlp run (its config names {cfg.get('script')!r})")
+    for key in ("hidden", "dropout", "digits", "val_fraction", "limit", "seed"):
+        setattr(args, key, cfg[key])
+    args.every_epoch = False
+
+
+def chosen_params(model, params: Optional[str]) -> list[str]:
     names = param_names(model)
-    if args.params:
-        chosen = [p.strip() for p in args.params.split(",") if p.strip()]
-        unknown = [p for p in chosen if p not in names]
-        common.check(not unknown and chosen, f"--params {args.params}: unknown parameter(s) {unknown}; this model has {','.join(names)}")
-        chosen = [n for n in names if n in chosen]
-    else:
-        chosen = names
-    plan = plan_arrays(model, chosen, args.project_dim, args.project_scope)
-    factors = projection_factors(model, args.project_dim, args.project_seed, device) if args.project_dim else None
-    samples = (f"the training split: the {len(data.train_y):,} training samples left after taking the validation split "
-               f"(val_fraction {args.val_fraction}, seed {args.seed}) from MNIST's 60,000 training images"
-               f" filtered to digits {data.digits}" + (f" and limited to the first {args.limit}" if args.limit else ""))
-    itemsize = np.dtype(args.dtype).itemsize
-
-    # ---- gradients of an existing run's best weights
-    if args.from_run:
-        check_size(len(data.train_y), plan, itemsize, len(names), 1, args.max_gb, args.out_dir)
-        ckpt = common.load_checkpoint(Path(args.from_run) / "best.pt", device)
-        try:
-            model.load_state_dict(ckpt["model"])
-        except RuntimeError as e:
-            raise common.UserError(f"--from-run {args.from_run}: best.pt does not fit its config ({str(e).splitlines()[0]})") from None
-        run_dir = common.make_run_dir(args.out_dir, "grad_collect", args.tag)
-        common.save_config(run_dir, "grad_collect", args, device=str(device), n_parameters=common.count_parameters(model),
-                           arrays=plan, source_checkpoint=str(Path(args.from_run) / "best.pt"), **data.describe())
-        print(f"device {device} | {len(data.train_y):,} training samples | digits {data.digits} | "
-              f"{args.from_run}/best.pt (epoch {ckpt['epoch']}) | run {run_dir}")
-        write_epoch(model, data, run_dir, ckpt["epoch"], plan, args, factors, samples)
-        test_loss, test_acc, _, _ = evaluate(model, data.test_x, data.test_y)
-        common.write_json(run_dir / "metrics.json", {"final": {"test_loss": test_loss, "test_acc": test_acc, "epoch": ckpt["epoch"]}})
-        finish(run_dir, args, device, test_acc, data)
-        return
-
-    # ---- train as train_mlp.py does, collecting after each epoch
-    opt = make_optimizer(model, args.optimizer, args.lr, args.weight_decay, args.momentum)
-    train_batches = common.Batches(data.train_x, data.train_y, args.batch_size, shuffle=True, seed=args.seed)
-    total_steps = args.epochs * len(train_batches)
-
-    def lr_at(step: int) -> float:
-        return args.lr if args.lr_schedule == "none" else args.lr * 0.5 * (1 + math.cos(math.pi * step / total_steps))
-
-    state = {"epoch": 0, "best_val_acc": -1.0, "best_val_loss": float("inf"), "bad_epochs": 0, "stopped_early": False}
-    history = []
-    if args.resume:
-        ckpt = common.load_checkpoint(run_dir / "last.pt", device)
-        model.load_state_dict(ckpt["model"])
-        opt.load_state_dict(ckpt["optimizer"])
-        train_batches.generator.set_state(ckpt["generator"])
-        common.set_rng_state(ckpt["rng"])
-        state = ckpt["state"]
-        history = common.read_json(run_dir / "metrics.json")["epochs"][: state["epoch"]] if state["epoch"] else []
-        common.check(not state["stopped_early"], f"--resume {run_dir}: that run stopped early at epoch {state['epoch']}; start a new run")
-        common.check(state["epoch"] < args.epochs, f"--resume {run_dir}: it has trained all {state['epoch']} epochs; "
-                     f"pass --epochs N with N > {state['epoch']} to train further")
-        print(f"resuming {run_dir} after epoch {state['epoch']}")
-    collections = (args.epochs - state["epoch"]) if args.every_epoch else 1
-    check_size(len(data.train_y), plan, itemsize, len(names), collections, args.max_gb, args.out_dir)
-    if not args.resume:
-        run_dir = common.make_run_dir(args.out_dir, "grad_collect", args.tag)
-    n_params = common.count_parameters(model)
-    common.save_config(run_dir, "grad_collect", args, device=str(device), n_parameters=n_params, arrays=plan, **data.describe())
-    if not args.quiet:
-        print(common.parameter_table(model))
-    per_epoch = estimate_bytes(len(data.train_y), plan, itemsize, len(names))
-    print(f"device {device} | train {len(data.train_y)} val {len(data.val_y)} test {len(data.test_y)} | digits {data.digits} | "
-          f"{n_params:,} parameters | gradients {', '.join(a['name'] + ':' + a['kind'] for a in plan)} "
-          f"{per_epoch / 1e6:,.1f} MB per epoch | run {run_dir}")
-
-    def checkpoint():
-        common.save_checkpoint(run_dir / "last.pt", {"model": model.state_dict(), "optimizer": opt.state_dict(),
-                                                     "generator": train_batches.generator.get_state(),
-                                                     "rng": common.rng_state(), "state": state})
-
-    if state["epoch"] == 0:
-        checkpoint()
-    elif args.every_epoch and not (run_dir / "gradients" / f"epoch_{state['epoch']}").is_dir():
-        write_epoch(model, data, run_dir, state["epoch"], plan, args, factors, samples)  # interrupted while collecting
-
-    from torch.utils.tensorboard import SummaryWriter
-
-    writer = SummaryWriter(str(run_dir), purge_step=state["epoch"] + 1)
-    start = time.time()
-    try:
-        for epoch in range(state["epoch"] + 1, args.epochs + 1):
-            t0 = time.time()
-            train_loss, train_acc = train_epoch(model, train_batches, opt, lr_at, (epoch - 1) * len(train_batches), args.quiet)
-            val_loss, val_acc, _, _ = evaluate(model, data.val_x, data.val_y)
-            record = {"epoch": epoch, "train_loss": train_loss, "train_acc": train_acc, "val_loss": val_loss,
-                      "val_acc": val_acc, "epoch_time_s": time.time() - t0}
-            for key in ("train_loss", "val_loss", "train_acc", "val_acc"):
-                split, name = key.split("_")
-                writer.add_scalar(f"{name}/{split}", record[key], epoch)
-            state["epoch"] = epoch
-            if val_acc > state["best_val_acc"]:
-                state["best_val_acc"], state["best_epoch"] = val_acc, epoch
-                common.save_checkpoint(run_dir / "best.pt", {"model": model.state_dict(), "epoch": epoch, "val_acc": val_acc})
-            if val_loss < state["best_val_loss"] - args.min_delta:
-                state["best_val_loss"], state["bad_epochs"] = val_loss, 0
-            else:
-                state["bad_epochs"] += 1
-            state["stopped_early"] = args.patience is not None and state["bad_epochs"] >= args.patience
-            checkpoint()
-            last = epoch == args.epochs or state["stopped_early"]
-            if args.every_epoch or last:
-                meta = write_epoch(model, data, run_dir, epoch, plan, args, factors, samples)
-                record["collect_time_s"] = meta["collect_seconds"]
-            history.append(record)
-            common.write_json(run_dir / "metrics.json", {"epochs": history})
-            print(f"epoch {epoch:3d} | train loss {train_loss:.4f} acc {train_acc:.2%} | val loss {val_loss:.4f} acc {val_acc:.2%} | "
-                  f"{record['epoch_time_s']:.1f}s" + (f" + gradients {record['collect_time_s']:.1f}s" if "collect_time_s" in record else ""))
-            if state["stopped_early"]:
-                print(f"early stopping: val loss has not improved for {args.patience} epochs")
-                break
-    except KeyboardInterrupt:
-        writer.close()
-        print(f"\ninterrupted in epoch {state['epoch'] + 1}; last.pt holds epoch {state['epoch']}.\n"
-              f"resume with: python grad_collect.py --resume {run_dir}", file=sys.stderr)
-        sys.exit(130)
-    train_time = time.time() - start
-
-    model.load_state_dict(common.load_checkpoint(run_dir / "best.pt", device)["model"])
-    test_loss, test_acc, _, _ = evaluate(model, data.test_x, data.test_y)
-    final = {"test_loss": test_loss, "test_acc": test_acc, "best_epoch": state["best_epoch"], "best_val_acc": state["best_val_acc"],
-             "epochs_run": state["epoch"], "stopped_early": state["stopped_early"], "train_and_collect_time_s": train_time}
-    common.write_json(run_dir / "metrics.json", {"epochs": history, "final": final})
-    writer.add_scalar("acc/test", test_acc, state["epoch"])
-    writer.close()
-    common.plot_curves(history, run_dir / "training_curves.png")
-    finish(run_dir, args, device, test_acc, data)
+    if not params:
+        return names
+    chosen = [p.strip() for p in params.split(",") if p.strip()]
+    unknown = [p for p in chosen if p not in names]
+    common.check(not unknown and chosen, f"--params {params}: unknown parameter(s) {unknown}; this model has {','.join(names)}")
+    return [n for n in names if n in chosen]
 
 
-def finish(run_dir: Path, args, device, test_acc: float, data) -> None:
-    """Analysis (unless --no-analysis), results.jsonl and the closing line."""
-    record = {"script": "grad_collect", "run_dir": str(run_dir), "tag": args.tag, "seed": args.seed, "hidden": args.hidden,
-              "digits": data.digits, "test_acc": test_acc}
-    line = f"run {run_dir} | test accuracy {test_acc:.2%}"
+def finish(run, final: dict, data, device) -> None:
+    """Analysis (unless --no-analysis), then run.finish (metrics.json final, results.jsonl) and the closing line.
+    Killed during the analysis, --resume redoes it."""
+    args = run.args
+    record = {"hidden": args.hidden, "digits": data.digits, "test_acc": final["test_acc"]}
+    line = f"run {run.dir} | test accuracy {final['test_acc']:.2%}"
     if args.analysis:
-        h = analyze_run(run_dir, args, device)["headline"]
+        h = analyze_run(run.dir, args, device)["headline"]
         record.update({"grad_array": h["array"], "grad_epoch": h["epoch"], "grad_ari": h["ari"], "grad_nmi": h["nmi"], "grad_purity": h["purity"]})
         line += f" | {h['array']} gradient clusters (epoch {h['epoch']}): ARI {h['ari']:.3f} NMI {h['nmi']:.3f} purity {h['purity']:.3f}"
-    common.append_result(args.out_dir, record)
+    run.finish(final, record)
     print(line)
 
 

@@ -79,7 +79,7 @@ def test_cli_run_writes_every_output(two_epoch_run):
     metrics = json.loads((run_dir / "metrics.json").read_text())
     assert [e["epoch"] for e in metrics["epochs"]] == [1, 2]
     assert set(metrics["final"]["per_class_acc"]) == {str(d) for d in range(10)}
-    assert metrics["final"]["test_acc"] > 0.3  # 10 synthetic classes: chance is 0.1
+    assert metrics["final"]["test_acc"] >= 0.6  # chance is 0.1; measured 76.5-79.5% for seeds 0-2
     config = json.loads((run_dir / "config.json").read_text())
     assert config["arch"] == "small" and config["augment"] and config["lr"] == 0.01 and config["n_parameters"] == PARAMETERS["small"]
     last_line = proc.stdout.strip().splitlines()[-1]

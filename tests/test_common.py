@@ -93,10 +93,15 @@ def test_run_dirs_are_unique_and_results_append(tmp_path):
         common.make_run_dir(tmp_path, "script", "bad/tag")
 
 
+@pytest.mark.parametrize("cuda, mps, want", [(True, True, "cuda"), (False, True, "mps"), (False, False, "cpu")])
+def test_auto_device_prefers_cuda_then_mps_then_cpu(monkeypatch, cuda, mps, want):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: cuda)
+    monkeypatch.setattr(torch.backends.mps, "is_available", lambda: mps)
+    assert common.pick_device("auto").type == want
+
+
 def test_device_choice():
     assert common.pick_device("cpu").type == "cpu"
-    has_mps = torch.backends.mps.is_available()
-    assert common.pick_device("auto").type == ("cuda" if torch.cuda.is_available() else "mps" if has_mps else "cpu")
     if not torch.cuda.is_available():
         with pytest.raises(common.UserError, match="CUDA"):
             common.pick_device("cuda")

@@ -1,4 +1,4 @@
-"""train_mlp.py: the production source's sanity checks, an end-to-end CLI run, digit subsets,
+"""train_mlp.py (its sanity checks are in test_sanity.py): an end-to-end CLI run, digit subsets,
 Ctrl-C + resume giving the same result as an uninterrupted run, and bad input."""
 
 import json
@@ -10,7 +10,6 @@ import time
 
 import pytest
 import torch
-import torch.nn.functional as F
 
 import common
 import train_mlp
@@ -18,51 +17,6 @@ from conftest import OFFLINE_ENV, ROOT, assert_user_error, run_cli
 
 RUN_FILES = ["config.json", "metrics.json", "best.pt", "last.pt", "mnist_samples.png", "training_curves.png",
              "predictions.png", "confusion_matrix.png"]
-
-
-def make_model_and_optimizer(seed=0, lr=1e-3):
-    torch.manual_seed(seed)
-    model = train_mlp.MLP([512], 10)
-    return model, torch.optim.Adam(model.parameters(), lr=lr)
-
-
-# ----------------------------------------------------------------------------- sanity checks (real MNIST)
-def test_overfits_128_samples(real_mnist):
-    data = common.load_mnist(real_mnist, "cpu", limit=200, seed=0)
-    x, y = data.train_x[:128], data.train_y[:128]
-    model, opt = make_model_and_optimizer()
-    batches = common.Batches(x, y, 32, shuffle=True, seed=0)
-    for epoch in range(50):
-        _, train_acc = train_mlp.train_epoch(model, batches, opt, lambda step: 1e-3, 0, quiet=True)
-        if train_acc >= 0.99:
-            break
-    _, acc, _, _ = train_mlp.evaluate(model, x, y)
-    assert acc >= 0.99, f"train accuracy {acc:.3f} after {epoch + 1} epochs"
-
-
-def test_random_labels_are_memorized_not_learned(real_mnist):
-    data = common.load_mnist(real_mnist, "cpu", limit=3000, val_fraction=0.3, seed=0)
-    shuffled = data.train_y[torch.randperm(len(data.train_y), generator=torch.Generator().manual_seed(0))]
-    model, opt = make_model_and_optimizer()
-    batches = common.Batches(data.train_x, shuffled, 64, shuffle=True, seed=0)
-    losses = [train_mlp.train_epoch(model, batches, opt, lambda step: 1e-3, 0, quiet=True)[0] for _ in range(15)]
-    _, held_out_acc, _, _ = train_mlp.evaluate(model, data.val_x, data.val_y)
-    assert losses[-1] < 0.8 * losses[0], losses  # it fits the noise...
-    assert held_out_acc <= 0.20, held_out_acc  # ...and learns nothing that carries over
-
-
-def test_single_batch_loss_goes_below_005(real_mnist):
-    data = common.load_mnist(real_mnist, "cpu", limit=100, seed=0)
-    x, y = common.normalize(data.train_x[:64]), data.train_y[:64]
-    model, opt = make_model_and_optimizer()
-    for _ in range(200):
-        loss = F.cross_entropy(model(x), y)
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-        if loss.item() < 0.05:
-            break
-    assert loss.item() < 0.05
 
 
 # ----------------------------------------------------------------------------- the CLI, end to end

@@ -1,0 +1,115 @@
+"""Runs killed for real (SIGKILL) at every kind of moment, then resumed, end exactly where an uninterrupted run
+with the same seed ends, and leave no truncated or unreadable file behind.
+
+One run directory per script is killed four times in a row (RUN_TEST_KILL_AT, see common._test_kill_point):
+right after config.json (before any checkpoint), mid-epoch 1 (batch 3), right after last.pt of epoch 1, and inside
+the final report; each kill is followed by `--resume RUN_DIR`, and the last resume finishes the run.
+grad_collect is also killed mid-way through writing an epoch's gradients."""
+
+import json
+import math
+import os
+
+import pytest
+import torch
+
+from conftest import run_cli
+
+ONE_THREAD = {"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
+KILLS = ["config", "batch:3", "checkpoint:1", "report"]
+SCRIPTS = {  # tiny runs: 540 training samples, batches of 90 -> 6 steps an epoch, 2 epochs
+    "train_mlp": ["--hidden", 16, "--batch-size", 90],
+    "train_cnn": ["--batch-size", 90],  # the default one-cycle schedule and precision
+    "train_glonet": ["--layers", 3, "--features", 16, "--batch-size", 90, "--lr", 3e-3],
+    "grad_collect": ["--hidden", 16, "--batch-size", 90, "--project-dim", 8, "--project-scope", "param",
+                     "--tsne-samples", 40, "--perplexity", 5],
+}
+EXTRA_KILLS = {"grad_collect": ["gradients:1"]}  # inside the first epoch's gradient collection
+
+
+def timeless(obj):
+    """Drop wall-clock fields (anything named *time*/*seconds*) recursively."""
+    if isinstance(obj, dict):
+        return {k: timeless(v) for k, v in obj.items() if "time" not in k and "seconds" not in k}
+    if isinstance(obj, list):
+        return [timeless(v) for v in obj]
+    return obj
+
+
+def assert_close(a, b, path="metrics"):
+    if isinstance(a, dict):
+        assert set(a) == set(b), (path, sorted(set(a) ^ set(b)))
+        for k in a:
+            assert_close(a[k], b[k], f"{path}.{k}")
+    elif isinstance(a, list):
+        assert len(a) == len(b), path
+        for i, (x, y) in enumerate(zip(a, b)):
+            assert_close(x, y, f"{path}[{i}]")
+    elif isinstance(a, float) and isinstance(b, (int, float)):
+        assert math.isclose(a, b, rel_tol=1e-6, abs_tol=1e-6), (path, a, b)
+    else:
+        assert a == b, (path, a, b)
+
+
+def assert_every_file_readable(run_dir):
+    leftovers = [p.name for p in run_dir.rglob("*") if p.name.endswith(".tmp") or p.name.endswith(".partial")]
+    assert not leftovers, leftovers
+    for p in run_dir.rglob("*.json"):
+        json.loads(p.read_text())
+    for p in run_dir.glob("*.pt"):
+        torch.load(p, weights_only=True)
+
+
+@pytest.mark.parametrize("script", list(SCRIPTS))
+def test_killed_at_every_moment_then_resumed_ends_like_an_uninterrupted_run(script, tiny_mnist, tmp_path):
+    args = ["--data-dir", tiny_mnist, "--epochs", 2, "--quiet", *SCRIPTS[script]]
+    straight = run_cli(f"{script}.py", *args, "--out-dir", tmp_path / "straight", env=ONE_THREAD)
+    assert straight.returncode == 0, straight.stderr
+    (straight_dir,) = (tmp_path / "straight" / script).iterdir()
+
+    out = tmp_path / "killed"
+    kills = KILLS[:1] + EXTRA_KILLS.get(script, []) + KILLS[1:]
+    run_dir = None
+    for i, kill in enumerate(kills + [None]):
+        cmd = args + ["--out-dir", out] if run_dir is None else ["--resume", run_dir, "--data-dir", tiny_mnist, "--quiet"]
+        env = {**ONE_THREAD, **({"RUN_TEST_KILL_AT": kill} if kill else {})}
+        proc = run_cli(f"{script}.py", *cmd, env=env)
+        if kill is None:
+            assert proc.returncode == 0, proc.stderr
+        else:
+            assert proc.returncode == -9, (kill, proc.returncode, proc.stderr[-2000:])
+        if run_dir is None:
+            (run_dir,) = (out / script).iterdir()
+        assert_every_file_readable(run_dir) if kill is None else None
+        if kill == "config":
+            assert not (run_dir / "last.pt").exists() and (run_dir / "config.json").is_file()
+
+    a = json.loads((straight_dir / "metrics.json").read_text())
+    b = json.loads((run_dir / "metrics.json").read_text())
+    assert [e["epoch"] for e in b["epochs"]] == [1, 2] and "final" in b
+    assert_close(timeless(b), timeless(a))
+    results = [json.loads(line) for line in (out / "results.jsonl").read_text().splitlines()]
+    assert [r["run_dir"] for r in results] == [str(run_dir)]  # the report killed once still adds one line
+    config = json.loads((run_dir / "config.json").read_text())
+    assert len(config["resumes"]) == len(kills)
+    if script == "grad_collect":  # the gradients written after the kills equal the straight run's
+        import numpy as np
+        for epoch in (1, 2):
+            for name in ("net.1.weight", "norms"):
+                x = np.load(straight_dir / "gradients" / f"epoch_{epoch}" / f"{name}.npy")
+                y = np.load(run_dir / "gradients" / f"epoch_{epoch}" / f"{name}.npy")
+                np.testing.assert_allclose(y, x, rtol=1e-6, atol=1e-7)
+
+
+def test_a_run_dir_with_only_config_json_restarts_in_place(tiny_mnist, tmp_path):
+    """The bare minimum a kill can leave: config.json; the resume says so and trains from epoch 1 there."""
+    proc = run_cli("train_mlp.py", "--data-dir", tiny_mnist, "--out-dir", tmp_path, "--epochs", 1, "--hidden", 8,
+                   "--quiet", env={**ONE_THREAD, "RUN_TEST_KILL_AT": "config"})
+    assert proc.returncode == -9
+    (run_dir,) = (tmp_path / "train_mlp").iterdir()
+    assert sorted(p.name for p in run_dir.iterdir()) == ["config.json"]
+    resumed = run_cli("train_mlp.py", "--resume", run_dir, "--data-dir", tiny_mnist, "--quiet", env=ONE_THREAD)
+    assert resumed.returncode == 0, resumed.stderr
+    assert "starting from epoch 1" in resumed.stdout
+    assert json.loads((run_dir / "metrics.json").read_text())["epochs"][0]["epoch"] == 1
+    assert list(tmp_path.glob("train_mlp/*")) == [run_dir]
