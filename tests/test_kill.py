@@ -113,3 +113,24 @@ def test_a_run_dir_with_only_config_json_restarts_in_place(tiny_mnist, tmp_path)
     assert "starting from epoch 1" in resumed.stdout
     assert json.loads((run_dir / "metrics.json").read_text())["epochs"][0]["epoch"] == 1
     assert list(tmp_path.glob("train_mlp/*")) == [run_dir]
+
+
+def test_training_longer_on_a_schedule_with_a_horizon_is_refused_and_changes_nothing(tiny_mnist, tmp_path):
+    """Resuming a finished cosine run with more --epochs would restart the decay mid-run: one line, exit 2,
+    config.json untouched; on a constant schedule it trains on and records the change beside the original."""
+    from conftest import assert_user_error
+    base = ["--data-dir", tiny_mnist, "--epochs", 1, "--hidden", 8, "--quiet"]
+    for schedule in ("cosine", "none"):
+        proc = run_cli("train_mlp.py", *base, "--lr-schedule", schedule, "--out-dir", tmp_path / schedule, env=ONE_THREAD)
+        assert proc.returncode == 0, proc.stderr
+        (run_dir,) = (tmp_path / schedule / "train_mlp").iterdir()
+        before = (run_dir / "config.json").read_text()
+        resumed = run_cli("train_mlp.py", "--resume", run_dir, "--epochs", 2, "--data-dir", tiny_mnist, "--quiet", env=ONE_THREAD)
+        config = json.loads((run_dir / "config.json").read_text())
+        if schedule == "cosine":
+            assert_user_error(resumed, "--epochs 2", "cosine", "new run")
+            assert (run_dir / "config.json").read_text() == before
+        else:
+            assert resumed.returncode == 0, resumed.stderr
+            assert config["epochs"] == 1 and config["resumes"][-1]["changed"]["epochs"] == [1, 2]
+            assert len(json.loads((run_dir / "metrics.json").read_text())["epochs"]) == 2
