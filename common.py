@@ -66,7 +66,7 @@ Seed = Annotated[int, typer.Option(help="Seed of the run; the split, shuffling a
 Device = Annotated[str, typer.Option(help="auto (CUDA, then MPS, then CPU), cpu, cuda or mps.")]
 Digits = Annotated[Optional[str], typer.Option(help="Train on these digits only, e.g. 0,1; labels become 0..k-1.")]
 Limit = Annotated[Optional[int], typer.Option(help="Use only the first N training samples (quick runs).")]
-ValFraction = Annotated[float, typer.Option(help="Share of the training set held out for validation.")]
+ValFraction = Annotated[float, typer.Option(help="Share of the training set held out for validation (0: none; best.pt is then the last epoch).")]
 Resume = Annotated[Optional[Path], typer.Option(help="Continue the run in this directory from its last.pt.")]
 Tag = Annotated[Optional[str], typer.Option(help="Suffix for the run directory name.")]
 Quiet = Annotated[bool, typer.Option(help="No progress bars or tables, only the summary lines.")]
@@ -197,10 +197,10 @@ def load_mnist(data_dir, device, digits: Optional[str] = None, val_fraction: flo
                limit: Optional[int] = None, seed: int = 0) -> MNIST:
     """Load MNIST onto `device`: filter to `digits` (labels remapped 0..k-1 in sorted digit order),
     keep the first `limit` training samples, split off `val_fraction` by a permutation seeded with
-    seed_for(seed, "split")."""
+    seed_for(seed, "split") (0: no validation split, empty val tensors: best.pt then follows the last epoch)."""
     digit_list = parse_digits(digits)
-    check(0.0 < val_fraction < 1.0, f"--val-fraction {val_fraction}: must be between 0 and 1 (exclusive)")
-    check(limit is None or limit >= 2, f"--limit {limit}: need at least 2 samples (one to train, one to validate)")
+    check(0.0 <= val_fraction < 1.0, f"--val-fraction {val_fraction}: must be in [0, 1) (0: no validation split)")
+    check(limit is None or limit >= 2, f"--limit {limit}: need at least 2 samples")
     lookup = torch.full((10,), -1, dtype=torch.long)
     lookup[digit_list] = torch.arange(len(digit_list))
 
@@ -214,7 +214,7 @@ def load_mnist(data_dir, device, digits: Optional[str] = None, val_fraction: flo
     if limit is not None:
         train_x, train_y, train_index = train_x[:limit], train_y[:limit], train_index[:limit]
     n = len(train_y)
-    n_val = min(max(1, round(n * val_fraction)), n - 1)
+    n_val = 0 if val_fraction == 0 else min(max(1, round(n * val_fraction)), n - 1)
     perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed_for(seed, "split")))
     val_idx, tr_idx = perm[:n_val], perm[n_val:]
     to = lambda t: t.to(device)  # noqa: E731
@@ -820,7 +820,7 @@ def plot_curves(history: list[dict], path, keys=("loss", "acc")) -> None:
     for ax, key in zip(axes.flat, keys):
         for split in ("train", "val", "test"):
             name = f"{split}_{key}"
-            if history and name in history[0]:
+            if history and history[0].get(name) is not None:  # runs without a validation split have val_* None
                 ax.plot(epochs, [h[name] for h in history], marker="o", label=split)
         ax.set_xlabel("epoch")
         ax.set_ylabel(key)

@@ -51,20 +51,26 @@ import typer
 import common
 
 app = typer.Typer(add_completion=False, pretty_exceptions_enable=False, help=__doc__.split("\n")[0])
-MODELS, ACTIVATIONS, INITS = ("glonet", "mlp", "resmlp"), ("relu", "leaky"), ("default", "kaiming")
+MODELS, ACTIVATIONS, INITS = ("glonet", "mlp", "resmlp"), ("relu", "leaky"), ("lecun", "default", "kaiming")
+SCHEDULES, INPUT_SCALES = ("none", "cosine"), ("unit", "standard")
 
 
 class DepthNet(nn.Module):
     """784 -> (layers-1) hidden Dense+activation layers of `features` units -> Dense head. `layers=1` is linear."""
 
     def __init__(self, model: str = "glonet", layers: int = 10, features: int = 256, num_classes: int = 10,
-                 activation: str = "relu", init: str = "default"):
+                 activation: str = "relu", init: str = "lecun"):
         super().__init__()
         self.model, self.slope = model, 0.2 if activation == "leaky" else 0.0
         widths = [28 * 28] + [features] * (layers - 1)
         self.hidden = nn.ModuleList(nn.Linear(a, b) for a, b in zip(widths[:-1], widths[1:]))
         self.head = nn.Linear(widths[-1], num_classes)
         with torch.no_grad():
+            if init == "lecun":  # Flax nn.Dense's default: truncated normal (+-2 std), variance 1/fan_in; zero bias
+                for layer in [*self.hidden, self.head]:
+                    std = layer.in_features ** -0.5 / 0.87962566103423978  # the std a +-2 sigma truncation loses
+                    nn.init.trunc_normal_(layer.weight, std=std, a=-2 * std, b=2 * std)
+                    nn.init.zeros_(layer.bias)
             for i, layer in enumerate(self.hidden):
                 if init == "kaiming":
                     nn.init.kaiming_normal_(layer.weight, a=self.slope, nonlinearity="leaky_relu")
@@ -97,11 +103,11 @@ class DepthNet(nn.Module):
 def build_model(config: dict) -> DepthNet:
     """The model a run's config.json describes."""
     return DepthNet(config["model"], config["layers"], config["features"], config["num_classes"],
-                    config["activation"], config["init"])
+                    config["activation"], config.get("init", "default"))
 
 
 @torch.inference_mode()
-def evaluate(model, images, labels, usage: bool = False, batch_size: int = 2000) -> dict:
+def evaluate(model, images, labels, usage: bool = False, batch_size: int = 2000, transform=common.normalize) -> dict:
     """Loss and accuracy over a split. With usage=True also, per hidden layer: output_l1 (mean L1 norm of its
     output), output_spread (sum over units of the output's std over the split: the input-dependent part; a layer
     whose output is the same for every image only shifts the head's bias) and weight_l1; and for glonet
@@ -113,7 +119,7 @@ def evaluate(model, images, labels, usage: bool = False, batch_size: int = 2000)
     l1, prefix_correct = torch.zeros(n_hidden, device=dev), torch.zeros(n_hidden, device=dev)
     # per layer and unit: sums of (o - shift) and its square, shift = the first batch's mean (accurate in float32)
     s1, s2, shift = (torch.zeros(n_hidden, model.head.in_features, device=dev) for _ in range(3))
-    for b, (x, y) in enumerate(common.Batches(images, labels, batch_size if not usage else min(batch_size, 500))):
+    for b, (x, y) in enumerate(common.Batches(images, labels, batch_size if not usage else min(batch_size, 500), transform=transform)):
         outputs = [] if usage else None
         logits = model(x, outputs)
         loss_sum += F.cross_entropy(logits, y, reduction="sum")
@@ -142,12 +148,25 @@ def evaluate(model, images, labels, usage: bool = False, batch_size: int = 2000)
     return result
 
 
-def train_epoch(model, batches, optimizer, quiet: bool = True):
-    """One pass over the training batches at a constant learning rate: (mean loss, accuracy)."""
+def unit_scale(images: torch.Tensor) -> torch.Tensor:
+    """uint8 [B,28,28] -> float [B,1,28,28] in [0, 1], as the source feeds its nets (--input-scale unit)."""
+    return images.unsqueeze(1).float().div_(255.0)
+
+
+def lr_at(schedule: str, lr: float, step: int, total_steps: int) -> float:
+    """none: constant; cosine: per step from lr down to 0 over the whole run."""
+    return lr if schedule == "none" else lr * 0.5 * (1 + math.cos(math.pi * step / total_steps))
+
+
+def train_epoch(model, batches, optimizer, lr_of_step=None, first_step: int = 0, quiet: bool = True):
+    """One pass over the training batches, lr_of_step(global step) giving each step's rate: (mean loss, accuracy)."""
     model.train()
     loss_sum = torch.zeros((), device=batches.labels.device)
     correct = torch.zeros((), device=batches.labels.device, dtype=torch.long)
-    for x, y in common.progress(batches, quiet, desc="train"):
+    for i, (x, y) in enumerate(common.progress(batches, quiet, desc="train")):
+        if lr_of_step is not None:
+            for group in optimizer.param_groups:
+                group["lr"] = lr_of_step(first_step + i)
         logits = model(x)
         loss = F.cross_entropy(logits, y)
         optimizer.zero_grad(set_to_none=True)
@@ -184,7 +203,8 @@ def figure_metrics(history: list[dict], title: str):
     epochs = [h["epoch"] for h in history]
     for ax, key in zip(axes[:2], ("loss", "acc")):
         for split in ("train", "val", "test"):
-            ax.plot(epochs, [h[f"{split}_{key}"] for h in history], marker="o", label=split)
+            if history and history[0].get(f"{split}_{key}") is not None:  # no val_* without a validation split
+                ax.plot(epochs, [h[f"{split}_{key}"] for h in history], marker="o", label=split)
         ax.set_xlabel("epoch")
         ax.set_ylabel(key)
         ax.grid(alpha=0.3)
@@ -284,24 +304,31 @@ def check_options(args) -> None:
     common.check(args.epochs >= 1, f"--epochs {args.epochs}: must be at least 1")
     common.check(args.batch_size >= 1, f"--batch-size {args.batch_size}: must be at least 1")
     common.check(args.lr > 0, f"--lr {args.lr}: must be positive")
+    common.check(args.lr_schedule in SCHEDULES, f"--lr-schedule {args.lr_schedule}: use none or cosine")
+    common.check(args.input_scale in INPUT_SCALES, f"--input-scale {args.input_scale}: use unit or standard")
 
 
 def train(run, net, opt, batches, data) -> None:
     """The epochs still to run: train, evaluate val and test (with layer usage) every epoch, run.end_epoch.
     A NaN/inf training loss stops the run with exit 1; last.pt keeps the last finite epoch."""
-    writer = run.tensorboard()
+    args, writer = run.args, run.tensorboard()
+    total_steps = args.epochs * len(batches)
+
+    def lr_of_step(step: int) -> float:
+        return lr_at(args.lr_schedule, args.lr, step, total_steps)
+
     with run.guard():
         for epoch in run.epochs():
             t0 = time.time()
-            train_loss, train_acc = train_epoch(net, batches, opt, run.args.quiet)
+            train_loss, train_acc = train_epoch(net, batches, opt, lr_of_step, (epoch - 1) * len(batches), args.quiet)
             train_time = time.time() - t0
             if not math.isfinite(train_loss):
                 writer.close()
                 print(f"error: training diverged: the training loss became {train_loss} in epoch {epoch}; last.pt in "
                       f"{run.dir} holds epoch {run.epoch}; start a new run with a smaller --lr", file=sys.stderr)
                 sys.exit(1)
-            val = evaluate(net, data.val_x, data.val_y) if len(data.val_y) else {"loss": None, "acc": None}
-            test = evaluate(net, data.test_x, data.test_y, usage=True)
+            val = evaluate(net, data.val_x, data.val_y, transform=batches.transform) if len(data.val_y) else {"loss": None, "acc": None}
+            test = evaluate(net, data.test_x, data.test_y, usage=True, transform=batches.transform)
             record = {"epoch": epoch, "train_loss": train_loss, "train_acc": train_acc, "val_loss": val["loss"],
                       "val_acc": val["acc"], "test_loss": test["loss"], "test_acc": test["acc"],
                       "output_l1": test["output_l1"], "output_spread": test["output_spread"], "weight_l1": test["weight_l1"],
@@ -347,15 +374,17 @@ def main(
     layers: Annotated[int, typer.Option(help="Depth N: N-1 hidden Dense layers plus the head (1 = a linear model).")] = 10,
     features: Annotated[int, typer.Option(help="Width of every hidden layer.")] = 256,
     activation: Annotated[str, typer.Option(help="relu, or leaky (LeakyReLU 0.2, the official code's).")] = "relu",
-    init: Annotated[str, typer.Option(help="default (PyTorch's, as the official code) or kaiming (He normal, zero bias).")] = "default",
+    init: Annotated[str, typer.Option(help="lecun (Flax nn.Dense's default, the source's: truncated normal, variance 1/fan_in, zero bias, head too), default (PyTorch's) or kaiming (He normal, zero bias).")] = "lecun",
+    input_scale: Annotated[str, typer.Option(help="unit (pixels in [0, 1], the source's) or standard (MNIST mean/std).")] = "unit",
+    lr_schedule: Annotated[str, typer.Option(help="none (constant, the source's) or cosine (per step, down to 0 at the last step).")] = "none",
     optimizer: Annotated[str, typer.Option(help="adam or sgd (with momentum).")] = "adam",
     momentum: Annotated[float, typer.Option(help="SGD momentum.")] = 0.9,
-    val_fraction: common.ValFraction = 0.1,
+    val_fraction: common.ValFraction = 0.0,
     data_dir: common.DataDir = Path("./data"),
     out_dir: common.OutDir = Path("runs"),
     epochs: common.Epochs = 10,
     batch_size: common.BatchSize = 256,
-    lr: common.LearningRate = 0.01,
+    lr: common.LearningRate = 0.001,
     seed: common.Seed = 0,
     device: common.Device = "auto",
     digits: common.Digits = None,
@@ -376,7 +405,8 @@ def main(
         opt = torch.optim.Adam(net.parameters(), lr=args.lr, fused=device.type in ("cpu", "cuda"))  # one kernel, ~15% faster
     else:
         opt = torch.optim.SGD(net.parameters(), lr=args.lr, momentum=args.momentum)
-    batches = common.Batches(data.train_x, data.train_y, args.batch_size, shuffle=True, seed=common.seed_for(args.seed, "shuffle"))
+    batches = common.Batches(data.train_x, data.train_y, args.batch_size, shuffle=True, seed=common.seed_for(args.seed, "shuffle"),
+                             transform=unit_scale if args.input_scale == "unit" else common.normalize)
     n_params = common.count_parameters(net)
     config = run.save_config(device=str(device), n_parameters=n_params, n_hidden=len(net.hidden), **data.describe())
     table = common.parameter_table(net)
@@ -388,10 +418,11 @@ def main(
 
     train(run, net, opt, batches, data)
     title = f"{args.model}, depth {args.layers}, width {args.features}, {args.activation}, {args.init} init, " \
-            f"{args.optimizer} lr {args.lr}"
+            f"{args.input_scale} inputs, {args.optimizer} lr {args.lr} ({args.lr_schedule})"
     final = report(run, config, table, title)
     run.finish(final, {"model": args.model, "layers": args.layers, "features": args.features, "activation": args.activation,
-                       "init": args.init, "optimizer": args.optimizer, "lr": args.lr, "epochs": run.epoch,
+                       "init": args.init, "input_scale": args.input_scale, "optimizer": args.optimizer, "lr": args.lr,
+                       "lr_schedule": args.lr_schedule, "epochs": run.epoch,
                        "test_acc": final["test_acc"], **usage_summary(run.history[-1])})
     print(f"run {run.dir} | test accuracy {final['test_acc']:.2%} after {run.epoch} epochs "
           f"({args.model}, depth {args.layers})")

@@ -26,6 +26,15 @@ def test_load_mnist_shapes_split_and_normalization(tiny_mnist):
     assert torch.allclose(x[:, 0], expected)
 
 
+def test_val_fraction_0_trains_on_every_sample(tiny_mnist):
+    data = common.load_mnist(tiny_mnist, "cpu", val_fraction=0.0, seed=0)
+    assert len(data.train_y) == 600 and len(data.val_y) == 0 and data.val_x.shape == (0, 28, 28)
+    assert sorted(data.train_index.tolist()) == list(range(600))
+    for bad in (-0.1, 1.0):
+        with pytest.raises(common.UserError, match="--val-fraction"):
+            common.load_mnist(tiny_mnist, "cpu", val_fraction=bad)
+
+
 def test_digit_filter_remaps_labels_in_sorted_order(tiny_mnist):
     full = common.load_mnist(tiny_mnist, "cpu", seed=0)
     data = common.load_mnist(tiny_mnist, "cpu", digits="9,6,8", seed=0)

@@ -84,11 +84,12 @@ def test_depth_1_is_a_linear_model():
 
 @pytest.mark.parametrize("kind", ["glonet", "mlp", "resmlp"])
 def test_depth_200_trains_a_few_steps_without_nans(kind):
+    """At the defaults: LeCun init, inputs in [0, 1], Adam lr 1e-3."""
     torch.manual_seed(0)
     model = train_glonet.DepthNet(kind, layers=200, features=32)
     assert len(model.hidden) == 199
-    opt = torch.optim.Adam(model.parameters(), lr=0.01)  # the default learning rate
-    x, y = torch.randn(64, 1, 28, 28), torch.randint(0, 10, (64,))
+    opt = torch.optim.Adam(model.parameters(), lr=1e-3)
+    x, y = train_glonet.unit_scale(torch.randint(0, 256, (64, 28, 28), dtype=torch.uint8)), torch.randint(0, 10, (64,))
     for _ in range(3):
         logits = model(x)
         loss = F.cross_entropy(logits, y)
@@ -112,18 +113,60 @@ def test_depth_200_forward_scale_default_vs_kaiming_init():
         assert low <= spread[-1] / spread[0] < high, (init, spread[0], spread[-1])
 
 
-def test_glonet_usage_decays_with_depth_at_the_default_init():
+def test_glonet_usage_decays_with_depth_at_pytorchs_init():
     """Why GloNets stay trainable: with PyTorch's init each layer shrinks the input-dependent part of its
     input, so the head's sum carries the image through the first layers, while a plain MLP's last layer
     outputs nearly the same vector for every image."""
     torch.manual_seed(0)
     images = torch.randint(0, 256, (256, 28, 28), dtype=torch.uint8)
-    model = train_glonet.DepthNet("glonet", layers=50)
+    model = train_glonet.DepthNet("glonet", layers=50, init="default")
     usage = train_glonet.evaluate(model, images, torch.randint(0, 10, (256,)), usage=True)
     l1, spread = usage["output_l1"], usage["output_spread"]
     assert l1[0] > 10 * l1[-1]
     assert sum(spread[:8]) > 0.99 * sum(spread)
     assert spread[-1] < 1e-6 * spread[0]  # what the MLP's head would see: the same vector for every image
+
+
+def test_lecun_init_is_flax_dense_default():
+    """Truncated normal at +-2 std with variance 1/fan_in (after truncation), zero biases, the head included."""
+    torch.manual_seed(0)
+    model = train_glonet.DepthNet("glonet", layers=4, features=256)
+    assert model.hidden[0].in_features == 784
+    for layer in [*model.hidden, model.head]:
+        w, fan_in = layer.weight, layer.in_features
+        assert w.std().item() == pytest.approx(fan_in ** -0.5, rel=0.03)
+        assert w.abs().max().item() <= 2 * fan_in ** -0.5 / 0.87962566103423978 + 1e-7  # truncated
+        assert torch.count_nonzero(layer.bias) == 0
+    default = train_glonet.DepthNet("glonet", layers=4, features=256, init="default")
+    assert torch.count_nonzero(default.hidden[0].bias) > 0  # PyTorch's init is another thing
+
+
+def test_unit_input_scale_is_pixels_in_0_1():
+    images = torch.tensor([[[0, 128], [255, 3]]], dtype=torch.uint8)
+    x = train_glonet.unit_scale(images)
+    assert x.shape == (1, 1, 2, 2) and x.min() == 0 and x.max() == 1
+    torch.testing.assert_close(x.flatten(), images.flatten().float() / 255)
+    assert train_glonet.lr_at("cosine", 0.1, 0, 100) == pytest.approx(0.1)
+    assert train_glonet.lr_at("cosine", 0.1, 50, 100) == pytest.approx(0.05)
+    assert train_glonet.lr_at("none", 0.1, 99, 100) == 0.1
+
+
+def test_depth_100_at_the_defaults_learns_a_few_steps_with_a_finite_loss():
+    from conftest import synthetic_digits
+    images, labels = synthetic_digits(256, seed=3)
+    x, y = train_glonet.unit_scale(torch.from_numpy(images)), torch.from_numpy(labels).long()
+    torch.manual_seed(0)
+    model = train_glonet.DepthNet("glonet", layers=100, features=64)
+    opt = torch.optim.Adam(model.parameters(), lr=1e-3)
+    losses = []
+    for step in range(20):
+        loss = F.cross_entropy(model(x[step % 4 * 64:(step % 4 + 1) * 64]), y[step % 4 * 64:(step % 4 + 1) * 64])
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    assert all(torch.isfinite(torch.tensor(losses)))
+    assert sum(losses[-4:]) < 0.7 * sum(losses[:4]), losses
 
 
 # ----------------------------------------------------------------------------- the CLI, end to end
@@ -142,6 +185,8 @@ def test_cli_run_writes_every_output_and_resumes(tiny_mnist, tmp_path):
 
     config = json.loads((run_dir / "config.json").read_text())
     assert (config["script"], config["model"], config["layers"], config["features"]) == ("train_glonet", "glonet", 4, 64)
+    # the defaults are the source's setting: all training images (no validation split), [0, 1] inputs, LeCun init
+    assert (config["val_fraction"], config["n_val"], config["input_scale"], config["init"]) == (0.0, 0, "unit", "lecun")
     metrics = json.loads((run_dir / "metrics.json").read_text())
     assert [e["epoch"] for e in metrics["epochs"]] == [1, 2, 3]
     for e in metrics["epochs"]:
@@ -153,7 +198,7 @@ def test_cli_run_writes_every_output_and_resumes(tiny_mnist, tmp_path):
     assert (result["model"], result["layers"], result["features"], result["seed"]) == ("glonet", 4, 64, 0)
     assert result["test_acc"] == final["test_acc"] and result["run_dir"] == str(run_dir)
     best = common.load_checkpoint(run_dir / "best.pt")
-    assert best["epoch"] == final["best_epoch"]
+    assert best["epoch"] == final["best_epoch"] == 3  # no validation split: best.pt follows the last epoch
     model = train_glonet.build_model(config)
     model.load_state_dict(best["model"])
 
