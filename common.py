@@ -543,6 +543,9 @@ class Run:
         self.epoch, self.history, self.best, self.extra = 0, [], {"epoch": 0, "score": None}, {}
         self.best_loss, self.bad_epochs, self.stopped_early = float("inf"), 0, False
         self.training_done = False
+        # How many epochs the run plans. A script whose length is not --epochs (numpy_nn.py: --updates, evaluated
+        # every --eval-every) sets run.total and run.length_option before restore().
+        self.total, self.length_option = getattr(args, "epochs", None), "--epochs"
         self._writer, self._pending_config = None, None
 
     # ---- files
@@ -642,12 +645,13 @@ class Run:
             raise UserError(f"{self.last_path} does not fit this script's model or options ({type(e).__name__}: "
                             f"{str(e).splitlines()[0][:120] if str(e) else ''}); start a new run") from None
         finished = "final" in self._metrics_on_disk()
-        trained = self.stopped_early or self.epoch >= self.args.epochs
+        trained = self.stopped_early or self.epoch >= self.total
         if finished and self.stopped_early:
             raise UserError(f"--resume {self.dir}: that run stopped early at epoch {self.epoch} and is finished; start a new run")
         if finished and trained:
+            current = getattr(self.args, self.length_option[2:].replace("-", "_"))
             raise UserError(f"--resume {self.dir}: it has trained all {self.epoch} epochs; "
-                            f"pass --epochs N with N > {self.epoch} to train further")
+                            f"pass {self.length_option} N with N > {current} to train further")
         planned = (self.original or {}).get("epochs")
         schedule = getattr(self.args, "lr_schedule", None)
         if planned is not None and self.args.epochs != planned and schedule in _SCHEDULES_WITH_HORIZON:
@@ -673,7 +677,7 @@ class Run:
     # ---- the loop
     def epochs(self, total: Optional[int] = None):
         """The epochs still to train: run.epoch + 1 .. total (default --epochs); none once stopped early."""
-        total = self.args.epochs if total is None else total
+        total = self.total if total is None else total
         for epoch in range(self.epoch + 1, total + 1):
             if self.stopped_early:
                 return

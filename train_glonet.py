@@ -376,7 +376,7 @@ def main(
     activation: Annotated[str, typer.Option(help="relu, or leaky (LeakyReLU 0.2, the official code's).")] = "relu",
     init: Annotated[str, typer.Option(help="lecun (Flax nn.Dense's default, the source's: truncated normal, variance 1/fan_in, zero bias, head too), default (PyTorch's) or kaiming (He normal, zero bias).")] = "lecun",
     input_scale: Annotated[str, typer.Option(help="unit (pixels in [0, 1], the source's) or standard (MNIST mean/std).")] = "unit",
-    lr_schedule: Annotated[str, typer.Option(help="none (constant, the source's) or cosine (per step, down to 0 at the last step).")] = "none",
+    lr_schedule: Annotated[str, typer.Option(help="cosine (per step, from --lr down to 0 at the last step) or none (constant, the source's).")] = "cosine",
     optimizer: Annotated[str, typer.Option(help="adam or sgd (with momentum).")] = "adam",
     momentum: Annotated[float, typer.Option(help="SGD momentum.")] = 0.9,
     val_fraction: common.ValFraction = 0.0,
