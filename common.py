@@ -633,6 +633,8 @@ class Run:
                 state = ckpt["objects"][name]
                 if isinstance(obj, torch.Generator):
                     obj.set_state(torch.as_tensor(state, dtype=torch.uint8))
+                elif isinstance(obj, torch.nn.Module) and self.ext == ".npz":  # a torch model kept in a NumPy archive
+                    obj.load_state_dict({k: torch.as_tensor(v) for k, v in state.items()})
                 else:
                     obj.load_state_dict(state)
             torch.set_rng_state(torch.as_tensor(ckpt["rng"]["torch"], dtype=torch.uint8))
