@@ -307,13 +307,18 @@ def check_options(args) -> None:
     common.check(args.eval_every >= 1, f"--eval-every {args.eval_every}: must be at least 1")
     common.check(args.batch_size >= 1, f"--batch-size {args.batch_size}: must be at least 1")
     common.check(args.lr > 0, f"--lr {args.lr}: must be positive")
+    common.check(args.input_scale in ("standard", "unit", "raw"), f"--input-scale {args.input_scale}: use standard, unit or raw")
     common.check(args.val_fraction > 0, f"--val-fraction {args.val_fraction}: numpy_nn evaluates on a validation split; use a value in (0, 1)")
 
 
-def to_numpy(images, labels):
-    """uint8 tensor [N,28,28] -> float32 NumPy normalized with MNIST's mean and std, labels int64."""
-    x = images.cpu().numpy().astype(np.float32) / 255.0
-    return (x - common.MNIST_MEAN) / common.MNIST_STD, labels.cpu().numpy().astype(np.int64)
+def to_numpy(images, labels, scale: str = "standard"):
+    """uint8 tensor [N,28,28] -> float32 NumPy: standard (MNIST's mean and std), unit ([0, 1]) or raw (0..255);
+    labels int64."""
+    x = images.cpu().numpy().astype(np.float32)
+    if scale == "raw":
+        return x, labels.cpu().numpy().astype(np.int64)
+    x /= 255.0
+    return (x - common.MNIST_MEAN) / common.MNIST_STD if scale == "standard" else x, labels.cpu().numpy().astype(np.int64)
 
 
 def train(run, net, sampler, data, twin=None, twin_opt=None) -> None:
@@ -393,6 +398,7 @@ def main(
     updates: Annotated[int, typer.Option(help="SGD updates in all.")] = 10_000,
     eval_every: Annotated[int, typer.Option(help="Validate (and checkpoint) every this many updates.")] = 1000,
     grad_check: Annotated[bool, typer.Option("--grad-check", help="Check every layer's gradients by central finite differences in float64, then exit (1 if any relative error >= 1e-6).")] = False,
+    input_scale: Annotated[str, typer.Option(help="standard (MNIST mean/std), unit (pixels in [0, 1]) or raw (0..255, to see what unscaled inputs do).")] = "standard",
     compare_torch: Annotated[bool, typer.Option(help="Also train the same model in PyTorch from the same weights on the same batches.")] = False,
     val_fraction: common.ValFraction = 0.1,
     data_dir: common.DataDir = Path("./data"),
@@ -411,8 +417,8 @@ def main(
     args = run.args
     check_options(args)
     data = common.load_mnist(args.data_dir, "cpu", args.digits, args.val_fraction, args.limit, args.seed)
-    train_x, train_y = to_numpy(data.train_x, data.train_y)
-    val_x, val_y = to_numpy(data.val_x, data.val_y)
+    train_x, train_y = to_numpy(data.train_x, data.train_y, args.input_scale)
+    val_x, val_y = to_numpy(data.val_x, data.val_y, args.input_scale)
     net = Network(args.arch, args.hidden, data.num_classes, seed=common.seed_for(args.seed, "init"))
     if args.grad_check:
         errors = check_gradients(net, train_x[:4], seed=args.seed)
@@ -442,7 +448,7 @@ def main(
 
     train(run, net, sampler, (train_x, train_y, val_x, val_y), twin, twin_opt)
     net.load_state_dict(run.load_best()["model"])
-    test_x, test_y = to_numpy(data.test_x, data.test_y)
+    test_x, test_y = to_numpy(data.test_x, data.test_y, args.input_scale)
     test_loss, test_acc, preds = evaluate(net, test_x, test_y)
     final = {"test_loss": test_loss, "test_acc": test_acc, "best_epoch": run.best["epoch"],
              "best_updates": run.history[run.best["epoch"] - 1]["updates"], "best_val_acc": run.best["score"],
