@@ -222,6 +222,76 @@ def load_mnist(data_dir, device, digits: Optional[str] = None, val_fraction: flo
                  to(test_x), to(test_y), digit_list, train_index[tr_idx])
 
 
+# ----------------------------------------------------------------------------- CIFAR-10 held on the device
+CIFAR_MEAN = (0.4914, 0.4822, 0.4465)  # per channel, of the 50,000 training images in [0, 1]
+CIFAR_STD = (0.2470, 0.2435, 0.2616)
+CIFAR_CLASSES = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"]
+CIFAR_URL, CIFAR_MD5 = "https://www.cs.toronto.edu/~kriz/cifar-10-binary.tar.gz", "c32a1d4ab5d03f1284b67883e8d87530"
+CIFAR_RECORD = 1 + 3 * 32 * 32  # one label byte, then 1,024 red, 1,024 green and 1,024 blue bytes (rows of 32)
+
+
+def read_cifar_bin(path) -> tuple[torch.Tensor, torch.Tensor]:
+    """One CIFAR-10 binary batch file -> (uint8 [N,3,32,32], int64 [N]). No pickle: the python batches are not read."""
+    path = Path(path)
+    raw = np.fromfile(path, dtype=np.uint8)
+    check(raw.size > 0 and raw.size % CIFAR_RECORD == 0,
+          f"{path} is truncated or not a CIFAR-10 binary batch ({raw.size} bytes, not a multiple of {CIFAR_RECORD}); "
+          f"delete it to download a fresh copy, or point --data-dir at a good one")
+    records = raw.reshape(-1, CIFAR_RECORD)
+    labels = torch.from_numpy(records[:, 0].astype(np.int64))
+    check(int(labels.max()) < 10, f"{path}: label bytes above 9; this is not a CIFAR-10 binary batch")
+    return torch.from_numpy(records[:, 1:].reshape(-1, 3, 32, 32).copy()), labels
+
+
+def cifar_files(data_dir) -> tuple[list[Path], Path]:
+    """The training batches and the test batch under DATA_DIR/cifar-10-batches-bin, downloading the official binary
+    archive (md5-checked by torchvision) when the folder is missing."""
+    folder = Path(data_dir) / "cifar-10-batches-bin"
+    if not (folder / "test_batch.bin").is_file():
+        print(f"CIFAR-10 not found in {folder}: downloading the binary version there", file=sys.stderr)
+        try:
+            from torchvision.datasets.utils import download_and_extract_archive
+
+            with contextlib.redirect_stdout(io.StringIO()):
+                download_and_extract_archive(CIFAR_URL, str(data_dir), md5=CIFAR_MD5)
+        except Exception as e:
+            reason = str(e).strip().splitlines()[-1] if str(e).strip() else type(e).__name__
+            raise UserError(f"CIFAR-10 is not in {folder} and downloading it failed ({reason}); copy the binary "
+                            f"batches (data_batch_*.bin, test_batch.bin) there or point --data-dir at them") from None
+    train = sorted(folder.glob("data_batch_*.bin"))
+    check(len(train) > 0, f"{folder} has test_batch.bin but no data_batch_*.bin; copy the training batches there")
+    return train, folder / "test_batch.bin"
+
+
+def load_cifar10(data_dir, device, val_fraction: float = 0.1, limit: Optional[int] = None, seed: int = 0) -> MNIST:
+    """CIFAR-10 as uint8 [N,3,32,32] on `device`, split like load_mnist (first `limit` training images, then a
+    validation share by a permutation seeded with seed_for(seed, "split")); labels 0-9 are CIFAR_CLASSES."""
+    check(0.0 <= val_fraction < 1.0, f"--val-fraction {val_fraction}: must be in [0, 1) (0: no validation split)")
+    check(limit is None or limit >= 2, f"--limit {limit}: need at least 2 samples")
+    train_paths, test_path = cifar_files(data_dir)
+    parts = [read_cifar_bin(p) for p in train_paths]
+    train_x, train_y = torch.cat([x for x, _ in parts]), torch.cat([y for _, y in parts])
+    test_x, test_y = read_cifar_bin(test_path)
+    index = torch.arange(len(train_y))
+    if limit is not None:
+        train_x, train_y, index = train_x[:limit], train_y[:limit], index[:limit]
+    n = len(train_y)
+    n_val = 0 if val_fraction == 0 else min(max(1, round(n * val_fraction)), n - 1)
+    perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed_for(seed, "split")))
+    val_idx, tr_idx = perm[:n_val], perm[n_val:]
+    to = lambda t: t.to(device)  # noqa: E731
+    return MNIST(to(train_x[tr_idx]), to(train_y[tr_idx]), to(train_x[val_idx]), to(train_y[val_idx]),
+                 to(test_x), to(test_y), list(range(10)), index[tr_idx])
+
+
+def normalize_cifar(images: torch.Tensor) -> torch.Tensor:
+    """uint8 [B,3,32,32] (or float in [0, 1]) -> float normalized per channel with CIFAR-10's mean and std."""
+    x = images.float().div(255.0) if images.dtype == torch.uint8 else images
+    mean = torch.tensor(CIFAR_MEAN, device=x.device).view(1, 3, 1, 1)
+    std = torch.tensor(CIFAR_STD, device=x.device).view(1, 3, 1, 1)
+    return (x - mean) / std
+
+
 def normalize(images: torch.Tensor) -> torch.Tensor:
     """uint8 [B,28,28] -> float [B,1,28,28] with MNIST's mean and std."""
     return images.unsqueeze(1).float().div_(255.0).sub_(MNIST_MEAN).div_(MNIST_STD)

@@ -1,0 +1,151 @@
+"""train_allcnn.py and the CIFAR-10 binary reader: records written by the test, model shapes and parameter counts,
+the weight-decay groups, augmentation, a 2-process torchrun (gloo) run against one process with the doubled batch,
+and bad input."""
+
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+import torch.nn as nn
+
+import common
+import train_allcnn
+from conftest import OFFLINE_ENV, ROOT, assert_user_error, run_cli
+
+ONE_THREAD = {"OMP_NUM_THREADS": "1"}
+
+
+def write_cifar(folder, n_train=96, n_test=32, seed=0):
+    """A tiny CIFAR-10 in the binary format: class c's images are a fixed colour pattern plus noise."""
+    folder.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(seed)
+    patterns = rng.integers(0, 256, (10, 3, 32, 32))
+    for name, n in (("data_batch_1.bin", n_train), ("test_batch.bin", n_test)):
+        labels = np.arange(n) % 10
+        images = np.clip(patterns[labels] * 0.7 + rng.integers(0, 77, (n, 3, 32, 32)), 0, 255).astype(np.uint8)
+        records = np.concatenate([labels[:, None].astype(np.uint8), images.reshape(n, -1)], 1)
+        records.tofile(folder / name)
+    return folder.parent
+
+
+@pytest.fixture(scope="module")
+def tiny_cifar(tmp_path_factory):
+    return write_cifar(tmp_path_factory.mktemp("cifar") / "cifar-10-batches-bin")
+
+
+def test_binary_reader_labels_channel_order_and_shapes(tmp_path):
+    record = np.zeros(common.CIFAR_RECORD, dtype=np.uint8)
+    record[0] = 7
+    record[1:1025] = 10  # red plane
+    record[1025:2049] = 20  # green
+    record[2049:] = np.arange(1024) % 256  # blue, row by row
+    np.stack([record, record]).tofile(tmp_path / "b.bin")
+    images, labels = common.read_cifar_bin(tmp_path / "b.bin")
+    assert images.shape == (2, 3, 32, 32) and images.dtype == torch.uint8 and labels.tolist() == [7, 7]
+    assert images[0, 0].unique().tolist() == [10] and images[0, 1].unique().tolist() == [20]
+    assert images[0, 2, 1, 0] == 32 and images[0, 2, 0, 5] == 5  # row-major within a channel
+    (tmp_path / "short.bin").write_bytes(record.tobytes()[:-1])
+    with pytest.raises(common.UserError, match="truncated"):
+        common.read_cifar_bin(tmp_path / "short.bin")
+
+
+def test_load_cifar10_split_and_limit(tiny_cifar):
+    data = common.load_cifar10(tiny_cifar, "cpu", val_fraction=0.25, limit=80, seed=0)
+    assert (len(data.train_y), len(data.val_y), len(data.test_y)) == (60, 20, 32)
+    assert sorted(data.train_index.tolist() + [i for i in range(80) if i not in data.train_index.tolist()]) == list(range(80))
+    x = common.normalize_cifar(data.train_x[:4])
+    assert x.shape == (4, 3, 32, 32) and x.dtype == torch.float32
+
+
+@pytest.mark.parametrize("name", ["allcnn", "resnet18", "resnet50"])
+def test_models_give_10_logits(name):
+    torch.manual_seed(0)
+    model = train_allcnn.build_model({"model": name, "c1": 8, "c2": 16, "norm": "bn", "dropout": 0.5}).eval()
+    assert model(torch.randn(2, 3, 32, 32)).shape == (2, 10)
+
+
+def test_parameter_counts():
+    import torchvision
+    assert common.count_parameters(torchvision.models.resnet18()) == 11_689_512  # torchvision's ImageNet ResNet-18
+    ours = train_allcnn.build_model({"model": "resnet18"})
+    # 3x3 stem (3*64*9 = 1,728 instead of 7x7's 9,408) and a 10-class head (512*10 + 10 instead of 513,000)
+    assert common.count_parameters(ours) == 11_689_512 - 9_408 + 1_728 - 513_000 + 5_130
+    allcnn = train_allcnn.allcnn_t()
+    convs = [(3, 96, 3), (96, 96, 3), (96, 96, 3), (96, 192, 3), (192, 192, 3), (192, 192, 3), (192, 192, 3), (192, 192, 3), (192, 10, 1)]
+    assert common.count_parameters(allcnn) == sum(ci * co * k * k + 2 * co for ci, co, k in convs)  # + BN scale and shift
+
+
+def test_no_decay_group_holds_exactly_biases_and_norm_parameters():
+    for model in (train_allcnn.allcnn_t(8, 16), train_allcnn.allcnn_t(8, 16, norm="none"), train_allcnn.build_model({"model": "resnet18"})):
+        decay, no_decay = train_allcnn.parameter_groups(model, 1e-3)
+        by_id = {id(p): name for name, p in model.named_parameters()}
+        decay_names = {by_id[id(p)] for p in decay["params"]}
+        no_decay_names = {by_id[id(p)] for p in no_decay["params"]}
+        norm_params = {f"{m}.{p}" for m, mod in model.named_modules() if isinstance(mod, nn.BatchNorm2d) for p in ("weight", "bias")}
+        assert no_decay_names == {n for n in by_id.values() if n.endswith(".bias")} | norm_params
+        assert decay_names == set(by_id.values()) - no_decay_names and decay["weight_decay"] == 1e-3 and no_decay["weight_decay"] == 0
+
+
+def test_augmentation_keeps_range_and_content():
+    g = torch.Generator().manual_seed(0)
+    images = torch.randint(0, 256, (16, 3, 32, 32), dtype=torch.uint8)
+    out = train_allcnn.augment(images, g)
+    assert out.shape == (16, 3, 32, 32) and out.min() >= 0 and out.max() <= 1
+    assert not torch.allclose(out, images.float() / 255)
+    # a crop offset of 4 with no flip and factors 1 is the identity: check the crop indexing on its own
+    padded = torch.nn.functional.pad(images.float(), (4, 4, 4, 4), mode="reflect")
+    assert torch.equal(padded[:, :, 4:36, 4:36], images.float())
+
+
+def test_lr_step_schedule():
+    assert [train_allcnn.lr_at("step", 0.1, e, 100) for e in (0, 39.9, 40, 79.9, 80, 99)] == pytest.approx([0.1, 0.1, 0.01, 0.01, 0.001, 0.001])
+
+
+def test_two_torchrun_processes_equal_one_process_with_the_doubled_batch(tiny_cifar, tmp_path):
+    common_args = ["--data-dir", tiny_cifar, "--c1", 8, "--c2", 16, "--norm", "none", "--dropout", 0, "--no-augment",
+                   "--epochs", 2, "--val-fraction", 0, "--lr", 0.05, "--quiet"]
+    one = run_cli("train_allcnn.py", *common_args, "--batch-size", 16, "--out-dir", tmp_path / "one", env=ONE_THREAD)
+    assert one.returncode == 0, one.stderr
+    env = {**os.environ, **OFFLINE_ENV, **ONE_THREAD}
+    two = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port", "29517",
+                          str(ROOT / "train_allcnn.py"), *map(str, common_args), "--batch-size", "8", "--out-dir", str(tmp_path / "two")],
+                         cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert two.returncode == 0, two.stderr[-3000:]
+    (dir_one,) = (tmp_path / "one" / "train_allcnn").iterdir()
+    (dir_two,) = (tmp_path / "two" / "train_allcnn").iterdir()  # rank 0 alone made a run directory
+    a = common.load_checkpoint(dir_one / "last.pt")["objects"]["model"]
+    b = common.load_checkpoint(dir_two / "last.pt")["objects"]["model"]
+    for key in a:
+        torch.testing.assert_close(b[key], a[key], atol=1e-5, rtol=1e-5)
+    config = json.loads((dir_two / "config.json").read_text())
+    assert config["world_size"] == 2 and config["global_batch"] == 16
+    ma, mb = (json.loads((d / "metrics.json").read_text()) for d in (dir_one, dir_two))
+    assert ma["final"]["test_acc"] == mb["final"]["test_acc"]
+    assert len((tmp_path / "two" / "results.jsonl").read_text().splitlines()) == 1
+    assert (dir_two / "training_curves.png").is_file()
+
+
+def test_truncated_cifar_file_exits_2(tiny_cifar, tmp_path):
+    bad = tmp_path / "data" / "cifar-10-batches-bin"
+    bad.mkdir(parents=True)
+    for name in ("data_batch_1.bin", "test_batch.bin"):
+        data = (tiny_cifar / "cifar-10-batches-bin" / name).read_bytes()
+        (bad / name).write_bytes(data[:-100] if name == "data_batch_1.bin" else data)
+    proc = run_cli("train_allcnn.py", "--data-dir", tmp_path / "data", "--out-dir", tmp_path / "out", "--epochs", 1)
+    assert_user_error(proc, "truncated", "data_batch_1.bin")
+
+
+@pytest.mark.parametrize("args,words", [
+    (["--model", "vgg"], ["--model", "allcnn"]),
+    (["--norm", "ln"], ["--norm"]),
+    (["--lr-schedule", "linear"], ["--lr-schedule"]),
+    (["--dropout", "1"], ["--dropout"]),
+])
+def test_bad_options_exit_2(tiny_cifar, tmp_path, args, words):
+    proc = run_cli("train_allcnn.py", "--data-dir", tiny_cifar, "--out-dir", tmp_path, *args)
+    assert_user_error(proc, *words)
+    assert not (tmp_path / "train_allcnn").exists()

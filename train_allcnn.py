@@ -1,0 +1,288 @@
+"""train_allcnn.py: All-CNN-T and ResNets on CIFAR-10, in one process or under torchrun (DistributedDataParallel).
+
+Reproduces a course project: All-CNN-T (allcnn_t(c1=96, c2=192): Conv -> BatchNorm -> ReLU blocks, dropout, global
+average pooling to the logits) trained with augmentation (random crop 32 with 4-pixel reflect padding, horizontal flip,
+brightness/contrast jitter 0.2), SGD with Nesterov momentum 0.9, weight decay 1e-3 on conv/linear weights only, and
+the step schedule 0.1 / 0.01 / 0.001 at 40% and 80% of the epochs; its claim: below 10% validation error after 100
+epochs on a GPU. `--model resnet18|resnet34|resnet50` are torchvision's with a 3x3 stem and no max-pool.
+    python train_allcnn.py                                   # All-CNN-T, 100 epochs (a GPU job: hours on a CPU)
+    python train_allcnn.py --epochs 10 --limit 4000          # a CPU-sized run on the first 4,000 images
+    torchrun --nproc-per-node 2 train_allcnn.py --epochs 10  # 2 processes (gloo on CPU, nccl on CUDA), one run dir
+    python train_allcnn.py --model resnet18 --lr-schedule cosine --amp
+Writes runs/train_allcnn/<timestamp>[-tag]/: config.json (with the parameter table's totals), metrics.json,
+best.pt, last.pt, training_curves.png (loss and top-1 error, train and val) and TensorBoard events; one line in
+runs/results.jsonl. Attack a trained model with fgsm_attack.py RUN_DIR.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import time
+from pathlib import Path
+from typing import Annotated, Optional
+
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+import torch.nn.functional as F
+import typer
+
+import common
+
+app = typer.Typer(add_completion=False, pretty_exceptions_enable=False, help=__doc__.split("\n")[0])
+MODELS = ("allcnn", "resnet18", "resnet34", "resnet50")
+
+
+# ----------------------------------------------------------------------------- models
+def allcnn_t(c1: int = 96, c2: int = 192, norm: str = "bn", dropout: float = 0.5, num_classes: int = 10) -> nn.Sequential:
+    """All-CNN-T: 32 -> 16 -> 8 by stride-2 convolutions, 1x1 convolutions to the classes, 8x8 average pooling."""
+    def block(ci, co, k, stride=1, pad=1):
+        if norm == "bn":
+            return [nn.Conv2d(ci, co, k, stride, pad, bias=False), nn.BatchNorm2d(co), nn.ReLU(inplace=True)]
+        return [nn.Conv2d(ci, co, k, stride, pad), nn.ReLU(inplace=True)]
+
+    layers = [nn.Dropout(min(dropout, 0.2)), *block(3, c1, 3), *block(c1, c1, 3), *block(c1, c1, 3, 2), nn.Dropout(dropout),
+              *block(c1, c2, 3), *block(c2, c2, 3), *block(c2, c2, 3, 2), nn.Dropout(dropout),
+              *block(c2, c2, 3), *block(c2, c2, 3), *block(c2, num_classes, 1, 1, 0),
+              nn.AdaptiveAvgPool2d(1), nn.Flatten()]
+    return nn.Sequential(*layers)
+
+
+def build_model(config: dict) -> nn.Module:
+    """The model a run's config.json describes (used by fgsm_attack.py)."""
+    if config["model"] == "allcnn":
+        return allcnn_t(config["c1"], config["c2"], config["norm"], config["dropout"], config.get("num_classes", 10))
+    import torchvision
+
+    model = getattr(torchvision.models, config["model"])(num_classes=config.get("num_classes", 10))
+    model.conv1 = nn.Conv2d(3, 64, 3, 1, 1, bias=False)  # 32x32 inputs: a 3x3 stem, no max-pool
+    model.maxpool = nn.Identity()
+    return model
+
+
+def parameter_groups(model: nn.Module, weight_decay: float) -> list[dict]:
+    """Weight decay on conv and linear weights only; none on biases or BatchNorm's affine parameters."""
+    decay, no_decay = [], []
+    for module in model.modules():
+        for name, p in module.named_parameters(recurse=False):
+            (decay if name == "weight" and isinstance(module, (nn.Conv2d, nn.Linear)) else no_decay).append(p)
+    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+
+
+# ----------------------------------------------------------------------------- data: augmentation on the device, shards
+def augment(images: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+    """uint8 [B,3,32,32] -> float in [0, 1]: random 32x32 crop of the 4-pixel reflect-padded image, horizontal flip,
+    brightness and contrast factors in [0.8, 1.2]; one set of tensor operations for the whole batch."""
+    b, dev = len(images), images.device
+    rand = lambda *shape: torch.rand(*shape, generator=generator).to(dev)  # noqa: E731  (CPU generator: reproducible)
+    x = F.pad(images.float().div(255.0), (4, 4, 4, 4), mode="reflect")
+    dy, dx = (rand(b) * 9).long(), (rand(b) * 9).long()
+    rows = (dy[:, None] + torch.arange(32, device=dev))[:, :, None]  # [B,32,1]
+    cols = (dx[:, None] + torch.arange(32, device=dev))[:, None, :]  # [B,1,32]
+    x = x[torch.arange(b, device=dev)[:, None, None], :, rows, cols].permute(0, 3, 1, 2)  # [B,3,32,32]
+    x = torch.where(rand(b)[:, None, None, None] < 0.5, x.flip(3), x)
+    x = x * (0.8 + 0.4 * rand(b))[:, None, None, None]
+    gray = x.mean((1, 2, 3), keepdim=True)
+    x = (x - gray) * (0.8 + 0.4 * rand(b))[:, None, None, None] + gray
+    return x.clamp_(0, 1)
+
+
+class ShardedBatches:
+    """The training set reshuffled every epoch (the same seeded permutation on every rank), cut into global batches
+    of batch_size x world; rank r takes the r-th slice of each. The last incomplete global batch is dropped, so one
+    process with batch 2b sees exactly the samples two processes with batch b see together."""
+
+    def __init__(self, images, labels, batch_size: int, seed: int, rank: int = 0, world: int = 1, augmented: bool = True):
+        self.images, self.labels, self.batch_size, self.rank, self.world = images, labels, batch_size, rank, world
+        self.augmented = augmented
+        self.generator = torch.Generator().manual_seed(seed)          # the permutation: identical on all ranks
+        self.aug_generator = torch.Generator().manual_seed(seed + 1 + rank)  # augmentation: each rank its own draws
+
+    def __len__(self) -> int:
+        return len(self.labels) // (self.batch_size * self.world)
+
+    def __iter__(self):
+        order = torch.randperm(len(self.labels), generator=self.generator).to(self.labels.device)
+        g = self.batch_size * self.world
+        for step in range(len(self)):
+            idx = order[step * g + self.rank * self.batch_size: step * g + (self.rank + 1) * self.batch_size]
+            x = self.images[idx]
+            x = augment(x, self.aug_generator) if self.augmented else x.float().div(255.0)
+            yield common.normalize_cifar(x), self.labels[idx]
+
+    def state_dict(self) -> dict:
+        return {"order": self.generator.get_state(), "augment": self.aug_generator.get_state()}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.generator.set_state(torch.as_tensor(state["order"], dtype=torch.uint8))
+        self.aug_generator.set_state(torch.as_tensor(state["augment"], dtype=torch.uint8))
+
+
+# ----------------------------------------------------------------------------- training and evaluation
+def lr_at(schedule: str, lr: float, epoch_float: float, epochs: int) -> float:
+    """step: lr, lr/10 from 40% of the epochs, lr/100 from 80% (100 epochs: 0-39, 40-79, 80-99); cosine: per step."""
+    if schedule == "cosine":
+        return lr * 0.5 * (1 + math.cos(math.pi * epoch_float / epochs))
+    return lr * (0.1 ** ((epoch_float >= 0.4 * epochs) + (epoch_float >= 0.8 * epochs)))
+
+
+def autocast(device: torch.device, amp: bool):
+    dtype = torch.bfloat16 if device.type == "cuda" and torch.cuda.is_bf16_supported() else torch.float16
+    return torch.autocast(device.type, dtype=dtype, enabled=amp and device.type == "cuda")
+
+
+@torch.inference_mode()
+def evaluate(model, images, labels, device, amp: bool = False, batch_size: int = 500):
+    """(mean loss, top-1 accuracy) over a split (every rank evaluates the whole split: the models are identical)."""
+    model.eval()
+    loss_sum, correct = torch.zeros((), device=device), torch.zeros((), device=device, dtype=torch.long)
+    for s in range(0, len(labels), batch_size):
+        x, y = common.normalize_cifar(images[s:s + batch_size]), labels[s:s + batch_size]
+        with autocast(device, amp):
+            logits = model(x).float()
+        loss_sum += F.cross_entropy(logits, y, reduction="sum")
+        correct += (logits.argmax(1) == y).sum()
+    return loss_sum.item() / len(labels), correct.item() / len(labels)
+
+
+def train_epoch(model, batches, optimizer, scaler, epoch: int, args, device) -> tuple[float, float]:
+    model.train()
+    loss_sum, correct, seen = torch.zeros((), device=device), torch.zeros((), device=device, dtype=torch.long), 0
+    for i, (x, y) in enumerate(common.progress(batches, args.quiet or batches.rank != 0, desc="train")):
+        for group in optimizer.param_groups:
+            group["lr"] = lr_at(args.lr_schedule, args.lr, epoch - 1 + i / len(batches), args.epochs)
+        with autocast(device, args.amp):
+            logits = model(x)
+            loss = F.cross_entropy(logits.float(), y)
+        optimizer.zero_grad(set_to_none=True)
+        scaler.scale(loss).backward()
+        scaler.step(optimizer)
+        scaler.update()
+        loss_sum += loss.detach() * len(y)
+        correct += (logits.detach().argmax(1) == y).sum()
+        seen += len(y)
+    stats = torch.stack([loss_sum.float(), correct.float(), torch.tensor(float(seen), device=device)])
+    if dist.is_initialized():  # the epoch's training loss and accuracy over all ranks
+        dist.all_reduce(stats)
+    return (stats[0] / stats[2]).item(), (stats[1] / stats[2]).item()
+
+
+def check_options(args) -> None:
+    common.check(args.model in MODELS, f"--model {args.model}: use one of {', '.join(MODELS)}")
+    common.check(args.norm in ("bn", "none"), f"--norm {args.norm}: use bn or none")
+    common.check(args.lr_schedule in ("step", "cosine"), f"--lr-schedule {args.lr_schedule}: use step or cosine")
+    common.check(args.epochs >= 1, f"--epochs {args.epochs}: must be at least 1")
+    common.check(args.batch_size >= 1, f"--batch-size {args.batch_size}: must be at least 1")
+    common.check(args.lr > 0, f"--lr {args.lr}: must be positive")
+    common.check(args.weight_decay >= 0, f"--weight-decay {args.weight_decay}: must not be negative")
+    common.check(0 <= args.dropout < 1, f"--dropout {args.dropout}: must be in [0, 1)")
+    common.check(args.c1 >= 1 and args.c2 >= 1, f"--c1 {args.c1} --c2 {args.c2}: need at least 1 channel")
+
+
+def distributed(device_name: str):
+    """(rank, world, device): under torchrun, join the process group (nccl on CUDA, gloo on CPU)."""
+    if "RANK" not in os.environ:
+        return 0, 1, common.pick_device(device_name)
+    rank, world, local = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"]), int(os.environ.get("LOCAL_RANK", 0))
+    device = common.pick_device(device_name)
+    if device.type == "cuda":
+        torch.cuda.set_device(local)
+        device = torch.device("cuda", local)
+    dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    return rank, world, device
+
+
+def parameter_report(model: nn.Module, groups: list[dict]) -> dict:
+    return {"n_parameters": common.count_parameters(model),
+            "n_decay": sum(p.numel() for p in groups[0]["params"]), "n_no_decay": sum(p.numel() for p in groups[1]["params"])}
+
+
+@app.command()
+def main(
+    ctx: typer.Context,
+    model: Annotated[str, typer.Option(help="allcnn (All-CNN-T), resnet18, resnet34 or resnet50.")] = "allcnn",
+    c1: Annotated[int, typer.Option(help="All-CNN-T channels of the first three convolutions.")] = 96,
+    c2: Annotated[int, typer.Option(help="All-CNN-T channels of the later convolutions.")] = 192,
+    norm: Annotated[str, typer.Option(help="bn (Conv -> BatchNorm -> ReLU) or none (the original All-CNN, with conv biases).")] = "bn",
+    dropout: Annotated[float, typer.Option(help="All-CNN-T dropout after each stride-2 stage (the input dropout is min(this, 0.2)).")] = 0.5,
+    augment: Annotated[bool, typer.Option("--augment/--no-augment", help="Random crop, flip, brightness/contrast jitter.")] = True,
+    weight_decay: Annotated[float, typer.Option(help="Weight decay on conv/linear weights (none on biases and BatchNorm).")] = 1e-3,
+    lr_schedule: Annotated[str, typer.Option(help="step (lr, /10 at 40% and /100 at 80% of the epochs) or cosine.")] = "step",
+    amp: Annotated[bool, typer.Option(help="bf16 (or fp16) autocast on CUDA; ignored on the CPU.")] = False,
+    val_fraction: common.ValFraction = 0.1,
+    data_dir: common.DataDir = Path("./data"),
+    out_dir: common.OutDir = Path("runs"),
+    epochs: common.Epochs = 100,
+    batch_size: Annotated[int, typer.Option(help="Mini-batch size per process (torchrun: the global batch is this x processes).")] = 128,
+    lr: common.LearningRate = 0.1,
+    seed: common.Seed = 0,
+    device: common.Device = "auto",
+    limit: common.Limit = None,
+    resume: common.Resume = None,
+    tag: common.Tag = None,
+    quiet: common.Quiet = False,
+):
+    """Train All-CNN-T (or a ResNet) on CIFAR-10; report the best validation error and the test error."""
+    rank, world, dev = distributed(device)
+    run = common.Run(ctx, common.args_from(locals()), "train_allcnn", main_process=rank == 0)
+    args = run.args
+    check_options(args)
+    data = common.load_cifar10(args.data_dir, dev, args.val_fraction, args.limit, args.seed)
+    common.seed_everything(common.seed_for(args.seed, "init"))  # the same initial weights on every rank
+    config = {"model": args.model, "c1": args.c1, "c2": args.c2, "norm": args.norm, "dropout": args.dropout, "num_classes": 10}
+    net = build_model(config).to(dev, memory_format=torch.channels_last)
+    groups = parameter_groups(net, args.weight_decay)
+    opt = torch.optim.SGD(groups, lr=args.lr, momentum=0.9, nesterov=True)
+    scaler = torch.amp.GradScaler(dev.type, enabled=args.amp and dev.type == "cuda" and not torch.cuda.is_bf16_supported())
+    batches = ShardedBatches(data.train_x, data.train_y, args.batch_size, common.seed_for(args.seed, "shuffle"), rank, world, args.augment)
+    counts = parameter_report(net, groups)
+    run.save_config(device=str(dev), world_size=world, global_batch=args.batch_size * world, **counts, **data.describe())
+    if rank == 0:
+        if not args.quiet:
+            print(common.parameter_table(net))
+        print(f"{args.model} | {counts['n_parameters']:,} parameters ({counts['n_decay']:,} with weight decay, "
+              f"{counts['n_no_decay']:,} without) | {world} process(es) on {dev} | train {len(data.train_y)} "
+              f"val {len(data.val_y)} test {len(data.test_y)} | run {run.dir}")
+    run.restore(dev, model=net, optimizer=opt, batches=batches)
+    ddp = nn.parallel.DistributedDataParallel(net) if world > 1 else net
+
+    writer = run.tensorboard()
+    with run.guard():
+        for epoch in run.epochs():
+            t0 = time.time()
+            train_loss, train_acc = train_epoch(ddp, batches, opt, scaler, epoch, args, dev)
+            val_loss, val_acc = evaluate(net, data.val_x, data.val_y, dev, args.amp) if len(data.val_y) else (None, None)
+            record = {"epoch": epoch, "train_loss": train_loss, "train_acc": train_acc, "val_loss": val_loss, "val_acc": val_acc,
+                      "train_error": 1 - train_acc, "val_error": None if val_acc is None else 1 - val_acc,
+                      "lr_end": lr_at(args.lr_schedule, args.lr, epoch - 1e-9, args.epochs), "epoch_time_s": time.time() - t0}
+            if writer is not None:
+                for key in ("train_loss", "val_loss", "train_error", "val_error"):
+                    if record[key] is not None:
+                        writer.add_scalar("{1}/{0}".format(*key.split("_")), record[key], epoch)
+            run.end_epoch(record, score=val_acc, loss=val_loss)
+            if rank == 0:
+                print(f"epoch {epoch:3d} | train loss {train_loss:.4f} error {1 - train_acc:.2%} | "
+                      + (f"val loss {val_loss:.4f} error {1 - val_acc:.2%} | " if val_acc is not None else "")
+                      + f"{record['epoch_time_s']:.1f}s")
+
+    if rank != 0:  # rank 0 alone reports and writes
+        dist.destroy_process_group()
+        return
+    net.load_state_dict(run.load_best(dev)["model"])
+    test_loss, test_acc = evaluate(net, data.test_x, data.test_y, dev, args.amp)
+    final = {"test_loss": test_loss, "test_acc": test_acc, "test_error": 1 - test_acc, "best_epoch": run.best["epoch"],
+             "best_val_error": None if run.best["score"] is None else 1 - run.best["score"], "epochs_run": run.epoch,
+             "mean_epoch_time_s": sum(h["epoch_time_s"] for h in run.history) / max(len(run.history), 1), **counts}
+    common.plot_curves(run.history, run.dir / "training_curves.png", keys=("loss", "error"))
+    run.finish(final, {"model": args.model, "epochs": run.epoch, "world_size": world, "test_acc": test_acc,
+                       "best_val_error": final["best_val_error"]})
+    print(f"run {run.dir} | test error {1 - test_acc:.2%}, best val error "
+          + (f"{final['best_val_error']:.2%}" if final["best_val_error"] is not None else "n/a")
+          + f" (epoch {final['best_epoch']})")
+    if dist.is_initialized():
+        dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    common.main(app)
