@@ -26,6 +26,7 @@ import random
 import sys
 import tempfile
 import time
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import SimpleNamespace
@@ -427,9 +428,12 @@ def load_checkpoint(path, map_location="cpu") -> dict:
     path = Path(path)
     check(path.is_file(), f"{path} not found: the run has no such checkpoint")
     try:
-        return torch.load(path, map_location=map_location, weights_only=True)
+        with warnings.catch_warnings():  # torch warns about unusual pickle protocols before refusing them
+            warnings.simplefilter("ignore")
+            return torch.load(path, map_location=map_location, weights_only=True)
     except Exception as e:
-        raise UserError(f"{path} is unreadable ({type(e).__name__}); the file is damaged: start a new run or use another checkpoint") from None
+        raise UserError(f"{path} is unreadable ({type(e).__name__}): damaged, or not a plain tensor checkpoint (objects "
+                        f"other than tensors are refused); start a new run or use another checkpoint") from None
 
 
 def resume_args(ctx: typer.Context, args: SimpleNamespace, changeable=("epochs", "device", "quiet", "data_dir")):
@@ -644,8 +648,10 @@ class Run:
         check(path.is_file(), f"{path} not found: the run has no such checkpoint")
         try:
             if self.ext == ".pt":
-                return torch.load(path, map_location=map_location, weights_only=True)
+                return load_checkpoint(path, map_location)
             return _load_npz(path)
+        except UserError:
+            raise
         except Exception as e:
             raise UserError(f"{path} is unreadable ({type(e).__name__}); the file is damaged: "
                             f"start a new run or use another checkpoint") from None

@@ -1,0 +1,245 @@
+"""fgsm_attack.py: input gradients and (iterative) FGSM attacks on a trained train_mlp, train_cnn or train_allcnn model.
+
+Reproduces the course project's attack section: the gradient of the loss with respect to the input image, drawn for
+correctly and incorrectly classified test images; the 1-step signed-gradient attack (FGSM: x + eps sign(dL/dx)) on
+the whole test set against clean accuracy; and a 5-step iterative FGSM (step eps/steps, each step projected back to
+the eps-ball around the image and to valid pixels). eps is in pixel units (0..255) and the attack works on pixels:
+the model's own per-channel normalization (training mean/std) sits inside the attacked function.
+Defaults: CIFAR-10 eps 2,4,8 (8 is the usual CIFAR budget); MNIST eps 16,32,64 (64 = 0.25 of the range, the FGSM
+paper's MNIST setting: MNIST pixels are nearly binary and small budgets barely move a trained model).
+    python fgsm_attack.py runs/train_cnn/RUN                 # MNIST CNN: clean ~99%, FGSM accuracy per eps
+    python fgsm_attack.py runs/train_allcnn/RUN --eps 8 --steps 10
+Writes runs/fgsm_attack/<timestamp>[-tag]/: config.json (naming the attacked run), metrics.json (clean, 1-step and
+iterative accuracy per eps, mean loss per step), grad_visuals_correct.png, grad_visuals_incorrect.png,
+attack_loss_curve.png, attack_image_progression_example0.png, fgsm_accuracy_vs_eps.png; one line in runs/results.jsonl.
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Annotated, Optional
+
+import torch
+import torch.nn.functional as F
+import typer
+
+import common
+
+app = typer.Typer(add_completion=False, pretty_exceptions_enable=False, help=__doc__.split("\n")[0])
+SUPPORTED = ("train_mlp", "train_cnn", "train_allcnn")
+DEFAULT_EPS = {"mnist": "16,32,64", "cifar10": "2,4,8"}
+
+
+# ----------------------------------------------------------------------------- the attacked run
+def load_attacked_run(run_dir: Path, device, data_dir: Optional[Path]):
+    """(model on pixels in [0, 1], test images in [0, 1], labels, class names, dataset name, config)."""
+    common.check(run_dir.is_dir(), f"{run_dir}: no such run directory")
+    common.check((run_dir / "config.json").is_file(), f"{run_dir}: config.json not found; is this a run directory?")
+    config = common.read_json(run_dir / "config.json")
+    script = config.get("script")
+    common.check(script in SUPPORTED, f"{run_dir}: a run of {script!r}; fgsm_attack.py attacks runs of {', '.join(SUPPORTED)}")
+    trainer = __import__(script)
+    try:
+        model = trainer.build_model(config)
+        model.load_state_dict(common.load_checkpoint(run_dir / "best.pt")["model"])
+    except (KeyError, RuntimeError) as e:
+        raise common.UserError(f"{run_dir}: config.json and best.pt do not describe the same model "
+                               f"({type(e).__name__}: {str(e).splitlines()[0][:120]})") from None
+    model = model.float().to(device).eval()
+    for p in model.parameters():
+        p.requires_grad_(False)
+    data_dir = data_dir or Path(config["data_dir"])
+    if script == "train_allcnn":
+        data = common.load_cifar10(data_dir, device, config["val_fraction"], config.get("limit"), config["seed"])
+        images, names, dataset = data.test_x.float() / 255, common.CIFAR_CLASSES, "cifar10"
+        mean = torch.tensor(common.CIFAR_MEAN, device=device).view(1, 3, 1, 1)
+        std = torch.tensor(common.CIFAR_STD, device=device).view(1, 3, 1, 1)
+    else:
+        data = common.load_mnist(data_dir, device, config.get("digits"), config["val_fraction"], config.get("limit"), config["seed"])
+        images, names, dataset = data.test_x.float().unsqueeze(1) / 255, [str(d) for d in data.digits], "mnist"
+        mean, std = common.MNIST_MEAN, common.MNIST_STD
+
+    def on_pixels(x):  # the normalization with the training statistics is part of the attacked function
+        return model((x - mean) / std)
+
+    return on_pixels, images, data.test_y, names, dataset, config
+
+
+# ----------------------------------------------------------------------------- gradients and attacks, whole batches
+def input_gradients(f, x, y):
+    """(loss per sample, dL/dx) for a batch of pixel images."""
+    x = x.clone().requires_grad_(True)
+    losses = F.cross_entropy(f(x), y, reduction="none")
+    (grad,) = torch.autograd.grad(losses.sum(), x)
+    return losses.detach(), grad
+
+
+def fgsm(f, x, y, eps: float):
+    """One signed-gradient step of size eps (in [0, 1] units), clipped to valid pixels."""
+    _, grad = input_gradients(f, x, y)
+    return (x + eps * grad.sign()).clamp_(0, 1)
+
+
+def iterative_fgsm(f, x, y, eps: float, steps: int):
+    """steps signed-gradient steps of eps/steps, each projected to the L-inf eps-ball around x and to [0, 1].
+    Returns the final images and the mean loss before each step and after the last ([steps + 1])."""
+    adv, losses = x.clone(), []
+    for _ in range(steps):
+        loss, grad = input_gradients(f, adv, y)
+        losses.append(loss.mean().item())
+        adv = torch.min(torch.max(adv + eps / steps * grad.sign(), x - eps), x + eps).clamp_(0, 1)
+    with torch.no_grad():
+        losses.append(F.cross_entropy(f(adv), y).item())
+    return adv, losses
+
+
+def attack_accuracy(f, images, labels, eps: float, steps: int, batch_size: int):
+    """Clean, 1-step FGSM and iterative FGSM accuracy over a whole split, and the iterative attack's mean loss per step."""
+    clean = one = many = 0
+    loss_curve = torch.zeros(steps + 1)
+    for s in range(0, len(labels), batch_size):
+        x, y = images[s:s + batch_size], labels[s:s + batch_size]
+        with torch.no_grad():
+            clean += (f(x).argmax(1) == y).sum().item()
+        adv = fgsm(f, x, y, eps)
+        with torch.no_grad():
+            one += (f(adv).argmax(1) == y).sum().item()
+        adv, losses = iterative_fgsm(f, x, y, eps, steps)
+        with torch.no_grad():
+            many += (f(adv).argmax(1) == y).sum().item()
+        loss_curve += torch.tensor(losses) * len(y)
+    n = len(labels)
+    return clean / n, one / n, many / n, (loss_curve / n).tolist()
+
+
+# ----------------------------------------------------------------------------- figures
+def show(ax, img):
+    """An image [C,H,W] in [0, 1]: grayscale or RGB."""
+    img = img.detach().cpu()
+    ax.imshow(img[0] if img.shape[0] == 1 else img.permute(1, 2, 0), cmap="gray" if img.shape[0] == 1 else None, vmin=0, vmax=1)
+    ax.axis("off")
+
+
+def plot_gradients(images, grads, titles, path, heading) -> None:
+    """Image row over gradient row (signed, summed over channels, blue negative, red positive)."""
+    plt = common.pyplot()
+    n = max(len(images), 1)
+    fig, axes = plt.subplots(2, n, figsize=(1.6 * n, 3.6), squeeze=False)
+    for j in range(n):
+        axes[0, j].axis("off")
+        axes[1, j].axis("off")
+    for j, (img, g, t) in enumerate(zip(images, grads, titles)):
+        show(axes[0, j], img)
+        axes[0, j].set_title(t, fontsize=7)
+        g = g.sum(0).cpu()
+        axes[1, j].imshow(g, cmap="RdBu_r", vmin=-g.abs().max(), vmax=g.abs().max())
+    fig.suptitle(heading, fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def plot_progression(f, x, y, eps: float, steps: int, names, path) -> None:
+    plt = common.pyplot()
+    fig, axes = plt.subplots(1, steps + 1, figsize=(1.8 * (steps + 1), 2.3), squeeze=False)
+    adv = x[:1].clone()
+    for k in range(steps + 1):
+        with torch.no_grad():
+            prob = f(adv).softmax(1)[0]
+        show(axes[0, k], adv[0])
+        axes[0, k].set_title(f"step {k}: {names[int(prob.argmax())]}\n{prob.max():.0%} (true {names[int(y[0])]})", fontsize=7)
+        if k < steps:
+            _, grad = input_gradients(f, adv, y[:1])
+            adv = torch.min(torch.max(adv + eps / steps * grad.sign(), x[:1] - eps), x[:1] + eps).clamp_(0, 1)
+    fig.suptitle(f"iterative FGSM on test image 0, eps {eps * 255:g}/255", fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def plot_lines(xs, lines: dict, xlabel, ylabel, path, title) -> None:
+    plt = common.pyplot()
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for label, ys in lines.items():
+        ax.plot(xs if not isinstance(xs, dict) else xs[label], ys, marker="o", label=label)
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    ax.set_title(title, fontsize=9)
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def parse_eps(text: str) -> list[float]:
+    try:
+        values = [float(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        raise common.UserError(f"--eps {text}: use pixel units (0-255), one value or a comma-separated list like 2,4,8") from None
+    common.check(values and all(0 <= v <= 255 for v in values), f"--eps {text}: each eps must be in [0, 255] pixel units")
+    return sorted(values)
+
+
+@app.command()
+def main(
+    ctx: typer.Context,
+    run_dir: Annotated[Path, typer.Argument(help="A run directory of train_mlp.py, train_cnn.py or train_allcnn.py.", show_default=False)],
+    eps: Annotated[Optional[str], typer.Option(help="Attack budget(s) in pixel units 0..255, e.g. 8 or 2,4,8,16 (default: CIFAR 2,4,8; MNIST 16,32,64).")] = None,
+    steps: Annotated[int, typer.Option(help="Steps of the iterative attack (each eps/steps).")] = 5,
+    examples: Annotated[int, typer.Option(help="Correct and incorrect test images drawn with their input gradients.")] = 8,
+    batch_size: common.BatchSize = 1000,
+    data_dir: Annotated[Optional[Path], typer.Option(help="Folder holding the data (default: the attacked run's).")] = None,
+    out_dir: common.OutDir = Path("runs"),
+    seed: common.Seed = 0,
+    device: common.Device = "auto",
+    tag: common.Tag = None,
+    quiet: common.Quiet = False,
+):
+    """Attack a trained model: input gradients, FGSM accuracy per eps, iterative FGSM."""
+    run = common.Run(ctx, common.args_from(locals()), "fgsm_attack")
+    args = run.args
+    common.check(args.steps >= 1, f"--steps {args.steps}: must be at least 1")
+    common.check(args.examples >= 1, f"--examples {args.examples}: must be at least 1")
+    eps_list = parse_eps(args.eps) if args.eps is not None else None
+    dev = common.pick_device(args.device)
+    f, images, labels, names, dataset, attacked = load_attacked_run(Path(args.run_dir), dev, args.data_dir)
+    eps_list = eps_list or parse_eps(DEFAULT_EPS[dataset])
+    run.save_config(attacked_run=str(args.run_dir), attacked_script=attacked["script"], dataset=dataset,
+                    eps_pixels=eps_list, device=str(dev), n_test=len(labels))
+    print(f"attacking {args.run_dir} ({attacked['script']}, {dataset}) | {len(labels)} test images | eps {eps_list} | run {run.dir}")
+
+    t0 = time.time()
+    with torch.no_grad():
+        preds = torch.cat([f(images[s:s + args.batch_size]).argmax(1) for s in range(0, len(labels), args.batch_size)])
+    for kind, mask in (("correct", preds == labels), ("incorrect", preds != labels)):
+        idx = torch.nonzero(mask).squeeze(1)[:args.examples]
+        _, grads = input_gradients(f, images[idx], labels[idx]) if len(idx) else (None, [])
+        titles = [f"true {names[int(labels[i])]}\npred {names[int(preds[i])]}" for i in idx]
+        plot_gradients(images[idx], grads, titles, run.dir / f"grad_visuals_{kind}.png",
+                       f"test images the model gets {'right' if kind == 'correct' else 'wrong'} (top) and dL/dx (bottom)")
+    results = {}
+    for e in eps_list:
+        clean, one, many, curve = attack_accuracy(f, images, labels, e / 255, args.steps, args.batch_size)
+        results[f"{e:g}"] = {"clean_acc": clean, "fgsm_acc": one, "iterative_acc": many, "iterative_loss_per_step": curve}
+        print(f"eps {e:5g}/255 | clean {clean:.2%} | FGSM {one:.2%} | {args.steps}-step FGSM {many:.2%} | "
+              f"loss {curve[0]:.3f} -> {curve[-1]:.3f}")
+    attack_s = time.time() - t0
+    plot_lines(list(range(args.steps + 1)), {f"eps {k}": r["iterative_loss_per_step"] for k, r in results.items()},
+               "iterative FGSM step", "mean test loss", run.dir / "attack_loss_curve.png", "loss rises with every step")
+    plot_progression(f, images, labels, eps_list[-1] / 255, args.steps, names, run.dir / "attack_image_progression_example0.png")
+    plot_lines(eps_list, {"clean": [r["clean_acc"] for r in results.values()], "FGSM (1 step)": [r["fgsm_acc"] for r in results.values()],
+                          f"iterative ({args.steps} steps)": [r["iterative_acc"] for r in results.values()]},
+               "eps (pixel units, 0-255)", "test accuracy", run.dir / "fgsm_accuracy_vs_eps.png", f"{attacked['script']} on {dataset}")
+    top = results[f"{eps_list[-1]:g}"]
+    final = {"per_eps": results, "clean_acc": top["clean_acc"], "eps": eps_list[-1], "fgsm_acc": top["fgsm_acc"],
+             "iterative_acc": top["iterative_acc"], "attack_time_s": attack_s}
+    run.finish(final, {"attacked_run": str(args.run_dir), "dataset": dataset, "eps": eps_list[-1], "clean_acc": top["clean_acc"],
+                       "fgsm_acc": top["fgsm_acc"], "iterative_acc": top["iterative_acc"]})
+    print(f"run {run.dir} | eps {eps_list[-1]:g}/255: clean {top['clean_acc']:.2%}, FGSM {top['fgsm_acc']:.2%}, "
+          f"{args.steps}-step {top['iterative_acc']:.2%}")
+
+
+if __name__ == "__main__":
+    common.main(app)

@@ -1,0 +1,110 @@
+"""fgsm_attack.py: adversarial images stay in the eps-ball and the pixel range, the iterative loss rises, adversarial
+accuracy is at most clean accuracy, end-to-end attacks on an MLP (MNIST) and an All-CNN-T (CIFAR) run, bad input."""
+
+import json
+import pickle
+
+import pytest
+import torch
+import torch.nn as nn
+
+import common
+import fgsm_attack
+from conftest import assert_user_error, run_cli
+from test_allcnn import write_cifar
+
+ONE_THREAD = {"OMP_NUM_THREADS": "1"}
+
+
+def tiny_model():
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Flatten(), nn.Linear(3 * 8 * 8, 16), nn.ReLU(), nn.Linear(16, 4))
+    return lambda x: net(x)
+
+
+def test_adversarial_images_stay_in_the_eps_ball_and_pixel_range():
+    f = tiny_model()
+    x = torch.rand(32, 3, 8, 8)
+    x[0] = 0  # pixels at the range's edges must stay inside it
+    x[1] = 1
+    y = torch.randint(0, 4, (32,))
+    eps = 8 / 255
+    one = fgsm_attack.fgsm(f, x, y, eps)
+    many, losses = fgsm_attack.iterative_fgsm(f, x, y, eps, steps=5)
+    for adv in (one, many):
+        assert adv.min() >= 0 and adv.max() <= 1
+        assert (adv - x).abs().max() <= eps + 1e-6
+    assert (one - x).abs().max() > 0.9 * eps  # FGSM moves the free pixels by the whole budget
+    assert len(losses) == 6 and losses[-1] > losses[0]  # the loss rises over the steps
+
+
+@pytest.fixture(scope="module")
+def mlp_run(tiny_mnist, tmp_path_factory):
+    out = tmp_path_factory.mktemp("runs")
+    proc = run_cli("train_mlp.py", "--data-dir", tiny_mnist, "--out-dir", out, "--epochs", 3, "--hidden", 64, "--quiet", env=ONE_THREAD)
+    assert proc.returncode == 0, proc.stderr
+    (run_dir,) = (out / "train_mlp").iterdir()
+    return run_dir
+
+
+def test_attack_an_mnist_mlp_end_to_end(mlp_run, tmp_path):
+    proc = run_cli("fgsm_attack.py", mlp_run, "--out-dir", tmp_path, "--eps", "8,32", "--steps", 3, "--examples", 4,
+                   "--quiet", env=ONE_THREAD)
+    assert proc.returncode == 0, proc.stderr
+    (run_dir,) = (tmp_path / "fgsm_attack").iterdir()
+    for name in ("grad_visuals_correct.png", "grad_visuals_incorrect.png", "attack_loss_curve.png",
+                 "attack_image_progression_example0.png", "fgsm_accuracy_vs_eps.png", "config.json", "metrics.json"):
+        assert (run_dir / name).is_file(), name
+    config = json.loads((run_dir / "config.json").read_text())
+    assert config["attacked_run"] == str(mlp_run) and config["attacked_script"] == "train_mlp" and config["eps_pixels"] == [8, 32]
+    final = json.loads((run_dir / "metrics.json").read_text())["final"]
+    for eps, r in final["per_eps"].items():
+        assert r["iterative_acc"] <= r["fgsm_acc"] + 0.05 and r["fgsm_acc"] <= r["clean_acc"]
+        assert r["iterative_loss_per_step"][-1] > r["iterative_loss_per_step"][0]
+    assert final["per_eps"]["32"]["fgsm_acc"] <= final["per_eps"]["8"]["fgsm_acc"]  # a larger budget hurts more
+    assert final["per_eps"]["32"]["fgsm_acc"] < final["clean_acc"] - 0.1
+
+
+def test_attack_a_cifar_allcnn_end_to_end(tmp_path):
+    data = write_cifar(tmp_path / "data" / "cifar-10-batches-bin", n_train=64, n_test=20)
+    proc = run_cli("train_allcnn.py", "--data-dir", data, "--out-dir", tmp_path / "runs", "--epochs", 1, "--c1", 8,
+                   "--c2", 8, "--batch-size", 16, "--quiet", env=ONE_THREAD)
+    assert proc.returncode == 0, proc.stderr
+    (run_dir,) = (tmp_path / "runs" / "train_allcnn").iterdir()
+    proc = run_cli("fgsm_attack.py", run_dir, "--out-dir", tmp_path / "attacks", "--steps", 2, "--quiet", env=ONE_THREAD)
+    assert proc.returncode == 0, proc.stderr
+    (attack_dir,) = (tmp_path / "attacks" / "fgsm_attack").iterdir()
+    final = json.loads((attack_dir / "metrics.json").read_text())["final"]
+    assert final["eps"] == 8 and sorted(final["per_eps"]) == ["2", "4", "8"]  # the CIFAR default
+    assert all(r["fgsm_acc"] <= r["clean_acc"] for r in final["per_eps"].values())
+
+
+class Payload:
+    def __reduce__(self):
+        import os
+        return (os.system, ("touch PWNED",))
+
+
+@pytest.mark.parametrize("case, words", [
+    ("glonet_run", ["train_glonet", "attacks runs of"]),
+    ("missing_checkpoint", ["best.pt", "not found"]),
+    ("poisoned_checkpoint", ["best.pt", "unreadable"]),
+    ("negative_eps", ["--eps"]),
+])
+def test_bad_input_exits_2(mlp_run, tmp_path, case, words):
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    config = json.loads((mlp_run / "config.json").read_text())
+    args = []
+    if case == "glonet_run":
+        config["script"] = "train_glonet"
+    elif case == "poisoned_checkpoint":
+        (run_dir / "best.pt").write_bytes(pickle.dumps({"model": Payload()}))
+    elif case == "negative_eps":
+        (run_dir / "best.pt").write_bytes((mlp_run / "best.pt").read_bytes())
+        args = ["--eps", "-4"]
+    common.write_json(run_dir / "config.json", config)
+    proc = run_cli("fgsm_attack.py", run_dir, "--out-dir", tmp_path / "out", *args, cwd=tmp_path)
+    assert_user_error(proc, *words)
+    assert not (tmp_path / "PWNED").exists()
+    assert not (tmp_path / "out" / "fgsm_attack").exists()
