@@ -65,6 +65,8 @@ class DepthNet(nn.Module):
         widths = [28 * 28] + [features] * (layers - 1)
         self.hidden = nn.ModuleList(nn.Linear(a, b) for a, b in zip(widths[:-1], widths[1:]))
         self.head = nn.Linear(widths[-1], num_classes)
+        # resmlp: pre-activation residual blocks h + W relu(LayerNorm(h)) (the ResNet v2 order, one Dense per block)
+        self.norms = nn.ModuleList(nn.LayerNorm(features) for _ in self.hidden[1:]) if model == "resmlp" else None
         with torch.no_grad():
             if init == "lecun":  # Flax nn.Dense's default: truncated normal (+-2 std), variance 1/fan_in; zero bias
                 for layer in [*self.hidden, self.head]:
@@ -87,7 +89,10 @@ class DepthNet(nn.Module):
         h = x.flatten(1)
         total = None
         for i, layer in enumerate(self.hidden):
-            out = self.act(layer(h))
+            if self.norms is not None and i > 0:  # resmlp block: h + W relu(LayerNorm(h)), zero-mean branch
+                out = layer(self.act(self.norms[i - 1](h)))
+            else:
+                out = self.act(layer(h))
             if outputs is not None:
                 outputs.append(out)
             if self.model == "glonet":

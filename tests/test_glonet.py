@@ -29,8 +29,11 @@ def one_thread():
 def by_hand(model, x):
     """Each hidden layer's output and the head's input, written out with plain matrix products."""
     h, outputs = x.flatten(1), []
-    for layer in model.hidden:
-        outputs.append(torch.relu(h @ layer.weight.T + layer.bias))
+    for i, layer in enumerate(model.hidden):
+        if model.model == "resmlp" and i > 0:  # pre-activation block: W relu(LayerNorm(h))
+            outputs.append(torch.relu(model.norms[i - 1](h)) @ layer.weight.T + layer.bias)
+        else:
+            outputs.append(torch.relu(h @ layer.weight.T + layer.bias))
         h = outputs[-1] if model.model != "resmlp" or len(outputs) == 1 else h + outputs[-1]
     head_input = {"glonet": sum(outputs), "mlp": outputs[-1], "resmlp": h}[model.model]
     return outputs, head_input
@@ -171,7 +174,8 @@ def test_depth_100_at_the_defaults_learns_a_few_steps_with_a_finite_loss():
 
 # ----------------------------------------------------------------------------- the CLI, end to end
 def test_cli_run_writes_every_output_and_resumes(tiny_mnist, tmp_path):
-    args = ["--data-dir", tiny_mnist, "--layers", 4, "--features", 64, "--lr", 3e-3, "--batch-size", 32, "--quiet"]
+    # a constant lr (not the default cosine) so that the 2-epoch run below may be resumed to 3
+    args = ["--data-dir", tiny_mnist, "--layers", 4, "--features", 64, "--lr", 3e-3, "--lr-schedule", "none", "--batch-size", 32, "--quiet"]
     proc = run_cli("train_glonet.py", *args, "--epochs", 3, "--out-dir", tmp_path / "a", "--tag", "e2e", env=ONE_THREAD)
     assert proc.returncode == 0, proc.stderr
     (run_dir,) = (tmp_path / "a" / "train_glonet").iterdir()
