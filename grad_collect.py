@@ -711,14 +711,24 @@ def analyze_run(run_dir: Path, args, device) -> dict:
     """For every stored epoch and parameter: k-means of the plain gradients and of their directions, ARI/NMI/purity
     against the digits; the t-SNE of both views of the headline array (last epoch); norm histograms; self-influence.
     Writes analysis.json and the PNGs; prints the time taken."""
+    # One thread: on the shared 2-core machine (load ~4) two threads took 57 s for the default one-epoch analysis, one 28 s.
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        return _analyze_run(run_dir, args, device)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _analyze_run(run_dir: Path, args, device) -> dict:
     t_all = time.time()
     epochs = stored_epochs(run_dir)
     common.check(len(epochs) > 0, f"{run_dir}: no gradients/epoch_<n>/ folders; is this a grad_collect run directory?")
-    tsne_epochs = epochs if args.tsne_epochs == "all" else epochs[-1:]
-    result = {"views": VIEWS, "analysis_dim": args.analysis_dim, "epochs": {}, "seconds": {}}
+    chosen = epochs if args.analysis_epochs == "all" else epochs[-1:]
+    result = {"views": VIEWS, "analysis_dim": args.analysis_dim, "torch_threads": 1, "epochs": {}, "seconds": {}}
     for epoch in epochs:
         t_epoch = time.time()
-        ep = Epoch(run_dir, epoch)
+        ep = Epoch(run_dir, epoch)  # norm histograms for every epoch; clusters and t-SNE for the chosen ones
         meta = ep.meta
         digits = meta["digits"]
         digit = np.asarray(meta["digit"])
@@ -730,6 +740,8 @@ def analyze_run(run_dir: Path, args, device) -> dict:
         plot_norm_histograms(np.concatenate([norms, total], 1), meta["norms"]["columns"] + ["total"], digit, digits,
                              run_dir / f"grad_norms_epoch_{epoch}.png", epoch)
         shown = headline_array(ep)
+        if epoch not in chosen:
+            continue
         per_array = {}
         for name in (list(meta["arrays"]) if ep.store == "projection" else ep.params):
             t0 = time.time()
@@ -742,7 +754,7 @@ def analyze_run(run_dir: Path, args, device) -> dict:
                 km = kmeans(xv, k, seed=args.seed, n_init=args.kmeans_init)
                 clusters = km["labels"].cpu().numpy()
                 e = {"k": k, "inertia": km["inertia"], "iterations": km["iterations"], **cluster_scores(digit, clusters, digits, k)}
-                if args.compare_sklearn and epoch in tsne_epochs:
+                if args.compare_sklearn:
                     from sklearn.cluster import KMeans
                     from threadpoolctl import threadpool_limits
 
@@ -753,7 +765,7 @@ def analyze_run(run_dir: Path, args, device) -> dict:
                     e["sklearn"] = {"inertia_same_init": float(same.inertia_), "inertia_own_init": float(own.inertia_),
                                     "ratio_same_init": km["inertia"] / float(same.inertia_), "ratio_own_init": km["inertia"] / float(own.inertia_)}
                 e["kmeans_seconds"] = time.time() - t0
-                if epoch in tsne_epochs and name == shown:
+                if name == shown:
                     t0 = time.time()
                     sub = np.sort(np.random.default_rng(args.seed).choice(len(digit), min(len(digit), args.tsne_samples), replace=False))
                     emb, dims = tsne(xv[torch.as_tensor(sub, device=xv.device)].cpu().numpy(), args.perplexity, args.seed)
@@ -774,7 +786,7 @@ def analyze_run(run_dir: Path, args, device) -> dict:
     result["self_influence"] = self_influence_report(run_dir, args, device)
     result["seconds"]["total"] = time.time() - t_all
     common.write_json(run_dir / "analysis.json", result)
-    print(f"analysis of {len(epochs)} epoch(s): {result['seconds']['total']:.1f} s "
+    print(f"analysis of {len(chosen)} epoch(s): {result['seconds']['total']:.1f} s "
           f"(last epoch {result['seconds'][str(epochs[-1])]:.1f} s, of which t-SNE "
           f"{sum(result['epochs'][str(epochs[-1])][shown][v].get('tsne', {}).get('seconds', 0) for v in VIEWS):.1f} s)")
     return result
@@ -912,7 +924,7 @@ def influence_report(run_dir: Path, args, device) -> dict:
 
 
 # ----------------------------------------------------------------------------- command line
-ANALYSIS_OPTIONS = ("analysis", "influence", "clusters", "kmeans_init", "tsne_samples", "perplexity", "tsne_epochs", "analysis_dim", "compare_sklearn")
+ANALYSIS_OPTIONS = ("analysis", "influence", "clusters", "kmeans_init", "tsne_samples", "perplexity", "analysis_epochs", "analysis_dim", "compare_sklearn")
 
 
 @app.command()
@@ -942,10 +954,10 @@ def main(
     analysis: Annotated[bool, typer.Option(help="Analyze after collecting.")] = True,
     clusters: Annotated[Optional[int], typer.Option(help="k of k-means (default: the number of classes).")] = None,
     kmeans_init: Annotated[int, typer.Option(help="k-means++ restarts; the lowest inertia wins (1 = scikit-learn's default).")] = 1,
-    tsne_samples: Annotated[int, typer.Option(help="Samples in the t-SNE plots (a seeded subsample).")] = 2500,
+    tsne_samples: Annotated[int, typer.Option(help="Samples in the t-SNE plots (a seeded subsample).")] = 1000,
     perplexity: Annotated[float, typer.Option(help="t-SNE perplexity.")] = 30.0,
-    tsne_epochs: Annotated[str, typer.Option(help="last or all: which epochs get the two t-SNE plots (plain, direction).")] = "last",
-    analysis_dim: Annotated[int, typer.Option(help="Parameters with more values are projected to this many dims (from the factors) for k-means and t-SNE.")] = 1024,
+    analysis_epochs: Annotated[str, typer.Option(help="last or all: which epochs get k-means and the two t-SNE plots (plain, direction).")] = "last",
+    analysis_dim: Annotated[int, typer.Option(help="Parameters with more values are projected to this many dims (from the factors) for k-means and t-SNE.")] = 256,
     compare_sklearn: Annotated[bool, typer.Option(help="Also run scikit-learn's KMeans on the t-SNE epochs and record its inertia.")] = False,
     val_fraction: common.ValFraction = 0.1,
     data_dir: common.DataDir = Path("./data"),
@@ -1039,7 +1051,7 @@ def check_analysis_options(args) -> None:
     common.check(args.kmeans_init >= 1, f"--kmeans-init {args.kmeans_init}: must be at least 1")
     common.check(args.tsne_samples >= 10, f"--tsne-samples {args.tsne_samples}: need at least 10")
     common.check(args.perplexity > 0, f"--perplexity {args.perplexity}: must be positive")
-    common.check(args.tsne_epochs in ("last", "all"), f"--tsne-epochs {args.tsne_epochs}: use last or all")
+    common.check(args.analysis_epochs in ("last", "all"), f"--analysis-epochs {args.analysis_epochs}: use last or all")
     common.check(args.analysis_dim >= 2, f"--analysis-dim {args.analysis_dim}: must be at least 2")
     common.check(not (args.influence and not args.analysis and not args.analyze), "--influence needs the analysis (drop --no-analysis)")
 

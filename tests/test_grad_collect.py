@@ -231,7 +231,7 @@ def test_size_guard_stops_before_training(tiny_mnist, tmp_path):
     assert not (tmp_path / "grad_collect").exists() or not any((tmp_path / "grad_collect").iterdir())
 
 
-def check_run(run_dir, epochs, params, digits, tsne_epochs, trained=True):
+def check_run(run_dir, epochs, params, digits, analyzed, trained=True):
     for name in ("config.json", "metrics.json", "analysis.json", "self_influence_top.png") + (("best.pt", "last.pt", "training_curves.png") if trained else ()):
         assert (run_dir / name).is_file(), name
     analysis = json.loads((run_dir / "analysis.json").read_text())
@@ -251,6 +251,9 @@ def check_run(run_dir, epochs, params, digits, tsne_epochs, trained=True):
             assert np.isfinite(arr).all() and np.abs(arr).sum() > 0
         assert set(stats["parameters"]["total"]["per_digit"]) == {str(d) for d in digits}
         assert (run_dir / f"grad_norms_epoch_{epoch}.png").is_file()
+        if epoch not in analyzed:
+            assert str(epoch) not in analysis["epochs"] and not list(run_dir.glob(f"tsne_*_epoch_{epoch}_*.png"))
+            continue
         assert set(analysis["epochs"][str(epoch)]) == set(params)
         for name in params:
             for view in ("plain", "direction"):
@@ -263,7 +266,7 @@ def check_run(run_dir, epochs, params, digits, tsne_epochs, trained=True):
                 assert entry["ari"] == pytest.approx(adjusted_rand_score(true, pred), abs=1e-9)
                 assert entry["nmi"] == pytest.approx(normalized_mutual_info_score(true, pred), abs=1e-9)
                 png = run_dir / f"tsne_{name}_epoch_{epoch}_{view}.png"
-                if epoch in tsne_epochs and name == shown:
+                if name == shown:
                     assert png.is_file() and png.stat().st_size > 10_000
                     legends = entry["tsne"]["legends"]
                     assert legends["original digit"] == [str(d) for d in digits]
@@ -292,7 +295,7 @@ def test_end_to_end_factors_both_views_and_influence(digits012_run, tiny_mnist):
     last = proc.stdout.strip().splitlines()[-1]
     assert str(run_dir) in last and "plain ARI" in last and "direction ARI" in last and "net.5.weight" in last
     assert "analysis of 2 epoch(s):" in proc.stdout
-    analysis = check_run(run_dir, [1, 2], PARAMS3, [0, 1, 2], tsne_epochs=[2])
+    analysis = check_run(run_dir, [1, 2], PARAMS3, [0, 1, 2], analyzed=[2])
     e = analysis["epochs"]["2"]
     assert e["net.1.weight"]["dims"] == 64 and "projected 25,088 -> 64" in e["net.1.weight"]["vectors"]
     assert e["net.5.weight"]["dims"] == 48 and e["net.5.weight"]["vectors"] == "exact"
@@ -320,11 +323,11 @@ def test_end_to_end_factors_both_views_and_influence(digits012_run, tiny_mnist):
 
 def test_analyze_on_its_own_and_influence_only(digits012_run, tiny_mnist):
     _, run_dir = digits012_run
-    proc = run_cli("grad_collect.py", "--analyze", run_dir, "--data-dir", tiny_mnist, "--tsne-epochs", "all", "--tsne-samples", "50",
+    proc = run_cli("grad_collect.py", "--analyze", run_dir, "--data-dir", tiny_mnist, "--analysis-epochs", "all", "--tsne-samples", "50",
                    "--clusters", "4", "--analysis-dim", "64", "--device", "cpu", "--quiet", env=ONE_THREAD)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert str(run_dir) in proc.stdout.strip().splitlines()[-1]
-    analysis = check_run(run_dir, [1, 2], PARAMS3, [0, 1, 2], tsne_epochs=[1, 2])
+    analysis = check_run(run_dir, [1, 2], PARAMS3, [0, 1, 2], analyzed=[1, 2])
     assert analysis["epochs"]["1"]["net.5.weight"]["direction"]["k"] == 4
     proc = run_cli("grad_collect.py", "--analyze", run_dir, "--data-dir", tiny_mnist, "--influence", "9", "--device", "cpu", "--quiet", env=ONE_THREAD)
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -355,7 +358,7 @@ def test_from_train_mlp_run_raw_last_layer_with_other_digits(tiny_mnist, tmp_pat
                    "--params", "net.3.weight,net.3.bias", "--dtype", "float16", "--tsne-samples", "40", "--device", "cpu", "--quiet", env=ONE_THREAD)
     assert proc.returncode == 0, proc.stderr[-3000:]
     (run_dir,) = (tmp_path / "grad_collect").iterdir()
-    check_run(run_dir, [1], ["net.3.weight", "net.3.bias"], [3, 5], tsne_epochs=[1], trained=False)
+    check_run(run_dir, [1], ["net.3.weight", "net.3.bias"], [3, 5], analyzed=[1], trained=False)
     # raw last-layer gradients, read back, equal those recomputed from the source run's best.pt
     import common
 
