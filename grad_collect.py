@@ -865,7 +865,7 @@ def self_influence_report(run_dir: Path, args, device, top: int = 25) -> dict:
     titles = [f"#{r + 1} row {i}\nlabel {digits[label[i]]} pred {digits[pred[i]]}\nSI {si[i]:.3g}" for r, i in enumerate(order)]
     common.plot_image_grid(data.train_x[torch.as_tensor(order)].cpu(), titles, run_dir / "self_influence_top.png",
                            colors=["red" if wrong[i] else "black" for i in order], cols=5,
-                           suptitle=f"highest self-influence (TracIn, sum of lr_e ||g||^2): {int(wrong[order].sum())} of {top} misclassified "
+                           suptitle=f"highest self-influence (TracIn, sum of lr_e ||g||^2)\n{int(wrong[order].sum())} of {top} misclassified "
                                     f"by the final model (red); base rate {wrong.mean():.2%}")
     return {"file": "self_influence_top.png", "scores": "self_influence.npy", "top": [
         {"row": int(i), "sample_index": int(data.train_index[i]), "label": digits[label[i]], "prediction": digits[pred[i]],
