@@ -702,8 +702,8 @@ def headline_array(ep: Epoch) -> str:
 
 
 def analyze_run(run_dir: Path, args, device) -> dict:
-    """For every stored epoch and parameter: k-means of the plain gradients and of their directions, ARI/NMI/purity
-    against the digits; the t-SNE of both views of the headline array (last epoch); norm histograms; self-influence.
+    """For the last (or every) stored epoch and each parameter: k-means of the plain gradients and of their directions,
+    ARI/NMI/purity against the digits; the t-SNE of both views of the headline array; norm histograms; self-influence.
     Writes analysis.json and the PNGs; prints the time taken."""
     # One thread: on the shared 2-core machine (load ~4) two threads took 57 s for the default one-epoch analysis, one 28 s.
     threads = torch.get_num_threads()
@@ -720,9 +720,9 @@ def _analyze_run(run_dir: Path, args, device) -> dict:
     common.check(len(epochs) > 0, f"{run_dir}: no gradients/epoch_<n>/ folders; is this a grad_collect run directory?")
     chosen = epochs if args.analysis_epochs == "all" else epochs[-1:]
     result = {"views": VIEWS, "analysis_dim": args.analysis_dim, "torch_threads": 1, "epochs": {}, "seconds": {}}
-    for epoch in epochs:
+    for epoch in chosen:
         t_epoch = time.time()
-        ep = Epoch(run_dir, epoch)  # norm histograms for every epoch; clusters and t-SNE for the chosen ones
+        ep = Epoch(run_dir, epoch)
         meta = ep.meta
         digits = meta["digits"]
         digit = np.asarray(meta["digit"])
@@ -734,8 +734,6 @@ def _analyze_run(run_dir: Path, args, device) -> dict:
         plot_norm_histograms(np.concatenate([norms, total], 1), meta["norms"]["columns"] + ["total"], digit, digits,
                              run_dir / f"grad_norms_epoch_{epoch}.png", epoch)
         shown = headline_array(ep)
-        if epoch not in chosen:
-            continue
         per_array = {}
         for name in (list(meta["arrays"]) if ep.store == "projection" else ep.params):
             t0 = time.time()

@@ -250,10 +250,10 @@ def check_run(run_dir, epochs, params, digits, analyzed, trained=True):
             assert list(arr.shape) == info["shape"] and arr.shape[0] == n and arr.dtype == np.dtype(meta["dtype"])
             assert np.isfinite(arr).all() and np.abs(arr).sum() > 0
         assert set(stats["parameters"]["total"]["per_digit"]) == {str(d) for d in digits}
-        assert (run_dir / f"grad_norms_epoch_{epoch}.png").is_file()
         if epoch not in analyzed:
             assert str(epoch) not in analysis["epochs"] and not list(run_dir.glob(f"tsne_*_epoch_{epoch}_*.png"))
             continue
+        assert (run_dir / f"grad_norms_epoch_{epoch}.png").is_file()
         assert set(analysis["epochs"][str(epoch)]) == set(params)
         for name in params:
             for view in ("plain", "direction"):
