@@ -1,26 +1,20 @@
-"""grad_collect.py: per-sample gradients of every MNIST training sample, stored compactly on disk,
-clustered with k-means on the device and shown with t-SNE.
+"""grad_collect.py: exact per-sample gradients of every MNIST training sample, stored as layer factors, and what
+they are for: TracIn influence, self-influence (finding mislabeled data) and clusters of gradients.
 
-Reproduces the per-sample-gradient MLP project (784-512-10, Adam lr 1e-3, weight decay 1e-4, batch 64), which
-saved every sample's gradient each epoch with a Python loop over samples and pickled its results. Here:
-- per-sample gradients come from per-layer factors: for a Linear layer, sample i's weight gradient is the outer
-  product b_i a_i^T of its output gradient b_i and its input a_i (one batched forward/backward of the summed loss);
-- gradients (or a seeded random projection of them, --project-dim K) go to one memory-mapped .npy per array and
-  epoch, with metadata.json and stats.json (no pickle);
-- analysis: k-means (torch, k-means++), ARI/NMI/purity against the digits, t-SNE plots, gradient-norm histograms.
+Reproduces the per-sample-gradient MLP project (784-512-10, Adam lr 1e-3, weight decay 1e-4, batch 64), which saved
+every sample's gradient each epoch with a Python loop and pickled it. Here, for a Linear layer sample i's weight
+gradient is b_i a_i^T (a_i its input, b_i its output gradient): --store factors (default) keeps a_i and b_i,
+1,818 floats per sample instead of 407,050, exact (Epoch rebuilds gradients, dot products, norms, projections).
 
-    python grad_collect.py --project-dim 1024 --project-scope param     # train 5 epochs, collect every epoch
-    python grad_collect.py --digits 0,1 --project-dim 1024 --project-scope param
-    python grad_collect.py --from-run runs/train_mlp/RUN --params net.3.weight,net.3.bias   # raw last layer
-    python grad_collect.py --analyze runs/grad_collect/RUN --normalize      # analysis again, of gradient directions
+    python grad_collect.py                        # all digits, 5 epochs: 98.2% test, 394 MB of factors per epoch
+    python grad_collect.py --digits 3,5           # last-layer clusters: plain ARI 0.00, directions ARI 1.00
+    python grad_collect.py --analyze runs/grad_collect/RUN --influence 0,247   # TracIn proponents/opponents
+    python grad_collect.py --store projection --project-dim 1024    # or --store raw --params net.3.weight
 
-Expect about 98% test accuracy and 556 MB of gradients per epoch for the first command. k-means
-on the plain last-layer gradients finds gradient size, not digits (measured ARI 0.000, NMI 0.016: norms span ten
-orders of magnitude); on their directions (--analyze RUN --normalize) it finds the digits (ARI 0.998, NMI 0.997).
 Writes runs/grad_collect/<timestamp>[-tag]/: config.json, metrics.json, best.pt, last.pt, training_curves.png,
-predictions.png, confusion_matrix.png,
-gradients/epoch_<n>/{<array>.npy, norms.npy, metadata.json, stats.json}, analysis.json,
-tsne_<array>_epoch_<n>.png, grad_norms_epoch_<n>.png and TensorBoard events.
+predictions.png, confusion_matrix.png, gradients/epoch_<n>/{a_<layer>.npy, b_<layer>.npy, norms.npy, weights.pt,
+metadata.json, stats.json}, analysis.json, tsne_<param>_epoch_<n>_{plain,direction}.png, grad_norms_epoch_<n>.png,
+self_influence.npy, self_influence_top.png, influence_<i>.png/.npy, influence.json and TensorBoard events.
 """
 
 from __future__ import annotations
@@ -115,21 +109,24 @@ def squared_norms(a, b, model, names) -> torch.Tensor:
 
 
 # ----------------------------------------------------------------------------- structured random projection
-def projection_factors(model: nn.Module, k: int, seed: int, device) -> dict[str, tuple[torch.Tensor, ...]]:
+def projection_factors(shapes, k: int, seed: int, device) -> dict[str, tuple[torch.Tensor, ...]]:
     """Seeded factors of a K-row projection of the flattened gradient. Row k restricted to a weight [out,in] is
     u_k v_k^T / sqrt(K) (u_k, v_k standard normal), restricted to a bias it is w_k / sqrt(K); so the projection of
     sample i's weight gradient b_i a_i^T is (u_k . b_i)(v_k . a_i) / sqrt(K), computed without forming it, and
-    E[<Pg, Pg'>] = <g, g'>. Drawn for every parameter in order, so a parameter's factors do not depend on --params."""
+    E[<Pg, Pg'>] = <g, g'>. Drawn for every parameter in order, so a parameter's factors do not depend on --params.
+    shapes: a model, or {parameter name: shape} in named_parameters order."""
+    if isinstance(shapes, nn.Module):
+        shapes = {n: tuple(p.shape) for n, p in shapes.named_parameters()}
     g = torch.Generator().manual_seed(seed)
     scale = 1.0 / math.sqrt(k)
     out = {}
-    for name, p in model.named_parameters():
-        if p.dim() == 2:
-            u = torch.randn(p.shape[0], k, generator=g)
-            v = torch.randn(p.shape[1], k, generator=g) * scale
+    for name, shape in shapes.items():
+        if len(shape) == 2:
+            u = torch.randn(shape[0], k, generator=g)
+            v = torch.randn(shape[1], k, generator=g) * scale
             out[name] = (u.to(device), v.to(device))
         else:
-            out[name] = ((torch.randn(p.shape[0], k, generator=g) * scale).to(device),)
+            out[name] = ((torch.randn(shape[0], k, generator=g) * scale).to(device),)
     return out
 
 
@@ -142,12 +139,26 @@ def project_param(a, b, where, name, factors) -> torch.Tensor:
 
 
 # ----------------------------------------------------------------------------- what is stored
-def plan_arrays(model: nn.Module, names: list[str], project_dim: Optional[int], scope: str) -> list[dict]:
-    """The arrays written per epoch: raw gradients per parameter, one projection of the selected parameters'
-    whole flattened gradient ('all'), or one projection per parameter (parameters with at most K values are
-    stored raw: projecting them up to K dims adds nothing)."""
+def plan_arrays(model: nn.Module, names: list[str], store: str = "factors", project_dim: Optional[int] = None,
+                scope: str = "whole") -> list[dict]:
+    """The arrays written per epoch.
+    factors: per Linear layer, its inputs a [N,in] (when its weight is selected) and output gradients b [N,out]:
+      exact, sample i's weight gradient is b_i a_i^T and its bias gradient b_i;
+    raw: the gradients per parameter [N, *shape];
+    projection: one K-dim projection of the selected parameters' whole flattened gradient ('all'), or one per
+      parameter (parameters with at most K values are stored raw: projecting them up to K dims adds nothing)."""
     shapes = dict((n, list(p.shape)) for n, p in model.named_parameters())
-    if project_dim is None:
+    if store == "factors":
+        plan = []
+        for prefix, m in linear_layers(model):
+            chosen = [n for n in (f"{prefix}.weight", f"{prefix}.bias") if n in names]
+            if not chosen:
+                continue
+            if f"{prefix}.weight" in chosen:
+                plan.append({"name": f"a_{prefix}", "kind": "factor_a", "layer": prefix, "params": chosen, "shape": [m.in_features]})
+            plan.append({"name": f"b_{prefix}", "kind": "factor_b", "layer": prefix, "params": chosen, "shape": [m.out_features]})
+        return plan
+    if store == "raw":
         return [{"name": n, "kind": "raw", "params": [n], "shape": shapes[n]} for n in names]
     if scope == "whole":
         return [{"name": "all", "kind": "projected", "params": names, "shape": [project_dim]}]
@@ -159,27 +170,27 @@ def plan_arrays(model: nn.Module, names: list[str], project_dim: Optional[int], 
     return plan
 
 
-def estimate_bytes(n: int, plan: list[dict], itemsize: int, n_norms: int) -> int:
-    """Bytes on disk for one epoch: the arrays plus the float32 norms."""
-    return n * (sum(math.prod(a["shape"]) for a in plan) * itemsize + n_norms * 4)
+def estimate_bytes(n: int, plan: list[dict], itemsize: int, n_norms: int, n_params: int = 0) -> int:
+    """Bytes on disk for one epoch: the arrays, the float32 norms and the epoch's float32 weights (weights.pt)."""
+    return n * (sum(math.prod(a["shape"]) for a in plan) * itemsize + n_norms * 4) + 4 * n_params
 
 
-def check_size(n: int, plan, itemsize: int, n_norms: int, collections: int, max_gb: float, out_dir: Path) -> int:
-    per_epoch = estimate_bytes(n, plan, itemsize, n_norms)
+def check_size(n: int, plan, itemsize: int, n_norms: int, collections: int, max_gb: float, out_dir: Path, n_params: int = 0) -> int:
+    per_epoch = estimate_bytes(n, plan, itemsize, n_norms, n_params)
     total = per_epoch * collections
     values = sum(math.prod(a["shape"]) for a in plan)
     if total > max_gb * 1e9:
         raise common.UserError(
             f"the gradients would take about {total / 1e9:.2f} GB on disk ({n:,} samples x {values:,} values x "
-            f"{itemsize} bytes x {collections} epoch(s)), over --max-gb {max_gb:g}; shrink it with --project-dim K "
-            f"(e.g. 1024), --params (fewer parameters, e.g. the last layer), --dtype float16, --no-every-epoch, "
-            f"--digits or --limit, or raise --max-gb")
+            f"{itemsize} bytes x {collections} epoch(s)), over --max-gb {max_gb:g}; shrink it with --store factors "
+            f"(exact, the default), --store projection --project-dim K (e.g. 1024), --params (fewer parameters, e.g. "
+            f"the last layer), --dtype float16, --no-every-epoch, --digits or --limit, or raise --max-gb")
     probe = Path(out_dir)
     while not probe.exists() and probe != probe.parent:
         probe = probe.parent
     free = shutil.disk_usage(probe).free
     common.check(total < free, f"the gradients would take about {total / 1e9:.2f} GB but only {free / 1e9:.2f} GB are "
-                               f"free under {probe}; free space or shrink the output (--project-dim, --params, --dtype float16)")
+                               f"free under {probe}; free space or shrink the output (--store factors, --params, --dtype float16)")
     return total
 
 
@@ -194,6 +205,7 @@ def collect(model, images, labels, epoch_dir: Path, plan: list[dict], dtype: str
     epoch_dir.mkdir(parents=True, exist_ok=True)
     np_dtype = np.dtype(dtype)
     where = factor_of(model)
+    position = {prefix: i for i, (prefix, _) in enumerate(linear_layers(model))}
     names = param_names(model)
     files = {a["name"]: np.lib.format.open_memmap(epoch_dir / f"{a['name']}.npy", mode="w+", dtype=np_dtype,
                                                   shape=(n, *a["shape"])) for a in plan}
@@ -210,6 +222,9 @@ def collect(model, images, labels, epoch_dir: Path, plan: list[dict], dtype: str
         sq_norms[start:stop] = squared_norms(a, b, model, names)
         for arr in plan:
             out = files[arr["name"]]
+            if arr["kind"] in ("factor_a", "factor_b"):
+                out[start:stop] = (a if arr["kind"] == "factor_a" else b)[position[arr["layer"]]].cpu().numpy()
+                continue
             if arr["kind"] == "projected":
                 proj = sum(project_param(a, b, where, p, factors) for p in arr["params"])
                 out[start:stop] = proj.cpu().numpy()
@@ -242,13 +257,31 @@ def summarize(values: torch.Tensor) -> dict:
             "median": float(q[0]), "p90": float(q[1]), "p99": float(q[2]), "max": v.max().item()}
 
 
-def write_epoch(model, data: common.MNIST, run_dir: Path, epoch: int, plan, args, factors, samples: str) -> dict:
-    """Collect one epoch's gradients into gradients/epoch_<n>/ (written under a .partial name, then renamed)."""
+PROJECTION_METHOD = ("structured Gaussian sketch: row k is u_k v_k^T / sqrt(K) on each weight [out,in] and w_k / sqrt(K) on "
+                     "each bias (u, v, w standard normal, drawn per parameter in named_parameters order from "
+                     "torch.Generator().manual_seed(seed)); sample i's projection is sum over layers of (b_i . u_k)(a_i . v_k) "
+                     "/ sqrt(K) + b_i . w_k / sqrt(K); E[<Pg, Pg'>] = <g, g'>; the same projection in every epoch")
+
+
+def base_meta(model, plan: list[dict], n: int, store: str, dtype: str, lr: float, projection: Optional[dict] = None) -> dict:
+    """The part of metadata.json that Epoch (the reader) needs."""
+    return {"n_samples": n, "store": store, "dtype": dtype, "lr": lr, "projection": projection,
+            "parameter_shapes": {name: list(p.shape) for name, p in model.named_parameters()},
+            "arrays": {a["name"]: {"file": f"{a['name']}.npy", "shape": [n, *a["shape"]],
+                                   **{k: v for k, v in a.items() if k not in ("name", "shape")}} for a in plan},
+            "norms": {"file": "norms.npy", "columns": param_names(model), "dtype": "float32"},
+            "weights": "weights.pt"}
+
+
+def write_epoch(model, data: common.MNIST, run_dir: Path, epoch: int, plan, args, factors, samples: str, lr: float) -> dict:
+    """Collect one epoch's gradients into gradients/epoch_<n>/ (written under a .partial name, then renamed: a kill
+    leaves only the .partial folder, which the resumed run, redoing this epoch, replaces)."""
     final = run_dir / "gradients" / f"epoch_{epoch}"
     partial = final.with_name(final.name + ".partial")
     shutil.rmtree(partial, ignore_errors=True)
     t0 = time.time()
     out = collect(model, data.train_x, data.train_y, partial, plan, args.dtype, args.collect_batch_size, factors, args.quiet)
+    torch.save({k: v.detach().cpu() for k, v in model.state_dict().items()}, partial / "weights.pt")
     seconds = time.time() - t0
     names = param_names(model)
     digit_of = torch.tensor(data.digits)
@@ -260,25 +293,17 @@ def write_epoch(model, data: common.MNIST, run_dir: Path, epoch: int, plan, args
         stats["parameters"][col] = {"overall": summarize(norms[:, j]),
                                     "per_digit": {str(d): summarize(norms[digit == d, j]) for d in data.digits}}
     projection = None
-    if args.project_dim is not None:
-        projection = {"dim": args.project_dim, "scope": args.project_scope, "seed": args.project_seed,
-                      "method": "structured Gaussian sketch: row k is u_k v_k^T / sqrt(K) on each weight [out,in] and "
-                                "w_k / sqrt(K) on each bias (u, v, w standard normal, drawn per parameter in "
-                                "named_parameters order from torch.Generator().manual_seed(seed)); sample i's projection "
-                                "is sum over layers of (b_i . u_k)(a_i . v_k) / sqrt(K) + b_i . w_k / sqrt(K); "
-                                "E[<Pg, Pg'>] = <g, g'>; the same projection in every epoch"}
+    if args.store == "projection":
+        projection = {"dim": args.project_dim, "scope": args.project_scope, "seed": args.project_seed, "method": PROJECTION_METHOD}
     meta = {
-        "epoch": epoch, "n_samples": len(digit), "samples": samples,
+        "epoch": epoch, "samples": samples,
         "model_mode": "eval (dropout off) during collection",
         "loss": "per-sample cross-entropy of the sample's remapped label (weight decay is not part of the loss)",
+        "lr_of": "the mean learning rate over this epoch's steps (TracIn's lr_e)",
         "digits": data.digits, "digit_map": data.digit_map,
         "sample_index": data.train_index.tolist(), "digit": digit.tolist(), "label": data.train_y.cpu().tolist(),
         "prediction": out["pred"].tolist(), "loss_value": [round(v, 6) for v in out["loss"].tolist()],
-        "parameter_shapes": {n: list(p.shape) for n, p in model.named_parameters()},
-        "dtype": args.dtype, "projection": projection,
-        "arrays": {a["name"]: {"file": f"{a['name']}.npy", "kind": a["kind"], "params": a["params"],
-                               "shape": [len(digit), *a["shape"]]} for a in plan},
-        "norms": {"file": "norms.npy", "columns": names, "dtype": "float32"},
+        **base_meta(model, plan, len(digit), args.store, args.dtype, lr, projection),
         "collect_seconds": seconds,
     }
     common.write_json(partial / "metadata.json", meta)
@@ -288,6 +313,212 @@ def write_epoch(model, data: common.MNIST, run_dir: Path, epoch: int, plan, args
     if not args.quiet:
         print(f"  gradients of {len(digit):,} samples for epoch {epoch} -> {final} ({seconds:.1f}s)")
     return meta
+
+
+def epoch_lr(args, epoch: int, steps: int) -> float:
+    """The mean learning rate of an epoch's steps under train_mlp.train's schedule."""
+    if args.lr_schedule == "none":
+        return args.lr
+    total = args.epochs * steps
+    return float(np.mean([args.lr * 0.5 * (1 + math.cos(math.pi * s / total)) for s in range((epoch - 1) * steps, epoch * steps)]))
+
+
+# ----------------------------------------------------------------------------- reading a run (for notebooks too)
+def stored_epochs(run_dir) -> list[int]:
+    grad_dir = Path(run_dir) / "gradients"
+    if not grad_dir.is_dir():
+        return []
+    return sorted(int(p.name.split("_")[1]) for p in grad_dir.glob("epoch_*") if p.is_dir() and p.name.split("_")[1].isdigit())
+
+
+def load_npy(path: Path, mmap: bool = True, shape=None) -> np.ndarray:
+    """np.load (memory-mapped by default) that turns a truncated or corrupt file into one clear UserError."""
+    try:
+        arr = np.load(path, mmap_mode="r" if mmap else None, allow_pickle=False)
+    except FileNotFoundError:
+        raise common.UserError(f"{path} is missing; the run directory is damaged (collect that epoch again)") from None
+    except Exception as e:
+        raise common.UserError(f"{path} is truncated or corrupt ({type(e).__name__}: {str(e).splitlines()[0][:100]}); "
+                               f"the run directory is damaged (collect that epoch again)") from None
+    common.check(shape is None or tuple(arr.shape) == tuple(shape),
+                 f"{path} has shape {tuple(arr.shape)} but metadata.json says {tuple(shape or ())}; the run directory is damaged")
+    return arr
+
+
+def _rows(idx, n: int):
+    """idx (None = all, an int, a slice, a list or array of ints) -> a slice or a sorted-as-given int array."""
+    if idx is None:
+        return slice(0, n)
+    if isinstance(idx, slice):
+        return idx
+    out = np.atleast_1d(np.asarray(idx.cpu() if isinstance(idx, torch.Tensor) else idx, dtype=np.int64))
+    common.check(len(out) == 0 or (out.min() >= -n and out.max() < n), f"sample index out of range 0..{n - 1}")
+    return out
+
+
+def _count(rows, n: int) -> int:
+    return len(range(n)[rows]) if isinstance(rows, slice) else len(rows)
+
+
+class Epoch:
+    """One collected epoch of a grad_collect run, read lazily from its memory-mapped .npy files.
+
+        ep = Epoch("runs/grad_collect/RUN")        # the last epoch; Epoch(RUN, 3) for epoch 3
+        ep.grad("net.1.weight", [0, 5])           # [2, 512, 784]: exact per-sample gradients, rebuilt from factors
+        ep.dot([0, 5], None)                      # [2, N] gradient dot products, never forming a gradient
+        ep.cosine([0], None); ep.norms(); ep.project(None, k=256, seed=0)
+    Indices are rows of the stored arrays (row i is MNIST training image meta['sample_index'][i])."""
+
+    def __init__(self, run_dir, epoch: Optional[int] = None):
+        self.run_dir = Path(run_dir)
+        epochs = stored_epochs(self.run_dir)
+        common.check(len(epochs) > 0, f"{self.run_dir}: no gradients/epoch_<n>/ folders; is this a grad_collect run directory?")
+        common.check(epoch is None or epoch in epochs, f"{self.run_dir}: no gradients for epoch {epoch} (stored: {epochs})")
+        self.epoch = epochs[-1] if epoch is None else epoch
+        self.dir = self.run_dir / "gradients" / f"epoch_{self.epoch}"
+        self.meta = common.read_json(self.dir / "metadata.json")
+        self.n = self.meta["n_samples"]
+        self.store = self.meta.get("store") or ("projection" if self.meta.get("projection") else "raw")
+        self.lr = self.meta.get("lr")
+        self.shapes = {k: tuple(v) for k, v in self.meta["parameter_shapes"].items()}
+        stored = {p for a in self.meta["arrays"].values() for p in a["params"]}
+        self.params = [p for p in self.shapes if p in stored]
+        # layers in model order; where[param] = (layer position, 'weight' | 'bias'), as factor_of() gives
+        self.layers = list(dict.fromkeys(p.rsplit(".", 1)[0] for p in self.shapes))
+        self.where = {p: (self.layers.index(p.rsplit(".", 1)[0]), p.rsplit(".", 1)[1]) for p in self.shapes}
+        self._mm = {}
+
+    def array(self, name: str) -> np.ndarray:
+        """A stored array, memory-mapped (nothing is read until indexed)."""
+        if name not in self._mm:
+            info = self.meta["arrays"][name]
+            self._mm[name] = load_npy(self.dir / info["file"], shape=info["shape"])
+        return self._mm[name]
+
+    def _read(self, name: str, idx) -> torch.Tensor:
+        rows = _rows(idx, self.n)
+        return torch.from_numpy(np.array(self.array(name)[rows], dtype=np.float32).reshape(_count(rows, self.n), -1))
+
+    def factors(self, idx=None) -> tuple[list, list]:
+        """(a, b): per layer (model order) the stored inputs [B,in] and output gradients [B,out] (None if not stored)."""
+        common.check(self.store == "factors", f"{self.dir}: this run stores {self.store} gradients, not layer factors")
+        a, b = [None] * len(self.layers), [None] * len(self.layers)
+        for name, info in self.meta["arrays"].items():
+            (a if info["kind"] == "factor_a" else b)[self.layers.index(info["layer"])] = self._read(name, idx)
+        return a, b
+
+    def _names(self, names) -> list[str]:
+        names = self.params if names is None else [names] if isinstance(names, str) else list(names)
+        missing = [p for p in names if p not in self.params]
+        common.check(not missing, f"{self.dir}: parameter(s) {missing} were not collected (stored: {self.params})")
+        return names
+
+    def grad(self, name: str, idx=None) -> torch.Tensor:
+        """Per-sample gradients [B, *shape] of one parameter, exact (from factors or raw arrays)."""
+        self._names(name)
+        if self.store == "raw":
+            return self._read(name, idx).reshape(-1, *self.shapes[name])
+        common.check(self.store == "factors", f"{self.dir}: this run stores projections; gradients cannot be rebuilt from them")
+        a, b = self.factors(idx)
+        i, kind = self.where[name]
+        return b[i][:, :, None] * a[i][:, None, :] if kind == "weight" else b[i]
+
+    def flat(self, idx=None, names=None) -> torch.Tensor:
+        """[B, D] the flattened gradients of `names` (default all stored parameters), concatenated in model order."""
+        return torch.cat([self.grad(p, idx).flatten(1) for p in self._names(names)], 1)
+
+    def _side(self, side, names):
+        """A side of a dot product as what this store compares: factors (a, b) lists, or flat vectors."""
+        if isinstance(side, tuple):  # external factors (a, b), e.g. of test images (layer_factors)
+            a, b = side
+            if self.store == "factors":
+                return a, b
+            if self.store == "raw":
+                return self._flat_from(a, b, names)
+            proj = self.meta["projection"]
+            pf = projection_factors(self.shapes, proj["dim"], proj["seed"], "cpu")
+            return torch.cat([sum(project_param(a, b, self.where, p, pf) for p in info["params"]) if info["kind"] == "projected"
+                              else self._flat_from(a, b, info["params"]) for info in self.meta["arrays"].values()], 1)
+        if self.store == "factors":
+            return self.factors(side)
+        if self.store == "raw":
+            return self.flat(side, names)
+        return torch.cat([self._read(name, side) for name in self.meta["arrays"]], 1)
+
+    def _flat_from(self, a, b, names) -> torch.Tensor:
+        cols = []
+        for p in names:
+            i, kind = self.where[p]
+            cols.append((b[i][:, :, None] * a[i][:, None, :]).flatten(1) if kind == "weight" else b[i])
+        return torch.cat(cols, 1)
+
+    def _dot(self, x, y, names) -> torch.Tensor:
+        if not isinstance(x, tuple):
+            return x @ y.T
+        (a1, b1), (a2, b2) = x, y
+        out = 0
+        for p in names:
+            i, kind = self.where[p]
+            bb = b1[i] @ b2[i].T
+            out = out + ((a1[i] @ a2[i].T) * bb if kind == "weight" else bb)
+        return out
+
+    def dot(self, i=None, j=None, names=None, chunk: int = 8192) -> torch.Tensor:
+        """[len(i), len(j)] dot products of the gradients of samples i and j (None = all; either side may also be
+        external factors (a, b) as layer_factors returns). From factors, per layer (a_i . a_j)(b_i . b_j) for the
+        weight plus b_i . b_j for the bias, summed: no gradient is formed. Projection runs: dots of the projections
+        (equal in expectation only). j is read `chunk` rows at a time."""
+        names = self._names(names)
+        if self.store == "projection":
+            common.check(names == self.params, f"{self.dir}: a projection run compares its stored projections only (all parameters)")
+        left = self._side(i, names)
+        if isinstance(j, tuple):
+            return self._dot(left, self._side(j, names), names)
+        rows = _rows(j, self.n)
+        index = np.arange(self.n)[rows] if isinstance(rows, slice) else rows
+        return torch.cat([self._dot(left, self._side(index[s:s + chunk], names), names)
+                          for s in range(0, max(len(index), 1), chunk)], 1)
+
+    def norms(self, idx=None, names=None) -> torch.Tensor:
+        """[B] exact gradient norms (over `names`, default every stored parameter), from norms.npy."""
+        names = self._names(names)
+        cols = [self.meta["norms"]["columns"].index(p) for p in names]
+        n = torch.from_numpy(np.asarray(load_npy(self.dir / self.meta["norms"]["file"])[_rows(idx, self.n)], dtype=np.float64))
+        return n.reshape(-1, len(self.meta["norms"]["columns"]))[:, cols].square().sum(1).sqrt()
+
+    def cosine(self, i=None, j=None, names=None) -> torch.Tensor:
+        """Cosine similarities of gradients, [len(i), len(j)]."""
+        d = self.dot(i, j, names)
+        ni = self._norms_of(i, names)
+        nj = self._norms_of(j, names)
+        return d / (ni[:, None] * nj[None, :]).clamp_min(1e-30)
+
+    def _norms_of(self, side, names) -> torch.Tensor:
+        if isinstance(side, tuple):
+            return self.dot(side, side, names).diagonal().clamp_min(0).sqrt()
+        return self.norms(side, names).float()
+
+    def project(self, idx=None, k: int = 1024, seed: int = 0, names=None, chunk: int = 8192) -> torch.Tensor:
+        """[B, K] the seeded structured projection (the one --store projection writes, same seed same matrix) of
+        the gradients of `names`, computed from factors (or raw gradients) after the fact."""
+        names = self._names(names)
+        common.check(self.store != "projection", f"{self.dir}: already projected; read its arrays with ep.array(name)")
+        pf = projection_factors(self.shapes, k, seed, "cpu")
+        rows = _rows(idx, self.n)
+        index = np.arange(self.n)[rows] if isinstance(rows, slice) else rows
+        out = []
+        for s in range(0, max(len(index), 1), chunk):
+            part = index[s:s + chunk]
+            if self.store == "factors":
+                a, b = self.factors(part)
+                out.append(sum(project_param(a, b, self.where, p, pf) for p in names))
+            else:
+                total = 0
+                for p in names:
+                    g = self.grad(p, part)
+                    total = total + (torch.einsum("boi,ok,ik->bk", g, *pf[p]) if g.dim() == 3 else g @ pf[p][0])
+                out.append(total)
+        return torch.cat(out)
 
 
 # ----------------------------------------------------------------------------- k-means on the device
@@ -363,12 +594,11 @@ def cluster_scores(digits: np.ndarray, clusters: np.ndarray, digit_list: list[in
 def load_array(path: Path, max_dim: int, seed: int) -> tuple[torch.Tensor, Optional[str]]:
     """A stored array as float32 [N, D] in memory; wider than max_dim, it is reduced chunk by chunk with a seeded
     CountSketch (each coordinate added with a random sign to one of max_dim buckets; inner products kept in expectation)."""
-    flat = np.load(path, mmap_mode="r")
+    flat = load_npy(path)
     flat = flat.reshape(len(flat), -1)
     n, d = flat.shape
-    if d <= max_dim:  # read into memory once (a copy of a memory map would count twice in RSS)
-        del flat
-        return torch.from_numpy(np.load(path).reshape(n, d)).float(), None
+    if d <= max_dim:
+        return torch.from_numpy(np.array(flat, dtype=np.float32)), None
     g = torch.Generator().manual_seed(seed)
     bucket = torch.randint(max_dim, (d,), generator=g)
     sign = torch.randint(0, 2, (d,), generator=g).float() * 2 - 1
@@ -378,6 +608,37 @@ def load_array(path: Path, max_dim: int, seed: int) -> tuple[torch.Tensor, Optio
         x = torch.from_numpy(np.array(flat[s:s + rows], dtype=np.float32))
         out[s:s + rows].index_add_(1, bucket, x * sign)
     return out, f"CountSketch {d} -> {max_dim} (seed {seed})"
+
+
+def analysis_vectors(ep: Epoch, name: str, dim: int, seed: int) -> tuple[torch.Tensor, str]:
+    """What k-means and t-SNE see for one parameter (or one stored projection array): its exact per-sample
+    gradients when they have at most `dim` values, else their seeded projection to `dim` (from the factors, chunk
+    by chunk: the gradients are never all formed)."""
+    if ep.store == "projection":
+        x, how = load_array(ep.dir / ep.meta["arrays"][name]["file"], dim, seed)
+        return x, how or ep.meta["arrays"][name]["kind"] + " (as stored)"
+    numel = math.prod(ep.shapes[name])
+    if numel <= dim:
+        return ep.flat(None, [name]), "exact"
+    return ep.project(None, dim, seed, [name], chunk=8192 if ep.store == "factors" else max(1, (64 << 20) // (4 * numel))), \
+        f"projected {numel:,} -> {dim} (structured sketch from the stored {ep.store}, seed {seed})"
+
+
+def tsne(x: np.ndarray, perplexity: float, seed: int) -> tuple[np.ndarray, int]:
+    """2-d t-SNE (scikit-learn, Barnes-Hut) after PCA to at most 50 dimensions; one OpenMP thread (on a busy
+    machine scikit-learn's threaded t-SNE ran ~100x slower)."""
+    from sklearn.decomposition import PCA
+    from sklearn.manifold import TSNE
+    from threadpoolctl import threadpool_limits
+
+    x = x.astype(np.float32)
+    dims = min(50, x.shape[1], len(x))
+    with threadpool_limits(1):
+        if dims < x.shape[1]:
+            x = PCA(dims, random_state=seed).fit_transform(x)
+        emb = TSNE(2, perplexity=min(perplexity, (len(x) - 1) / 3), init="pca", learning_rate="auto",
+                   random_state=seed).fit_transform(x)
+    return emb, dims
 
 
 def plot_tsne(emb, digit, cluster, pred_digit, digits, path: Path, title: str) -> dict:
@@ -400,7 +661,7 @@ def plot_tsne(emb, digit, cluster, pred_digit, digits, path: Path, title: str) -
         ax.set_yticks([])
         leg = ax.legend(markerscale=4, fontsize=7, loc="best", ncol=2)
         legends[name] = [t.get_text() for t in leg.get_texts()]
-    fig.suptitle(title)
+    fig.suptitle(title, fontsize=10)
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)
@@ -429,96 +690,233 @@ def plot_norm_histograms(norms: np.ndarray, columns: list[str], digit: np.ndarra
     plt.close(fig)
 
 
+VIEWS = {"plain": "the per-sample gradients as they are",
+         "direction": "each sample's gradient scaled to unit length (its direction)"}
+
+
+def headline_array(ep: Epoch) -> str:
+    """The last layer's weight when collected (the figures in the README), else the first analyzed array."""
+    names = list(ep.meta["arrays"]) if ep.store == "projection" else ep.params
+    last_weight = [n for n in ep.shapes if n.endswith("weight")][-1]
+    return last_weight if last_weight in names else names[0]
+
+
 def analyze_run(run_dir: Path, args, device) -> dict:
-    """k-means, scores, t-SNE and norm histograms for every saved epoch; writes analysis.json and the PNGs."""
-    grad_dir = run_dir / "gradients"
-    epochs = sorted(int(p.name.split("_")[1]) for p in grad_dir.glob("epoch_*") if p.is_dir() and p.name.split("_")[1].isdigit()) \
-        if grad_dir.is_dir() else []
+    """For the last (or every) stored epoch and each parameter: k-means of the plain gradients and of their directions,
+    ARI/NMI/purity against the digits; the t-SNE of both views of the headline array; norm histograms; self-influence.
+    Writes analysis.json and the PNGs; prints the time taken."""
+    # One thread: on the shared 2-core machine (load ~4) two threads took 57 s for the default one-epoch analysis, one 28 s.
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        return _analyze_run(run_dir, args, device)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _analyze_run(run_dir: Path, args, device) -> dict:
+    t_all = time.time()
+    epochs = stored_epochs(run_dir)
     common.check(len(epochs) > 0, f"{run_dir}: no gradients/epoch_<n>/ folders; is this a grad_collect run directory?")
-    tsne_epochs = epochs if args.tsne_epochs == "all" else epochs[-1:]
-    suffix = "_normalized" if args.normalize else ""
-    result = {"normalized": args.normalize, "epochs": {}}
-    for epoch in epochs:
-        edir = grad_dir / f"epoch_{epoch}"
-        meta = common.read_json(edir / "metadata.json")
+    chosen = epochs if args.analysis_epochs == "all" else epochs[-1:]
+    result = {"views": VIEWS, "analysis_dim": args.analysis_dim, "torch_threads": 1, "epochs": {}, "seconds": {}}
+    for epoch in chosen:
+        t_epoch = time.time()
+        ep = Epoch(run_dir, epoch)
+        meta = ep.meta
         digits = meta["digits"]
         digit = np.asarray(meta["digit"])
         pred_digit = np.asarray(digits)[np.asarray(meta["prediction"])]
         k = args.clusters or len(digits)
         common.check(k <= len(digit), f"--clusters {k}: more clusters than the {len(digit)} samples")
-        norms = np.load(edir / "norms.npy")
-        columns = meta["norms"]["columns"]
-        total = np.sqrt(np.square(norms.astype(np.float64)).sum(1, keepdims=True))
-        plot_norm_histograms(np.concatenate([norms, total], 1), columns + ["total"], digit, digits, run_dir / f"grad_norms_epoch_{epoch}.png", epoch)
+        norms = np.asarray(load_npy(ep.dir / meta["norms"]["file"], mmap=False), dtype=np.float64)
+        total = np.sqrt(np.square(norms).sum(1, keepdims=True))
+        plot_norm_histograms(np.concatenate([norms, total], 1), meta["norms"]["columns"] + ["total"], digit, digits,
+                             run_dir / f"grad_norms_epoch_{epoch}.png", epoch)
+        shown = headline_array(ep)
         per_array = {}
-        for name, info in meta["arrays"].items():
+        for name in (list(meta["arrays"]) if ep.store == "projection" else ep.params):
             t0 = time.time()
-            x, reduced = load_array(edir / info["file"], args.analysis_dim, args.seed)
+            x, how = analysis_vectors(ep, name, args.analysis_dim, args.seed)
             x = x.to(device)
-            if args.normalize:  # cluster directions: each sample's vector scaled to length 1
-                x = x / x.norm(dim=1, keepdim=True).clamp_min(1e-30)
-            km = kmeans(x, k, seed=args.seed, n_init=args.kmeans_init)
-            clusters = km["labels"].cpu().numpy()
-            entry = {"k": k, "inertia": km["inertia"], "iterations": km["iterations"], "dims": x.shape[1], "reduced": reduced,
-                     "normalized": args.normalize,
-                     **cluster_scores(digit, clusters, digits, k)}
-            if args.compare_sklearn and epoch in tsne_epochs:
-                from sklearn.cluster import KMeans
-
-                from threadpoolctl import threadpool_limits
-
-                xn = x.cpu().numpy()
-                with threadpool_limits(1, user_api="openmp"):
-                    same = KMeans(k, init=km["init"].cpu().numpy(), n_init=1, algorithm="lloyd").fit(xn)
-                    own = KMeans(k, random_state=args.seed, algorithm="lloyd").fit(xn)
-                entry["sklearn"] = {"inertia_same_init": float(same.inertia_), "inertia_own_init": float(own.inertia_),
-                                    "ratio_same_init": km["inertia"] / float(same.inertia_), "ratio_own_init": km["inertia"] / float(own.inertia_)}
-            entry["kmeans_seconds"] = time.time() - t0
-            if epoch in tsne_epochs:
-                from sklearn.decomposition import PCA
-                from sklearn.manifold import TSNE
-                from threadpoolctl import threadpool_limits
-
+            entry = {"dims": x.shape[1], "vectors": how, "seconds_vectors": time.time() - t0}
+            for view in VIEWS:
                 t0 = time.time()
-                n = len(digit)
-                sub = np.sort(np.random.default_rng(args.seed).choice(n, min(n, args.tsne_samples), replace=False))
-                xs = x[torch.as_tensor(sub, device=x.device)].cpu().numpy().astype(np.float64)
-                dims = min(50, xs.shape[1], len(sub))
-                if dims < xs.shape[1]:
-                    xs = PCA(dims, random_state=args.seed).fit_transform(xs)
-                perplexity = min(args.perplexity, (len(sub) - 1) / 3)
-                # One OpenMP thread: on a busy machine scikit-learn's threaded Barnes-Hut t-SNE ran ~100x slower.
-                with threadpool_limits(1, user_api="openmp"):
-                    emb = TSNE(2, perplexity=perplexity, init="pca", learning_rate="auto", random_state=args.seed).fit_transform(xs)
-                png = run_dir / f"tsne_{name}_epoch_{epoch}{suffix}.png"
-                legends = plot_tsne(emb, digit[sub], clusters[sub], pred_digit[sub], digits, png,
-                                    f"t-SNE of per-sample gradients '{name}' ({info['kind']}{', L2-normalized' if args.normalize else ''}), epoch {epoch}, {len(sub):,} samples, "
-                                    f"PCA {dims} dims, perplexity {perplexity:g} | k-means ARI {entry['ari']:.3f} NMI {entry['nmi']:.3f}")
-                entry["tsne"] = {"file": png.name, "samples": len(sub), "pca_dims": dims, "perplexity": perplexity,
+                xv = x if view == "plain" else x / x.norm(dim=1, keepdim=True).clamp_min(1e-30)
+                km = kmeans(xv, k, seed=args.seed, n_init=args.kmeans_init)
+                clusters = km["labels"].cpu().numpy()
+                e = {"k": k, "inertia": km["inertia"], "iterations": km["iterations"], **cluster_scores(digit, clusters, digits, k)}
+                if args.compare_sklearn:
+                    from sklearn.cluster import KMeans
+                    from threadpoolctl import threadpool_limits
+
+                    xn = xv.cpu().numpy()
+                    with threadpool_limits(1, user_api="openmp"):
+                        same = KMeans(k, init=km["init"].cpu().numpy(), n_init=1, algorithm="lloyd").fit(xn)
+                        own = KMeans(k, random_state=args.seed, algorithm="lloyd").fit(xn)
+                    e["sklearn"] = {"inertia_same_init": float(same.inertia_), "inertia_own_init": float(own.inertia_),
+                                    "ratio_same_init": km["inertia"] / float(same.inertia_), "ratio_own_init": km["inertia"] / float(own.inertia_)}
+                e["kmeans_seconds"] = time.time() - t0
+                if name == shown:
+                    t0 = time.time()
+                    sub = np.sort(np.random.default_rng(args.seed).choice(len(digit), min(len(digit), args.tsne_samples), replace=False))
+                    emb, dims = tsne(xv[torch.as_tensor(sub, device=xv.device)].cpu().numpy(), args.perplexity, args.seed)
+                    png = run_dir / f"tsne_{name}_epoch_{epoch}_{view}.png"
+                    legends = plot_tsne(emb, digit[sub], clusters[sub], pred_digit[sub], digits, png,
+                                        f"t-SNE of per-sample gradients '{name}', {view} ({VIEWS[view]}), epoch {epoch}\n"
+                                        f"{len(sub):,} samples, {how}, PCA {dims} dims | k-means ARI {e['ari']:.3f} NMI {e['nmi']:.3f}")
+                    e["tsne"] = {"file": png.name, "samples": len(sub), "pca_dims": dims, "perplexity": args.perplexity,
                                  "legends": legends, "seconds": time.time() - t0}
+                entry[view] = e
             per_array[name] = entry
             if not args.quiet:
-                print(f"  epoch {epoch} {name:>14}: k-means k={k} ARI {entry['ari']:.3f} NMI {entry['nmi']:.3f} "
-                      f"purity {entry['purity']:.3f} inertia {entry['inertia']:.4g}")
+                print(f"  epoch {epoch} {name:>14} ({how}): plain ARI {entry['plain']['ari']:.3f} NMI {entry['plain']['nmi']:.3f} | "
+                      f"direction ARI {entry['direction']['ari']:.3f} NMI {entry['direction']['nmi']:.3f} purity {entry['direction']['purity']:.3f}")
         result["epochs"][str(epoch)] = per_array
-    result["headline"] = headline(result, run_dir)
-    common.write_json(run_dir / f"analysis{suffix}.json", result)
+        result["seconds"][str(epoch)] = time.time() - t_epoch
+    result["headline"] = headline(result, shown)
+    result["self_influence"] = self_influence_report(run_dir, args, device)
+    result["seconds"]["total"] = time.time() - t_all
+    common.write_json(run_dir / "analysis.json", result)
+    print(f"analysis of {len(chosen)} epoch(s): {result['seconds']['total']:.1f} s "
+          f"(last epoch {result['seconds'][str(epochs[-1])]:.1f} s, of which t-SNE "
+          f"{sum(result['epochs'][str(epochs[-1])][shown][v].get('tsne', {}).get('seconds', 0) for v in VIEWS):.1f} s)")
     return result
 
 
-def headline(result: dict, run_dir: Path) -> dict:
-    """The last epoch's clusters of the last layer's weight gradients (or of the first stored array)."""
+def headline(result: dict, name: str) -> dict:
+    """The last epoch's clusters of the headline array, both views."""
     epoch = max(result["epochs"], key=int)
-    entries = result["epochs"][epoch]
-    meta = common.read_json(run_dir / "gradients" / f"epoch_{epoch}" / "metadata.json")
-    last_weight = [n for n in meta["parameter_shapes"] if n.endswith("weight")][-1]
-    name = last_weight if last_weight in entries else next(iter(entries))
-    e = entries[name]
-    return {"epoch": int(epoch), "array": name, "ari": e["ari"], "nmi": e["nmi"], "purity": e["purity"]}
+    e = result["epochs"][epoch][name]
+    return {"epoch": int(epoch), "array": name, **{view: {m: e[view][m] for m in ("ari", "nmi", "purity")} for view in VIEWS}}
+
+
+def headline_text(h: dict) -> str:
+    return (f"{h['array']} gradient clusters (epoch {h['epoch']}): plain ARI {h['plain']['ari']:.3f}, "
+            f"direction ARI {h['direction']['ari']:.3f}")
+
+
+# ----------------------------------------------------------------------------- influence (TracIn) and self-influence
+def run_model_and_data(run_dir: Path, data_dir, device):
+    """The run's config, its data split (rows in the stored arrays' order) and an MLP of its shape."""
+    cfg = common.read_json(run_dir / "config.json")
+    data = common.load_mnist(data_dir, device, cfg["digits"], cfg["val_fraction"], cfg["limit"], cfg["seed"])
+    meta = Epoch(run_dir).meta
+    common.check(meta["sample_index"] == data.train_index.tolist(),
+                 f"{run_dir}: the training split loaded from {data_dir} is not the one collected; is --data-dir the run's MNIST?")
+    return cfg, data, train_mlp.build_model(cfg).to(device).eval()
+
+
+def final_model(run_dir: Path, model):
+    """The run's reported weights: its best.pt (a --from-run collection: the source run's best.pt)."""
+    path = Path(common.read_json(run_dir / "config.json").get("source_checkpoint") or run_dir / "best.pt")
+    model.load_state_dict(common.load_checkpoint(path, next(model.parameters()).device)["model"])
+    return model.eval()
+
+
+def self_influence(run_dir) -> np.ndarray:
+    """TracIn self-influence of every training sample: sum over stored epochs of lr_e x ||g_i||^2 (exact norms)."""
+    total = 0.0
+    for epoch in stored_epochs(run_dir):
+        ep = Epoch(run_dir, epoch)
+        total = total + (ep.lr if ep.lr is not None else 1.0) * ep.norms().numpy() ** 2
+    return total
+
+
+def influence(run_dir, images: torch.Tensor, labels: torch.Tensor, model) -> np.ndarray:
+    """TracIn scores [T, N] of T test images (uint8 [T,28,28], remapped labels) against every training sample:
+    sum over stored epochs of lr_e x <g_train, g_test>, each epoch's test gradients taken with that epoch's
+    weights (weights.pt) and compared with the stored ones exactly from the factors (no gradient is formed).
+    model: an MLP of the run's shape (its weights are overwritten)."""
+    run_dir = Path(run_dir)
+    device = next(model.parameters()).device
+    total = 0
+    for epoch in stored_epochs(run_dir):
+        ep = Epoch(run_dir, epoch)
+        path = ep.dir / ep.meta.get("weights", "weights.pt")
+        common.check(path.is_file(), f"{path} is missing: influence needs each epoch's weights (collected by this version of grad_collect.py)")
+        model.load_state_dict(common.load_checkpoint(path, device))
+        a, b, _, _ = layer_factors(model.eval(), common.normalize(images.to(device)), labels.to(device))
+        total = total + (ep.lr if ep.lr is not None else 1.0) * ep.dot(([t.cpu() for t in a], [t.cpu() for t in b]), None).double()
+    return total.numpy()
+
+
+def self_influence_report(run_dir: Path, args, device, top: int = 25) -> dict:
+    """self_influence.npy, self_influence_top.png (the `top` highest, label and final prediction) and how many of
+    them the final model gets wrong against the base rate over all training samples."""
+    si = self_influence(run_dir)
+    np.save(run_dir / "self_influence.npy", si.astype(np.float64))
+    cfg, data, model = run_model_and_data(run_dir, args.data_dir, device)
+    final_model(run_dir, model)
+    with torch.inference_mode():
+        pred = torch.cat([model(x).argmax(1) for x, _ in common.Batches(data.train_x, data.train_y, 4000)]).cpu().numpy()
+    label = data.train_y.cpu().numpy()
+    order = np.argsort(-si)[:top]
+    wrong = pred != label
+    digits = data.digits
+    titles = [f"#{r + 1} row {i}\nlabel {digits[label[i]]} pred {digits[pred[i]]}\nSI {si[i]:.3g}" for r, i in enumerate(order)]
+    common.plot_image_grid(data.train_x[torch.as_tensor(order)].cpu(), titles, run_dir / "self_influence_top.png",
+                           colors=["red" if wrong[i] else "black" for i in order], cols=5,
+                           suptitle=f"highest self-influence (TracIn, sum of lr_e ||g||^2)\n{int(wrong[order].sum())} of {top} misclassified "
+                                    f"by the final model (red); base rate {wrong.mean():.2%}")
+    return {"file": "self_influence_top.png", "scores": "self_influence.npy", "top": [
+        {"row": int(i), "sample_index": int(data.train_index[i]), "label": digits[label[i]], "prediction": digits[pred[i]],
+         "self_influence": float(si[i])} for i in order],
+        "misclassified_in_top": int(wrong[order].sum()), "top_n": top, "base_rate_misclassified": float(wrong.mean()),
+        "expected_in_top_at_base_rate": float(top * wrong.mean()),
+        "mean_self_influence": {"misclassified": float(si[wrong].mean()) if wrong.any() else None, "correct": float(si[~wrong].mean())}}
+
+
+def parse_indices(text: str, n: int) -> list[int]:
+    try:
+        out = [int(t) for t in text.split(",") if t.strip()]
+    except ValueError:
+        raise common.UserError(f"--influence {text}: give test-set indices separated by commas, e.g. 0,1,2") from None
+    common.check(out and all(0 <= i < n for i in out), f"--influence {text}: indices must be in 0..{n - 1} (the run's test split)")
+    return out
+
+
+def influence_report(run_dir: Path, args, device) -> dict:
+    """influence_<i>.png (the test image, its 8 strongest proponents and 8 strongest opponents) and influence_<i>.npy
+    (its scores against every training row) for each --influence test index; influence.json."""
+    t0 = time.time()
+    cfg, data, model = run_model_and_data(run_dir, args.data_dir, device)
+    idx = parse_indices(args.influence, len(data.test_y))
+    final_model(run_dir, model)
+    with torch.inference_mode():
+        test_pred = model(common.normalize(data.test_x[idx])).argmax(1).cpu().numpy()
+    scores = influence(run_dir, data.test_x[idx].cpu(), data.test_y[idx].cpu(), model)
+    digits, label = data.digits, data.train_y.cpu().numpy()
+    out = {}
+    for t, i in enumerate(idx):
+        s = scores[t]
+        np.save(run_dir / f"influence_{i}.npy", s)
+        pro, opp = np.argsort(-s)[:8], np.argsort(s)[:8]
+        true, pred = digits[int(data.test_y[i])], digits[int(test_pred[t])]
+        head = f"TEST #{i}\ndigit {true} pred {pred}"
+        images = torch.cat([data.test_x[i:i + 1].cpu(), data.train_x[torch.as_tensor(pro)].cpu(),
+                            data.test_x[i:i + 1].cpu(), data.train_x[torch.as_tensor(opp)].cpu()])
+        titles = [head] + [f"+{s[j]:.3g}\nlabel {digits[label[j]]}" for j in pro] + [head] + [f"{s[j]:.3g}\nlabel {digits[label[j]]}" for j in opp]
+        colors = ["red" if true != pred else "black"] + ["green"] * 8 + ["red" if true != pred else "black"] + ["purple"] * 8
+        common.plot_image_grid(images, titles, run_dir / f"influence_{i}.png", colors=colors, cols=9,
+                               suptitle=f"TracIn influence on test image {i}: top row the 8 strongest proponents, bottom row the 8 strongest opponents")
+        out[str(i)] = {"digit": true, "prediction": pred, "file": f"influence_{i}.png", "scores": f"influence_{i}.npy",
+                       "proponents": [{"row": int(j), "sample_index": int(data.train_index[j]), "label": digits[label[j]], "score": float(s[j])} for j in pro],
+                       "opponents": [{"row": int(j), "sample_index": int(data.train_index[j]), "label": digits[label[j]], "score": float(s[j])} for j in opp],
+                       "proponents_same_label": int(sum(digits[label[j]] == true for j in pro)),
+                       "opponents_same_label": int(sum(digits[label[j]] == true for j in opp))}
+    report = {"method": "TracIn: sum over stored epochs of lr_e x <g_train, g_test>, exact from the layer factors",
+              "epochs": stored_epochs(run_dir), "test_indices": idx, "images": out, "seconds": time.time() - t0}
+    common.write_json(run_dir / "influence.json", report)
+    for i, r in out.items():
+        print(f"influence on test #{i} (digit {r['digit']}, predicted {r['prediction']}): proponents' labels "
+              f"{[p['label'] for p in r['proponents']]}, opponents' labels {[p['label'] for p in r['opponents']]} -> {run_dir / r['file']}")
+    print(f"influence of {len(idx)} test image(s) on {len(label):,} training samples: {report['seconds']:.1f} s")
+    return report
 
 
 # ----------------------------------------------------------------------------- command line
-ANALYSIS_OPTIONS = ("analysis", "normalize", "clusters", "kmeans_init", "tsne_samples", "perplexity", "tsne_epochs", "analysis_dim", "compare_sklearn")
+ANALYSIS_OPTIONS = ("analysis", "influence", "clusters", "kmeans_init", "tsne_samples", "perplexity", "analysis_epochs", "analysis_dim", "compare_sklearn")
 
 
 @app.command()
@@ -535,22 +933,23 @@ def main(
     from_run: Annotated[Optional[Path], typer.Option(help="Collect from this train_mlp (or grad_collect) run's best.pt and config instead of training.")] = None,
     every_epoch: Annotated[bool, typer.Option(help="Collect at the end of every epoch (else once, after the last).")] = True,
     params: Annotated[Optional[str], typer.Option(help="Comma-separated parameter names to collect (default all), e.g. net.3.weight,net.3.bias.")] = None,
+    store: Annotated[str, typer.Option(help="factors (exact: each Linear layer's inputs a_i and output gradients b_i; "
+                                            "gradient = b_i a_i^T), projection (a seeded K-dim projection) or raw (full arrays).")] = "factors",
     dtype: Annotated[str, typer.Option(help="float32 or float16 on disk.")] = "float32",
-    project_dim: Annotated[Optional[int], typer.Option(help="Store a seeded K-dim random projection instead of raw gradients.")] = None,
+    project_dim: Annotated[Optional[int], typer.Option(help="K of --store projection (default 1024).")] = None,
     project_scope: Annotated[str, typer.Option(help="whole (one projection of all selected parameters) or param (one per parameter).")] = "whole",
     project_seed: Annotated[Optional[int], typer.Option(help="Seed of the projection (default: --seed).")] = None,
     max_gb: Annotated[float, typer.Option(help="Refuse to write more than this many GB of gradients.")] = 4.0,
     collect_batch_size: Annotated[int, typer.Option(help="Samples per batch while collecting gradients.")] = 1000,
-    analyze: Annotated[Optional[Path], typer.Option(help="Only analyze the saved gradients of this grad_collect run.")] = None,
+    analyze: Annotated[Optional[Path], typer.Option(help="Only analyze the saved gradients of this grad_collect run (with --influence: only the influence).")] = None,
+    influence: Annotated[Optional[str], typer.Option(help="Test-split indices, e.g. 0,1,2: TracIn influence of every training sample on each (influence_<i>.png/.npy).")] = None,
     analysis: Annotated[bool, typer.Option(help="Analyze after collecting.")] = True,
     clusters: Annotated[Optional[int], typer.Option(help="k of k-means (default: the number of classes).")] = None,
     kmeans_init: Annotated[int, typer.Option(help="k-means++ restarts; the lowest inertia wins (1 = scikit-learn's default).")] = 1,
-    tsne_samples: Annotated[int, typer.Option(help="Samples in the t-SNE plots (a seeded subsample).")] = 5000,
+    tsne_samples: Annotated[int, typer.Option(help="Samples in the t-SNE plots (a seeded subsample).")] = 1000,
     perplexity: Annotated[float, typer.Option(help="t-SNE perplexity.")] = 30.0,
-    tsne_epochs: Annotated[str, typer.Option(help="last or all: which epochs get t-SNE plots.")] = "last",
-    analysis_dim: Annotated[int, typer.Option(help="Arrays wider than this are CountSketched to this width for the analysis.")] = 8192,
-    normalize: Annotated[bool, typer.Option(help="Cluster and plot gradient directions (each sample's vector scaled to length 1); "
-                                                "writes analysis_normalized.json and tsne_*_normalized.png.")] = False,
+    analysis_epochs: Annotated[str, typer.Option(help="last or all: which epochs get k-means and the two t-SNE plots (plain, direction).")] = "last",
+    analysis_dim: Annotated[int, typer.Option(help="Parameters with more values are projected to this many dims (from the factors) for k-means and t-SNE.")] = 256,
     compare_sklearn: Annotated[bool, typer.Option(help="Also run scikit-learn's KMeans on the t-SNE epochs and record its inertia.")] = False,
     val_fraction: common.ValFraction = 0.1,
     data_dir: common.DataDir = Path("./data"),
@@ -572,8 +971,12 @@ def main(
     if args.analyze:
         run_dir = Path(args.analyze)
         common.check(run_dir.is_dir(), f"--analyze {run_dir}: no such run directory")
+        if args.influence:
+            done = influence_report(run_dir, args, common.pick_device(args.device))
+            print(f"run {run_dir} | influence of {len(done['test_indices'])} test image(s): influence.json, influence_<i>.png")
+            return
         h = analyze_run(run_dir, args, common.pick_device(args.device))["headline"]
-        print(f"run {run_dir} | {h['array']} gradient clusters (epoch {h['epoch']}): ARI {h['ari']:.3f} NMI {h['nmi']:.3f} purity {h['purity']:.3f}")
+        print(f"run {run_dir} | {headline_text(h)}")
         return
     common.check(not (args.resume and args.from_run), "--resume and --from-run do not go together")
     run = common.Run(ctx, args, "grad_collect", changeable=("epochs", "device", "quiet", "data_dir") + ANALYSIS_OPTIONS)
@@ -585,16 +988,17 @@ def main(
     data = common.load_mnist(args.data_dir, device, args.digits, args.val_fraction, args.limit, args.seed)
     common.seed_everything(common.seed_for(args.seed, "init"))
     model = MLP(args.hidden, data.num_classes, args.dropout).to(device)  # as train_mlp.py: the same seed, the same run
-    plan = plan_arrays(model, chosen_params(model, args.params), args.project_dim, args.project_scope)
-    factors = projection_factors(model, args.project_dim, args.project_seed, device) if args.project_dim else None
-    itemsize, n_names = np.dtype(args.dtype).itemsize, len(param_names(model))
+    plan = plan_arrays(model, chosen_params(model, args.params), args.store, args.project_dim, args.project_scope)
+    factors = projection_factors(model, args.project_dim, args.project_seed, device) if args.store == "projection" else None
+    itemsize, n_names, n_params = np.dtype(args.dtype).itemsize, len(param_names(model)), common.count_parameters(model)
     samples = (f"the training split: the {len(data.train_y):,} training samples left after taking the validation split "
                f"(val_fraction {args.val_fraction}, seed {args.seed}) from MNIST's 60,000 training images"
                f" filtered to digits {data.digits}" + (f" and limited to the first {args.limit}" if args.limit else ""))
-    collect_epoch = lambda epoch: write_epoch(model, data, run.dir, epoch, plan, args, factors, samples)  # noqa: E731
+    steps = math.ceil(len(data.train_y) / args.batch_size)
+    collect_epoch = lambda epoch, lr: write_epoch(model, data, run.dir, epoch, plan, args, factors, samples, lr)  # noqa: E731
 
     if args.from_run:  # ---- gradients of an existing run's best weights
-        check_size(len(data.train_y), plan, itemsize, n_names, 1, args.max_gb, args.out_dir)
+        check_size(len(data.train_y), plan, itemsize, n_names, 1, args.max_gb, args.out_dir, n_params)
         ckpt = common.load_checkpoint(Path(args.from_run) / "best.pt", device)
         try:
             model.load_state_dict(ckpt["model"])
@@ -604,7 +1008,7 @@ def main(
                         source_checkpoint=str(Path(args.from_run) / "best.pt"), **data.describe())
         print(f"device {device} | {len(data.train_y):,} training samples | digits {data.digits} | "
               f"{args.from_run}/best.pt (epoch {ckpt['epoch']}) | run {run.dir}")
-        collect_epoch(ckpt["epoch"])
+        collect_epoch(ckpt["epoch"], args.lr)  # one checkpoint: TracIn's lr_e is the run's --lr
         test_loss, test_acc, _, _ = evaluate(model, data.test_x, data.test_y)
         return finish(run, {"test_loss": test_loss, "test_acc": test_acc, "epoch": ckpt["epoch"]}, data, device)
 
@@ -612,25 +1016,24 @@ def main(
     opt = make_optimizer(model, args.optimizer, args.lr, args.weight_decay, args.momentum)
     batches = common.Batches(data.train_x, data.train_y, args.batch_size, shuffle=True, seed=common.seed_for(args.seed, "shuffle"))
     if not run.resumed:
-        check_size(len(data.train_y), plan, itemsize, n_names, args.epochs if args.every_epoch else 1, args.max_gb, args.out_dir)
-    n_params = common.count_parameters(model)
+        check_size(len(data.train_y), plan, itemsize, n_names, args.epochs if args.every_epoch else 1, args.max_gb, args.out_dir, n_params)
     run.save_config(device=str(device), n_parameters=n_params, arrays=plan, **data.describe())
     if not args.quiet:
         print(common.parameter_table(model))
     print(f"device {device} | train {len(data.train_y)} val {len(data.val_y)} test {len(data.test_y)} | digits {data.digits} | "
           f"{n_params:,} parameters | gradients {', '.join(a['name'] + ':' + a['kind'] for a in plan)} "
-          f"{estimate_bytes(len(data.train_y), plan, itemsize, n_names) / 1e6:,.1f} MB per epoch | run {run.dir}")
+          f"{estimate_bytes(len(data.train_y), plan, itemsize, n_names, n_params) / 1e6:,.1f} MB per epoch | run {run.dir}")
     run.restore(device, model=model, optimizer=opt, generator=batches.generator)
     if run.resumed:
-        check_size(len(data.train_y), plan, itemsize, n_names, (args.epochs - run.epoch) if args.every_epoch else 1, args.max_gb, args.out_dir)
+        check_size(len(data.train_y), plan, itemsize, n_names, (args.epochs - run.epoch) if args.every_epoch else 1, args.max_gb, args.out_dir, n_params)
 
     def after_epoch(epoch, record):
         if args.every_epoch:
-            record["collect_time_s"] = collect_epoch(epoch)["collect_seconds"]
+            record["collect_time_s"] = collect_epoch(epoch, epoch_lr(args, epoch, steps))["collect_seconds"]
 
     train(run, model, opt, batches, data, after_epoch)
     if not (run.dir / "gradients" / f"epoch_{run.epoch}").is_dir():  # --no-every-epoch: the last epoch's weights
-        run.history[-1]["collect_time_s"] = collect_epoch(run.epoch)["collect_seconds"]
+        run.history[-1]["collect_time_s"] = collect_epoch(run.epoch, epoch_lr(args, run.epoch, steps))["collect_seconds"]
     final = report(run, model, data, device)
     finish(run, final, data, device)
 
@@ -640,14 +1043,19 @@ def check_analysis_options(args) -> None:
     common.check(args.kmeans_init >= 1, f"--kmeans-init {args.kmeans_init}: must be at least 1")
     common.check(args.tsne_samples >= 10, f"--tsne-samples {args.tsne_samples}: need at least 10")
     common.check(args.perplexity > 0, f"--perplexity {args.perplexity}: must be positive")
-    common.check(args.tsne_epochs in ("last", "all"), f"--tsne-epochs {args.tsne_epochs}: use last or all")
+    common.check(args.analysis_epochs in ("last", "all"), f"--analysis-epochs {args.analysis_epochs}: use last or all")
     common.check(args.analysis_dim >= 2, f"--analysis-dim {args.analysis_dim}: must be at least 2")
+    common.check(not (args.influence and not args.analysis and not args.analyze), "--influence needs the analysis (drop --no-analysis)")
 
 
 def check_options(args) -> None:
     train_mlp.check_options(args)
     common.check(args.dtype in ("float32", "float16"), f"--dtype {args.dtype}: use float32 or float16")
+    common.check(args.store in ("factors", "projection", "raw"), f"--store {args.store}: use factors, projection or raw")
+    common.check(args.project_dim is None or args.store == "projection", f"--project-dim {args.project_dim}: goes with --store projection")
     common.check(args.project_dim is None or args.project_dim >= 1, f"--project-dim {args.project_dim}: must be at least 1")
+    if args.store == "projection" and args.project_dim is None:
+        args.project_dim = 1024
     common.check(args.project_scope in ("whole", "param"), f"--project-scope {args.project_scope}: use whole or param")
     common.check(args.max_gb > 0, f"--max-gb {args.max_gb}: must be positive")
     common.check(args.collect_batch_size >= 1, f"--collect-batch-size {args.collect_batch_size}: must be at least 1")
@@ -685,8 +1093,11 @@ def finish(run, final: dict, data, device) -> None:
     line = f"run {run.dir} | test accuracy {final['test_acc']:.2%}"
     if args.analysis:
         h = analyze_run(run.dir, args, device)["headline"]
-        record.update({"grad_array": h["array"], "grad_epoch": h["epoch"], "grad_ari": h["ari"], "grad_nmi": h["nmi"], "grad_purity": h["purity"]})
-        line += f" | {h['array']} gradient clusters (epoch {h['epoch']}): ARI {h['ari']:.3f} NMI {h['nmi']:.3f} purity {h['purity']:.3f}"
+        record.update({"grad_array": h["array"], "grad_epoch": h["epoch"], "grad_ari": h["plain"]["ari"],
+                       "grad_ari_direction": h["direction"]["ari"], "grad_nmi_direction": h["direction"]["nmi"]})
+        line += f" | {headline_text(h)}"
+        if args.influence:
+            influence_report(run.dir, args, device)
     run.finish(final, record)
     print(line)
 

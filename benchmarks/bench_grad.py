@@ -12,6 +12,10 @@ Prints, on --loop-samples samples: seconds per sample and the speed ratio to the
 the largest difference to the loop's gradients; and then grad_collect.collect() for all 60,000 training
 samples projected to K=1024 and written to a memory-mapped .npy: time, MB written and the peak RSS.
 Targets: factors >= 20x the loop; all 60,000 projected to K=1024 in <= 60 s with peak RSS <= 4 GB.
+First (issue 16), grad_collect's default --store factors: exact factor collection of --factor-samples (54,000, the
+default training split's size) written to .npy (time, MB, peak RSS; targets <= 10 s, <= 1 GB), then the TracIn-style
+scores of one test image against all of them from the factors (Epoch.dot) and from materialized per-sample
+gradients (a batched loop over the same stored run), with the ratio (target >= 100x).
 """
 
 import os
@@ -81,6 +85,8 @@ def main(data_dir: common.DataDir = Path("./data"), k: Annotated[int, typer.Opti
          batch_size: Annotated[int, typer.Option(help="Samples per batch for grad_collect.")] = 1000,
          n: Annotated[int, typer.Option(help="Training samples for the full projected run (at most 60,000).")] = 60000,
          vmap: Annotated[bool, typer.Option(help="Also time torch.func vmap(grad).")] = True,
+         factor_samples: Annotated[int, typer.Option(help="Training samples for the factor collection and scores.")] = 54000,
+         chunk: Annotated[int, typer.Option(help="Rows per batch of the materialized-gradient scores.")] = 256,
          seed: common.Seed = 0):
     images, labels = common.read_mnist(data_dir, train=True)
     images, labels = images[:n], labels[:n]
@@ -91,9 +97,35 @@ def main(data_dir: common.DataDir = Path("./data"), k: Annotated[int, typer.Opti
           f"(cpus: {os.cpu_count()}) | model 784-512-10, {common.count_parameters(model):,} parameters | "
           f"peak RSS so far {peak_rss_mb():.0f} MB")
 
+    # 0. the default --store factors: exact a_i, b_i of every sample, then one test image's scores against all.
+    with tempfile.TemporaryDirectory(prefix="bench_grad_") as tmp:
+        edir = Path(tmp) / "gradients" / "epoch_1"
+        plan = gc.plan_arrays(model, names, "factors")
+        m = min(factor_samples, len(labels))
+        seconds, _ = timed(lambda: gc.collect(model, images[:m], labels[:m], edir, plan, "float32", batch_size))
+        written = sum(f.stat().st_size for f in edir.iterdir())
+        rss = peak_rss_mb()
+        print(f"exact factors of {m:,} samples written to .npy: {seconds:.1f} s ({written / 1e6:.0f} MB) | peak RSS {rss:.0f} MB "
+              f"| targets <= 10 s, <= 1024 MB")
+        common.write_json(edir / "metadata.json", gc.base_meta(model, plan, m, "factors", "float32", 1.0))
+        ep = gc.Epoch(tmp)
+        test_x, test_y = common.read_mnist(data_dir, train=False)
+        a, b, _, _ = gc.layer_factors(model, common.normalize(test_x[:1]), test_y[:1])
+        t_fac, s_fac = timed(lambda: ep.dot((a, b), None)[0], repeat=3)
+        g_test = torch.cat([g.flatten(1) for g in gc.per_sample_grads(model, common.normalize(test_x[:1]), test_y[:1]).values()], 1)[0]
+
+        def materialized():
+            return torch.cat([ep.flat(range(s, min(s + chunk, m))) @ g_test for s in range(0, m, chunk)])
+
+        t_mat, s_mat = timed(materialized)
+        err = ((s_mat - s_fac).abs().max() / s_mat.abs().max()).item()
+    print(f"scores of 1 test image against {m:,} training samples: from factors {t_fac:.3f} s, from materialized "
+          f"gradients ({chunk} rows at a time) {t_mat:.1f} s -> {t_mat / t_fac:.0f}x (target >= 100x); "
+          f"max relative difference {err:.1e}\n")
+
     # 1. grad_collect's path for every training sample: project to K and write a memory-mapped .npy.
     factors = gc.projection_factors(model, k, seed, "cpu")
-    plan = gc.plan_arrays(model, names, k, "whole")
+    plan = gc.plan_arrays(model, names, "projection", k, "whole")
     with tempfile.TemporaryDirectory(prefix="bench_grad_") as tmp:
         seconds, _ = timed(lambda: gc.collect(model, images, labels, Path(tmp), plan, "float32", batch_size, factors))
         written = sum(f.stat().st_size for f in Path(tmp).iterdir())

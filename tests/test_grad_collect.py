@@ -1,5 +1,7 @@
-"""grad_collect.py: per-sample gradients against a Python loop over samples, the structured projection against
-an explicit projection matrix, .npy round trips, k-means against scikit-learn, the size guard and end-to-end runs."""
+"""grad_collect.py: per-sample gradients (rebuilt from stored layer factors by the reader) against a Python loop over
+samples, factor dot products and projections against materialized ones, the structured projection against an
+explicit matrix, .npy round trips, k-means against scikit-learn, TracIn influence against self-influence, the size
+guard, damaged files and end-to-end runs."""
 
 import json
 import math
@@ -79,7 +81,7 @@ def test_projection_equals_projection_of_loop_grads(tmp_path, scope):
     factors = gc.projection_factors(model, k, seed=3, device="cpu")
     names = ["net.1.weight", "net.4.bias", "net.7.weight", "net.7.bias"]  # a subset, in model order
     images = x.squeeze(1).mul(50).add(100).clamp(0, 255).to(torch.uint8)  # collect() takes uint8 images and normalizes them
-    plan = gc.plan_arrays(model, names, k, scope)
+    plan = gc.plan_arrays(model, names, "projection", k, scope)
     gc.collect(model, images, y, tmp_path, plan, "float32", 4, factors)
     want = loop_grads(model, gc.common.normalize(images), y)
     if scope == "whole":
@@ -107,7 +109,7 @@ def test_npy_files_read_back_what_was_written(tmp_path, dtype):
     model, _, y = small_model_and_batch(n=12)
     images = torch.randint(0, 256, (12, 28, 28), dtype=torch.uint8)
     names = gc.param_names(model)
-    plan = gc.plan_arrays(model, names, None, "whole")
+    plan = gc.plan_arrays(model, names, "raw")
     out = gc.collect(model, images, y, tmp_path, plan, dtype, 5, None)  # 5 + 5 + 2: a partial last batch
     want = loop_grads(model, gc.common.normalize(images), y)
     for name in names:
@@ -158,100 +160,205 @@ def test_wide_arrays_are_count_sketched_for_the_analysis(tmp_path):
     torch.testing.assert_close(sketch, torch.from_numpy(x.astype(np.float32)) @ dense, atol=1e-4, rtol=1e-5)
 
 
+def stored_epoch(tmp_path, model, images, y, store, epoch=1, k=None, scope="whole", batch=5, lr=0.5):
+    """Collect into RUN/gradients/epoch_<n>/ with the metadata the reader needs; returns an Epoch."""
+    names = gc.param_names(model)
+    plan = gc.plan_arrays(model, names, store, k, scope)
+    edir = tmp_path / "gradients" / f"epoch_{epoch}"
+    factors = gc.projection_factors(model, k, 3, "cpu") if store == "projection" else None
+    gc.collect(model, images, y, edir, plan, "float32", batch, factors)
+    projection = {"dim": k, "scope": scope, "seed": 3} if store == "projection" else None
+    gc.common.write_json(edir / "metadata.json", gc.base_meta(model, plan, len(y), store, "float32", lr, projection))
+    return gc.Epoch(tmp_path, epoch)
+
+
+def test_reader_rebuilds_exact_gradients_and_their_dots_norms_projections(tmp_path):
+    model, _, y = small_model_and_batch(n=12)  # 784-16-8-3 with dropout (off)
+    images = torch.randint(0, 256, (12, 28, 28), dtype=torch.uint8)
+    want = loop_grads(model, gc.common.normalize(images), y)
+    names = gc.param_names(model)
+    ep = stored_epoch(tmp_path, model, images, y, "factors")  # batches 5 + 5 + 2
+    assert sorted(p.name for p in ep.dir.glob("*.npy")) == ["a_net.1.npy", "a_net.4.npy", "a_net.7.npy", "b_net.1.npy",
+                                                           "b_net.4.npy", "b_net.7.npy", "norms.npy"]
+    for name in names:  # every parameter, rebuilt from a_i and b_i, equals the loop's gradient
+        torch.testing.assert_close(ep.grad(name), want[name], atol=1e-5, rtol=0)
+    torch.testing.assert_close(ep.grad("net.4.weight", [7, 2]), want["net.4.weight"][[7, 2]], atol=1e-5, rtol=0)
+    flat = torch.cat([want[n].flatten(1) for n in names], 1).double()
+    i, j = [0, 3, 11], [1, 3, 5, 6, 10]
+    # dot products and cosines from the factors equal those of the materialized gradients
+    torch.testing.assert_close(ep.dot(i, j).double(), flat[i] @ flat[j].T, rtol=1e-4, atol=1e-6)
+    torch.testing.assert_close(ep.dot(i, None, chunk=4).double(), flat[i] @ flat.T, rtol=1e-4, atol=1e-6)
+    sub = torch.cat([want[n].flatten(1) for n in ("net.1.weight", "net.7.bias")], 1).double()
+    torch.testing.assert_close(ep.dot(i, j, names=["net.1.weight", "net.7.bias"]).double(), sub[i] @ sub[j].T, rtol=1e-4, atol=1e-6)
+    unit = flat / flat.norm(dim=1, keepdim=True)
+    torch.testing.assert_close(ep.cosine(i, j).double(), unit[i] @ unit[j].T, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(ep.norms().double(), flat.norm(dim=1), rtol=1e-5, atol=1e-7)
+    # the projection from factors equals the projection matrix times the rebuilt gradients, and what
+    # --store projection writes with the same seed
+    k = 9
+    dense = dense_projection(model, gc.projection_factors(model, k, 3, "cpu"), names)
+    got = ep.project(None, k, seed=3, chunk=5)
+    torch.testing.assert_close(got, (ep.flat() @ dense.T), atol=1e-5, rtol=1e-4)
+    proj = stored_epoch(tmp_path, model, images, y, "projection", epoch=2, k=k)
+    np.testing.assert_allclose(proj.array("all"), got.numpy(), atol=1e-5, rtol=1e-4)
+    # a raw run reads back the same gradients and dots through the same API
+    raw = stored_epoch(tmp_path, model, images, y, "raw", epoch=3)
+    torch.testing.assert_close(raw.grad("net.1.weight", [4]), want["net.1.weight"][[4]], atol=1e-5, rtol=0)
+    torch.testing.assert_close(raw.dot(i, j).double(), flat[i] @ flat[j].T, rtol=1e-4, atol=1e-6)
+    torch.testing.assert_close(raw.project([0, 5], k, seed=3), got[[0, 5]], atol=1e-5, rtol=1e-4)
+    # external factors (as influence uses them) against stored rows
+    a, b, _, _ = gc.layer_factors(model, gc.common.normalize(images[[3]]), y[[3]])
+    torch.testing.assert_close(ep.dot((a, b), None).double(), flat[[3]] @ flat.T, rtol=1e-4, atol=1e-6)
+    torch.testing.assert_close(raw.dot((a, b), None).double(), flat[[3]] @ flat.T, rtol=1e-4, atol=1e-6)
+    assert gc.stored_epochs(tmp_path) == [1, 2, 3]
+
+
+def test_default_store_fits_the_disk_budget_and_raw_does_not(tmp_path):
+    model = MLP([512], 10)  # the default model, all digits: 54,000 training samples, 5 epochs collected
+    names = gc.param_names(model)
+    plan = gc.plan_arrays(model, names, "factors")
+    assert [(a["name"], a["shape"]) for a in plan] == [("a_net.1", [784]), ("b_net.1", [512]), ("a_net.3", [512]), ("b_net.3", [10])]
+    total = gc.check_size(54000, plan, 4, len(names), 5, 4.0, tmp_path, gc.common.count_parameters(model))
+    assert 1.9e9 < total < 2.1e9  # 1,818 floats + 4 norms per sample and epoch, plus the weights
+    with pytest.raises(gc.common.UserError, match="--store factors"):
+        gc.check_size(54000, gc.plan_arrays(model, names, "raw"), 4, len(names), 5, 4.0, tmp_path)
+
+
 def test_size_guard_stops_before_training(tiny_mnist, tmp_path):
     # raw gradients of the whole 784-512-10 model for 540 samples and 5 epochs: about 4.4 GB
-    proc = run_cli("grad_collect.py", "--data-dir", tiny_mnist, "--out-dir", tmp_path, "--device", "cpu", "--quiet", env=ONE_THREAD)
-    assert_user_error(proc, "4.40 GB", "--max-gb 4", "--project-dim", "--params", "--dtype float16")
+    proc = run_cli("grad_collect.py", "--data-dir", tiny_mnist, "--out-dir", tmp_path, "--store", "raw", "--device", "cpu", "--quiet", env=ONE_THREAD)
+    assert_user_error(proc, "4.40 GB", "--max-gb 4", "--store factors", "--params", "--dtype float16")
     assert not (tmp_path / "grad_collect").exists() or not any((tmp_path / "grad_collect").iterdir())
 
 
-def check_run(run_dir, epochs, arrays, digits, tsne_epochs, trained=True):
-    for name in ("config.json", "metrics.json", "analysis.json") + (("best.pt", "last.pt", "training_curves.png") if trained else ()):
+def check_run(run_dir, epochs, params, digits, analyzed, trained=True):
+    for name in ("config.json", "metrics.json", "analysis.json", "self_influence_top.png") + (("best.pt", "last.pt", "training_curves.png") if trained else ()):
         assert (run_dir / name).is_file(), name
     analysis = json.loads((run_dir / "analysis.json").read_text())
+    shown = analysis["headline"]["array"]
     for epoch in epochs:
         edir = run_dir / "gradients" / f"epoch_{epoch}"
         meta = json.loads((edir / "metadata.json").read_text())
         stats = json.loads((edir / "stats.json").read_text())
         n = meta["n_samples"]
         assert meta["digits"] == digits and sorted(set(meta["digit"])) == digits
-        assert sorted(set(meta["label"])) == list(range(len(digits)))
         assert [digits[label] for label in meta["label"]] == meta["digit"]
         assert len(meta["sample_index"]) == len(meta["prediction"]) == len(meta["loss_value"]) == n
-        assert set(meta["arrays"]) == set(arrays)
+        assert meta["lr"] > 0 and (edir / "weights.pt").is_file()
         for name, info in meta["arrays"].items():
             arr = np.load(edir / info["file"], mmap_mode="r")
             assert list(arr.shape) == info["shape"] and arr.shape[0] == n and arr.dtype == np.dtype(meta["dtype"])
             assert np.isfinite(arr).all() and np.abs(arr).sum() > 0
-        assert np.load(edir / "norms.npy").shape == (n, len(meta["norms"]["columns"]))
         assert set(stats["parameters"]["total"]["per_digit"]) == {str(d) for d in digits}
+        if epoch not in analyzed:
+            assert str(epoch) not in analysis["epochs"] and not list(run_dir.glob(f"tsne_*_epoch_{epoch}_*.png"))
+            continue
         assert (run_dir / f"grad_norms_epoch_{epoch}.png").is_file()
-        for name in arrays:
-            entry = analysis["epochs"][str(epoch)][name]
-            assert entry["contingency"]["digits"] == digits
-            table = np.array(entry["contingency"]["table"])
-            assert table.sum() == n
-            # the scores are those of the clustering the table records (recomputed with scikit-learn)
-            rows, cols = np.nonzero(table)
-            true = np.repeat(rows, table[rows, cols])
-            pred = np.repeat(cols, table[rows, cols])
-            assert entry["ari"] == pytest.approx(adjusted_rand_score(true, pred), abs=1e-9)
-            assert entry["nmi"] == pytest.approx(normalized_mutual_info_score(true, pred), abs=1e-9)
-            png = run_dir / f"tsne_{name}_epoch_{epoch}.png"
-            if epoch in tsne_epochs:
-                assert png.is_file() and png.stat().st_size > 10_000
-                legends = entry["tsne"]["legends"]
-                assert legends["original digit"] == [str(d) for d in digits]
-                assert set(legends["model prediction (digit)"]) <= {str(d) for d in digits}
-                assert len(legends["k-means cluster"]) >= 2
-            else:
-                assert not png.exists()
+        assert set(analysis["epochs"][str(epoch)]) == set(params)
+        for name in params:
+            for view in ("plain", "direction"):
+                entry = analysis["epochs"][str(epoch)][name][view]
+                table = np.array(entry["contingency"]["table"])
+                assert entry["contingency"]["digits"] == digits and table.sum() == n
+                # the scores are those of the clustering the table records (recomputed with scikit-learn)
+                rows, cols = np.nonzero(table)
+                true, pred = np.repeat(rows, table[rows, cols]), np.repeat(cols, table[rows, cols])
+                assert entry["ari"] == pytest.approx(adjusted_rand_score(true, pred), abs=1e-9)
+                assert entry["nmi"] == pytest.approx(normalized_mutual_info_score(true, pred), abs=1e-9)
+                png = run_dir / f"tsne_{name}_epoch_{epoch}_{view}.png"
+                if name == shown:
+                    assert png.is_file() and png.stat().st_size > 10_000
+                    legends = entry["tsne"]["legends"]
+                    assert legends["original digit"] == [str(d) for d in digits]
+                    assert set(legends["model prediction (digit)"]) <= {str(d) for d in digits}
+                else:
+                    assert not png.exists()
     return analysis
 
 
 @pytest.fixture(scope="module")
-def digits01_run(tiny_mnist, tmp_path_factory):
+def digits012_run(tiny_mnist, tmp_path_factory):
     out = tmp_path_factory.mktemp("grad_runs")
-    proc = run_cli("grad_collect.py", "--data-dir", tiny_mnist, "--out-dir", out, "--digits", "0,1", "--epochs", "2",
-                   "--project-dim", "64", "--project-scope", "param", "--tsne-samples", "60", "--device", "cpu", "--quiet", env=ONE_THREAD)
+    proc = run_cli("grad_collect.py", "--data-dir", tiny_mnist, "--out-dir", out, "--digits", "0,1,2", "--epochs", "2",
+                   "--hidden", "32", "--hidden", "16", "--analysis-dim", "64", "--tsne-samples", "60", "--influence", "0,5",
+                   "--device", "cpu", "--quiet", env=ONE_THREAD)
     assert proc.returncode == 0, proc.stderr[-3000:]
     (run_dir,) = (out / "grad_collect").iterdir()
     return proc, run_dir
 
 
-def test_end_to_end_digits_0_1(digits01_run):
-    proc, run_dir = digits01_run
+PARAMS3 = ["net.1.weight", "net.1.bias", "net.3.weight", "net.3.bias", "net.5.weight", "net.5.bias"]
+
+
+def test_end_to_end_factors_both_views_and_influence(digits012_run, tiny_mnist):
+    proc, run_dir = digits012_run
     last = proc.stdout.strip().splitlines()[-1]
-    assert str(run_dir) in last and "ARI" in last and "net.3.weight" in last
-    arrays = ["net.1.weight", "net.1.bias", "net.3.weight", "net.3.bias"]
-    analysis = check_run(run_dir, [1, 2], arrays, [0, 1], tsne_epochs=[2])
+    assert str(run_dir) in last and "plain ARI" in last and "direction ARI" in last and "net.5.weight" in last
+    assert "analysis of 1 epoch(s):" in proc.stdout  # the last, by default
+    analysis = check_run(run_dir, [1, 2], PARAMS3, [0, 1, 2], analyzed=[2])
+    e = analysis["epochs"]["2"]
+    assert e["net.1.weight"]["dims"] == 64 and "projected 25,088 -> 64" in e["net.1.weight"]["vectors"]
+    assert e["net.5.weight"]["dims"] == 48 and e["net.5.weight"]["vectors"] == "exact"
     meta = json.loads((run_dir / "gradients" / "epoch_2" / "metadata.json").read_text())
-    assert meta["arrays"]["net.1.weight"]["shape"][1:] == [64] and meta["arrays"]["net.3.bias"]["kind"] == "raw"
-    assert meta["projection"]["dim"] == 64 and meta["projection"]["scope"] == "param"
-    assert all(0 <= i < 600 for i in meta["sample_index"]) and len(set(meta["sample_index"])) == meta["n_samples"]
-    assert analysis["headline"]["array"] == "net.3.weight"
+    assert meta["store"] == "factors" and set(meta["arrays"]) == {f"{ab}_net.{i}" for ab in "ab" for i in (1, 3, 5)}
+    # self-influence: the top 25 in the figure and json are the 25 highest of self_influence.npy
+    si = np.load(run_dir / "self_influence.npy")
+    top = analysis["self_influence"]["top"]
+    assert len(top) == 25 and [t["row"] for t in top] == list(np.argsort(-si)[:25])
+    assert 0 <= analysis["self_influence"]["misclassified_in_top"] <= 25
+    # influence: files for each test index; a training sample's influence on itself is its self-influence
+    report = json.loads((run_dir / "influence.json").read_text())
+    assert report["test_indices"] == [0, 5]
+    for i in ("0", "5"):
+        scores = np.load(run_dir / f"influence_{i}.npy")
+        assert scores.shape == si.shape and (run_dir / f"influence_{i}.png").stat().st_size > 5_000
+        pro, opp = report["images"][i]["proponents"], report["images"][i]["opponents"]
+        assert len(pro) == len(opp) == 8 and pro[0]["score"] == scores.max() and opp[0]["score"] == scores.min()
+    cfg, data, model = gc.run_model_and_data(run_dir, tiny_mnist, "cpu")
+    rows = [0, 7, 100, int(np.argmax(si))]
+    own = gc.influence(run_dir, data.train_x[rows], data.train_y[rows], model)
+    np.testing.assert_allclose(own[np.arange(len(rows)), rows], si[rows], rtol=1e-4)
+    assert own.shape == (len(rows), len(si))
 
 
-def test_analyze_on_its_own(digits01_run):
-    _, run_dir = digits01_run
-    proc = run_cli("grad_collect.py", "--analyze", run_dir, "--tsne-epochs", "all", "--tsne-samples", "50", "--clusters", "3",
-                   "--device", "cpu", "--quiet", env=ONE_THREAD)
+def test_analyze_on_its_own_and_influence_only(digits012_run, tiny_mnist):
+    _, run_dir = digits012_run
+    proc = run_cli("grad_collect.py", "--analyze", run_dir, "--data-dir", tiny_mnist, "--analysis-epochs", "all", "--tsne-samples", "50",
+                   "--clusters", "4", "--analysis-dim", "64", "--device", "cpu", "--quiet", env=ONE_THREAD)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert str(run_dir) in proc.stdout.strip().splitlines()[-1]
-    analysis = check_run(run_dir, [1, 2], ["net.1.weight", "net.1.bias", "net.3.weight", "net.3.bias"], [0, 1], tsne_epochs=[1, 2])
-    assert analysis["epochs"]["1"]["net.3.weight"]["k"] == 3
+    analysis = check_run(run_dir, [1, 2], PARAMS3, [0, 1, 2], analyzed=[1, 2])
+    assert analysis["epochs"]["1"]["net.5.weight"]["direction"]["k"] == 4
+    proc = run_cli("grad_collect.py", "--analyze", run_dir, "--data-dir", tiny_mnist, "--influence", "9", "--device", "cpu", "--quiet", env=ONE_THREAD)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert (run_dir / "influence_9.png").is_file() and json.loads((run_dir / "influence.json").read_text())["test_indices"] == [9]
+    bad = run_cli("grad_collect.py", "--analyze", run_dir, "--data-dir", tiny_mnist, "--influence", "100000", "--device", "cpu", "--quiet", env=ONE_THREAD)
+    assert_user_error(bad, "--influence 100000", "test split")
 
 
-def test_from_train_mlp_run_with_other_digits(tiny_mnist, tmp_path):
+def test_truncated_npy_is_one_clear_line(digits012_run, tiny_mnist, tmp_path):
+    import shutil
+
+    _, run_dir = digits012_run
+    copy = tmp_path / "run"
+    shutil.copytree(run_dir, copy)
+    path = copy / "gradients" / "epoch_2" / "a_net.3.npy"
+    path.write_bytes(path.read_bytes()[:-1000])
+    proc = run_cli("grad_collect.py", "--analyze", copy, "--data-dir", tiny_mnist, "--device", "cpu", "--quiet", env=ONE_THREAD)
+    assert_user_error(proc, "a_net.3.npy", "truncated or corrupt")
+    assert path.is_file() and (copy / "analysis.json").is_file()  # nothing already written is lost
+
+
+def test_from_train_mlp_run_raw_last_layer_with_other_digits(tiny_mnist, tmp_path):
     proc = run_cli("train_mlp.py", "--data-dir", tiny_mnist, "--out-dir", tmp_path, "--digits", "3,5", "--epochs", "1",
                    "--hidden", "32", "--device", "cpu", "--quiet", env=ONE_THREAD)
     assert proc.returncode == 0, proc.stderr[-3000:]
     (src,) = (tmp_path / "train_mlp").iterdir()
-    proc = run_cli("grad_collect.py", "--from-run", src, "--data-dir", tiny_mnist, "--out-dir", tmp_path,
+    proc = run_cli("grad_collect.py", "--from-run", src, "--data-dir", tiny_mnist, "--out-dir", tmp_path, "--store", "raw",
                    "--params", "net.3.weight,net.3.bias", "--dtype", "float16", "--tsne-samples", "40", "--device", "cpu", "--quiet", env=ONE_THREAD)
     assert proc.returncode == 0, proc.stderr[-3000:]
     (run_dir,) = (tmp_path / "grad_collect").iterdir()
-    check_run(run_dir, [1], ["net.3.weight", "net.3.bias"], [3, 5], tsne_epochs=[1], trained=False)
+    check_run(run_dir, [1], ["net.3.weight", "net.3.bias"], [3, 5], analyzed=[1], trained=False)
     # raw last-layer gradients, read back, equal those recomputed from the source run's best.pt
     import common
 
@@ -259,8 +366,7 @@ def test_from_train_mlp_run_with_other_digits(tiny_mnist, tmp_path):
     model = MLP(config["hidden"], 2, 0.0)
     model.load_state_dict(common.load_checkpoint(src / "best.pt")["model"])
     data = common.load_mnist(tiny_mnist, "cpu", "3,5", config["val_fraction"], None, config["seed"])
-    meta = json.loads((run_dir / "gradients" / "epoch_1" / "metadata.json").read_text())
-    assert meta["sample_index"] == data.train_index.tolist()
+    ep = gc.Epoch(run_dir)
+    assert ep.meta["sample_index"] == data.train_index.tolist() and ep.store == "raw" and ep.params == ["net.3.weight", "net.3.bias"]
     want = gc.per_sample_grads(model.eval(), common.normalize(data.train_x), data.train_y, ["net.3.weight"])["net.3.weight"]
-    got = np.load(run_dir / "gradients" / "epoch_1" / "net.3.weight.npy", mmap_mode="r")
-    np.testing.assert_allclose(got.astype(np.float32), want.numpy().astype(np.float16).astype(np.float32), rtol=1e-3, atol=1e-4)
+    np.testing.assert_allclose(ep.grad("net.3.weight").numpy(), want.numpy().astype(np.float16).astype(np.float32), rtol=1e-3, atol=1e-4)

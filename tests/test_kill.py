@@ -22,12 +22,12 @@ SCRIPTS = {  # tiny runs: 540 training samples, batches of 90 -> 6 steps an epoc
     "train_mlp": ["--hidden", 16, "--batch-size", 90],
     "train_cnn": ["--batch-size", 90],  # the default one-cycle schedule and precision
     "train_glonet": ["--layers", 3, "--features", 16, "--batch-size", 90, "--lr", 3e-3],
-    "grad_collect": ["--hidden", 16, "--batch-size", 90, "--project-dim", 8, "--project-scope", "param",
-                     "--tsne-samples", 40, "--perplexity", 5],
+    "grad_collect": ["--hidden", 16, "--batch-size", 90, "--collect-batch-size", 200, "--analysis-dim", 64,
+                     "--tsne-samples", 40, "--perplexity", 5],  # the default --store factors
     "numpy_nn": ["--compare-torch"],  # 2 evaluations of 6 updates each stand for the 2 epochs; .npz checkpoints
 }
 LENGTH = {"numpy_nn": ["--updates", 12, "--eval-every", 6]}
-EXTRA_KILLS = {"grad_collect": ["gradients:1"]}  # inside the first epoch's gradient collection
+EXTRA_KILLS = {"grad_collect": ["gradients:2"]}  # inside the first epoch's gradient collection (its arrays half written)
 
 
 def timeless(obj):
@@ -86,6 +86,8 @@ def test_killed_at_every_moment_then_resumed_ends_like_an_uninterrupted_run(scri
         if run_dir is None:
             (run_dir,) = (out / script).iterdir()
         assert_every_file_readable(run_dir) if kill is None else None
+        if kill and kill.startswith("gradients"):  # killed with epoch 1's arrays half written: only a .partial folder
+            assert (run_dir / "gradients" / "epoch_1.partial").is_dir() and not (run_dir / "gradients" / "epoch_1").exists()
         if kill == "config":
             assert not list(run_dir.glob("last.*")) and (run_dir / "config.json").is_file()
 
@@ -99,7 +101,7 @@ def test_killed_at_every_moment_then_resumed_ends_like_an_uninterrupted_run(scri
     assert len(config["resumes"]) == len(kills)
     if script == "grad_collect":  # the gradients written after the kills equal the straight run's
         for epoch in (1, 2):
-            for name in ("net.1.weight", "norms"):
+            for name in ("a_net.1", "b_net.1", "a_net.3", "b_net.3", "norms"):
                 x = np.load(straight_dir / "gradients" / f"epoch_{epoch}" / f"{name}.npy")
                 y = np.load(run_dir / "gradients" / f"epoch_{epoch}" / f"{name}.npy")
                 np.testing.assert_allclose(y, x, rtol=1e-6, atol=1e-7)
