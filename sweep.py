@@ -28,7 +28,6 @@ import time
 from pathlib import Path
 from typing import Annotated, Optional
 
-import click
 import typer
 
 import common
@@ -38,7 +37,7 @@ RESERVED = {"seed": "--seeds", "tag": "--name", "out-dir": "--out-dir", "quiet":
 
 
 # ----------------------------------------------------------------------------- the grid, checked before anything runs
-def script_options(script: Path) -> dict[str, click.Parameter]:
+def script_command(script: Path):
     """--kebab-name -> click parameter of SCRIPT's Typer app (imported, not run)."""
     common.check(script.is_file() and script.suffix == ".py", f"{script}: no such script; give a training script, e.g. train_glonet.py")
     sys.path.insert(0, str(script.resolve().parent))
@@ -49,15 +48,20 @@ def script_options(script: Path) -> dict[str, click.Parameter]:
     except Exception as e:  # a script that does not even import cannot be swept
         raise common.UserError(f"{script}: could not import it ({type(e).__name__}: {e})") from None
     common.check(isinstance(getattr(module, "app", None), typer.Typer), f"{script}: has no Typer `app`; sweep.py runs the project's scripts")
-    command = typer.main.get_command(module.app)
+    return typer.main.get_command(module.app)
+
+
+def script_options(command) -> dict:
+    """--kebab-name -> the script's option (its click-style parameter)."""
     return {opt: p for p in command.params for opt in (*p.opts, *getattr(p, "secondary_opts", [])) if opt.startswith("--")}
 
 
-def parse_grid(grid: list[str], script: Path) -> dict[str, list[str]]:
+def parse_grid(grid: list[str], script: Path) -> tuple[dict[str, list[str]], dict[str, bool]]:
     """['layers=6,24', 'model=glonet,mlp'] -> {'layers': ['6', '24'], ...}, every value converted once by the script's
     own option type so that a value it would reject fails here."""
     common.check(bool(grid), "empty grid: give at least one --grid KEY=V1,V2 (an option of the script)")
-    options = script_options(script)
+    command = script_command(script)
+    options = script_options(command)
     out: dict[str, list[str]] = {}
     for item in grid:
         key, sep, values = item.partition("=")
@@ -69,14 +73,14 @@ def parse_grid(grid: list[str], script: Path) -> dict[str, list[str]]:
         common.check(key not in out, f"--grid {key}: given twice; list every value in one --grid {key}=V1,V2")
         vals = [v.strip() for v in values.split(",")]
         common.check(all(vals), f"--grid {item!r}: an empty value; write KEY=V1,V2")
-        param = options[f"--{key}"]
-        for v in vals:
+        flag = {key: bool(getattr(options[f"--{key}"], "is_flag", False))}
+        for v in vals:  # parsed by the script's own command, as it would be at run time (nothing runs)
             try:
-                param.type.convert(v, param, None)
-            except click.BadParameter as e:
+                command.make_context(script.name, trial_args({key: v}, flag))
+            except typer.TyperException as e:
                 raise common.UserError(f"--grid {key}={v}: {script.name} would refuse it ({e.format_message()})") from None
         out[key] = vals
-    return out
+    return out, {k: bool(getattr(options[f"--{k}"], "is_flag", False)) for k in out}
 
 
 def parse_seeds(text: str) -> list[int]:
@@ -246,14 +250,12 @@ def main(
 ):
     """Expand grid x seeds into trials, run them as Ray tasks, write trials.jsonl and the summary."""
     # everything the user can get wrong is checked before Ray starts or anything is written
-    values = parse_grid(grid or [], script)
+    values, flags = parse_grid(grid or [], script)
     seed_list = parse_seeds(seeds)
     name = name or script.stem
     common.check(all(c.isalnum() or c in "-_." for c in name), f"--name {name!r}: use letters, digits, '-', '_' or '.'")
     common.check(cpus_per_trial > 0 and gpus_per_trial >= 0 and retries >= 0,
                  "--cpus-per-trial must be > 0, --gpus-per-trial >= 0 and --retries >= 0")
-    options = script_options(script)
-    flags = {k: getattr(options[f"--{k}"], "is_flag", False) for k in values}
     out_dir = out_dir.resolve()
     sweep_dir = out_dir / "sweeps" / name
     combos = [dict(zip(values, c)) for c in itertools.product(*values.values())]
