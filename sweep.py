@@ -104,13 +104,22 @@ def trial_args(options: dict[str, str], flags: dict[str, bool]) -> list[str]:
 
 
 # ----------------------------------------------------------------------------- one trial (runs in a Ray worker)
+def _die_with_parent() -> None:
+    """Linux: the training process gets SIGKILL when its Ray worker dies, so a retry never races an orphan."""
+    import ctypes
+    import signal
+
+    ctypes.CDLL(None).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+
+
 def run_trial(cmd: list[str], cwd: str, threads: int) -> dict:
     """Run one training command; return exit status, node, wall time, stderr tail, and the run's config and
     final metrics read on the node that ran it (the driver may not see that filesystem)."""
     env = {**os.environ, "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads), "PYTHONUNBUFFERED": "1"}
     cwd = cwd if os.path.isdir(cwd) else os.path.expanduser("~")
     start = time.time()
-    proc = subprocess.Popen(cmd, cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(cmd, cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            preexec_fn=_die_with_parent if sys.platform == "linux" else None)
     try:
         out, err = proc.communicate()
     except BaseException:  # cancelled (KeyboardInterrupt in the task): take the training process down too
