@@ -7,6 +7,7 @@ import json
 import pytest
 from typer.testing import CliRunner
 
+import common
 import sweep
 from conftest import ROOT, assert_user_error, run_cli
 
@@ -27,7 +28,7 @@ def sweep_cli(*args):
 
 def test_grid_failure_and_idempotent_rerun(local_ray, tiny_mnist, tmp_path):
     args = [ROOT / "train_mlp.py", "--grid", "lr=0.003,0.01", "--grid", "dropout=0.0,1.5", "--grid", "hidden=32",
-            "--grid", f"data-dir={tiny_mnist}", "--grid", "limit=300", "--grid", "epochs=2",
+            "--grid", f"data-dir={tiny_mnist}", "--grid", "limit=300", "--grid", "epochs=1",
             "--name", "t", "--out-dir", tmp_path, "--quiet"]
     sweep_cli(*args, "--retries", "1")
     sweep_dir = tmp_path / "sweeps" / "t"
@@ -56,17 +57,25 @@ def test_grid_failure_and_idempotent_rerun(local_ray, tiny_mnist, tmp_path):
     assert len(list((tmp_path / "train_mlp").iterdir())) == 2  # no finished trial ran twice
 
 
-@pytest.mark.parametrize("grid,words", [
-    (["--grid", "layerz=6,24"], ["layerz", "no option"]),
-    ([], ["empty grid"]),
-    (["--grid", "epochs=2,two"], ["epochs=two", "refuse"]),
-    (["--grid", "seed=1,2"], ["seed", "--seeds"]),
-])
-def test_bad_grid_refused_before_anything_runs(tmp_path, grid, words):
-    proc = run_cli("sweep.py", "train_glonet.py", *grid, "--out-dir", tmp_path)
-    assert_user_error(proc, *words)
+def test_unknown_grid_key_exits_2_before_anything_runs(tmp_path):
+    proc = run_cli("sweep.py", "train_glonet.py", "--grid", "layerz=6,24", "--out-dir", tmp_path)
+    assert_user_error(proc, "layerz", "no option")
     assert not (tmp_path / "sweeps").exists()
 
 
-def test_missing_script_refused(tmp_path):
-    assert_user_error(run_cli("sweep.py", "train_nothing.py", "--grid", "epochs=1", "--out-dir", tmp_path), "no such script")
+@pytest.mark.parametrize("grid,words", [
+    ([], ["empty grid"]),
+    (["epochs=2,two"], ["epochs=two", "refuse"]),
+    (["seed=1,2"], ["seed", "--seeds"]),
+    (["layers=6,"], ["empty value"]),
+])
+def test_bad_grids_are_user_errors(grid, words):
+    with pytest.raises(common.UserError) as e:
+        sweep.parse_grid(grid, ROOT / "train_glonet.py")
+    for word in words:
+        assert word.lower() in str(e.value).lower(), str(e.value)
+
+
+def test_missing_script_is_a_user_error():
+    with pytest.raises(common.UserError, match="no such script"):
+        sweep.parse_grid(["epochs=1"], ROOT / "train_nothing.py")
