@@ -1,0 +1,349 @@
+"""Run a study (grid x seeds of one training script) as Ray core tasks, on this machine or a Ray cluster.
+
+    python sweep.py train_glonet.py --grid model=glonet,mlp --grid layers=6,24,50,100,200 --name depth
+      -> runs/sweeps/depth/summary.png: test accuracy against depth, one line per model (GloNet paper, Fig. 5b)
+
+Each trial is `python SCRIPT --KEY V ... --seed S --tag NAME-ID --quiet --out-dir OUT_DIR` in a Ray task with
+--cpus-per-trial CPUs (OMP_NUM_THREADS set to that) and --gpus-per-trial GPUs. Single values pass options
+through (--grid data-dir=/data --grid epochs=2). Without --address or RAY_ADDRESS a local Ray is started with this
+machine's CPUs and stopped at the end. The same command again skips trials that finished OK and reruns failed ones.
+A trial that exits non-zero or whose worker dies is retried --retries times, then recorded failed with its stderr
+tail. Ctrl-C cancels running trials; trials.jsonl only ever gains whole lines. Only this driver writes the sweep
+files (tasks return config and final metrics), so no shared filesystem is needed.
+Outputs in OUT_DIR/sweeps/NAME/: sweep.json, trials.jsonl, summary.md, summary.png.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import itertools
+import json
+import math
+import os
+import platform
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+
+import common
+
+app = typer.Typer(add_completion=False, pretty_exceptions_enable=False, help=__doc__.split("\n")[0])
+RESERVED = {"seed": "--seeds", "tag": "--name", "out-dir": "--out-dir", "quiet": "(always on)", "resume": "(resume is per sweep)"}
+
+
+# ----------------------------------------------------------------------------- the grid, checked before anything runs
+def script_command(script: Path):
+    """--kebab-name -> click parameter of SCRIPT's Typer app (imported, not run)."""
+    common.check(script.is_file() and script.suffix == ".py", f"{script}: no such script; give a training script, e.g. train_glonet.py")
+    sys.path.insert(0, str(script.resolve().parent))
+    spec = importlib.util.spec_from_file_location(f"_sweep_target_{script.stem}", script)
+    module = importlib.util.module_from_spec(spec)
+    try:
+        spec.loader.exec_module(module)
+    except Exception as e:  # a script that does not even import cannot be swept
+        raise common.UserError(f"{script}: could not import it ({type(e).__name__}: {e})") from None
+    common.check(isinstance(getattr(module, "app", None), typer.Typer), f"{script}: has no Typer `app`; sweep.py runs the project's scripts")
+    return typer.main.get_command(module.app)
+
+
+def script_options(command) -> dict:
+    """--kebab-name -> the script's option (its click-style parameter)."""
+    return {opt: p for p in command.params for opt in (*p.opts, *getattr(p, "secondary_opts", [])) if opt.startswith("--")}
+
+
+def parse_grid(grid: list[str], script: Path) -> tuple[dict[str, list[str]], dict[str, bool]]:
+    """['layers=6,24', 'model=glonet,mlp'] -> {'layers': ['6', '24'], ...}, every value converted once by the script's
+    own option type so that a value it would reject fails here."""
+    common.check(bool(grid), "empty grid: give at least one --grid KEY=V1,V2 (an option of the script)")
+    command = script_command(script)
+    options = script_options(command)
+    out: dict[str, list[str]] = {}
+    for item in grid:
+        key, sep, values = item.partition("=")
+        key = key.strip().lstrip("-")
+        common.check(sep == "=" and key != "", f"--grid {item!r}: write KEY=V1,V2, e.g. --grid layers=6,24")
+        common.check(key not in RESERVED, f"--grid {key}: set by the sweep itself, use {RESERVED.get(key)}")
+        common.check(f"--{key}" in options, f"--grid {key}: {script.name} has no option --{key} "
+                                            f"(it has {', '.join(sorted(o[2:] for o in options if o[2:] not in RESERVED))})")
+        common.check(key not in out, f"--grid {key}: given twice; list every value in one --grid {key}=V1,V2")
+        vals = [v.strip() for v in values.split(",")]
+        common.check(all(vals), f"--grid {item!r}: an empty value; write KEY=V1,V2")
+        flag = {key: bool(getattr(options[f"--{key}"], "is_flag", False))}
+        for v in vals:  # parsed by the script's own command, as it would be at run time (nothing runs)
+            try:
+                command.make_context(script.name, trial_args({key: v}, flag))
+            except typer.TyperException as e:
+                raise common.UserError(f"--grid {key}={v}: {script.name} would refuse it ({e.format_message()})") from None
+        out[key] = vals
+    return out, {k: bool(getattr(options[f"--{k}"], "is_flag", False)) for k in out}
+
+
+def parse_seeds(text: str) -> list[int]:
+    try:
+        seeds = [int(s) for s in text.split(",") if s.strip()]
+    except ValueError:
+        raise common.UserError(f"--seeds {text}: give integers separated by commas, e.g. --seeds 0,1,2") from None
+    common.check(bool(seeds) and len(set(seeds)) == len(seeds), f"--seeds {text}: give distinct integers, e.g. 0,1,2")
+    return seeds
+
+
+def trial_args(options: dict[str, str], flags: dict[str, bool]) -> list[str]:
+    """Command-line arguments for one combination; boolean flags become --key / --no-key."""
+    args = []
+    for key, value in options.items():
+        if flags.get(key):
+            args.append(f"--{key}" if value.lower() in ("1", "true", "yes", "y", "on", "t") else f"--no-{key}")
+        else:
+            args += [f"--{key}", value]
+    return args
+
+
+# ----------------------------------------------------------------------------- one trial (runs in a Ray worker)
+def _die_with_parent() -> None:
+    """Linux: the training process gets SIGKILL when its Ray worker dies, so a retry never races an orphan."""
+    import ctypes
+    import signal
+
+    ctypes.CDLL(None).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+
+
+def run_trial(cmd: list[str], cwd: str, threads: int) -> dict:
+    """Run one training command; return exit status, node, wall time, stderr tail, and the run's config and
+    final metrics read on the node that ran it (the driver may not see that filesystem)."""
+    env = {**os.environ, "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads), "PYTHONUNBUFFERED": "1"}
+    cwd = cwd if os.path.isdir(cwd) else os.path.expanduser("~")
+    start = time.time()
+    proc = subprocess.Popen(cmd, cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            preexec_fn=_die_with_parent if sys.platform == "linux" else None)
+    try:
+        out, err = proc.communicate()
+    except BaseException:  # cancelled (KeyboardInterrupt in the task): take the training process down too
+        proc.kill()
+        proc.wait()
+        raise
+    result = {"returncode": proc.returncode, "node": socket.gethostname(), "wall_s": round(time.time() - start, 3),
+              "stderr_tail": err[-2000:] if proc.returncode else "", "run_dir": None, "config": None, "final": None}
+    lines = [line for line in out.strip().splitlines() if line.startswith("run ")]
+    if lines:  # the last printed line names the run directory: "run DIR | test accuracy ..."
+        run_dir = Path(cwd) / lines[-1][4:].split(" | ")[0]
+        result["run_dir"] = str(run_dir)
+        for name, key in (("config.json", "config"), ("metrics.json", "final")):
+            try:
+                data = json.loads((run_dir / name).read_text())
+                result[key] = data.get("final") if key == "final" else data
+            except (OSError, ValueError):
+                pass
+    if proc.returncode == 0 and result["final"] is None:
+        result["returncode"], result["stderr_tail"] = -1, "exited 0 but left no metrics.json with a final block:\n" + out[-1000:]
+    return result
+
+
+# ----------------------------------------------------------------------------- driver-side files
+def read_trials(path: Path) -> list[dict]:
+    """trials.jsonl, skipping a torn last line (a killed writer)."""
+    rows = []
+    if path.is_file():
+        for line in path.read_text().splitlines():
+            try:
+                rows.append(json.loads(line))
+            except ValueError:
+                continue
+    return rows
+
+
+def append_line(path: Path, record: dict) -> None:
+    """One whole line per call (a single write, flushed and synced)."""
+    line = json.dumps(record, default=str) + "\n"
+    with open(path, "a") as f:
+        f.write(line)
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def trial_key(options: dict, seed: int) -> str:
+    return json.dumps({"options": options, "seed": seed}, sort_keys=True)
+
+
+def summarize(sweep_dir: Path, grid: dict[str, list[str]], metric: str) -> list[dict]:
+    """summary.md and summary.png from trials.jsonl (latest record per trial): `metric` against the first varying
+    grid key, mean +- std over seeds, one line per combination of the other varying keys."""
+    latest = {}
+    for row in read_trials(sweep_dir / "trials.jsonl"):
+        latest[trial_key(row["options"], row["seed"])] = row
+    varying = [k for k, v in grid.items() if len(v) > 1] or list(grid)[:1]
+    x_key, others = varying[0], varying[1:]
+    groups: dict[tuple, dict] = {}
+    for row in latest.values():
+        combo = tuple(row["options"].get(k) for k in others)
+        cell = groups.setdefault(combo, {}).setdefault(row["options"].get(x_key), {"values": [], "failed": 0})
+        value = (row.get("final") or {}).get(metric)
+        if row["status"] == "ok" and isinstance(value, (int, float)):
+            cell["values"].append(value)
+        else:
+            cell["failed"] += 1
+    table = []
+    for combo in sorted(groups, key=lambda c: [grid[k].index(v) if v in grid[k] else 0 for k, v in zip(others, c)]):
+        for x in grid[x_key]:
+            cell = groups[combo].get(x)
+            if cell is None:
+                continue
+            vals = cell["values"]
+            mean = sum(vals) / len(vals) if vals else float("nan")
+            std = math.sqrt(sum((v - mean) ** 2 for v in vals) / (len(vals) - 1)) if len(vals) > 1 else 0.0
+            table.append({**dict(zip(others, combo)), x_key: x, "n": len(vals), "failed": cell["failed"], "mean": mean, "std": std})
+
+    head = [*others, x_key, "seeds ok", "failed", metric]
+    md = [f"# Sweep {sweep_dir.name}: {metric} against {x_key}", "", "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for r in table:
+        value = "n/a" if r["n"] == 0 else f"{r['mean']:.4f} +- {r['std']:.4f}"
+        md.append("| " + " | ".join([*(str(r[k]) for k in others), str(r[x_key]), str(r["n"]), str(r["failed"]), value]) + " |")
+    (sweep_dir / "summary.md").write_text("\n".join(md) + "\n")
+
+    plt = common.pyplot()
+    fig, ax = plt.subplots(figsize=(6, 4))
+    numeric = all(_is_number(x) for x in grid[x_key])
+    for combo in sorted(groups, key=str):
+        rows = [r for r in table if tuple(r.get(k) for k in others) == combo and r["n"] > 0]
+        if not rows:
+            continue
+        xs = [float(r[x_key]) if numeric else grid[x_key].index(r[x_key]) for r in rows]
+        label = ", ".join(f"{k}={v}" for k, v in zip(others, combo)) or metric
+        ax.errorbar(xs, [r["mean"] for r in rows], yerr=[r["std"] for r in rows], marker="o", capsize=3, label=label)
+    if numeric:
+        xs = [float(x) for x in grid[x_key]]
+        if min(xs) > 0 and max(xs) / min(xs) >= 20:
+            ax.set_xscale("log")
+        ax.set_xticks(xs, grid[x_key])
+    else:
+        ax.set_xticks(range(len(grid[x_key])), grid[x_key])
+    ax.set_xlabel(x_key)
+    ax.set_ylabel(f"{metric} (mean +- std over seeds)")
+    ax.set_title(f"sweep {sweep_dir.name}")
+    ax.grid(alpha=0.3)
+    if ax.get_legend_handles_labels()[0]:
+        ax.legend()
+    fig.tight_layout()
+    fig.savefig(sweep_dir / "summary.png", dpi=120)
+    plt.close(fig)
+    return table
+
+
+def _is_number(text: str) -> bool:
+    try:
+        float(text)
+        return True
+    except ValueError:
+        return False
+
+
+# ----------------------------------------------------------------------------- the command
+@app.command()
+def main(
+    script: Annotated[Path, typer.Argument(help="Training script to run, e.g. train_glonet.py.")],
+    grid: Annotated[Optional[list[str]], typer.Option(help="KEY=V1,V2: an option of SCRIPT and its values (repeat for more keys; one value passes an option through).")] = None,
+    seeds: Annotated[str, typer.Option(help="Seeds run for every grid combination, e.g. 0,1,2.")] = "0",
+    address: Annotated[Optional[str], typer.Option(envvar="RAY_ADDRESS", help="Ray cluster address, or auto; none starts a local Ray.")] = None,
+    num_cpus: Annotated[Optional[int], typer.Option(help="CPUs of the local Ray (default: all of this machine's); ignored with --address.")] = None,
+    cpus_per_trial: Annotated[float, typer.Option(help="CPUs reserved per trial (OMP_NUM_THREADS is set to it).")] = 1.0,
+    gpus_per_trial: Annotated[float, typer.Option(help="GPUs reserved per trial (fractions share a GPU).")] = 0.0,
+    retries: Annotated[int, typer.Option(help="Reruns of a trial that exits non-zero or whose worker dies.")] = 1,
+    name: Annotated[Optional[str], typer.Option(help="Sweep name: OUT_DIR/sweeps/NAME/ and trial tags NAME-ID (default: the script's name).")] = None,
+    metric: Annotated[str, typer.Option(help="Key of the runs' final metrics plotted in the summary.")] = "test_acc",
+    out_dir: common.OutDir = Path("runs"),
+    quiet: common.Quiet = False,
+):
+    """Expand grid x seeds into trials, run them as Ray tasks, write trials.jsonl and the summary."""
+    # everything the user can get wrong is checked before Ray starts or anything is written
+    values, flags = parse_grid(grid or [], script)
+    seed_list = parse_seeds(seeds)
+    name = name or script.stem
+    common.check(all(c.isalnum() or c in "-_." for c in name), f"--name {name!r}: use letters, digits, '-', '_' or '.'")
+    common.check(cpus_per_trial > 0 and gpus_per_trial >= 0 and retries >= 0,
+                 "--cpus-per-trial must be > 0, --gpus-per-trial >= 0 and --retries >= 0")
+    out_dir = out_dir.resolve()
+    sweep_dir = out_dir / "sweeps" / name
+    combos = [dict(zip(values, c)) for c in itertools.product(*values.values())]
+    trials = [{"id": f"{i:03d}", "options": o, "seed": s} for i, (o, s) in enumerate(itertools.product(combos, seed_list))]
+    for t in trials:
+        t["cmd"] = [sys.executable, str(script.resolve()), *trial_args(t["options"], flags), "--seed", str(t["seed"]),
+                    "--tag", f"{name}-{t['id']}", "--quiet", "--out-dir", str(out_dir)]
+    sweep_dir.mkdir(parents=True, exist_ok=True)
+    trials_path = sweep_dir / "trials.jsonl"
+    done = {trial_key(r["options"], r["seed"]) for r in read_trials(trials_path) if r.get("status") == "ok"}
+    todo = [t for t in trials if trial_key(t["options"], t["seed"]) not in done]
+
+    import ray
+
+    started_here = not ray.is_initialized()
+    if started_here:
+        ray.init(address=address, num_cpus=None if address else num_cpus, include_dashboard=False,
+                 log_to_driver=False, logging_level="ERROR", configure_logging=True)
+    threads = max(1, int(cpus_per_trial))
+    common.write_json(sweep_dir / "sweep.json", {
+        "script": str(script), "grid": values, "seeds": seed_list, "name": name, "metric": metric,
+        "address": address or "local", "cluster_resources": ray.cluster_resources(),
+        "cpus_per_trial": cpus_per_trial, "gpus_per_trial": gpus_per_trial, "retries": retries,
+        "omp_num_threads": threads, "commands": [" ".join(t["cmd"]) for t in trials],
+        "versions": {"python": platform.python_version(), "ray": ray.__version__, "typer": typer.__version__},
+    })
+    print(f"sweep {name}: {len(trials)} trials, {len(trials) - len(todo)} already finished, {len(todo)} to run "
+          f"on {ray.cluster_resources().get('CPU', 0):g} CPUs ({sweep_dir})")
+    remote = ray.remote(run_trial).options(num_cpus=cpus_per_trial, num_gpus=gpus_per_trial, max_retries=0)
+    cwd = os.getcwd()
+    bar = common.progress(range(len(todo)), quiet=quiet, total=len(todo), desc="trials")
+    counts = {"ok": 0, "failed": 0}
+    pending: dict = {}
+    start = time.time()
+    try:
+        for t in todo:
+            t["attempts"] = 1
+            pending[remote.remote(t["cmd"], cwd, threads)] = t
+        while pending:
+            ready, _ = ray.wait(list(pending), num_returns=1)
+            t = pending.pop(ready[0])
+            try:
+                result = ray.get(ready[0])
+            except (ray.exceptions.RayError,) as e:  # the worker died, or the task raised
+                result = {"returncode": None, "node": None, "wall_s": None, "run_dir": None, "config": None, "final": None,
+                          "stderr_tail": f"{type(e).__name__}: {str(e)[-1500:]}"}
+            if result["returncode"] != 0 and t["attempts"] <= retries:
+                t["attempts"] += 1
+                pending[remote.remote(t["cmd"], cwd, threads)] = t
+                continue
+            status = "ok" if result["returncode"] == 0 else "failed"
+            counts[status] += 1
+            append_line(trials_path, {"id": t["id"], "options": t["options"], "seed": t["seed"], "status": status,
+                                      "attempts": t["attempts"], **result, "cmd": " ".join(t["cmd"])})
+            if bar is not None:
+                bar.set_postfix(ok=counts["ok"], failed=counts["failed"], total=len(todo), refresh=False)
+                bar.update(1)
+    except KeyboardInterrupt:
+        for ref in pending:
+            ray.cancel(ref, force=False)
+        if started_here:
+            ray.shutdown()
+        print(f"\ninterrupted: {counts['ok']} ok, {counts['failed']} failed, {len(pending)} cancelled; "
+              f"{trials_path} holds the finished ones.\nresume with: python sweep.py {' '.join(sys.argv[1:])}", file=sys.stderr)
+        sys.exit(130)
+    finally:
+        if bar is not None:
+            bar.close()
+    wall = time.time() - start
+    if started_here:
+        ray.shutdown()
+    table = summarize(sweep_dir, values, metric)
+    if not quiet:
+        print((sweep_dir / "summary.md").read_text())
+    walls = sum(r.get("wall_s") or 0 for r in read_trials(trials_path)[-len(todo):]) if todo else 0.0
+    print(f"sweep {sweep_dir} | {counts['ok']} ok, {counts['failed']} failed of {len(todo)} run in {wall:.1f} s "
+          f"(trials' own time {walls:.1f} s) | {len(table)} summary rows")
+    return 1 if counts["failed"] else 0
+
+
+if __name__ == "__main__":
+    common.main(app)
