@@ -443,6 +443,10 @@ def resume_args(ctx: typer.Context, args: SimpleNamespace, changeable=("epochs",
     run_dir = Path(args.resume)
     check(run_dir.is_dir(), f"--resume {run_dir}: no such run directory")
     saved = read_json(run_dir / "config.json")
+    for record in saved.get("resumes", []):  # an earlier resume's --epochs N (say) holds until changed again
+        for name, (_, new) in record.get("changed", {}).items():
+            if name in changeable and name in saved:
+                saved[name] = new
     merged = dict(vars(args))
     for name in vars(args):
         if name in ("resume", "tag") or name not in saved:

@@ -140,3 +140,18 @@ def test_training_longer_on_a_schedule_with_a_horizon_is_refused_and_changes_not
             assert resumed.returncode == 0, resumed.stderr
             assert config["epochs"] == 1 and config["resumes"][-1]["changed"]["epochs"] == [1, 2]
             assert len(json.loads((run_dir / "metrics.json").read_text())["epochs"]) == 2
+
+
+def test_a_longer_resume_then_a_kill_then_a_plain_resume_trains_to_the_longer_end(tiny_mnist, tmp_path):
+    """--epochs given on an earlier resume holds for the next plain --resume (config.json keeps the original)."""
+    proc = run_cli("train_mlp.py", "--data-dir", tiny_mnist, "--out-dir", tmp_path, "--epochs", 1, "--hidden", 8,
+                   "--lr-schedule", "none", "--quiet", env=ONE_THREAD)
+    assert proc.returncode == 0, proc.stderr
+    (run_dir,) = (tmp_path / "train_mlp").iterdir()
+    killed = run_cli("train_mlp.py", "--resume", run_dir, "--epochs", 3, "--quiet", env={**ONE_THREAD, "RUN_TEST_KILL_AT": "checkpoint:2"})
+    assert killed.returncode == -9
+    resumed = run_cli("train_mlp.py", "--resume", run_dir, "--quiet", env=ONE_THREAD)
+    assert resumed.returncode == 0, resumed.stderr
+    metrics = json.loads((run_dir / "metrics.json").read_text())
+    assert [e["epoch"] for e in metrics["epochs"]] == [1, 2, 3] and metrics["final"]["epochs_run"] == 3
+    assert json.loads((run_dir / "config.json").read_text())["epochs"] == 1  # the original stays, changes beside it
