@@ -146,3 +146,17 @@ def test_resume_of_missing_or_damaged_run(tiny_mnist, tmp_path):
     proc = run_cli("train_mlp.py", "--resume", run_dir, "--epochs", 2)
     assert_user_error(proc, "last.pt")
     assert {p.name: p.read_bytes() for p in run_dir.iterdir() if p.is_file()} == before  # nothing lost
+
+
+@pytest.mark.parametrize("script,extra", [("train_mlp.py", ["--patience", "5"]), ("train_cnn.py", ["--arch", "small"])])
+def test_val_fraction_0_trains_on_everything_and_best_follows_the_last_epoch(tiny_mnist, tmp_path, script, extra):
+    """--val-fraction 0 (common.load_mnist): no validation split; best.pt is the last epoch's model."""
+    proc = run_cli(script, "--data-dir", tiny_mnist, "--out-dir", tmp_path, "--epochs", 2, "--val-fraction", "0",
+                   *extra, "--quiet")
+    assert proc.returncode == 0, proc.stderr
+    (run_dir,) = (tmp_path / script.removesuffix(".py")).iterdir()
+    config = json.loads((run_dir / "config.json").read_text())
+    assert config["val_fraction"] == 0 and config["n_val"] == 0
+    metrics = json.loads((run_dir / "metrics.json").read_text())
+    assert [e["epoch"] for e in metrics["epochs"]] == [1, 2] and metrics["final"]["best_epoch"] == 2
+    assert common.load_checkpoint(run_dir / "best.pt")["epoch"] == 2
