@@ -10,7 +10,7 @@ vectorized over the batch; the model and its training import no torch (torch onl
     python numpy_nn.py --grad-check           # finite differences in float64: max relative error per layer < 1e-6
     python numpy_nn.py --compare-torch        # the same model in PyTorch, same initial weights, same batches
 Writes runs/numpy_nn/<timestamp>[-tag]/: config.json, metrics.json (per evaluation and final), best.npz, last.npz
-(NumPy archives, no pickle), training_curves.png, and with --compare-torch train_loss.png,
+(NumPy archives, no pickle), training_curves.png, TensorBoard events, and with --compare-torch train_loss.png,
 val_loss_vs_updates.png and val_error_vs_updates.png; one line in runs/results.jsonl.
 """
 
@@ -354,6 +354,10 @@ def train(run, net, sampler, data, twin=None, twin_opt=None) -> None:
                                "torch_val_acc": twin_val_acc, "torch_train_loss_per_update": [round(v, 6) for v in twin_losses],
                                "max_train_loss_gap": float(np.max(np.abs(np.array(losses) - np.array(twin_losses))))})
             record["epoch_time_s"] = time.time() - t0
+            writer = run.tensorboard()  # x axis: SGD updates
+            for key in ("train_loss", "val_loss", "val_acc", "torch_train_loss", "torch_val_loss", "torch_val_acc"):
+                if key in record:
+                    writer.add_scalar(key.replace("_", "/", 1) if not key.startswith("torch") else key, record[key], last)
             run.end_epoch(record, score=val_acc, loss=val_loss)
             print(f"update {last:6d} | train loss {record['train_loss']:.4f} | val loss {val_loss:.4f} acc {val_acc:.2%}"
                   + (f" | torch val acc {record['torch_val_acc']:.2%}, max loss gap {record['max_train_loss_gap']:.2e}"

@@ -91,6 +91,7 @@ def test_training_end_to_end_with_the_torch_twin(tiny_mnist, tmp_path):
     for name in ("config.json", "metrics.json", "best.npz", "last.npz", "training_curves.png", "train_loss.png",
                  "val_loss_vs_updates.png", "val_error_vs_updates.png"):
         assert (run_dir / name).is_file(), name
+    assert any(p.name.startswith("events.out.tfevents") for p in run_dir.iterdir())
     metrics = json.loads((run_dir / "metrics.json").read_text())
     history, final = metrics["epochs"], metrics["final"]
     assert [h["updates"] for h in history] == [100, 200, 300]
