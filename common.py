@@ -212,6 +212,12 @@ def load_mnist(data_dir, device, digits: Optional[str] = None, val_fraction: flo
 
     train_x, train_y, train_index = select(*read_mnist(data_dir, train=True))
     test_x, test_y, _ = select(*read_mnist(data_dir, train=False))
+    return split_and_place(train_x, train_y, train_index, test_x, test_y, digit_list, device, val_fraction, limit, seed)
+
+
+def split_and_place(train_x, train_y, train_index, test_x, test_y, classes, device, val_fraction, limit, seed) -> MNIST:
+    """Keep the first `limit` training samples, split off `val_fraction` by a permutation seeded with
+    seed_for(seed, "split"), and move every split to `device` (shared by load_mnist and load_cifar10)."""
     if limit is not None:
         train_x, train_y, train_index = train_x[:limit], train_y[:limit], train_index[:limit]
     n = len(train_y)
@@ -220,7 +226,7 @@ def load_mnist(data_dir, device, digits: Optional[str] = None, val_fraction: flo
     val_idx, tr_idx = perm[:n_val], perm[n_val:]
     to = lambda t: t.to(device)  # noqa: E731
     return MNIST(to(train_x[tr_idx]), to(train_y[tr_idx]), to(train_x[val_idx]), to(train_y[val_idx]),
-                 to(test_x), to(test_y), digit_list, train_index[tr_idx])
+                 to(test_x), to(test_y), classes, train_index[tr_idx])
 
 
 # ----------------------------------------------------------------------------- CIFAR-10 held on the device
@@ -273,16 +279,8 @@ def load_cifar10(data_dir, device, val_fraction: float = 0.1, limit: Optional[in
     parts = [read_cifar_bin(p) for p in train_paths]
     train_x, train_y = torch.cat([x for x, _ in parts]), torch.cat([y for _, y in parts])
     test_x, test_y = read_cifar_bin(test_path)
-    index = torch.arange(len(train_y))
-    if limit is not None:
-        train_x, train_y, index = train_x[:limit], train_y[:limit], index[:limit]
-    n = len(train_y)
-    n_val = 0 if val_fraction == 0 else min(max(1, round(n * val_fraction)), n - 1)
-    perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed_for(seed, "split")))
-    val_idx, tr_idx = perm[:n_val], perm[n_val:]
-    to = lambda t: t.to(device)  # noqa: E731
-    return MNIST(to(train_x[tr_idx]), to(train_y[tr_idx]), to(train_x[val_idx]), to(train_y[val_idx]),
-                 to(test_x), to(test_y), list(range(10)), index[tr_idx])
+    return split_and_place(train_x, train_y, torch.arange(len(train_y)), test_x, test_y, list(range(10)), device,
+                           val_fraction, limit, seed)
 
 
 def normalize_cifar(images: torch.Tensor) -> torch.Tensor:
