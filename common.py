@@ -137,14 +137,31 @@ def parse_digits(text: Optional[str]) -> list[int]:
     return sorted(digits)
 
 
-def read_mnist(data_dir, train: bool) -> tuple[torch.Tensor, torch.Tensor]:
-    """MNIST through torchvision (downloading it if absent) as (uint8 [N,28,28], int64 [N]) on the CPU."""
-    import torchvision
+def read_idx(path: Path, ndim: int) -> torch.Tensor:
+    """One MNIST IDX file (big-endian header: magic 0x0000080N, then N int32 sizes; uint8 data) as a uint8
+    tensor. Raises ValueError when the header or the length is wrong."""
+    raw = path.read_bytes()
+    header = 4 + 4 * ndim
+    if len(raw) < header:
+        raise ValueError(f"{path.name} has {len(raw)} bytes, less than an IDX header")
+    magic, *shape = np.frombuffer(raw, dtype=">i4", count=1 + ndim)
+    if magic != 0x800 + ndim:
+        raise ValueError(f"{path.name} starts with magic {magic}, not {0x800 + ndim}")
+    if len(raw) != header + int(np.prod(shape)):
+        raise ValueError(f"{path.name} holds {len(raw) - header} data bytes, its header says {int(np.prod(shape))}")
+    return torch.from_numpy(np.frombuffer(raw, dtype=np.uint8, offset=header).reshape(shape).copy())
 
+
+def read_mnist(data_dir, train: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """MNIST as (uint8 [N,28,28], int64 [N]) on the CPU. torchvision.datasets.MNIST downloads it if absent;
+    the four raw IDX files it leaves are then read here directly (torchvision's own reader gives the same
+    tensors, but importing torchvision costs about 1.5 s per process)."""
     data_dir = Path(data_dir)
     raw = data_dir / "MNIST" / "raw"
     missing = [f for f in MNIST_FILES if not (raw / f).is_file()]
     if missing:
+        import torchvision
+
         print(f"MNIST not found in {raw}: downloading it there", file=sys.stderr)
         try:
             with contextlib.redirect_stdout(io.StringIO()):
@@ -155,17 +172,18 @@ def read_mnist(data_dir, train: bool) -> tuple[torch.Tensor, torch.Tensor]:
                 f"MNIST is not in {raw} and downloading it failed ({reason}); "
                 f"copy the four raw IDX files there or point --data-dir (or DATA_DIR) at a folder holding MNIST/raw"
             ) from None
+    split = "train" if train else "t10k"
     try:
-        ds = torchvision.datasets.MNIST(root=str(data_dir), train=train, download=False)
-        images, labels = ds.data, ds.targets
-        check(images.dim() == 3 and images.shape[1:] == (28, 28) and len(images) == len(labels), "shapes do not match")
-    except Exception as e:
-        split = "train" if train else "t10k"
+        images = read_idx(raw / f"{split}-images-idx3-ubyte", 3)
+        labels = read_idx(raw / f"{split}-labels-idx1-ubyte", 1)
+        check(images.shape[1:] == (28, 28) and len(images) == len(labels), "shapes do not match")
+        check(int(labels.max()) <= 9, "labels above 9")
+    except (ValueError, OSError, UserError) as e:
         raise UserError(
             f"the MNIST {split} files in {raw} are truncated or corrupt ({type(e).__name__}: {str(e).splitlines()[0][:120]}); "
             f"delete them to download a fresh copy, or point --data-dir at a good one"
         ) from None
-    return images.to(torch.uint8), labels.long()
+    return images, labels.long()
 
 
 @dataclass
@@ -396,9 +414,13 @@ def make_run_dir(out_dir, script: str, tag: Optional[str] = None) -> Path:
 
 
 def versions() -> dict:
-    import torchvision
+    from importlib.metadata import PackageNotFoundError, version
 
-    return {"python": platform.python_version(), "torch": torch.__version__, "torchvision": torchvision.__version__,
+    try:  # read from the package metadata: importing torchvision costs about 1.5 s
+        torchvision_version = version("torchvision")
+    except PackageNotFoundError:
+        torchvision_version = None
+    return {"python": platform.python_version(), "torch": torch.__version__, "torchvision": torchvision_version,
             "numpy": np.__version__, "platform": platform.platform()}
 
 
@@ -896,16 +918,43 @@ def plot_predictions(images, true_digits, pred_digits, path, n: int = 32) -> Non
     plot_image_grid(images[:n], titles, path, colors=colors, suptitle="Test predictions (green right, red wrong)")
 
 
+def step_values(stats: torch.Tensor, names=("loss", "acc")) -> dict:
+    """A [steps, k] tensor of per-step training values, kept on the device during the epoch and read here once
+    (no host sync per step), as metrics.json fields {"step_loss": [...], "step_acc": [...]} for plot_curves."""
+    columns = stats.detach().float().cpu().T.tolist()
+    return {f"step_{name}": [float(f"{v:.5g}") for v in column] for name, column in zip(names, columns)}
+
+
+def smooth(values, window: int) -> np.ndarray:
+    """Centered moving average over `window` values (narrower at the ends, so no lag and no edge dip)."""
+    values = np.asarray(values, dtype=float)
+    half = max(window, 1) // 2
+    csum = np.concatenate([[0.0], np.cumsum(values)])
+    idx = np.arange(len(values))
+    lo, hi = np.maximum(idx - half, 0), np.minimum(idx + half + 1, len(values))
+    return (csum[hi] - csum[lo]) / (hi - lo)
+
+
 def plot_curves(history: list[dict], path, keys=("loss", "acc")) -> None:
-    """Loss and accuracy per epoch, train and val, from metrics.json's per-epoch records."""
+    """Training curves from metrics.json's per-epoch records. Where the records hold per-step values
+    (step_loss, step_acc, ...: see step_values) the training line is per step, x in fractional epochs (raw
+    faint, smoothed solid), so a one-epoch run still shows its curve; val and test are per-epoch points."""
     plt = pyplot()
     fig, axes = plt.subplots(1, len(keys), figsize=(5 * len(keys), 3.6), squeeze=False)
     epochs = [h["epoch"] for h in history]
     for ax, key in zip(axes.flat, keys):
-        for split in ("train", "val", "test"):
+        steps = [h.get(f"step_{key}") or [] for h in history]
+        if history and all(steps):
+            x = np.concatenate([h["epoch"] - 1 + np.arange(1, len(s) + 1) / len(s) for h, s in zip(history, steps)])
+            y = np.concatenate([np.asarray(s, dtype=float) for s in steps])
+            ax.plot(x, y, color="C0", alpha=0.25, linewidth=0.8)
+            ax.plot(x, smooth(y, max(1, len(y) // 30)), color="C0", label="train (per step, smoothed)")
+        elif history and history[0].get(f"train_{key}") is not None:
+            ax.plot(epochs, [h[f"train_{key}"] for h in history], marker="o", color="C0", label="train")
+        for split, color in (("val", "C1"), ("test", "C2")):
             name = f"{split}_{key}"
             if history and history[0].get(name) is not None:  # runs without a validation split have val_* None
-                ax.plot(epochs, [h[name] for h in history], marker="o", label=split)
+                ax.plot(epochs, [h[name] for h in history], marker="o", color=color, label=split)
         ax.set_xlabel("epoch")
         ax.set_ylabel(key)
         ax.grid(alpha=0.3)

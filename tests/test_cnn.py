@@ -43,6 +43,17 @@ def test_onecycle_matches_torch():
         sched.step()
 
 
+def test_onecycle_without_momentum_cycling_matches_torch():
+    model = torch.nn.Linear(2, 2)
+    opt = torch.optim.Adam(model.parameters(), lr=0.01, betas=(0.7, 0.9))
+    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=0.01, total_steps=40, cycle_momentum=False)
+    for step in range(40):
+        lr, beta1 = train_cnn.schedule("onecycle", step, 40, 40, 0.01, 0.7, cycle_momentum=False)
+        assert math.isclose(lr, opt.param_groups[0]["lr"], rel_tol=1e-9, abs_tol=1e-12) and beta1 is None, step
+        opt.step()
+        sched.step()
+
+
 def test_step_and_cosine_schedules():
     assert train_cnn.schedule("step", 25, 100, 10, 1.0, 0.7)[0] == pytest.approx(0.49)
     assert train_cnn.schedule("cosine", 50, 100, 10, 1.0, 0.7)[0] == pytest.approx(0.5)
