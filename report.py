@@ -399,14 +399,15 @@ def option_words(options: dict) -> list[str]:
     return words
 
 
-def ablation_command(data_dir, out_dir, epochs: int, limit: Optional[int], name: str = "ablations") -> list[str]:
+def ablation_command(data_dir, out_dir, epochs: int, limit: Optional[int], name: str = "ablations",
+                     num_cpus: Optional[int] = None) -> list[str]:
     """The one sweep.py command of the ablation study (argv after the interpreter)."""
     cmd = ["sweep.py", "train_mlp.py"]
     for config, change in ABLATIONS.items():
         cmd += ["--config", f"{config}={shlex.join(option_words({**ABLATION_BASE, **change}))}"]
     cmd += ["--grid", f"epochs={epochs}", *(["--grid", f"limit={limit}"] if limit else []), "--grid", f"data-dir={data_dir}",
             "--seeds", ABLATION_SEEDS, "--name", name, "--out-dir", str(out_dir), "--quiet"]
-    return cmd
+    return cmd + (["--num-cpus", str(num_cpus)] if num_cpus else [])
 
 
 def noise_verdicts(rows: list[dict], baseline: str = "baseline") -> list[dict]:
@@ -448,9 +449,10 @@ def ablation_markdown(rows: list[dict], metric: str = "test_acc") -> str:
     return "\n".join(lines) + "\n"
 
 
-def run_ablations(data_dir: Path, out_dir: Path, epochs: int, limit: Optional[int], name: str = "ablations") -> tuple[int, str]:
+def run_ablations(data_dir: Path, out_dir: Path, epochs: int, limit: Optional[int], name: str = "ablations",
+                  num_cpus: Optional[int] = None) -> tuple[int, str]:
     """Run (or resume) the ablation sweep, then return (sweep.py's exit code, the ablation table in Markdown)."""
-    cmd = ablation_command(data_dir, out_dir, epochs, limit, name)
+    cmd = ablation_command(data_dir, out_dir, epochs, limit, name, num_cpus)
     print("$ python " + shlex.join(cmd), flush=True)
     code = subprocess.call([sys.executable, str(ROOT / cmd[0]), *cmd[1:]], cwd=ROOT)
     if code not in (0, 1):  # 1: some trials failed; the others are still tabled
@@ -472,13 +474,14 @@ def ablations(
     limit: Annotated[Optional[int], typer.Option(help="Training images of every trial (the quick setting: 20000; 0 = all).")] = 20000,
     name: Annotated[str, typer.Option(help="Sweep name: OUT_DIR/sweeps/NAME/.")] = "ablations",
     out: Annotated[Optional[Path], typer.Option(help="Also write the ablation table to this Markdown file.")] = None,
+    num_cpus: Annotated[Optional[int], typer.Option(help="Trials run at once (sweep.py's local Ray CPUs; default: all cores).")] = None,
     data_dir: common.DataDir = Path("./data"),
     out_dir: Annotated[Path, typer.Option(help="Runs and the sweep go under this folder.")] = Path("runs"),
 ):
     """train_mlp ablations (init, dropout, lr schedule, batch norm) x seeds 42,123,456 as one sweep; the table and,
     per configuration, whether its difference from the baseline exceeds the seed noise."""
     common.check(epochs >= 1 and (limit is None or limit >= 0), "--epochs must be >= 1 and --limit >= 0")
-    code, text = run_ablations(absolute(data_dir), absolute(out_dir), epochs, limit or None, name)
+    code, text = run_ablations(absolute(data_dir), absolute(out_dir), epochs, limit or None, name, num_cpus)
     common.check(bool(text), f"the ablation sweep stopped with exit code {code}")
     print(text, end="")
     if out is not None:
@@ -491,7 +494,7 @@ GLONET_SOURCE = {"glonet": {6: 98.0, 10: 98.0, 24: 98.0, 50: 98.0, 100: 98.0, 20
                  "mlp": {6: 97.5, 24: 97.0, 50: 95.0, 100: 92.0, 200: 85.0}}  # the source's depth table, test acc %
 
 
-def reproduce_plan(quick: bool, data_dir, out_dir, gpu: bool = False) -> list[dict]:
+def reproduce_plan(quick: bool, data_dir, out_dir, gpu: bool = False, num_cpus: Optional[int] = None) -> list[dict]:
     """The jobs of `reproduce`: {"name", "cmd" (argv after the interpreter; CNN_RUN_DIR stands for the seed-0 run of
     job cnn), "sweep" (its name, for jobs run through sweep.py), "note" (how quick mode differs)}."""
     mode = "quick" if quick else "full"
@@ -500,7 +503,8 @@ def reproduce_plan(quick: bool, data_dir, out_dir, gpu: bool = False) -> list[di
     def sweep(name, script, *args, seeds="0,1,2", note=""):
         return {"name": name, "sweep": f"reproduce-{mode}-{name}", "note": note,
                 "cmd": ["sweep.py", script, *args, "--grid", f"data-dir={d}", "--seeds", seeds,
-                        "--name", f"reproduce-{mode}-{name}", "--out-dir", o, "--quiet"]}
+                        "--name", f"reproduce-{mode}-{name}", "--out-dir", o, "--quiet",
+                        *(["--num-cpus", str(num_cpus)] if num_cpus else [])]}
 
     def single(name, script, *args, note=""):
         return {"name": name, "sweep": None, "note": note,
@@ -516,8 +520,8 @@ def reproduce_plan(quick: bool, data_dir, out_dir, gpu: bool = False) -> list[di
         sweep("walkthrough-cnn", "train_cnn.py", "--grid", "arch=small", "--grid", "epochs=5", seeds="0" if quick else "0,1,2",
               note="quick: seed 0 only" if quick else ""),
         sweep("depth", "train_glonet.py", "--grid", f"layers={depths}", "--grid", "model=glonet,mlp",
-              *(["--grid", "epochs=3"] if quick else []), seeds="0",
-              note="quick: depths 6, 24, 50 and 3 epochs (the source: 10 epochs, depths to 200)" if quick else ""),
+              *(["--grid", "epochs=5"] if quick else []), seeds="0",
+              note="quick: depths 6, 24, 50 and 5 epochs (full: 10 epochs, depths 6-200)" if quick else ""),
         sweep("numpy", "numpy_nn.py", "--grid", "arch=embed,mlp", "--grid", "input-scale=standard,raw"),
         single("svm", "svm_gabor.py", "--data-dir", d, *(["--train-size", "5000"] if quick else []),
                note="quick: 5,000 training images (full: 20,000)" if quick else ""),
@@ -526,7 +530,7 @@ def reproduce_plan(quick: bool, data_dir, out_dir, gpu: bool = False) -> list[di
                *(["--epochs", "2", "--no-every-epoch", "--limit", "20000"] if quick else []),
                note="quick: 2 epochs on the first 20,000 images, gradients of the last epoch only" if quick else ""),
         {"name": "ablations", "sweep": f"reproduce-{mode}-ablations", "note": "quick setting: 3 epochs, 20,000 images" if quick else "10 epochs, all images",
-         "cmd": ablation_command(d, o, 3 if quick else 10, 20000 if quick else None, f"reproduce-{mode}-ablations")},
+         "cmd": ablation_command(d, o, 3 if quick else 10, 20000 if quick else None, f"reproduce-{mode}-ablations", num_cpus)},
     ]
     if not quick and gpu:
         jobs.append(single("allcnn", "train_allcnn.py", "--data-dir", d))
@@ -599,7 +603,7 @@ def evaluate_claims(quick: bool, done: dict, gpu: bool) -> list[dict]:
             "MLP deepest < shallowest - 1 point and GloNet deepest >= shallowest - 0.5 points")
     else:
         row("depth", "the plain MLP degrades with depth, GloNet does not", "MLP ~97.5% -> ~85%, GloNet ~98% throughout",
-            "not measured", None, "")
+            "not measured", None, "MLP deepest < shallowest - 1 point and GloNet deepest >= shallowest - 0.5 points")
     deep_k = [(r["group"]["layers"], r["values"]) for r in layers_for_acc if r["group"]["model"] == "glonet" and float(r["group"]["layers"]) >= 24]
     ks = [int(v) for _, vals in deep_k for v in vals]
     row("depth", "GloNet: only the first 4-8 layers matter (depth >= 24)", "4-8 layers",
@@ -663,10 +667,12 @@ def _display(cmd: list[str]) -> str:
 
 
 def _rel(path) -> str:
+    """A path relative to the working directory when it lies under it, else absolute."""
     if path is None:
         return MISSING
+    path = absolute(Path(path))
     try:
-        return os.path.relpath(path)
+        return str(path.relative_to(Path.cwd()))
     except ValueError:
         return str(path)
 
@@ -694,6 +700,7 @@ def reproduce(
     dry_run: Annotated[bool, typer.Option(help="List the commands without running them.")] = False,
     only: Annotated[Optional[str], typer.Option(help="Run only these jobs, comma-separated (see --dry-run); the other claims are marked not run.")] = None,
     out: Annotated[Path, typer.Option(help="The report to write; its figures go beside it.")] = Path("REPRODUCE.md"),
+    num_cpus: Annotated[Optional[int], typer.Option(help="Trials run at once (sweep.py's local Ray CPUs; default: all cores).")] = None,
     data_dir: common.DataDir = Path("./data"),
     out_dir: Annotated[Path, typer.Option(help="Runs and sweeps go under this folder.")] = Path("runs"),
 ):
@@ -703,7 +710,7 @@ def reproduce(
 
     gpu = torch.cuda.is_available()
     data_dir, out_dir = absolute(data_dir), absolute(out_dir)
-    jobs = reproduce_plan(quick, data_dir, out_dir, gpu)
+    jobs = reproduce_plan(quick, data_dir, out_dir, gpu, num_cpus)
     names = [j["name"] for j in jobs]
     chosen = names if not only else [n.strip() for n in only.split(",") if n.strip()]
     common.check(all(n in names for n in chosen), f"--only {only}: jobs are {', '.join(names)}")
@@ -740,7 +747,10 @@ def reproduce(
             run_dir = _run_dir_of(proc.stdout)
             entry["where"] = run_dir
             metrics = _read_json(Path(run_dir) / "metrics.json") if run_dir else None
-            entry["final"] = (metrics or {}).get("final")
+            line = next((r.fields for r in read_results(out_dir / "results.jsonl", [])
+                         if run_dir and r.run_dir == run_dir), {}) if (out_dir / "results.jsonl").is_file() else {}
+            final = (metrics or {}).get("final")
+            entry["final"] = None if final is None else {**final, **line}  # results.jsonl has grad_collect's ARIs
             entry["config"] = _read_json(Path(run_dir) / "config.json") if run_dir else None
         if proc.returncode != 0:
             errors.append(f"{j['name']}: exit code {proc.returncode} after {seconds:.0f} s ({entry['cmd']})")

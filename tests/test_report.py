@@ -141,3 +141,29 @@ def test_reproduce_dry_run_lists_commands_and_every_option_exists(tmp_path):
         grid, _ = sweep.parse_grid([v for f, v in zip(words, words[1:]) if f == "--grid"], ROOT / target, allow_empty=True)
         sweep.parse_configs([v for f, v in zip(words, words[1:]) if f == "--config"], ROOT / target, grid)
     assert {"allcnn", "fgsm", "depth", "ablations"} <= {j["name"] for j in full}
+
+
+def test_claim_verdicts_are_computed_from_the_measurements():
+    def runs(rows):  # [(fields, final)] -> the records a sweep job leaves
+        return {"records": [report.Record("t", "s", f"/r{i}", dict(f), final=dict(m)) for i, (f, m) in enumerate(rows)]}
+
+    depth = [({"model": m, "layers": d, "seed": 0}, {"test_acc": a, **({"layers_for_acc": k} if m == "glonet" else {})})
+             for m, d, a, k in (("glonet", 6, 0.983, 5), ("glonet", 24, 0.984, 6), ("glonet", 50, 0.9825, 9),
+                                ("mlp", 6, 0.9818, 0), ("mlp", 24, 0.893, 0), ("mlp", 50, 0.1135, 0))]
+    done = {"mlp": runs([({"seed": s}, {"test_acc": a}) for s, a in enumerate((0.9828, 0.9815, 0.9829))]),
+            "cnn": runs([({"seed": s}, {"test_acc": a}) for s, a in enumerate((0.9907, 0.9890, 0.9916))]),
+            "depth": runs(depth),
+            "svm": {"final": {"raw_test_acc": 0.9637, "gabor_test_acc": 0.9893}},
+            "fgsm": {"final": {"eps": 64, "clean_acc": 0.99, "fgsm_acc": 0.2, "iterative_acc": 0.01}},
+            "clusters": {"final": {"grad_array": "net.3.weight", "grad_epoch": 5, "grad_ari": 0.0, "grad_ari_direction": 0.6}}}
+    claims = {c["claim"]: c for c in report.evaluate_claims(True, done, gpu=False)}
+    verdict = lambda text: next(c["passed"] for name, c in claims.items() if name.startswith(text))  # noqa: E731
+    assert verdict("MLP 784-512-10") is True and verdict("CNN (train_cnn") is True  # mean 99.04% >= 99%
+    assert "2 of 3 seeds >= 99%" in claims["CNN (train_cnn.py defaults)"]["measured"]
+    assert verdict("GloNet depth 50") is True and verdict("MLP depth 6") is True and verdict("MLP depth 24") is False
+    assert "GloNet depth 100" not in claims  # a depth quick mode does not run is not listed
+    assert verdict("the plain MLP degrades") is True
+    assert verdict("GloNet: only the first") is False  # k = 9 at depth 50
+    assert verdict("Gabor") is True and verdict("FGSM") is True and verdict("per-sample-gradient clusters") is False
+    assert verdict("FC 784-256-128-10") is None and verdict("All-CNN-T") is None  # not measured / not run on a CPU
+    assert claims["All-CNN-T on CIFAR-10, 100 epochs"]["measured"] == "not run on a CPU"
