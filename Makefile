@@ -1,12 +1,16 @@
 # make test: create .venv, install requirements, run the test suite (offline; uses DATA_DIR for real MNIST).
 # make demo: the same set-up, then a 2-epoch MLP run; prints where its plots are.
+# make ablations: train_mlp's ablations (init, dropout, lr schedule, batch norm) x 3 seeds as one sweep, then the
+#   table and which differences exceed the seed noise (report.py ablations; a few minutes on 2 cores).
+# make reproduce-quick / make reproduce: every source's headline claim measured -> REPRODUCE.md (report.py reproduce;
+#   quick: CPU settings, under 30 minutes on 2 cores; full: the sources' settings, hours).
 PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
 DATA_DIR ?= ./data
 export DATA_DIR
 
-.PHONY: test demo bench clean
+.PHONY: test demo bench ablations reproduce reproduce-quick clean
 
 $(VENV)/.installed: requirements.txt
 	$(PYTHON) -m venv $(VENV)
@@ -19,6 +23,15 @@ test: $(VENV)/.installed
 demo: $(VENV)/.installed
 	$(PY) train_mlp.py --epochs 2 --tag demo
 	@echo "plots: $$(ls -d runs/train_mlp/*-demo* | tail -n 1)/*.png"
+
+ablations: $(VENV)/.installed
+	$(PY) report.py ablations --data-dir $(DATA_DIR)
+
+reproduce: $(VENV)/.installed
+	$(PY) report.py reproduce --full --data-dir $(DATA_DIR)
+
+reproduce-quick: $(VENV)/.installed
+	$(PY) report.py reproduce --quick --data-dir $(DATA_DIR)
 
 bench: $(VENV)/.installed
 	for b in benchmarks/bench_*.py; do $(PY) $$b || exit 1; done

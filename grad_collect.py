@@ -317,10 +317,7 @@ def write_epoch(model, data: common.MNIST, run_dir: Path, epoch: int, plan, args
 
 def epoch_lr(args, epoch: int, steps: int) -> float:
     """The mean learning rate of an epoch's steps under train_mlp.train's schedule."""
-    if args.lr_schedule == "none":
-        return args.lr
-    total = args.epochs * steps
-    return float(np.mean([args.lr * 0.5 * (1 + math.cos(math.pi * s / total)) for s in range((epoch - 1) * steps, epoch * steps)]))
+    return float(np.mean([train_mlp.lr_at(args, s, steps) for s in range((epoch - 1) * steps, epoch * steps)]))
 
 
 # ----------------------------------------------------------------------------- reading a run (for notebooks too)
@@ -927,7 +924,8 @@ def main(
     weight_decay: Annotated[float, typer.Option(help="L2 weight decay.")] = 1e-4,
     optimizer: Annotated[str, typer.Option(help="adam or sgd.")] = "adam",
     momentum: Annotated[float, typer.Option(help="SGD momentum.")] = 0.9,
-    lr_schedule: Annotated[str, typer.Option(help="cosine or none (as train_mlp.py).")] = "cosine",
+    lr_schedule: Annotated[str, typer.Option(help="cosine, step or none (as train_mlp.py).")] = "cosine",
+    gamma: Annotated[float, typer.Option(help="Per-epoch lr factor of --lr-schedule step.")] = 0.7,
     patience: Annotated[Optional[int], typer.Option(help="Early stopping patience in epochs (off unless given).")] = None,
     min_delta: Annotated[float, typer.Option(help="Smallest val-loss decrease that counts as improvement.")] = 0.0,
     from_run: Annotated[Optional[Path], typer.Option(help="Collect from this train_mlp (or grad_collect) run's best.pt and config instead of training.")] = None,
@@ -1070,6 +1068,8 @@ def take_model_and_split_of(args) -> None:
     common.check((src / "config.json").is_file(), f"--from-run {src}: it has no config.json; is this a train_mlp run directory?")
     cfg = common.read_json(src / "config.json")
     common.check(cfg.get("script") in ("train_mlp", "grad_collect"), f"--from-run {src}: not a train_mlp run (its config names {cfg.get('script')!r})")
+    common.check(not cfg.get("batch_norm"), f"--from-run {src}: a --batch-norm run; per-sample gradients are collected only "
+                                            f"from MLPs without BatchNorm (it mixes the samples of a batch)")
     for key in ("hidden", "dropout", "digits", "val_fraction", "limit", "seed"):
         setattr(args, key, cfg[key])
     args.every_epoch = False

@@ -3,14 +3,16 @@
     python sweep.py train_glonet.py --grid model=glonet,mlp --grid layers=6,24,50,100,200 --name depth
       -> runs/sweeps/depth/summary.png: test accuracy against depth, one line per model (GloNet paper, Fig. 5b)
 
-Each trial is `python SCRIPT --KEY V ... --seed S --tag NAME-ID --quiet --out-dir OUT_DIR` in a Ray task with
+Named configurations instead of (or times) a grid: --config NAME=ARGS, e.g.
+    python sweep.py train_mlp.py --config baseline= --config xavier="--init xavier" --seeds 42,123,456
+Each trial is `python SCRIPT [--KEY V ...] [ARGS] --seed S --tag NAME-ID --quiet --out-dir OUT_DIR` in a Ray task with
 --cpus-per-trial CPUs (OMP_NUM_THREADS set to that) and --gpus-per-trial GPUs. Single values pass options
 through (--grid data-dir=/data --grid epochs=2). Without --address or RAY_ADDRESS a local Ray is started with this
 machine's CPUs and stopped at the end. The same command again skips trials that finished OK and reruns failed ones.
 A trial that exits non-zero or whose worker dies is retried --retries times, then recorded failed with its stderr
 tail. Ctrl-C cancels running trials; trials.jsonl only ever gains whole lines. Only this driver writes the sweep
 files (tasks return config and final metrics), so no shared filesystem is needed.
-Outputs in OUT_DIR/sweeps/NAME/: sweep.json, trials.jsonl, summary.md, summary.png.
+Outputs in OUT_DIR/sweeps/NAME/: sweep.json, trials.jsonl, summary.md, summary.png (made by report.py).
 """
 
 from __future__ import annotations
@@ -18,9 +20,9 @@ from __future__ import annotations
 import importlib.util
 import itertools
 import json
-import math
 import os
 import platform
+import shlex
 import socket
 import subprocess
 import sys
@@ -31,6 +33,7 @@ from typing import Annotated, Optional
 import typer
 
 import common
+import report
 
 app = typer.Typer(add_completion=False, pretty_exceptions_enable=False, help=__doc__.split("\n")[0])
 RESERVED = {"seed": "--seeds", "tag": "--name", "out-dir": "--out-dir", "quiet": "(always on)", "resume": "(resume is per sweep)"}
@@ -56,10 +59,10 @@ def script_options(command) -> dict:
     return {opt: p for p in command.params for opt in (*p.opts, *getattr(p, "secondary_opts", [])) if opt.startswith("--")}
 
 
-def parse_grid(grid: list[str], script: Path) -> tuple[dict[str, list[str]], dict[str, bool]]:
+def parse_grid(grid: list[str], script: Path, allow_empty: bool = False) -> tuple[dict[str, list[str]], dict[str, bool]]:
     """['layers=6,24', 'model=glonet,mlp'] -> {'layers': ['6', '24'], ...}, every value converted once by the script's
-    own option type so that a value it would reject fails here."""
-    common.check(bool(grid), "empty grid: give at least one --grid KEY=V1,V2 (an option of the script)")
+    own option type so that a value it would reject fails here. Empty only with named configurations (--config)."""
+    common.check(bool(grid) or allow_empty, "empty grid: give at least one --grid KEY=V1,V2 (an option of the script) or --config NAME=ARGS")
     command = script_command(script)
     options = script_options(command)
     out: dict[str, list[str]] = {}
@@ -81,6 +84,39 @@ def parse_grid(grid: list[str], script: Path) -> tuple[dict[str, list[str]], dic
                 raise common.UserError(f"--grid {key}={v}: {script.name} would refuse it ({e.format_message()})") from None
         out[key] = vals
     return out, {k: bool(getattr(options[f"--{k}"], "is_flag", False)) for k in out}
+
+
+def parse_configs(configs: list[str], script: Path, grid_keys) -> dict[str, list[str]]:
+    """['xavier=--init xavier', 'baseline='] -> {'xavier': ['--init', 'xavier'], 'baseline': []}: named sets of the
+    script's options (shell words), parsed by the script's own command like grid values; they may not set a grid key
+    or an option the sweep sets itself. In trials.jsonl and the summary a configuration is the option `config`."""
+    command = script_command(script)
+    options = script_options(command)
+    out: dict[str, list[str]] = {}
+    for item in configs:
+        name, sep, text = item.partition("=")
+        name = name.strip()
+        common.check(sep == "=" and name != "", f"--config {item!r}: write NAME=ARGS, e.g. --config xavier='--init xavier' (ARGS empty: the defaults)")
+        common.check(all(c.isalnum() or c in "-_." for c in name), f"--config {name!r}: name it with letters, digits, '-', '_' or '.'")
+        common.check(name not in out, f"--config {name}: given twice")
+        try:
+            words = shlex.split(text)
+        except ValueError as e:
+            raise common.UserError(f"--config {item!r}: {e}") from None
+        for word in words:
+            if not word.startswith("--"):
+                continue
+            key = word[2:].split("=")[0]
+            plain = key[3:] if key.startswith("no-") and f"--{key[3:]}" in options else key
+            common.check(f"--{key}" in options and key != "help", f"--config {name}: {script.name} has no option --{key}")
+            common.check(plain not in RESERVED, f"--config {name}: --{key} is set by the sweep itself, use {RESERVED.get(plain)}")
+            common.check(plain not in grid_keys, f"--config {name}: --{key} is also a --grid key; give it in one place")
+        try:
+            command.make_context(script.name, list(words))
+        except typer.TyperException as e:
+            raise common.UserError(f"--config {name}: {script.name} would refuse {text!r} ({e.format_message()})") from None
+        out[name] = words
+    return out
 
 
 def parse_seeds(text: str) -> list[int]:
@@ -170,66 +206,20 @@ def trial_key(options: dict, seed: int) -> str:
 
 
 def summarize(sweep_dir: Path, grid: dict[str, list[str]], metric: str) -> list[dict]:
-    """summary.md and summary.png from trials.jsonl (latest record per trial): `metric` against the first varying
-    grid key, mean +- std over seeds, one line per combination of the other varying keys."""
-    latest = {}
-    for row in read_trials(sweep_dir / "trials.jsonl"):
-        latest[trial_key(row["options"], row["seed"])] = row
+    """summary.md and summary.png from trials.jsonl (latest record per trial), by report.py: `metric` against the
+    first varying grid key (a configuration counts as the key `config`), mean +- std over seeds, one line per
+    combination of the other varying keys."""
     varying = [k for k, v in grid.items() if len(v) > 1] or list(grid)[:1]
     x_key, others = varying[0], varying[1:]
-    groups: dict[tuple, dict] = {}
-    for row in latest.values():
-        combo = tuple(row["options"].get(k) for k in others)
-        cell = groups.setdefault(combo, {}).setdefault(row["options"].get(x_key), {"values": [], "failed": 0})
-        value = (row.get("final") or {}).get(metric)
-        if row["status"] == "ok" and isinstance(value, (int, float)):
-            cell["values"].append(value)
-        else:
-            cell["failed"] += 1
-    table = []
-    for combo in sorted(groups, key=lambda c: [grid[k].index(v) if v in grid[k] else 0 for k, v in zip(others, c)]):
-        for x in grid[x_key]:
-            cell = groups[combo].get(x)
-            if cell is None:
-                continue
-            vals = cell["values"]
-            mean = sum(vals) / len(vals) if vals else float("nan")
-            std = math.sqrt(sum((v - mean) ** 2 for v in vals) / (len(vals) - 1)) if len(vals) > 1 else 0.0
-            table.append({**dict(zip(others, combo)), x_key: x, "n": len(vals), "failed": cell["failed"], "mean": mean, "std": std})
-
-    head = [*others, x_key, "seeds ok", "failed", metric]
-    md = [f"# Sweep {sweep_dir.name}: {metric} against {x_key}", "", "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
-    for r in table:
-        value = "n/a" if r["n"] == 0 else f"{r['mean']:.4f} +- {r['std']:.4f}"
-        md.append("| " + " | ".join([*(str(r[k]) for k in others), str(r[x_key]), str(r["n"]), str(r["failed"]), value]) + " |")
-    (sweep_dir / "summary.md").write_text("\n".join(md) + "\n")
-
-    plt = common.pyplot()
-    fig, ax = plt.subplots(figsize=(6, 4))
-    numeric = all(_is_number(x) for x in grid[x_key])
-    for combo in sorted(groups, key=str):
-        rows = [r for r in table if tuple(r.get(k) for k in others) == combo and r["n"] > 0]
-        if not rows:
-            continue
-        xs = [float(r[x_key]) if numeric else grid[x_key].index(r[x_key]) for r in rows]
-        label = ", ".join(f"{k}={v}" for k, v in zip(others, combo)) or metric
-        ax.errorbar(xs, [r["mean"] for r in rows], yerr=[r["std"] for r in rows], marker="o", capsize=3, label=label)
-    if numeric:
-        xs = [float(x) for x in grid[x_key]]
-        if min(xs) > 0 and max(xs) / min(xs) >= 20:
-            ax.set_xscale("log")
-        ax.set_xticks(xs, grid[x_key])
-    else:
-        ax.set_xticks(range(len(grid[x_key])), grid[x_key])
-    ax.set_xlabel(x_key)
-    ax.set_ylabel(f"{metric} (mean +- std over seeds)")
-    ax.set_title(f"sweep {sweep_dir.name}")
-    ax.grid(alpha=0.3)
-    if ax.get_legend_handles_labels()[0]:
-        ax.legend()
-    fig.tight_layout()
-    fig.savefig(sweep_dir / "summary.png", dpi=120)
-    plt.close(fig)
+    records, notes = report.load_records(sweeps=[sweep_dir])
+    for note in notes:
+        print(note, file=sys.stderr)
+    order = {k.replace("-", "_"): v for k, v in grid.items()}
+    by = [k.replace("-", "_") for k in [*others, x_key]]
+    table = report.aggregate(records, by, metric, order=order)
+    title = f"Sweep {sweep_dir.name}: {metric} against {x_key}"
+    (sweep_dir / "summary.md").write_text(report.markdown(table, by, metric, title=title, show_failed=True))
+    report.plot(table, by, metric, sweep_dir / "summary.png", x_key=by[-1], title=f"sweep {sweep_dir.name}")
     return table
 
 
@@ -246,6 +236,7 @@ def _is_number(text: str) -> bool:
 def main(
     script: Annotated[Path, typer.Argument(help="Training script to run, e.g. train_glonet.py.")],
     grid: Annotated[Optional[list[str]], typer.Option(help="KEY=V1,V2: an option of SCRIPT and its values (repeat for more keys; one value passes an option through).")] = None,
+    config: Annotated[Optional[list[str]], typer.Option(help="NAME=ARGS: a named configuration, SCRIPT's options as shell words, e.g. xavier='--init xavier' (repeat; crossed with the grid).")] = None,
     seeds: Annotated[str, typer.Option(help="Seeds run for every grid combination, e.g. 0,1,2.")] = "0",
     address: Annotated[Optional[str], typer.Option(envvar="RAY_ADDRESS", help="Ray cluster address, or auto; none starts a local Ray.")] = None,
     num_cpus: Annotated[Optional[int], typer.Option(help="CPUs of the local Ray (default: all of this machine's); ignored with --address.")] = None,
@@ -259,7 +250,8 @@ def main(
 ):
     """Expand grid x seeds into trials, run them as Ray tasks, write trials.jsonl and the summary."""
     # everything the user can get wrong is checked before Ray starts or anything is written
-    values, flags = parse_grid(grid or [], script)
+    values, flags = parse_grid(grid or [], script, allow_empty=bool(config))
+    configs = parse_configs(config or [], script, values)
     seed_list = parse_seeds(seeds)
     name = name or script.stem
     common.check(all(c.isalnum() or c in "-_." for c in name), f"--name {name!r}: use letters, digits, '-', '_' or '.'")
@@ -268,10 +260,16 @@ def main(
     out_dir = out_dir.resolve()
     sweep_dir = out_dir / "sweeps" / name
     combos = [dict(zip(values, c)) for c in itertools.product(*values.values())]
+    if configs:  # a configuration is matched by name on resume
+        combos = [{"config": c, **o} for c in configs for o in combos]
     trials = [{"id": f"{i:03d}", "options": o, "seed": s} for i, (o, s) in enumerate(itertools.product(combos, seed_list))]
     for t in trials:
-        t["cmd"] = [sys.executable, str(script.resolve()), *trial_args(t["options"], flags), "--seed", str(t["seed"]),
+        grid_options = {k: v for k, v in t["options"].items() if not (configs and k == "config")}
+        config_args = configs[t["options"]["config"]] if configs else []
+        t["cmd"] = [sys.executable, str(script.resolve()), *trial_args(grid_options, flags), *config_args, "--seed", str(t["seed"]),
                     "--tag", f"{name}-{t['id']}", "--quiet", "--out-dir", str(out_dir)]
+    if configs:
+        values = {"config": list(configs), **values}
     sweep_dir.mkdir(parents=True, exist_ok=True)
     trials_path = sweep_dir / "trials.jsonl"
     done = {trial_key(r["options"], r["seed"]) for r in read_trials(trials_path) if r.get("status") == "ok"}
@@ -285,7 +283,7 @@ def main(
                  log_to_driver=False, logging_level="ERROR", configure_logging=True)
     threads = max(1, int(cpus_per_trial))
     common.write_json(sweep_dir / "sweep.json", {
-        "script": str(script), "grid": values, "seeds": seed_list, "name": name, "metric": metric,
+        "script": str(script), "grid": values, "configs": configs, "seeds": seed_list, "name": name, "metric": metric,
         "address": address or "local", "cluster_resources": ray.cluster_resources(),
         "cpus_per_trial": cpus_per_trial, "gpus_per_trial": gpus_per_trial, "retries": retries,
         "omp_num_threads": threads, "commands": [" ".join(t["cmd"]) for t in trials],

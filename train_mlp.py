@@ -7,6 +7,8 @@ Reproduces two sources:
       python train_mlp.py --hidden 256 --hidden 128 --dropout 0.2 --patience 5 --val-fraction 0.2 --epochs 50
 Train on some digits only (labels remapped to 0..k-1, plots show the original digits):
       python train_mlp.py --digits 0,1
+Ablations (the production source's phase 5; `python report.py ablations` runs them as one sweep):
+      python train_mlp.py --init kaiming --batch-norm --lr-schedule step --gamma 0.7
 Writes runs/train_mlp/<timestamp>[-tag]/: config.json, metrics.json, best.pt, last.pt, mnist_samples.png,
 training_curves.png, predictions.png, confusion_matrix.png and TensorBoard events.
 """
@@ -28,17 +30,33 @@ import common
 app = typer.Typer(add_completion=False, pretty_exceptions_enable=False, help=__doc__.split("\n")[0])
 
 
-class MLP(nn.Module):
-    """784 -> hidden... -> classes, ReLU between layers, optional dropout after each hidden layer."""
+INITS, SCHEDULES = ("default", "xavier", "kaiming"), ("cosine", "step", "none")
 
-    def __init__(self, hidden=(512,), num_classes: int = 10, dropout: float = 0.0):
+
+class MLP(nn.Module):
+    """784 -> hidden... -> classes: each hidden layer is Linear [-> BatchNorm1d] -> ReLU [-> Dropout].
+    init: default (PyTorch's: Kaiming-uniform with a=sqrt(5), bias uniform in +-1/sqrt(fan_in)), xavier (Glorot
+    uniform, zero bias) or kaiming (He normal for ReLU, zero bias), applied to every Linear layer, the head too."""
+
+    def __init__(self, hidden=(512,), num_classes: int = 10, dropout: float = 0.0, init: str = "default",
+                 batch_norm: bool = False):
         super().__init__()
         layers, width = [nn.Flatten()], 28 * 28
         for h in hidden:
-            layers += [nn.Linear(width, h), nn.ReLU()] + ([nn.Dropout(dropout)] if dropout > 0 else [])
+            layers += [nn.Linear(width, h)] + ([nn.BatchNorm1d(h)] if batch_norm else []) + [nn.ReLU()]
+            layers += [nn.Dropout(dropout)] if dropout > 0 else []
             width = h
         layers.append(nn.Linear(width, num_classes))
         self.net = nn.Sequential(*layers)
+        if init != "default":  # the default draws nothing extra: runs without --init are unchanged
+            with torch.no_grad():
+                for layer in self.net:
+                    if isinstance(layer, nn.Linear):
+                        if init == "xavier":
+                            nn.init.xavier_uniform_(layer.weight)
+                        else:
+                            nn.init.kaiming_normal_(layer.weight, nonlinearity="relu")
+                        nn.init.zeros_(layer.bias)
 
     def forward(self, x):
         return self.net(x)
@@ -46,7 +64,7 @@ class MLP(nn.Module):
 
 def build_model(config: dict) -> MLP:
     """The model a run's config.json describes (used by predict.py and grad_collect.py)."""
-    return MLP(config["hidden"], config["num_classes"], config["dropout"])
+    return MLP(config["hidden"], config["num_classes"], config["dropout"], batch_norm=config.get("batch_norm", False))
 
 
 def make_optimizer(model, name: str, lr: float, weight_decay: float, momentum: float):
@@ -86,6 +104,16 @@ def train_epoch(model, batches, optimizer, lr_at, first_step: int, quiet: bool):
     return loss_sum.item() / n, correct.item() / n
 
 
+def lr_at(args, step: int, steps_per_epoch: int) -> float:
+    """The learning rate of global step `step` (0-based): cosine (per step, from --lr to 0 at the last step of
+    --epochs), step (--lr x --gamma^(epoch-1), constant within an epoch, like torch's StepLR(1, gamma)) or none."""
+    if args.lr_schedule == "none":
+        return args.lr
+    if args.lr_schedule == "step":
+        return args.lr * getattr(args, "gamma", 0.7) ** (step // steps_per_epoch)
+    return args.lr * 0.5 * (1 + math.cos(math.pi * step / (args.epochs * steps_per_epoch)))
+
+
 def check_options(args) -> None:
     common.check(all(h >= 1 for h in args.hidden), f"--hidden {args.hidden}: every layer needs at least 1 unit")
     common.check(0 <= args.dropout < 1, f"--dropout {args.dropout}: must be in [0, 1)")
@@ -93,7 +121,9 @@ def check_options(args) -> None:
     common.check(args.epochs >= 1, f"--epochs {args.epochs}: must be at least 1")
     common.check(args.batch_size >= 1, f"--batch-size {args.batch_size}: must be at least 1")
     common.check(args.lr > 0, f"--lr {args.lr}: must be positive")
-    common.check(args.lr_schedule in ("cosine", "none"), f"--lr-schedule {args.lr_schedule}: use cosine or none")
+    common.check(args.lr_schedule in SCHEDULES, f"--lr-schedule {args.lr_schedule}: use cosine, step or none")
+    common.check(0 < getattr(args, "gamma", 0.7) <= 1, f"--gamma {getattr(args, 'gamma', None)}: must be in (0, 1]")
+    common.check(getattr(args, "init", "default") in INITS, f"--init {getattr(args, 'init', None)}: use default, xavier or kaiming")
     common.check(args.patience is None or args.patience >= 1, f"--patience {args.patience}: must be at least 1")
 
 
@@ -101,15 +131,12 @@ def train(run, model, optimizer, batches, data, after_epoch=None) -> None:
     """The epochs still to run: train, validate, then run.end_epoch (best.pt, early stopping, last.pt, metrics.json).
     after_epoch(epoch, record) runs before the epoch is recorded (grad_collect.py collects gradients there)."""
     args, writer = run.args, run.tensorboard()
-    total_steps = args.epochs * len(batches)
-
-    def lr_at(step: int) -> float:
-        return args.lr if args.lr_schedule == "none" else args.lr * 0.5 * (1 + math.cos(math.pi * step / total_steps))
+    steps = len(batches)
 
     with run.guard():
         for epoch in run.epochs():
             t0 = time.time()
-            train_loss, train_acc = train_epoch(model, batches, optimizer, lr_at, (epoch - 1) * len(batches), args.quiet)
+            train_loss, train_acc = train_epoch(model, batches, optimizer, lambda s: lr_at(args, s, steps), (epoch - 1) * len(batches), args.quiet)
             val_loss, val_acc, _, _ = evaluate(model, data.val_x, data.val_y) if len(data.val_y) else (None, None, None, None)
             record = {"epoch": epoch, "train_loss": train_loss, "train_acc": train_acc, "val_loss": val_loss,
                       "val_acc": val_acc, "epoch_time_s": time.time() - t0}
@@ -152,7 +179,10 @@ def main(
     weight_decay: Annotated[float, typer.Option(help="L2 weight decay.")] = 1e-4,
     optimizer: Annotated[str, typer.Option(help="adam or sgd.")] = "adam",
     momentum: Annotated[float, typer.Option(help="SGD momentum.")] = 0.9,
-    lr_schedule: Annotated[str, typer.Option(help="cosine (decay to 0 over all steps) or none (constant, the source's recipe).")] = "cosine",
+    lr_schedule: Annotated[str, typer.Option(help="cosine (decay to 0 over all steps), step (x --gamma every epoch) or none (constant, the source's recipe).")] = "cosine",
+    gamma: Annotated[float, typer.Option(help="Per-epoch lr factor of --lr-schedule step.")] = 0.7,
+    init: Annotated[str, typer.Option(help="Weight init of every Linear layer: default (PyTorch's), xavier (Glorot uniform, zero bias) or kaiming (He normal, zero bias).")] = "default",
+    batch_norm: Annotated[bool, typer.Option("--batch-norm/--no-batch-norm", help="BatchNorm1d after each hidden Linear, before the ReLU.")] = False,
     patience: Annotated[Optional[int], typer.Option(help="Stop after this many epochs without val-loss improvement (off unless given).")] = None,
     min_delta: Annotated[float, typer.Option(help="Smallest val-loss decrease that counts as improvement.")] = 0.0,
     val_fraction: common.ValFraction = 0.1,
@@ -176,7 +206,7 @@ def main(
     device = common.pick_device(args.device)
     data = common.load_mnist(args.data_dir, device, args.digits, args.val_fraction, args.limit, args.seed)
     common.seed_everything(common.seed_for(args.seed, "init"))
-    model = MLP(args.hidden, data.num_classes, args.dropout).to(device)
+    model = MLP(args.hidden, data.num_classes, args.dropout, args.init, args.batch_norm).to(device)
     opt = make_optimizer(model, args.optimizer, args.lr, args.weight_decay, args.momentum)
     batches = common.Batches(data.train_x, data.train_y, args.batch_size, shuffle=True, seed=common.seed_for(args.seed, "shuffle"))
     n_params = common.count_parameters(model)
@@ -191,7 +221,8 @@ def main(
 
     train(run, model, opt, batches, data)
     final = report(run, model, data, device)
-    run.finish(final, {"hidden": args.hidden, "digits": data.digits, "epochs": run.epoch, "test_acc": final["test_acc"]})
+    run.finish(final, {"hidden": args.hidden, "dropout": args.dropout, "init": args.init, "batch_norm": args.batch_norm,
+                       "lr_schedule": args.lr_schedule, "digits": data.digits, "epochs": run.epoch, "test_acc": final["test_acc"]})
     print(f"run {run.dir} | test accuracy {final['test_acc']:.2%} (best epoch {final['best_epoch']})")
 
 

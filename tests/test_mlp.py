@@ -113,6 +113,9 @@ def test_ctrl_c_then_resume_matches_an_uninterrupted_run(tiny_mnist, tmp_path):
     (["--epochs", "-1"], ["--epochs"]),
     (["--val-fraction", "1.5"], ["--val-fraction"]),
     (["--optimizer", "lbfgs"], ["--optimizer"]),
+    (["--init", "orthogonal"], ["--init", "xavier"]),
+    (["--lr-schedule", "linear"], ["--lr-schedule", "step"]),
+    (["--gamma", "1.5"], ["--gamma"]),
     (["--epochs", "two"], ["--epochs"]),
 ])
 def test_bad_options_exit_2_with_one_line(tiny_mnist, tmp_path, args, words):
@@ -160,3 +163,38 @@ def test_val_fraction_0_trains_on_everything_and_best_follows_the_last_epoch(tin
     metrics = json.loads((run_dir / "metrics.json").read_text())
     assert [e["epoch"] for e in metrics["epochs"]] == [1, 2] and metrics["final"]["best_epoch"] == 2
     assert common.load_checkpoint(run_dir / "best.pt")["epoch"] == 2
+
+
+# ----------------------------------------------------------------------------- ablation options: --init, --batch-norm, step schedule
+@pytest.mark.parametrize("args", [["--init", "xavier"], ["--init", "kaiming", "--lr-schedule", "step"], ["--batch-norm"]])
+def test_ablation_options_run_and_are_recorded(tiny_mnist, tmp_path, args):
+    proc = run_cli("train_mlp.py", "--data-dir", tiny_mnist, "--out-dir", tmp_path, "--limit", 512, "--epochs", 1,
+                   "--hidden", 64, "--quiet", *args)
+    assert proc.returncode == 0, proc.stderr
+    (run_dir,) = (tmp_path / "train_mlp").iterdir()
+    config = json.loads((run_dir / "config.json").read_text())
+    assert config["init"] == (args[1] if args[0] == "--init" else "default")
+    assert config["batch_norm"] is ("--batch-norm" in args) and config["gamma"] == 0.7
+    weights = common.load_checkpoint(run_dir / "best.pt")["model"]
+    assert ("net.2.running_mean" in weights) is ("--batch-norm" in args)  # Linear, BatchNorm1d, ReLU
+    model = train_mlp.build_model(config)  # predict.py and fgsm_attack.py rebuild it from config.json
+    model.load_state_dict(weights)
+    (result,) = [json.loads(line) for line in (tmp_path / "results.jsonl").read_text().splitlines()]
+    assert result["init"] == config["init"] and result["batch_norm"] == config["batch_norm"]
+
+
+def test_init_schemes_and_step_schedule():
+    torch.manual_seed(0)
+    default = train_mlp.MLP((64,), 10)
+    torch.manual_seed(0)
+    assert torch.equal(train_mlp.MLP((64,), 10, init="default").net[1].weight, default.net[1].weight)  # today's init
+    for init, std in (("xavier", (2 / (784 + 64)) ** 0.5), ("kaiming", (2 / 784) ** 0.5)):
+        layer = train_mlp.MLP((64,), 10, init=init).net[1]
+        assert abs(layer.weight.std().item() - std) < 0.1 * std and not layer.bias.any()
+    bn = train_mlp.MLP((64, 32), 10, dropout=0.2, batch_norm=True).net
+    assert [type(m).__name__ for m in bn] == ["Flatten", "Linear", "BatchNorm1d", "ReLU", "Dropout",
+                                              "Linear", "BatchNorm1d", "ReLU", "Dropout", "Linear"]
+    args = common.args_from({"lr": 0.1, "lr_schedule": "step", "gamma": 0.5, "epochs": 3})
+    assert [train_mlp.lr_at(args, s, 10) for s in (0, 9, 10, 25)] == [0.1, 0.1, 0.05, 0.025]
+    args.lr_schedule = "cosine"
+    assert train_mlp.lr_at(args, 0, 10) == 0.1 and abs(train_mlp.lr_at(args, 15, 10) - 0.05) < 1e-12

@@ -79,3 +79,32 @@ def test_bad_grids_are_user_errors(grid, words):
 def test_missing_script_is_a_user_error():
     with pytest.raises(common.UserError, match="no such script"):
         sweep.parse_grid(["epochs=1"], ROOT / "train_nothing.py")
+
+
+def test_named_configurations(local_ray, tiny_mnist, tmp_path):
+    sweep_cli(ROOT / "train_mlp.py", "--config", "base=--hidden 32", "--config", "bn=--hidden 32 --batch-norm --init kaiming",
+              "--grid", f"data-dir={tiny_mnist}", "--grid", "limit=300", "--grid", "epochs=1", "--name", "c",
+              "--out-dir", tmp_path, "--quiet")
+    sweep_dir = tmp_path / "sweeps" / "c"
+    rows = {r["options"]["config"]: r for r in map(json.loads, (sweep_dir / "trials.jsonl").read_text().splitlines())}
+    assert sorted(rows) == ["base", "bn"] and all(r["status"] == "ok" for r in rows.values())
+    assert rows["bn"]["config"]["batch_norm"] is True and rows["bn"]["config"]["init"] == "kaiming"
+    assert rows["base"]["config"]["batch_norm"] is False and rows["base"]["config"]["hidden"] == [32]
+    assert json.loads((sweep_dir / "sweep.json").read_text())["configs"]["bn"] == ["--hidden", "32", "--batch-norm", "--init", "kaiming"]
+    summary = (sweep_dir / "summary.md").read_text()
+    assert "| base | 1 | 0 |" in summary and "| bn | 1 | 0 |" in summary, summary
+
+
+@pytest.mark.parametrize("configs,grid,words", [
+    (["x=--initt xavier"], [], ["--initt"]),
+    (["x=--seed 3"], [], ["--seeds"]),
+    (["x=--epochs 2"], ["epochs=1"], ["grid key"]),
+    (["x=--epochs two"], [], ["refuse"]),
+    (["x=--init xavier", "x="], [], ["twice"]),
+    (["no equals sign"], [], ["NAME=ARGS"]),
+])
+def test_bad_configurations_are_user_errors(configs, grid, words):
+    with pytest.raises(common.UserError) as e:
+        sweep.parse_configs(configs, ROOT / "train_mlp.py", grid and sweep.parse_grid(grid, ROOT / "train_mlp.py")[0])
+    for word in words:
+        assert word.lower() in str(e.value).lower(), str(e.value)

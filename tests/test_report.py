@@ -1,0 +1,169 @@
+"""report.py: tables (mean +- sample std over seeds, run count) from a results.jsonl and a sweep's trials.jsonl written
+here, corrupt and partial lines reported and skipped, config.json filling in options a record lacks, the plot file,
+the ablations' noise rule; `reproduce --dry-run` lists its commands and every option they use is in the --help
+of the script that gets it."""
+
+import json
+import shlex
+import statistics
+
+import pytest
+from click.testing import CliRunner as ClickRunner
+from typer.testing import CliRunner
+
+import common
+import report
+import sweep
+from conftest import ROOT, run_cli
+
+ACC = {("glonet", 6): [0.981, 0.983, 0.979], ("glonet", 24): [0.984, 0.982, 0.986], ("mlp", 6): [0.98, 0.978, 0.976],
+       ("mlp", 24): [0.893]}
+
+
+def write_results(out_dir):
+    """results.jsonl as common.append_result writes it, plus a corrupt line, a partial one and another script's."""
+    lines = []
+    for (model, layers), accs in ACC.items():
+        for seed, acc in enumerate(accs):
+            run_dir = out_dir / "train_glonet" / f"{model}-{layers}-{seed}"
+            run_dir.mkdir(parents=True)
+            (run_dir / "config.json").write_text(json.dumps({"script": "train_glonet", "features": 256, "lr": 0.001}))
+            lines.append(json.dumps({"time": "t", "script": "train_glonet", "run_dir": str(run_dir), "tag": None, "seed": seed,
+                                     "model": model, "layers": layers, "test_acc": acc}))
+    lines.insert(3, '{"script": "train_glonet", "run_dir": "/x", "test_a')  # torn by a kill
+    lines.insert(5, json.dumps({"script": "train_glonet", "test_acc": 0.5}))  # no run_dir
+    lines.append(json.dumps({"script": "svm_gabor", "run_dir": "/y", "seed": 0, "raw_test_acc": 0.96, "gabor_test_acc": 0.99}))
+    (out_dir / "results.jsonl").write_text("\n".join(lines) + "\n")
+
+
+def invoke(*args):
+    result = CliRunner().invoke(report.app, [str(a) for a in args])
+    assert result.exit_code == 0, (result.output, result.exception)
+    return result
+
+
+def test_table_means_stds_counts_skipped_lines_and_plot(tmp_path):
+    write_results(tmp_path)
+    md, png = tmp_path / "t.md", tmp_path / "t.png"
+    result = invoke("--out-dir", tmp_path, "--by", "model,layers,features", "--out", md, "--plot", png)
+    for (model, layers), accs in ACC.items():
+        mean = 100 * statistics.mean(accs)
+        std = f"{100 * statistics.stdev(accs):.2f}%" if len(accs) > 1 else "–"  # sample std; "–" for one run
+        # features comes from each run's config.json (the results lines lack it)
+        assert f"| {model} | {layers} | 256 | {len(accs)} | {mean:.2f}% +- {std} |" in result.stdout, result.stdout
+    assert md.read_text() == result.stdout
+    assert png.stat().st_size > 5000
+    assert f"{tmp_path / 'results.jsonl'}:4: not valid JSON" in result.stderr
+    assert f"{tmp_path / 'results.jsonl'}:6: partial record (no run_dir)" in result.stderr
+    assert "left out 1 run(s) without a numeric test_acc (scripts: svm_gabor)" in result.stderr
+
+    svm = invoke("--out-dir", tmp_path, "--script", "svm_gabor", "--metric", "gabor_test_acc")
+    assert "| svm_gabor | 1 | 99.00% +- – |" in svm.stdout
+
+    rows = report.aggregate(report.load_records(tmp_path, script="train_glonet")[0], ["layers"], "test_acc")
+    assert [r["group"]["layers"] for r in rows] == ["6", "24"] and [r["n"] for r in rows] == [6, 4]
+
+
+def test_sweep_trials_latest_line_failed_trials_and_no_double_counting(tmp_path):
+    write_results(tmp_path)
+    sweep_dir = tmp_path / "sweeps" / "s"
+    sweep_dir.mkdir(parents=True)
+    (sweep_dir / "sweep.json").write_text(json.dumps({"script": "/repo/train_glonet.py"}))
+    first = json.loads((tmp_path / "results.jsonl").read_text().splitlines()[0])  # this run is also a sweep trial
+    trials = [{"options": {"model": "glonet", "layers": "6"}, "seed": 0, "status": "ok", "run_dir": first["run_dir"],
+               "config": {"script": "train_glonet"}, "final": {"test_acc": first["test_acc"]}},
+              {"options": {"model": "glonet", "layers": "100"}, "seed": 0, "status": "failed", "config": None, "final": None},
+              {"options": {"model": "glonet", "layers": "100"}, "seed": 0, "status": "failed", "config": None, "final": None}]
+    (sweep_dir / "trials.jsonl").write_text("\n".join(json.dumps(t) for t in trials) + '\n{"options": {"mod')
+    result = invoke("--out-dir", tmp_path, "--script", "train_glonet", "--by", "model,layers")
+    assert "| glonet | 6 | 3 | 0 |" in result.stdout  # counted once although listed twice
+    assert "| glonet | 100 | 0 | 1 | n/a |" in result.stdout  # the failed trial's latest line only
+    assert f"{sweep_dir / 'trials.jsonl'}:4: not valid JSON" in result.stderr
+    only = invoke("--sweep", sweep_dir, "--by", "layers")
+    assert "| 6 | 1 | 0 | 98.10% +- – |" in only.stdout and "| 100 | 0 | 1 | n/a |" in only.stdout
+
+    empty = CliRunner().invoke(report.app, ["--out-dir", str(tmp_path / "nothing")])
+    assert isinstance(empty.exception, common.UserError) and "nothing to report" in str(empty.exception)
+
+
+def test_ablation_noise_rule():
+    def row(config, values):
+        mean, std = report.mean_std(values)
+        return {"group": {"config": config}, "n": len(values), "mean": mean, "std": std, "values": values, "failed": 0}
+
+    rows = [row("baseline", [0.970, 0.972, 0.974]), row("kaiming", [0.980, 0.981, 0.982]), row("xavier", [0.969, 0.975, 0.972]),
+            row("cosine", [0.99])]
+    verdicts = {v["config"]: v for v in report.noise_verdicts(rows)}
+    assert verdicts["kaiming"]["exceeds"] and abs(verdicts["kaiming"]["diff"] - 0.009) < 1e-9
+    assert not verdicts["xavier"]["exceeds"] and not verdicts["cosine"]["enough"]
+    text = report.ablation_markdown(rows)
+    assert "| kaiming | `--init kaiming` | 3 | 98.10% +- 0.10% | +0.90 (2 SE 0.26) | yes |" in text, text
+    assert "- xavier: +0.00 points against the baseline, within the seed noise" in text
+
+
+def test_reproduce_dry_run_lists_commands_and_every_option_exists(tmp_path):
+    proc = run_cli("report.py", "reproduce", "--quick", "--dry-run", "--data-dir", tmp_path / "data", "--out-dir", tmp_path / "runs")
+    assert proc.returncode == 0, proc.stderr
+    listed = [line for line in proc.stdout.splitlines() if line.startswith("python ")]
+    plan = report.reproduce_plan(True, tmp_path / "data", tmp_path / "runs")
+    assert listed == ["python " + shlex.join(j["cmd"]) for j in plan] and len(listed) >= 10
+    assert not (tmp_path / "runs").exists()  # nothing ran
+
+    helps = {}
+
+    def options_of(script):  # the script's own --help output, in-process
+        if script not in helps:
+            command = sweep.script_command(ROOT / script)
+            result = ClickRunner().invoke(command, ["--help"], terminal_width=250, prog_name=script)
+            assert result.exit_code == 0, result.output
+            helps[script] = result.output
+        return helps[script]
+
+    def check(script, words):
+        for word in words:
+            if word.startswith("--"):
+                assert word.split("=")[0] in options_of(script), f"{script} --help lacks {word}"
+
+    full = report.reproduce_plan(False, tmp_path / "data", tmp_path / "runs", gpu=True)  # with the GPU-only All-CNN-T job
+    for job in plan + full:
+        cmd = job["cmd"]
+        if cmd[0] != "sweep.py":
+            check(cmd[0], cmd[1:])
+            continue
+        target, words = cmd[1], cmd[2:]
+        check("sweep.py", words)  # grid and config values do not start with --
+        for flag, value in zip(words, words[1:]):
+            if flag == "--grid":
+                check(target, ["--" + value.split("=")[0]])
+            elif flag == "--config":
+                check(target, shlex.split(value.split("=", 1)[1]))
+        # and sweep.py itself accepts them (each value parsed by the target's own command; nothing runs)
+        grid, _ = sweep.parse_grid([v for f, v in zip(words, words[1:]) if f == "--grid"], ROOT / target, allow_empty=True)
+        sweep.parse_configs([v for f, v in zip(words, words[1:]) if f == "--config"], ROOT / target, grid)
+    assert {"allcnn", "fgsm", "depth", "ablations"} <= {j["name"] for j in full}
+
+
+def test_claim_verdicts_are_computed_from_the_measurements():
+    def runs(rows):  # [(fields, final)] -> the records a sweep job leaves
+        return {"records": [report.Record("t", "s", f"/r{i}", dict(f), final=dict(m)) for i, (f, m) in enumerate(rows)]}
+
+    depth = [({"model": m, "layers": d, "seed": 0}, {"test_acc": a, **({"layers_for_acc": k} if m == "glonet" else {})})
+             for m, d, a, k in (("glonet", 6, 0.983, 5), ("glonet", 24, 0.984, 6), ("glonet", 50, 0.9825, 9),
+                                ("mlp", 6, 0.9818, 0), ("mlp", 24, 0.893, 0), ("mlp", 50, 0.1135, 0))]
+    done = {"mlp": runs([({"seed": s}, {"test_acc": a}) for s, a in enumerate((0.9828, 0.9815, 0.9829))]),
+            "cnn": runs([({"seed": s}, {"test_acc": a}) for s, a in enumerate((0.9907, 0.9890, 0.9916))]),
+            "depth": runs(depth),
+            "svm": {"final": {"raw_test_acc": 0.9637, "gabor_test_acc": 0.9893}},
+            "fgsm": {"final": {"eps": 64, "clean_acc": 0.99, "fgsm_acc": 0.2, "iterative_acc": 0.01}},
+            "clusters": {"final": {"grad_array": "net.3.weight", "grad_epoch": 5, "grad_ari": 0.0, "grad_ari_direction": 0.6}}}
+    claims = {c["claim"]: c for c in report.evaluate_claims(True, done, gpu=False)}
+    verdict = lambda text: next(c["passed"] for name, c in claims.items() if name.startswith(text))  # noqa: E731
+    assert verdict("MLP 784-512-10") is True and verdict("CNN (train_cnn") is True  # mean 99.04% >= 99%
+    assert "2 of 3 seeds >= 99%" in claims["CNN (train_cnn.py defaults)"]["measured"]
+    assert verdict("GloNet depth 50") is True and verdict("MLP depth 6") is True and verdict("MLP depth 24") is False
+    assert "GloNet depth 100" not in claims  # a depth quick mode does not run is not listed
+    assert verdict("the plain MLP degrades") is True
+    assert verdict("GloNet: only the first") is False  # k = 9 at depth 50
+    assert verdict("Gabor") is True and verdict("FGSM") is True and verdict("per-sample-gradient clusters") is False
+    assert verdict("FC 784-256-128-10") is None and verdict("All-CNN-T") is None  # not measured / not run on a CPU
+    assert claims["All-CNN-T on CIFAR-10, 100 epochs"]["measured"] == "not run on a CPU"
