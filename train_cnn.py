@@ -1,16 +1,16 @@
 """train_cnn.py: MNIST CNNs to >= 99% test accuracy in seconds on a CPU, with failure analysis and plots.
 
 Four layouts (--arch):
-- fast (default): conv 24 5x5, conv 32 3x3, fc 800-256-10, from tuomaso/train_mnist_fast: Adam lr 1e-2,
-  one-cycle schedule, batch 256, two epochs (one epoch on our 54,000-sample train split gave 98.90% mean);
-  bf16 autocast + channels_last where the hardware runs them natively.
-      python train_cnn.py                                  # expect >= 99.0% test accuracy (99.07-99.16% for seeds 0-2)
+- fast (default): conv 24 5x5, conv 32 3x3, fc 800-256-10 and the recipe of tuomaso/train_mnist_fast (Adam lr 1e-2,
+  betas 0.7/0.9, one-cycle schedule, batch 256, one epoch), plus label smoothing 0.1, which lifts one epoch on our
+  54,000-image train split from 98.93% to 99.17% mean; bf16 autocast + channels_last where the hardware runs them natively.
+      python train_cnn.py                                  # expect >= 99.0% test accuracy in seconds (99.21% seed 0)
 - small: the walkthrough's net (conv 16 3x3 pad 1, pool, conv 32, pool, fc 1568-128-10):
       python train_cnn.py --arch small --epochs 5          # expect ~99% (99.24% seed 0; the walkthrough reported ~98%)
 - bn: the production source's plan (conv 32, ReLU, BatchNorm, pool; conv 64, ReLU, BatchNorm, pool; fc 128, dropout 0.5)
 - classic: the layout of pytorch/examples mnist/main.py (conv 32, conv 64, pool, dropout 0.25, fc 128, dropout 0.5);
   its own recipe (batch 64, Adadelta lr 1.0, StepLR 0.7, 14 epochs):
-      python train_cnn.py --arch classic --optimizer adadelta --lr-schedule step --batch-size 64 --epochs 14
+      python train_cnn.py --arch classic --optimizer adadelta --lr-schedule step --batch-size 64 --epochs 14 --label-smoothing 0
 Writes runs/train_cnn/<timestamp>[-tag]/: config.json, metrics.json (per epoch; final with per-class accuracy),
 best.pt, last.pt, mnist_samples.png, training_curves.png, predictions.png, confusion_matrix.png, failures.png
 (the 25 most confident test mistakes), filters.png (first-layer filters), feature_maps.png (each conv layer's
@@ -24,6 +24,7 @@ import time
 from pathlib import Path
 from typing import Annotated, Optional
 
+import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -200,32 +201,36 @@ def plot_filters(model: CNN, path) -> None:
 
 @torch.inference_mode()
 def feature_maps(model: CNN, x: torch.Tensor) -> list[torch.Tensor]:
-    """Each conv layer's activations (the output of the first ReLU after it) for one normalized image [1,1,28,28]."""
+    """Each conv layer's output after ReLU, before pooling, for one normalized image [1,1,28,28]."""
     model.eval()
-    maps, after_conv = [], False
+    maps = []
     for layer in model:
         x = layer(x)
-        after_conv = after_conv or isinstance(layer, nn.Conv2d)
-        if after_conv and isinstance(layer, nn.ReLU):
-            maps.append(x[0].float().cpu())
-            after_conv = False
+        if isinstance(layer, nn.Conv2d):
+            maps.append(F.relu(x[0]).float().cpu())
     return maps
 
 
 def plot_feature_maps(image, maps, digit: int, path, max_channels: int = 16) -> None:
+    """The input, then one row per conv layer with its first max_channels maps, each scaled to its own range;
+    each row is one mosaic image (a figure of ~50 small axes takes a second to lay out)."""
     plt = common.pyplot()
-    cols = max_channels
-    fig, axes = plt.subplots(len(maps) + 1, cols, figsize=(1.1 * cols, 1.3 * (len(maps) + 1)), squeeze=False)
+    fig, axes = plt.subplots(len(maps) + 1, 1, figsize=(1.1 * max_channels, 1.4 * (len(maps) + 1)), squeeze=False)
+    axes[0, 0].imshow(image, cmap="gray")
+    axes[0, 0].set_title(f"input ({digit})", fontsize=8)
+    for ax, (row, fmap) in zip(axes[1:, 0], enumerate(maps, start=1)):
+        fmap = fmap[:max_channels].numpy()
+        lo, hi = fmap.min(axis=(1, 2), keepdims=True), fmap.max(axis=(1, 2), keepdims=True)
+        scaled = np.where(hi > lo, (fmap - lo) / np.where(hi > lo, hi - lo, 1), 0.0)
+        h, w = fmap.shape[1:]
+        pad = max(1, w // 6)
+        mosaic = np.full((h, len(fmap) * (w + pad) - pad), np.nan)
+        for c, m in enumerate(scaled):
+            mosaic[:, c * (w + pad):c * (w + pad) + w] = m
+        ax.imshow(mosaic, cmap=plt.get_cmap("viridis").with_extremes(bad="white"), vmin=0, vmax=1, interpolation="nearest")
+        ax.set_title(f"conv{row} after ReLU: channels 0-{len(fmap) - 1} of {len(maps[row - 1])} ({h}x{w})", fontsize=8)
     for ax in axes.flat:
         ax.axis("off")
-    axes[0, 0].imshow(image, cmap="gray")
-    axes[0, 0].set_title(f"input ({digit})", fontsize=7)
-    for row, fmap in enumerate(maps, start=1):
-        for c in range(min(cols, len(fmap))):
-            axes[row, c].imshow(fmap[c], cmap="viridis")
-            axes[row, c].set_title(f"conv{row} ch{c}", fontsize=6)
-    fig.suptitle(f"Feature maps after each conv layer ({', '.join(f'{len(m)}x{m.shape[1]}x{m.shape[2]}' for m in maps)}; "
-                 f"first {cols} channels)", fontsize=9)
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)
