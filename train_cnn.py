@@ -140,7 +140,7 @@ def set_lr(optimizer, lr: float, momentum: Optional[float]) -> None:
 
 
 @torch.inference_mode()
-def evaluate(model, images, labels, transform, precision="fp32", batch_size: int = 2000):
+def evaluate(model, images, labels, transform, precision="fp32", batch_size: int = 256):
     """(mean loss, accuracy, predictions, probabilities) over a whole split."""
     model.eval()
     device = labels.device
