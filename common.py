@@ -962,7 +962,8 @@ def plot_curve(ax, history: list[dict], key: str, xlabel: str = "epoch") -> None
         x = np.concatenate([h["epoch"] - 1 + np.arange(1, len(s) + 1) / len(s) for h, s in zip(history, steps)])
         y = np.concatenate([np.asarray(s, dtype=float) for s in steps])
         ax.plot(x, y, color="C0", alpha=0.25, linewidth=0.8)
-        ax.plot(x, smooth(y, max(1, len(y) // 30)), color="C0", label="train (per step, smoothed)")
+        window = 2 * (max(len(y) // 30, int(len(y) ** 0.5)) // 2) + 1  # odd; ~3% of a long run, more of a short one
+        ax.plot(x, smooth(y, window), color="C0", label=f"train (per step, mean of {window})" if window > 1 else "train (per step)")
     elif history and history[0].get(f"train_{key}") is not None:
         ax.plot(epochs, [h[f"train_{key}"] for h in history], marker="o", color="C0", label="train")
     for split, color in (("val", "C1"), ("test", "C2")):

@@ -154,7 +154,7 @@ def test_plot_curves_draws_steps_in_fractional_epochs(tmp_path, monkeypatch):
     drawn = curve_lines(monkeypatch, history)
     common.plot_curves(history, tmp_path / "curves.png")
     assert (tmp_path / "curves.png").stat().st_size > 1000
-    x, y = drawn["loss"]["train (per step, smoothed)"]
+    x, y = drawn["loss"]["train (per step, mean of 3)"]  # a centered moving mean: sqrt(8) -> 2 -> odd 3 steps
     assert x == pytest.approx([0.25, 0.5, 0.75, 1.0, 1.25, 1.5, 1.75, 2.0]) and len(y) == 8
     assert drawn["acc"]["val"] == ([1, 2], [0.6, 0.6]) and "test" not in drawn["acc"]  # test_* None: no line
 
