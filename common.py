@@ -644,7 +644,7 @@ class Run:
         # How many epochs the run plans. A script whose length is not --epochs (numpy_nn.py: --updates, evaluated
         # every --eval-every) sets run.total and run.length_option before restore().
         self.total, self.length_option = getattr(args, "epochs", None), "--epochs"
-        self._writer, self._pending_config = None, None
+        self._writers, self._pending_config = {}, None
 
     # ---- files
     @property
@@ -815,13 +815,21 @@ class Run:
     def load_best(self, map_location="cpu") -> dict:
         return self._load(self.best_path, map_location)
 
-    def tensorboard(self):
-        """A SummaryWriter on the run directory that drops events past the resumed epoch; closed by guard/finish."""
+    def tensorboard(self, folder: Optional[str] = None, purge_step: Optional[int] = None):
+        """A SummaryWriter on the run directory (or its subfolder `folder`) that drops the events a resumed run
+        redoes: those at or past purge_step (default the resumed epoch + 1); closed by guard/finish; None off the
+        main process. A resume purges every tag past one step, so values on another x axis (per-step values:
+        folder "steps", purge_step = steps done + 1) need their own folder."""
         from torch.utils.tensorboard import SummaryWriter
 
-        if self._writer is None and self.main_process:
-            self._writer = SummaryWriter(str(self.dir), purge_step=self.epoch + 1)
-        return self._writer
+        if folder not in self._writers and self.main_process:
+            self._writers[folder] = SummaryWriter(str(self.dir / folder if folder else self.dir),
+                                                  purge_step=self.epoch + 1 if purge_step is None else purge_step)
+        return self._writers.get(folder)
+
+    def close_tensorboard(self) -> None:
+        for writer in self._writers.values():
+            writer.close()
 
     @contextlib.contextmanager
     def guard(self):
@@ -829,8 +837,7 @@ class Run:
         try:
             yield
         except KeyboardInterrupt:
-            if self._writer is not None:
-                self._writer.close()
+            self.close_tensorboard()
             if self.main_process:
                 print(f"\ninterrupted in epoch {self.epoch + 1}; {self.last_path.name} holds epoch {self.epoch}.\n"
                       f"resume with: python {self.script}.py --resume {self.dir}", file=sys.stderr)
@@ -839,8 +846,7 @@ class Run:
     def finish(self, final: dict, result: dict) -> None:
         """The end of the final report: one line in OUT_DIR/results.jsonl (once per run directory), then metrics.json
         with `final`, which marks the run finished. Killed before this, a resume redoes the report."""
-        if self._writer is not None:
-            self._writer.close()
+        self.close_tensorboard()
         if not self.main_process:
             return
         _test_kill_point("report")
@@ -935,30 +941,50 @@ def smooth(values, window: int) -> np.ndarray:
     return (csum[hi] - csum[lo]) / (hi - lo)
 
 
-def plot_curves(history: list[dict], path, keys=("loss", "acc")) -> None:
-    """Training curves from metrics.json's per-epoch records. Where the records hold per-step values
-    (step_loss, step_acc, ...: see step_values) the training line is per step, x in fractional epochs (raw
-    faint, smoothed solid), so a one-epoch run still shows its curve; val and test are per-epoch points."""
+def add_step_scalars(writer, record: dict, first_step: int) -> None:
+    """An epoch record's per-step values (step_loss, ...) as TensorBoard scalars loss/train_step, ... at global
+    steps first_step + 1, ...; writer: run.tensorboard("steps", ...) (None off the main process: nothing)."""
+    if writer is None:
+        return
+    for key, values in record.items():
+        if key.startswith("step_"):
+            for i, v in enumerate(values):
+                writer.add_scalar(f"{key[5:]}/train_step", v, first_step + i + 1)
+
+
+def plot_curve(ax, history: list[dict], key: str, xlabel: str = "epoch") -> None:
+    """One panel of plot_curves: train_<key> per step where every record holds step_<key> (x in fractional
+    epochs: step k of n in epoch e at e - 1 + k/n; raw faint, smoothed solid), else per epoch; val_<key> and
+    test_<key> per epoch on top."""
+    epochs = [h["epoch"] for h in history]
+    steps = [h.get(f"step_{key}") or [] for h in history]
+    if history and all(steps):
+        x = np.concatenate([h["epoch"] - 1 + np.arange(1, len(s) + 1) / len(s) for h, s in zip(history, steps)])
+        y = np.concatenate([np.asarray(s, dtype=float) for s in steps])
+        ax.plot(x, y, color="C0", alpha=0.25, linewidth=0.8)
+        window = 2 * (max(len(y) // 30, int(len(y) ** 0.5)) // 2) + 1  # odd; ~3% of a long run, more of a short one
+        ax.plot(x, smooth(y, window), color="C0", label=f"train (per step, mean of {window})" if window > 1 else "train (per step)")
+    elif history and history[0].get(f"train_{key}") is not None:
+        ax.plot(epochs, [h[f"train_{key}"] for h in history], marker="o", color="C0", label="train")
+    for split, color in (("val", "C1"), ("test", "C2")):
+        name = f"{split}_{key}"
+        if history and history[0].get(name) is not None:  # runs without a validation split have val_* None
+            ax.plot(epochs, [h[name] for h in history], marker="o", color=color, label=split)
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(key)
+    ax.grid(alpha=0.3)
+    if ax.get_legend_handles_labels()[0]:
+        ax.legend()
+
+
+def plot_curves(history: list[dict], path, keys=("loss", "acc"), xlabel: str = "epoch") -> None:
+    """Training curves from metrics.json's per-epoch records, one panel per key (see plot_curve). Where the
+    records hold per-step values (step_loss, step_acc, ...: see step_values) the training line is per step, so
+    a one-epoch run still shows its curve; val and test are per-epoch points."""
     plt = pyplot()
     fig, axes = plt.subplots(1, len(keys), figsize=(5 * len(keys), 3.6), squeeze=False)
-    epochs = [h["epoch"] for h in history]
     for ax, key in zip(axes.flat, keys):
-        steps = [h.get(f"step_{key}") or [] for h in history]
-        if history and all(steps):
-            x = np.concatenate([h["epoch"] - 1 + np.arange(1, len(s) + 1) / len(s) for h, s in zip(history, steps)])
-            y = np.concatenate([np.asarray(s, dtype=float) for s in steps])
-            ax.plot(x, y, color="C0", alpha=0.25, linewidth=0.8)
-            ax.plot(x, smooth(y, max(1, len(y) // 30)), color="C0", label="train (per step, smoothed)")
-        elif history and history[0].get(f"train_{key}") is not None:
-            ax.plot(epochs, [h[f"train_{key}"] for h in history], marker="o", color="C0", label="train")
-        for split, color in (("val", "C1"), ("test", "C2")):
-            name = f"{split}_{key}"
-            if history and history[0].get(name) is not None:  # runs without a validation split have val_* None
-                ax.plot(epochs, [h[name] for h in history], marker="o", color=color, label=split)
-        ax.set_xlabel("epoch")
-        ax.set_ylabel(key)
-        ax.grid(alpha=0.3)
-        ax.legend()
+        plot_curve(ax, history, key, xlabel)
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)

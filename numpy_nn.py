@@ -328,15 +328,17 @@ def train(run, net, sampler, data, twin=None, twin_opt=None) -> None:
     if twin is not None:
         import torch
         import torch.nn.functional as F
+    writer = run.tensorboard(purge_step=run.epoch * args.eval_every + 1)  # x axis: SGD updates
     with run.guard():
         for block in run.epochs():
             t0 = time.time()
             first, last = (block - 1) * args.eval_every, min(block * args.eval_every, args.updates)
-            losses, twin_losses = [], []
+            losses, accs, twin_losses = [], [], []  # per update, the NumPy net's (and its twin's)
             for _ in common.progress(range(first, last), args.quiet, desc="train"):
                 idx = sampler.next()
                 x, y = train_x[idx], train_y[idx]
                 losses.append(net.loss(x, y))
+                accs.append(float((net.loss_layer.probs.argmax(1) == y).mean()))
                 net.backward()
                 net.sgd_step(args.lr)
                 if twin is not None:
@@ -346,18 +348,19 @@ def train(run, net, sampler, data, twin=None, twin_opt=None) -> None:
                     twin_opt.step()
                     twin_losses.append(loss.item())
             val_loss, val_acc, _ = evaluate(net, val_x, val_y)
-            record = {"epoch": block, "updates": last, "train_loss": float(np.mean(losses)), "val_loss": val_loss,
-                      "val_acc": val_acc, "train_loss_per_update": [round(v, 6) for v in losses]}
+            record = {"epoch": block, "updates": last, "train_loss": float(np.mean(losses)), "train_acc": float(np.mean(accs)),
+                      "val_loss": val_loss, "val_acc": val_acc,
+                      "step_loss": [round(v, 6) for v in losses], "step_acc": [round(v, 6) for v in accs]}
             if twin is not None:
                 twin_val_loss, twin_val_acc = evaluate_twin(twin, val_x, val_y)
                 record.update({"torch_train_loss": float(np.mean(twin_losses)), "torch_val_loss": twin_val_loss,
-                               "torch_val_acc": twin_val_acc, "torch_train_loss_per_update": [round(v, 6) for v in twin_losses],
+                               "torch_val_acc": twin_val_acc, "torch_step_loss": [round(v, 6) for v in twin_losses],
                                "max_train_loss_gap": float(np.max(np.abs(np.array(losses) - np.array(twin_losses))))})
             record["epoch_time_s"] = time.time() - t0
-            writer = run.tensorboard()  # x axis: SGD updates
-            for key in ("train_loss", "val_loss", "val_acc", "torch_train_loss", "torch_val_loss", "torch_val_acc"):
+            for key in ("train_loss", "train_acc", "val_loss", "val_acc", "torch_train_loss", "torch_val_loss", "torch_val_acc"):
                 if key in record:
                     writer.add_scalar(key.replace("_", "/", 1) if not key.startswith("torch") else key, record[key], last)
+            common.add_step_scalars(writer, record, first)
             run.end_epoch(record, score=val_acc, loss=val_loss)
             print(f"update {last:6d} | train loss {record['train_loss']:.4f} | val loss {val_loss:.4f} acc {val_acc:.2%}"
                   + (f" | torch val acc {record['torch_val_acc']:.2%}, max loss gap {record['max_train_loss_gap']:.2e}"
@@ -368,8 +371,8 @@ def plot_compare(history: list[dict], run_dir: Path) -> None:
     """One figure per metric, NumPy and PyTorch overlaid."""
     plt = common.pyplot()
     updates = [h["updates"] for h in history]
-    numpy_steps = np.concatenate([h["train_loss_per_update"] for h in history])
-    torch_steps = np.concatenate([h["torch_train_loss_per_update"] for h in history])
+    numpy_steps = np.concatenate([h["step_loss"] for h in history])
+    torch_steps = np.concatenate([h["torch_step_loss"] for h in history])
     window = max(1, len(numpy_steps) // 100)
     smooth = lambda v: np.convolve(v, np.ones(window) / window, mode="valid")  # noqa: E731
     figures = {
@@ -462,8 +465,7 @@ def main(
         final["torch_test_loss"], final["torch_test_acc"] = evaluate_twin(twin, test_x, test_y)
         final["max_train_loss_gap"] = max(h["max_train_loss_gap"] for h in run.history)
         plot_compare(run.history, run.dir)
-    common.plot_curves([{k: v for k, v in h.items() if k in ("epoch", "train_loss", "val_loss", "val_acc")} for h in run.history],
-                       run.dir / "training_curves.png")
+    common.plot_curves(run.history, run.dir / "training_curves.png", xlabel=f"evaluations (every {args.eval_every} updates)")
     run.finish(final, {"arch": args.arch, "updates": args.updates, "test_acc": test_acc,
                        **({"torch_test_acc": final["torch_test_acc"]} if twin is not None else {})})
     print(f"run {run.dir} | test accuracy {test_acc:.2%} (best at update {final['best_updates']})"

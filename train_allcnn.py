@@ -10,8 +10,8 @@ epochs on a GPU. `--model resnet18|resnet34|resnet50` are torchvision's with a 3
     torchrun --nproc-per-node 2 train_allcnn.py --epochs 10  # 2 processes (gloo on CPU, nccl on CUDA), one run dir
     python train_allcnn.py --model resnet18 --lr-schedule cosine --amp
 Writes runs/train_allcnn/<timestamp>[-tag]/: config.json (with the parameter table's totals), metrics.json,
-best.pt, last.pt, training_curves.png (loss and top-1 error, train and val) and TensorBoard events; one line in
-runs/results.jsonl. Attack a trained model with fgsm_attack.py RUN_DIR.
+best.pt, last.pt, training_curves.png (loss and top-1 error: train per step, under torchrun rank 0's batches; val
+per epoch) and TensorBoard events; one line in runs/results.jsonl. Attack a trained model with fgsm_attack.py RUN_DIR.
 """
 
 from __future__ import annotations
@@ -146,9 +146,13 @@ def evaluate(model, images, labels, device, amp: bool = False, batch_size: int =
     return loss_sum.item() / len(labels), correct.item() / len(labels)
 
 
-def train_epoch(model, batches, optimizer, scaler, epoch: int, args, device) -> tuple[float, float]:
+def train_epoch(model, batches, optimizer, scaler, epoch: int, args, device):
+    """One pass over this rank's batches. Returns the epoch's mean loss and accuracy over all ranks, and this
+    rank's per-step values as a [steps, 2] tensor, written on the device during the epoch and read once at its
+    end (no per-step synchronisation)."""
     model.train()
-    loss_sum, correct, seen = torch.zeros((), device=device), torch.zeros((), device=device, dtype=torch.long), 0
+    step_stats = torch.zeros(len(batches), 2, device=device)  # loss, accuracy of each step (this rank's batch)
+    sizes = torch.zeros(len(batches), device=device)
     for i, (x, y) in enumerate(common.progress(batches, args.quiet or batches.rank != 0, desc="train")):
         for group in optimizer.param_groups:
             group["lr"] = lr_at(args.lr_schedule, args.lr, epoch - 1 + i / len(batches), args.epochs)
@@ -159,13 +163,13 @@ def train_epoch(model, batches, optimizer, scaler, epoch: int, args, device) -> 
         scaler.scale(loss).backward()
         scaler.step(optimizer)
         scaler.update()
-        loss_sum += loss.detach() * len(y)
-        correct += (logits.detach().argmax(1) == y).sum()
-        seen += len(y)
-    stats = torch.stack([loss_sum.float(), correct.float(), torch.tensor(float(seen), device=device)])
+        step_stats[i, 0] = loss.detach()
+        step_stats[i, 1] = (logits.detach().argmax(1) == y).float().mean()
+        sizes[i] = len(y)
+    totals = torch.cat([(step_stats * sizes[:, None]).sum(0), sizes.sum()[None]])  # loss sum, correct, samples
     if dist.is_initialized():  # the epoch's training loss and accuracy over all ranks
-        dist.all_reduce(stats)
-    return (stats[0] / stats[2]).item(), (stats[1] / stats[2]).item()
+        dist.all_reduce(totals)
+    return (totals[0] / totals[2]).item(), (totals[1] / totals[2]).item(), step_stats
 
 
 def check_options(args) -> None:
@@ -248,14 +252,18 @@ def main(
     ddp = nn.parallel.DistributedDataParallel(net) if world > 1 else net
 
     writer = run.tensorboard()
+    steps_writer = run.tensorboard("steps", purge_step=run.epoch * len(batches) + 1)  # x axis: global step
     with run.guard():
         for epoch in run.epochs():
             t0 = time.time()
-            train_loss, train_acc = train_epoch(ddp, batches, opt, scaler, epoch, args, dev)
+            train_loss, train_acc, step_stats = train_epoch(ddp, batches, opt, scaler, epoch, args, dev)
+            step_error = torch.stack([step_stats[:, 0], 1 - step_stats[:, 1]], 1)  # under torchrun: rank 0's own batches
             val_loss, val_acc = evaluate(net, data.val_x, data.val_y, dev, args.amp) if len(data.val_y) else (None, None)
             record = {"epoch": epoch, "train_loss": train_loss, "train_acc": train_acc, "val_loss": val_loss, "val_acc": val_acc,
                       "train_error": 1 - train_acc, "val_error": None if val_acc is None else 1 - val_acc,
-                      "lr_end": lr_at(args.lr_schedule, args.lr, epoch - 1e-9, args.epochs), "epoch_time_s": time.time() - t0}
+                      "lr_end": lr_at(args.lr_schedule, args.lr, epoch - 1e-9, args.epochs), "epoch_time_s": time.time() - t0,
+                      **(common.step_values(step_error, names=("loss", "error")) if rank == 0 else {})}
+            common.add_step_scalars(steps_writer, record, (epoch - 1) * len(batches))
             if writer is not None:
                 for key in ("train_loss", "val_loss", "train_error", "val_error"):
                     if record[key] is not None:

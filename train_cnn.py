@@ -255,6 +255,7 @@ def check_options(args) -> None:
 def train(run, model, optimizer, batches, data, plain) -> None:
     """The epochs still to run: train with the per-step schedule, validate, run.end_epoch (best/last/metrics)."""
     args, writer = run.args, run.tensorboard()
+    steps_writer = run.tensorboard("steps", purge_step=run.epoch * len(batches) + 1)  # x axis: global step
     total_steps = args.epochs * len(batches)
 
     def lr_at(step: int):
@@ -269,9 +270,7 @@ def train(run, model, optimizer, batches, data, plain) -> None:
             record = {"epoch": epoch, "train_loss": train_loss, "train_acc": train_acc, "val_loss": val_loss,
                       "val_acc": val_acc, "lr_end": lr_at(epoch * len(batches) - 1)[0], "epoch_time_s": time.time() - t0,
                       **common.step_values(step_stats)}
-            for i, (loss, acc) in enumerate(step_stats.tolist()):
-                writer.add_scalar("loss/train_step", loss, (epoch - 1) * len(batches) + i + 1)
-                writer.add_scalar("acc/train_step", acc, (epoch - 1) * len(batches) + i + 1)
+            common.add_step_scalars(steps_writer, record, (epoch - 1) * len(batches))
             for key in ("train_loss", "val_loss", "train_acc", "val_acc"):
                 if record[key] is not None:
                     writer.add_scalar("{1}/{0}".format(*key.split("_")), record[key], epoch)

@@ -12,8 +12,9 @@ lr 1e-3 with a per-step cosine decay; README.md has the depth table and why thes
 Per hidden layer and epoch, on the test set: output_l1 (mean L1 norm of what it adds to the head's input),
 output_spread (its input-dependent part), weight_l1, and for glonet prefix_acc[k] (the head reading the sum of layers
 1..k+1 only). The headline test_acc is the last epoch's (fixed epochs, as the source).
-Writes runs/train_glonet/<timestamp>[-tag]/: config.json, metrics.json, best.pt, last.pt, training_metrics.png,
-layer_usage.png, training_report.pdf and TensorBoard events; one line in runs/results.jsonl.
+Writes runs/train_glonet/<timestamp>[-tag]/: config.json, metrics.json, best.pt, last.pt, training_curves.png,
+training_metrics.png (the curves and per-layer usage), layer_usage.png, training_report.pdf and TensorBoard events;
+one line in runs/results.jsonl.
 """
 
 from __future__ import annotations
@@ -145,10 +146,13 @@ def lr_at(schedule: str, lr: float, step: int, total_steps: int) -> float:
 
 
 def train_epoch(model, batches, optimizer, lr_of_step=None, first_step: int = 0, quiet: bool = True):
-    """One pass over the training batches, lr_of_step(global step) giving each step's rate: (mean loss, accuracy)."""
+    """One pass over the training batches, lr_of_step(global step) giving each step's rate. Returns the epoch's
+    mean loss and accuracy, and the per-step values as a [steps, 2] tensor, written on the device during the
+    epoch and read once at its end (no per-step synchronisation)."""
     model.train()
-    loss_sum = torch.zeros((), device=batches.labels.device)
-    correct = torch.zeros((), device=batches.labels.device, dtype=torch.long)
+    device = batches.labels.device
+    step_stats = torch.zeros(len(batches), 2, device=device)  # loss, accuracy of each step
+    sizes = torch.zeros(len(batches), device=device)
     for i, (x, y) in enumerate(common.progress(batches, quiet, desc="train")):
         if lr_of_step is not None:
             for group in optimizer.param_groups:
@@ -158,10 +162,11 @@ def train_epoch(model, batches, optimizer, lr_of_step=None, first_step: int = 0,
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
-        loss_sum += loss.detach() * len(y)
-        correct += (logits.detach().argmax(1) == y).sum()
-    n = len(batches.labels)
-    return loss_sum.item() / n, correct.item() / n
+        step_stats[i, 0] = loss.detach()
+        step_stats[i, 1] = (logits.detach().argmax(1) == y).float().mean()
+        sizes[i] = len(y)
+    loss_mean, acc_mean = ((step_stats * sizes[:, None]).sum(0) / sizes.sum()).tolist()
+    return loss_mean, acc_mean, step_stats
 
 
 def usage_summary(record: dict) -> dict:
@@ -183,18 +188,11 @@ def usage_summary(record: dict) -> dict:
 
 # ----------------------------------------------------------------------------- figures
 def figure_metrics(history: list[dict], title: str):
-    """Loss, accuracy (train/val/test per epoch) and the last epoch's per-layer output L1 norm."""
+    """Loss and accuracy (train per step, val and test per epoch) and the last epoch's per-layer output L1 norm."""
     plt = common.pyplot()
     fig, axes = plt.subplots(1, 3, figsize=(16, 4.2))
-    epochs = [h["epoch"] for h in history]
     for ax, key in zip(axes[:2], ("loss", "acc")):
-        for split in ("train", "val", "test"):
-            if history and history[0].get(f"{split}_{key}") is not None:  # no val_* without a validation split
-                ax.plot(epochs, [h[f"{split}_{key}"] for h in history], marker="o", label=split)
-        ax.set_xlabel("epoch")
-        ax.set_ylabel(key)
-        ax.grid(alpha=0.3)
-        ax.legend()
+        common.plot_curve(ax, history, key)  # train per step where recorded; val and test per epoch
     usage_lines(axes[2], history, "output_l1", "mean L1 norm of the layer's output (test)")
     fig.suptitle(title)
     fig.tight_layout()
@@ -298,6 +296,7 @@ def train(run, net, opt, batches, data) -> None:
     """The epochs still to run: train, evaluate val and test (with layer usage) every epoch, run.end_epoch.
     A NaN/inf training loss stops the run with exit 1; last.pt keeps the last finite epoch."""
     args, writer = run.args, run.tensorboard()
+    steps_writer = run.tensorboard("steps", purge_step=run.epoch * len(batches) + 1)  # x axis: global step
     total_steps = args.epochs * len(batches)
 
     def lr_of_step(step: int) -> float:
@@ -306,7 +305,7 @@ def train(run, net, opt, batches, data) -> None:
     with run.guard():
         for epoch in run.epochs():
             t0 = time.time()
-            train_loss, train_acc = train_epoch(net, batches, opt, lr_of_step, (epoch - 1) * len(batches), args.quiet)
+            train_loss, train_acc, step_stats = train_epoch(net, batches, opt, lr_of_step, (epoch - 1) * len(batches), args.quiet)
             train_time = time.time() - t0
             if not math.isfinite(train_loss):
                 writer.close()
@@ -319,7 +318,8 @@ def train(run, net, opt, batches, data) -> None:
                       "val_acc": val["acc"], "test_loss": test["loss"], "test_acc": test["acc"],
                       "output_l1": test["output_l1"], "output_spread": test["output_spread"], "weight_l1": test["weight_l1"],
                       **({"prefix_acc": test["prefix_acc"]} if "prefix_acc" in test else {}),
-                      "train_time_s": train_time, "epoch_time_s": time.time() - t0}
+                      "train_time_s": train_time, "epoch_time_s": time.time() - t0, **common.step_values(step_stats)}
+            common.add_step_scalars(steps_writer, record, (epoch - 1) * len(batches))
             for split in ("train", "val", "test"):
                 if record[f"{split}_acc"] is not None:
                     writer.add_scalar(f"loss/{split}", record[f"{split}_loss"], epoch)
@@ -344,6 +344,7 @@ def report(run, config: dict, table: str, title: str) -> dict:
              "epochs_run": run.epoch, "train_time_s": sum(h["epoch_time_s"] for h in history),
              "mean_epoch_time_s": sum(h["epoch_time_s"] for h in history) / len(history), **summary}
     plt = common.pyplot()
+    common.plot_curves(history, run.dir / "training_curves.png")
     for name, fig in (("training_metrics.png", figure_metrics(history, title)), ("layer_usage.png", figure_usage(history, title))):
         fig.savefig(run.dir / name, dpi=100)
         plt.close(fig)

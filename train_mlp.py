@@ -86,10 +86,13 @@ def evaluate(model, images, labels, batch_size: int = 2000):
 
 
 def train_epoch(model, batches, optimizer, lr_at, first_step: int, quiet: bool):
-    """One pass over the training batches; lr_at(step) gives the learning rate of each global step."""
+    """One pass over the training batches; lr_at(step) gives the learning rate of each global step. Returns the
+    epoch's mean loss and accuracy, and the per-step values as a [steps, 2] tensor, written on the device during
+    the epoch and read once at its end (no per-step synchronisation)."""
     model.train()
-    loss_sum = torch.zeros((), device=batches.labels.device)
-    correct = torch.zeros((), device=batches.labels.device, dtype=torch.long)
+    device = batches.labels.device
+    step_stats = torch.zeros(len(batches), 2, device=device)  # loss, accuracy of each step
+    sizes = torch.zeros(len(batches), device=device)
     for i, (x, y) in enumerate(common.progress(batches, quiet, desc="train")):
         for group in optimizer.param_groups:
             group["lr"] = lr_at(first_step + i)
@@ -98,10 +101,11 @@ def train_epoch(model, batches, optimizer, lr_at, first_step: int, quiet: bool):
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
-        loss_sum += loss.detach() * len(y)
-        correct += (logits.detach().argmax(1) == y).sum()
-    n = len(batches.labels)
-    return loss_sum.item() / n, correct.item() / n
+        step_stats[i, 0] = loss.detach()
+        step_stats[i, 1] = (logits.detach().argmax(1) == y).float().mean()
+        sizes[i] = len(y)
+    loss_mean, acc_mean = ((step_stats * sizes[:, None]).sum(0) / sizes.sum()).tolist()
+    return loss_mean, acc_mean, step_stats
 
 
 def lr_at(args, step: int, steps_per_epoch: int) -> float:
@@ -132,16 +136,19 @@ def train(run, model, optimizer, batches, data, after_epoch=None) -> None:
     after_epoch(epoch, record) runs before the epoch is recorded (grad_collect.py collects gradients there)."""
     args, writer = run.args, run.tensorboard()
     steps = len(batches)
+    steps_writer = run.tensorboard("steps", purge_step=run.epoch * len(batches) + 1)  # x axis: global step
 
     with run.guard():
         for epoch in run.epochs():
             t0 = time.time()
-            train_loss, train_acc = train_epoch(model, batches, optimizer, lambda s: lr_at(args, s, steps), (epoch - 1) * len(batches), args.quiet)
+            train_loss, train_acc, step_stats = train_epoch(model, batches, optimizer, lambda s: lr_at(args, s, steps),
+                                                            (epoch - 1) * len(batches), args.quiet)
             val_loss, val_acc, _, _ = evaluate(model, data.val_x, data.val_y) if len(data.val_y) else (None, None, None, None)
             record = {"epoch": epoch, "train_loss": train_loss, "train_acc": train_acc, "val_loss": val_loss,
-                      "val_acc": val_acc, "epoch_time_s": time.time() - t0}
+                      "val_acc": val_acc, "epoch_time_s": time.time() - t0, **common.step_values(step_stats)}
             if after_epoch is not None:
                 after_epoch(epoch, record)
+            common.add_step_scalars(steps_writer, record, (epoch - 1) * len(batches))
             for key in ("train_loss", "val_loss", "train_acc", "val_acc"):
                 if record[key] is not None:
                     writer.add_scalar("{1}/{0}".format(*key.split("_")), record[key], epoch)

@@ -127,6 +127,12 @@ def test_two_torchrun_processes_equal_one_process_with_the_doubled_batch(tiny_ci
     assert ma["final"]["test_acc"] == mb["final"]["test_acc"]
     assert len((tmp_path / "two" / "results.jsonl").read_text().splitlines()) == 1
     assert (dir_two / "training_curves.png").is_file()
+    for m in (ma, mb):  # per-step values: 96 // 16 = 6 global steps an epoch (the last incomplete batch is dropped)
+        assert [(len(e["step_loss"]), len(e["step_error"])) for e in m["epochs"]] == [(6, 6)] * 2
+    for ea, eb in zip(ma["epochs"], mb["epochs"]):  # the epoch means are over both ranks; the steps are rank 0's
+        assert eb["train_loss"] == pytest.approx(ea["train_loss"], rel=1e-4)
+        assert ea["train_loss"] == pytest.approx(np.mean(ea["step_loss"]), rel=1e-4)
+        assert ea["train_error"] == pytest.approx(np.mean(ea["step_error"]), abs=1e-4)
 
 
 def test_truncated_cifar_file_exits_2(tiny_cifar, tmp_path):

@@ -93,6 +93,9 @@ def test_cli_run_writes_every_output(two_epoch_run):
     assert metrics["final"]["test_acc"] >= 0.6  # chance is 0.1; measured 76.5-79.5% for seeds 0-2
     config = json.loads((run_dir / "config.json").read_text())
     assert config["arch"] == "small" and config["augment"] and config["lr"] == 0.01 and config["n_parameters"] == PARAMETERS["small"]
+    steps = math.ceil(config["n_train"] / config["batch_size"])  # per-step training values for the curves
+    assert [(len(e["step_loss"]), len(e["step_acc"])) for e in metrics["epochs"]] == [(steps, steps)] * 2
+    assert any(p.name.startswith("events.out.tfevents") for p in (run_dir / "steps").iterdir())
     last_line = proc.stdout.strip().splitlines()[-1]
     assert str(run_dir) in last_line and "test accuracy" in last_line
     results = (run_dir.parents[1] / "results.jsonl").read_text().splitlines()
@@ -112,6 +115,8 @@ def test_resume_continues_like_an_uninterrupted_run(two_epoch_run, tiny_mnist, t
     assert len(got) == 2
     for key in ("train_loss", "val_loss", "val_acc"):
         assert got[1][key] == pytest.approx(want[1][key], rel=1e-5), key
+    for epoch in (0, 1):  # the first epoch's per-step values come back from last.pt
+        assert got[epoch]["step_loss"] == pytest.approx(want[epoch]["step_loss"], rel=1e-4)
 
 
 # ----------------------------------------------------------------------------- bad input: one line, exit 2

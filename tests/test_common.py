@@ -128,3 +128,49 @@ def test_resume_keeps_the_runs_data_dir_over_DATA_DIR(tiny_mnist, tmp_path):
     resumed = run_cli("train_mlp.py", "--resume", run_dir, "--epochs", 2, "--quiet", env={"DATA_DIR": str(tmp_path / "elsewhere")})
     assert resumed.returncode == 0, resumed.stderr
     assert json.loads((run_dir / "config.json").read_text())["data_dir"] == str(tiny_mnist)
+
+
+# ----------------------------------------------------------------------------- training curves
+def curve_lines(monkeypatch, history, keys=("loss", "acc")):
+    """plot_curves(history) drawn for real; returns {panel key: {label: (x, y)}} of its labelled lines."""
+    plt = common.pyplot()
+    drawn = {}
+    close = plt.close
+
+    def keep(fig):
+        for ax, key in zip(fig.axes, keys):
+            drawn[key] = {line.get_label(): (list(line.get_xdata()), list(line.get_ydata()))
+                          for line in ax.get_lines() if not line.get_label().startswith("_")}
+        close(fig)
+
+    monkeypatch.setattr(plt, "close", keep)
+    return drawn
+
+
+def test_plot_curves_draws_steps_in_fractional_epochs(tmp_path, monkeypatch):
+    history = [{"epoch": e, "train_loss": 1.0 / e, "train_acc": 0.5, "val_loss": 0.9 / e, "val_acc": 0.6,
+                "test_loss": None, "test_acc": None, **common.step_values(torch.tensor([[2.0, 0.1], [1.0, 0.4], [0.5, 0.7], [0.4, 0.8]]))}
+               for e in (1, 2)]
+    drawn = curve_lines(monkeypatch, history)
+    common.plot_curves(history, tmp_path / "curves.png")
+    assert (tmp_path / "curves.png").stat().st_size > 1000
+    x, y = drawn["loss"]["train (per step, mean of 3)"]  # a centered moving mean: sqrt(8) -> 2 -> odd 3 steps
+    assert x == pytest.approx([0.25, 0.5, 0.75, 1.0, 1.25, 1.5, 1.75, 2.0]) and len(y) == 8
+    assert drawn["acc"]["val"] == ([1, 2], [0.6, 0.6]) and "test" not in drawn["acc"]  # test_* None: no line
+
+
+def test_plot_curves_falls_back_to_epochs_without_step_values(tmp_path, monkeypatch):
+    history = [{"epoch": e, "train_loss": 1.0 / e, "val_loss": 0.9 / e, "train_error": 0.5 / e, "val_error": None} for e in (1, 2, 3)]
+    history[0]["step_loss"] = [1.0, 0.8]  # a run resumed from a version without step values: per epoch for all
+    drawn = curve_lines(monkeypatch, history, ("loss", "error"))
+    common.plot_curves(history, tmp_path / "curves.png", keys=("loss", "error"))
+    assert (tmp_path / "curves.png").is_file()
+    assert drawn["loss"]["train"] == ([1, 2, 3], [1.0, 0.5, 1 / 3]) and set(drawn["loss"]) == {"train", "val"}
+    assert set(drawn["error"]) == {"train"}
+
+
+def test_step_values_and_smooth():
+    values = common.step_values(torch.tensor([[0.123456789, 0.5], [1.0, 1.0]]), names=("loss", "error"))
+    assert values == {"step_loss": [0.12346, 1.0], "step_error": [0.5, 1.0]}
+    assert common.smooth([0, 3, 6, 9], 3).tolist() == [1.5, 3.0, 6.0, 7.5]  # narrower at the ends
+    assert common.smooth([1, 2], 1).tolist() == [1.0, 2.0]

@@ -2,6 +2,7 @@
 the usage vectors, depth 1 and depth 200, divergence handling, an end-to-end CLI run with resume, and bad input."""
 
 import json
+import math
 import subprocess
 import sys
 
@@ -14,8 +15,8 @@ import train_glonet
 from conftest import assert_user_error, run_cli
 
 ONE_THREAD = {"OMP_NUM_THREADS": "1"}  # tiny models: threads only add synchronisation, badly so on a busy machine
-RUN_FILES = ["config.json", "metrics.json", "best.pt", "last.pt", "training_metrics.png", "layer_usage.png",
-             "training_report.pdf"]
+RUN_FILES = ["config.json", "metrics.json", "best.pt", "last.pt", "training_curves.png", "training_metrics.png",
+             "layer_usage.png", "training_report.pdf"]
 
 
 @pytest.fixture(autouse=True)
@@ -196,6 +197,8 @@ def test_cli_run_writes_every_output_and_resumes(tiny_mnist, tmp_path):
     for e in metrics["epochs"]:
         assert len(e["output_l1"]) == len(e["output_spread"]) == len(e["weight_l1"]) == len(e["prefix_acc"]) == 3
         assert {"train_loss", "val_acc", "test_loss", "test_acc"} <= set(e)
+        assert len(e["step_loss"]) == len(e["step_acc"]) == math.ceil(config["n_train"] / 32)  # per-step values, batch 32
+    assert any(p.name.startswith("events.out.tfevents") for p in (run_dir / "steps").iterdir())
     final = metrics["final"]
     assert final["test_acc"] == metrics["epochs"][-1]["test_acc"] > 0.8  # the synthetic digits are easy
     (result,) = [json.loads(line) for line in (tmp_path / "a" / "results.jsonl").read_text().splitlines()]

@@ -301,6 +301,9 @@ def test_end_to_end_factors_both_views_and_influence(digits012_run, tiny_mnist):
     assert e["net.5.weight"]["dims"] == 48 and e["net.5.weight"]["vectors"] == "exact"
     meta = json.loads((run_dir / "gradients" / "epoch_2" / "metadata.json").read_text())
     assert meta["store"] == "factors" and set(meta["arrays"]) == {f"{ab}_net.{i}" for ab in "ab" for i in (1, 3, 5)}
+    config, epochs = json.loads((run_dir / "config.json").read_text()), json.loads((run_dir / "metrics.json").read_text())["epochs"]
+    steps = math.ceil(config["n_train"] / config["batch_size"])  # train_mlp's loop records per-step values
+    assert [len(e["step_loss"]) for e in epochs] == [steps, steps] and "collect_time_s" in epochs[0]
     # self-influence: the top 25 in the figure and json are the 25 highest of self_influence.npy
     si = np.load(run_dir / "self_influence.npy")
     top = analysis["self_influence"]["top"]

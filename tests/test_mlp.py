@@ -2,6 +2,7 @@
 Ctrl-C + resume giving the same result as an uninterrupted run, and bad input."""
 
 import json
+import math
 import os
 import signal
 import subprocess
@@ -37,6 +38,9 @@ def test_cli_run_writes_every_output(tiny_mnist, tmp_path):
     assert config["digit_map"] == {str(d): d for d in range(10)} and "torch" in config["versions"]
     metrics = json.loads((run_dir / "metrics.json").read_text())
     assert [e["epoch"] for e in metrics["epochs"]] == [1, 2, 3]
+    steps = math.ceil(config["n_train"] / config["batch_size"])  # per-step training values for the curves
+    assert [(len(e["step_loss"]), len(e["step_acc"])) for e in metrics["epochs"]] == [(steps, steps)] * 3
+    assert any(p.name.startswith("events.out.tfevents") for p in (run_dir / "steps").iterdir())
     final = metrics["final"]
     assert set(final["per_class_acc"]) == {str(d) for d in range(10)}
     assert final["test_acc"] > 0.8  # the synthetic digits are easy: a working pipeline learns them

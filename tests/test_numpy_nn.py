@@ -95,10 +95,12 @@ def test_training_end_to_end_with_the_torch_twin(tiny_mnist, tmp_path):
     metrics = json.loads((run_dir / "metrics.json").read_text())
     history, final = metrics["epochs"], metrics["final"]
     assert [h["updates"] for h in history] == [100, 200, 300]
-    assert history[-1]["train_loss"] < 0.5 * history[0]["train_loss_per_update"][0]  # the loss fell
+    assert [(len(h["step_loss"]), len(h["step_acc"]), len(h["torch_step_loss"])) for h in history] == [(100, 100, 100)] * 3
+    assert history[-1]["train_loss"] < 0.5 * history[0]["step_loss"][0]  # the loss fell
+    assert history[0]["train_acc"] == pytest.approx(np.mean(history[0]["step_acc"]))
     assert final["test_acc"] > 0.6 and final["torch_test_acc"] > 0.6  # synthetic digits, chance 0.1
-    first = [h["train_loss_per_update"][0] for h in history][0]
-    assert first == pytest.approx(history[0]["torch_train_loss_per_update"][0], abs=1e-5)  # same weights, same batch
+    first = [h["step_loss"][0] for h in history][0]
+    assert first == pytest.approx(history[0]["torch_step_loss"][0], abs=1e-5)  # same weights, same batch
     assert final["max_train_loss_gap"] < 0.05
     with np.load(run_dir / "last.npz", allow_pickle=False) as z:
         assert "objects/model/0.W" in z.files and "objects/torch_model/embed.weight" in z.files
