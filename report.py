@@ -380,7 +380,7 @@ def table(
 
 
 # ----------------------------------------------------------------------------- ablations: train_mlp, one sweep
-# The production source's MLP and recipe (784-256-128-10, dropout 0.2, Adam at a constant lr) is the baseline; each
+# The production-pipeline project's MLP and recipe (784-256-128-10, dropout 0.2, Adam at a constant lr) is the baseline; each
 # configuration changes one thing. Its dropout is 0.2, so "no-dropout" is a real dropout-vs-none comparison.
 ABLATION_BASE = {"hidden": ["256", "128"], "dropout": "0.2", "lr-schedule": "none", "init": "default"}
 ABLATIONS = {"baseline": {}, "xavier": {"init": "xavier"}, "kaiming": {"init": "kaiming"}, "no-dropout": {"dropout": "0"},
@@ -565,17 +565,17 @@ def evaluate_claims(quick: bool, done: dict, gpu: bool) -> list[dict]:
         return aggregate(done[job]["records"], by, metric) if job in done else []
 
     r = _stat(stats("mlp", []))
-    row("mlp", "MLP 784-512-10, 5 epochs (per-sample-gradient source)", "97-98% test", _ms(r),
+    row("mlp", "MLP 784-512-10, 5 epochs (the per-sample-gradient MLP project)", "97-98% test", _ms(r),
         None if r is None else r["mean"] >= 0.97, "mean >= 97.00%")
     r = _stat(stats("production-mlp", []))
-    row("production-mlp", "FC 784-256-128-10, dropout 0.2, early stopping (production source)", "97.82% test", _ms(r),
+    row("production-mlp", "FC 784-256-128-10, dropout 0.2, early stopping (the production-pipeline project)", "97.82% test", _ms(r),
         None if r is None else r["mean"] >= 0.9782 - 0.003, "mean >= 97.52% (the source's figure less 0.3 points)")
     r = _stat(stats("cnn", []))
     above = sum(v >= 0.99 for v in r["values"]) if r else 0
-    row("cnn", "CNN (train_cnn.py defaults)", ">= 99% test", _ms(r) + (f"; {above} of {r['n']} seeds >= 99%" if r else ""),
+    row("cnn", "CNN >= 99% (the production-pipeline project; train_cnn.py defaults)", ">= 99% test", _ms(r) + (f"; {above} of {r['n']} seeds >= 99%" if r else ""),
         None if r is None else r["mean"] >= 0.99, "mean >= 99.00%")
     r = _stat(stats("walkthrough-cnn", []))
-    row("walkthrough-cnn", "the walkthrough's CNN (--arch small), 5 epochs", "~98% test", _ms(r),
+    row("walkthrough-cnn", "the CNN walkthrough's 2-conv net (--arch small), 5 epochs", "~98% test", _ms(r),
         None if r is None else r["mean"] >= 0.975, "mean >= 97.50% (~98%: at most 0.5 points below)")
 
     depth = stats("depth", ["model", "layers"])
@@ -586,33 +586,33 @@ def evaluate_claims(quick: bool, done: dict, gpu: bool) -> list[dict]:
             if r is None and "depth" in done:
                 continue  # a depth quick mode does not run
             if model == "glonet":
-                row("depth", f"GloNet depth {layers}", f"~{figure:.1f}%", _ms(r), None if r is None else r["mean"] >= 0.975,
+                row("depth", f"GloNet depth {layers} (GloNets depth table)", f"~{figure:.1f}%", _ms(r), None if r is None else r["mean"] >= 0.975,
                     "mean >= 97.50%")
             else:
-                row("depth", f"MLP depth {layers}", f"~{figure:.1f}%", _ms(r),
+                row("depth", f"MLP depth {layers} (GloNets depth table)", f"~{figure:.1f}%", _ms(r),
                     None if r is None else abs(100 * r["mean"] - figure) <= 1.0, "within 1 point of the source's figure")
     g = [r for r in depth if r["group"]["model"] == "glonet" and r["n"]]
     m = [r for r in depth if r["group"]["model"] == "mlp" and r["n"]]
     if g and m:
         shallow, deep = min(m, key=lambda r: float(r["group"]["layers"])), max(m, key=lambda r: float(r["group"]["layers"]))
         gs, gd = min(g, key=lambda r: float(r["group"]["layers"])), max(g, key=lambda r: float(r["group"]["layers"]))
-        row("depth", "the plain MLP degrades with depth, GloNet does not", "MLP ~97.5% -> ~85%, GloNet ~98% throughout",
+        row("depth", "the plain MLP degrades with depth, GloNet does not (GloNets paper)", "MLP ~97.5% -> ~85%, GloNet ~98% throughout",
             f"MLP {_pct(shallow['mean'])} at {shallow['group']['layers']} -> {_pct(deep['mean'])} at {deep['group']['layers']}; "
             f"GloNet {_pct(gs['mean'])} -> {_pct(gd['mean'])}",
             deep["mean"] < shallow["mean"] - 0.01 and gd["mean"] >= gs["mean"] - 0.005,
             "MLP deepest < shallowest - 1 point and GloNet deepest >= shallowest - 0.5 points")
     else:
-        row("depth", "the plain MLP degrades with depth, GloNet does not", "MLP ~97.5% -> ~85%, GloNet ~98% throughout",
+        row("depth", "the plain MLP degrades with depth, GloNet does not (GloNets paper)", "MLP ~97.5% -> ~85%, GloNet ~98% throughout",
             "not measured", None, "MLP deepest < shallowest - 1 point and GloNet deepest >= shallowest - 0.5 points")
     deep_k = [(r["group"]["layers"], r["values"]) for r in layers_for_acc if r["group"]["model"] == "glonet" and float(r["group"]["layers"]) >= 24]
     ks = [int(v) for _, vals in deep_k for v in vals]
-    row("depth", "GloNet: only the first 4-8 layers matter (depth >= 24)", "4-8 layers",
+    row("depth", "GloNet: only the first 4-8 layers matter, depth >= 24 (GloNets paper)", "4-8 layers",
         ("head within 0.1 points of the full sum with layers 1..k: " + ", ".join(f"depth {d}: k={int(v[0])}" for d, v in deep_k)) if ks else "not measured",
         (all(4 <= k <= 8 for k in ks)) if ks else None, "4 <= k <= 8 at every depth >= 24 (final.layers_for_acc)")
 
     numpy_rows = stats("numpy", ["arch", "input_scale"])
-    for arch, claim, figure, threshold in (("embed", "NumPy patch-embedding net (from scratch)", "40-60% test", 0.60),
-                                           ("mlp", "NumPy fully connected net 784-128-10 (from scratch)", "91.66% test", 0.9166)):
+    for arch, claim, figure, threshold in (("embed", "NumPy patch-embedding net (the self-learning project)", "40-60% test", 0.60),
+                                           ("mlp", "from-scratch fully connected net 784-128-10 (a second from-scratch project)", "91.66% test", 0.9166)):
         r = _stat(numpy_rows, arch=arch, input_scale="standard")
         row("numpy", claim + ": what a correct implementation gets", figure, _ms(r), None if r is None else r["mean"] >= threshold,
             f"mean >= {100 * threshold:.2f}% (a correct implementation does at least as well as the source)")
@@ -620,30 +620,30 @@ def evaluate_claims(quick: bool, done: dict, gpu: bool) -> list[dict]:
         row("numpy", claim + ", unscaled 0..255 inputs (the suspected cause)", figure, _ms(raw), None, "information, no verdict")
 
     svm = done.get("svm", {}).get("final")
-    row("svm", "Gabor features + SVM beat raw pixels", "Gabor better than raw",
+    row("svm", "Gabor features + SVM beat raw pixels (the self-learning project)", "Gabor better than raw",
         f"Gabor {_pct(svm['gabor_test_acc'])} vs raw {_pct(svm['raw_test_acc'])}" if svm else "not measured",
         None if not svm else svm["gabor_test_acc"] > svm["raw_test_acc"], "Gabor test acc > raw-pixel test acc")
 
     if quick or not gpu:
-        row("allcnn", "All-CNN-T on CIFAR-10, 100 epochs", "< 10% validation error", "not run on a CPU" if quick else "not run: no GPU",
+        row("allcnn", "All-CNN-T on CIFAR-10, 100 epochs (the self-learning project)", "< 10% validation error", "not run on a CPU" if quick else "not run: no GPU",
             None, "best val error < 10% (needs a GPU and the full 50,000 images)")
     else:
         a = done.get("allcnn", {})
         final, config = a.get("final"), a.get("config") or {}
         full_data = config.get("n_train", 0) + config.get("n_val", 0) >= 45000
-        row("allcnn", "All-CNN-T on CIFAR-10, 100 epochs", "< 10% validation error",
+        row("allcnn", "All-CNN-T on CIFAR-10, 100 epochs (the self-learning project)", "< 10% validation error",
             (f"best val error {_pct(final.get('best_val_error'))}, test error {_pct(final.get('test_error'))}"
              + ("" if full_data else f" (only {config.get('n_train', 0) + config.get('n_val', 0):,} training images)")) if final else "not measured",
             None if not final or not full_data else (final.get("best_val_error") or 1) < 0.10, "best val error < 10% on the full data")
 
     f = done.get("fgsm", {}).get("final")
-    row("fgsm", "FGSM on the MNIST CNN (seed 0)", "accuracy far below clean",
+    row("fgsm", "FGSM on the MNIST CNN, seed 0 (the self-learning project)", "accuracy far below clean",
         f"eps {f['eps']:g}/255: clean {_pct(f['clean_acc'])}, FGSM {_pct(f['fgsm_acc'])}, iterative {_pct(f['iterative_acc'])}" if f else "not measured",
         None if not f else f["fgsm_acc"] <= f["clean_acc"] / 2, "FGSM accuracy <= half the clean accuracy at the largest eps")
 
     c = done.get("clusters", {}).get("final")
     ari = (c or {}).get("grad_ari_direction")
-    row("clusters", "per-sample-gradient clusters align with digits", "clusters ~ digits",
+    row("clusters", "per-sample-gradient clusters align with digits (the per-sample-gradient MLP project)", "clusters ~ digits",
         f"k-means ARI vs digits, {c.get('grad_array')} epoch {c.get('grad_epoch')}: directions {ari:.3f}, plain {c.get('grad_ari'):.3f}"
         if ari is not None else "not measured", None if ari is None else ari >= 0.8,
         "ARI of the gradient directions' clusters >= 0.8 (0: chance, 1: the digits)")
@@ -663,7 +663,15 @@ def _read_json(path: Path) -> Optional[dict]:
 
 
 def _display(cmd: list[str]) -> str:
-    return "python " + shlex.join(cmd)
+    """The command as typed from the working directory: absolute paths (also in KEY=PATH) made relative to it."""
+    def shown(word: str) -> str:
+        key, sep, value = word.rpartition("=") if "=" in word and not word.startswith("/") else ("", "", word)
+        if value.startswith("/"):
+            rel = os.path.relpath(value, Path.cwd())
+            value = rel if not rel.startswith("../../") else value
+        return key + sep + value
+
+    return "python " + shlex.join(shown(w) for w in cmd)
 
 
 def _rel(path) -> str:
@@ -790,7 +798,7 @@ def reproduce(
         rows = aggregate(done["ablations"]["records"], ["config"], "test_acc", order={"config": list(ABLATIONS)})
         base = shlex.join(option_words(ABLATION_BASE))
         md += ["", "## Ablations (train_mlp.py, seeds " + ABLATION_SEEDS.replace(",", ", ") + f"; {done['ablations']['note']})", "",
-               f"Baseline: `{base}` (the production source's MLP and constant-lr recipe); each configuration changes one thing.", "",
+               f"Baseline: `{base}` (the production-pipeline project's MLP and constant-lr recipe); each configuration changes one thing.", "",
                ablation_markdown(rows)]
     out.write_text("\n".join(md) + "\n")
     print(f"\n{out}: {sum(c['passed'] is True for c in claims)} passed, {len(missed)} failed, "
