@@ -529,6 +529,25 @@ def seed_for(seed: int, purpose: str) -> int:
 
 
 # ----------------------------------------------------------------------------- precision by hardware
+def bf16_cpu_flags() -> list[str]:
+    """The CPU's native-bf16 instruction sets torch sees: a subset of ["avx512_bf16", "amx"]."""
+    return [f for f, ok in (("avx512_bf16", torch.cpu._is_avx512_bf16_supported()),
+                            ("amx", torch.cpu._is_amx_tile_supported())) if ok]
+
+
+def describe_machine() -> str:
+    """CPU model, cores, native-bf16 instructions and GPU, for benchmark and report headers."""
+    cpu = platform.processor() or platform.machine()
+    try:
+        cpu = next(line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
+                   if line.startswith("model name"))
+    except (OSError, StopIteration):
+        pass
+    flags = bf16_cpu_flags()
+    gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "no GPU"
+    return f"{cpu}, {os.cpu_count()} cores, {' + '.join(flags) if flags else 'no native bf16'}, {gpu}"
+
+
 def pick_precision(name: str, device: torch.device) -> tuple[str, str]:
     """(precision, reason). auto = bf16 autocast only where the hardware computes bf16 natively: CUDA GPUs with
     native bf16, CPUs with AVX512_BF16 or AMX (oneDNN emulates bf16 on other AVX512 CPUs, slower than fp32);
@@ -540,8 +559,7 @@ def pick_precision(name: str, device: torch.device) -> tuple[str, str]:
         native = torch.cuda.is_bf16_supported(including_emulation=False)
         return ("bf16", "the GPU computes bf16 natively") if native else ("fp32", "the GPU has no native bf16")
     if device.type == "cpu":
-        flags = [f for f, ok in (("avx512_bf16", torch.cpu._is_avx512_bf16_supported()),
-                                 ("amx", torch.cpu._is_amx_tile_supported())) if ok]
+        flags = bf16_cpu_flags()
         if flags:
             return "bf16", f"the CPU has {' and '.join(flags)} (native bf16)"
         return "fp32", "the CPU has neither avx512_bf16 nor amx: bf16 would be emulated, slower than fp32"
@@ -877,6 +895,21 @@ def pyplot():
     return plt
 
 
+def mosaic(images: np.ndarray, cols: int, pad_x: int, pad_top: int = 0) -> np.ndarray:
+    """Images [N,H,W] tiled `cols` per row into one array, each tile scaled to its own min..max (as imshow
+    does for a single image), pad_x columns between tiles and pad_top rows above each row; gaps are NaN (draw
+    them with a colormap's `bad` color)."""
+    n, (h, w) = len(images), (images.shape[1:3] if len(images) else (28, 28))
+    rows = max(1, math.ceil(n / cols))
+    cell_h, cell_w = h + pad_top, w + pad_x
+    out = np.full((rows * cell_h, cols * cell_w - pad_x), np.nan, dtype=np.float32)
+    for i, img in enumerate(images):
+        lo, hi = float(img.min()), float(img.max())
+        r, c = divmod(i, cols)
+        out[r * cell_h + pad_top:r * cell_h + pad_top + h, c * cell_w:c * cell_w + w] = (img - lo) / (hi - lo) if hi > lo else 0.0
+    return out
+
+
 def plot_image_grid(images, titles, path, colors=None, suptitle=None, cols=8) -> None:
     """Grayscale images [N,H,W] (uint8 or float) in a grid, each with a title (colored if given). Drawn as one
     mosaic in one axes (a figure of 32 small axes takes seconds to lay out); each tile is scaled to its own
@@ -885,20 +918,14 @@ def plot_image_grid(images, titles, path, colors=None, suptitle=None, cols=8) ->
     images = images.detach().float().cpu().numpy() if isinstance(images, torch.Tensor) else np.asarray(images, dtype=np.float32)
     n = len(images)
     cols = min(cols, max(n, 1))
-    rows = max(1, math.ceil(n / cols))
     h, w = images.shape[1:3] if n else (28, 28)
     lines = max([str(t).count("\n") + 1 for t in titles] or [1])
     pad_x, pad_top = max(1, round(0.15 * w)), round(0.3 * h * lines)
     cell_h, cell_w = h + pad_top, w + pad_x
-    mosaic = np.full((rows * cell_h, cols * cell_w), np.nan, dtype=np.float32)
-    for i, img in enumerate(images):
-        lo, hi = float(img.min()), float(img.max())
-        r, c = divmod(i, cols)
-        top, left = r * cell_h + pad_top, c * cell_w
-        mosaic[top:top + h, left:left + w] = (img - lo) / (hi - lo) if hi > lo else 0.0
-    fig, ax = plt.subplots(figsize=(1.5 * cols, 1.5 * cols * mosaic.shape[0] / mosaic.shape[1] + (0.4 if suptitle else 0)))
+    tiles = mosaic(images, cols, pad_x, pad_top)
+    fig, ax = plt.subplots(figsize=(1.5 * cols, 1.5 * cols * tiles.shape[0] / tiles.shape[1] + (0.4 if suptitle else 0)))
     cmap = plt.get_cmap("gray").with_extremes(bad="white")
-    ax.imshow(mosaic, cmap=cmap, vmin=0, vmax=1, interpolation="nearest")
+    ax.imshow(tiles, cmap=cmap, vmin=0, vmax=1, interpolation="nearest")
     for i, title in enumerate(titles[:n]):
         r, c = divmod(i, cols)
         ax.text(c * cell_w + w / 2, r * cell_h + pad_top - 0.5, title, ha="center", va="bottom", fontsize=8,

@@ -24,7 +24,6 @@ import time
 from pathlib import Path
 from typing import Annotated, Optional
 
-import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -220,14 +219,9 @@ def plot_feature_maps(image, maps, digit: int, path, max_channels: int = 16) -> 
     axes[0, 0].set_title(f"input ({digit})", fontsize=8)
     for ax, (row, fmap) in zip(axes[1:, 0], enumerate(maps, start=1)):
         fmap = fmap[:max_channels].numpy()
-        lo, hi = fmap.min(axis=(1, 2), keepdims=True), fmap.max(axis=(1, 2), keepdims=True)
-        scaled = np.where(hi > lo, (fmap - lo) / np.where(hi > lo, hi - lo, 1), 0.0)
         h, w = fmap.shape[1:]
-        pad = max(1, w // 6)
-        mosaic = np.full((h, len(fmap) * (w + pad) - pad), np.nan)
-        for c, m in enumerate(scaled):
-            mosaic[:, c * (w + pad):c * (w + pad) + w] = m
-        ax.imshow(mosaic, cmap=plt.get_cmap("viridis").with_extremes(bad="white"), vmin=0, vmax=1, interpolation="nearest")
+        tiles = common.mosaic(fmap, cols=len(fmap), pad_x=max(1, w // 6))
+        ax.imshow(tiles, cmap=plt.get_cmap("viridis").with_extremes(bad="white"), vmin=0, vmax=1, interpolation="nearest")
         ax.set_title(f"conv{row} after ReLU: channels 0-{len(fmap) - 1} of {len(maps[row - 1])} ({h}x{w})", fontsize=8)
     for ax in axes.flat:
         ax.axis("off")

@@ -124,18 +124,6 @@ def reference(data_dir: Path, ref_batches: int, ref_epochs: int, full: bool, see
             "epochs": ref_epochs, "how": f"extrapolated from {ref_batches} timed batches and one timed test pass"}
 
 
-def machine() -> str:
-    """The CPU's model name and its bf16 capabilities (what train_cnn.py's --precision auto looks at)."""
-    try:
-        info = Path("/proc/cpuinfo").read_text()
-        name = next(l.split(":", 1)[1].strip() for l in info.splitlines() if l.startswith("model name"))
-        flags = next(l.split(":", 1)[1].split() for l in info.splitlines() if l.startswith("flags"))
-        return f"{name}, {os.cpu_count()} cores, " + ("amx" if "amx_bf16" in flags else "no amx") + \
-            (", avx512_bf16" if "avx512_bf16" in flags else ", no avx512_bf16")
-    except (OSError, StopIteration):
-        return f"{os.cpu_count()} cores"
-
-
 def load() -> str:
     return "load average " + " ".join(f"{x:.2f}" for x in os.getloadavg()) + f" on {os.cpu_count()} cores"
 
@@ -161,7 +149,7 @@ def main(
     """Time to 99% test accuracy: train_cnn.py defaults vs the fast recipe vs the pytorch/examples mnist recipe."""
     common.read_mnist(data_dir, train=False)  # a clear error now rather than inside a subprocess
     seed_list = [int(s) for s in seeds.split(",")]
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads | {machine()} | {load()}")
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads | {common.describe_machine()} | {load()}")
     devices = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
     ours, recipe = {d: [] for d in devices}, {d: [] for d in devices}
     with tempfile.TemporaryDirectory() as tmp:
