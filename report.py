@@ -38,6 +38,14 @@ MISSING = "–"
 
 
 # ----------------------------------------------------------------------------- records: one finished (or failed) run
+def _read_json(path: Path) -> Optional[dict]:
+    """A JSON file, or None when it is missing or unreadable (reports skip, never fail)."""
+    try:
+        return json.loads(Path(path).read_text())
+    except (OSError, ValueError):
+        return None
+
+
 @dataclass
 class Record:
     """One run: from a results.jsonl line (fields: the line) or a trials.jsonl line (fields: the grid options and
@@ -57,11 +65,9 @@ class Record:
             self._loaded.add(kind)
             name = "config.json" if kind == "config" else "metrics.json"
             if getattr(self, kind) is None and self.run_dir:
-                try:
-                    data = json.loads((Path(self.run_dir) / name).read_text())
+                data = _read_json(Path(self.run_dir) / name)
+                if isinstance(data, dict):
                     setattr(self, kind, data if kind == "config" else data.get("final"))
-                except (OSError, ValueError, AttributeError):
-                    pass
         return getattr(self, kind) or {}
 
     def get(self, key: str):
@@ -653,13 +659,6 @@ def evaluate_claims(quick: bool, done: dict, gpu: bool) -> list[dict]:
 def _run_dir_of(stdout: str) -> Optional[str]:
     lines = [line for line in stdout.splitlines() if line.startswith("run ")]
     return lines[-1][4:].split(" | ")[0] if lines else None
-
-
-def _read_json(path: Path) -> Optional[dict]:
-    try:
-        return json.loads(Path(path).read_text())
-    except (OSError, ValueError):
-        return None
 
 
 def _display(cmd: list[str]) -> str:
