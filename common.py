@@ -1,22 +1,30 @@
-"""Shared plumbing for the experiment scripts: data, device, seeding, run directories,
-checkpoints, metrics files and plots. Nothing here knows about a particular model.
+"""Shared plumbing for the experiment scripts: data, device, seeding, one run directory with its JSON and
+checkpoint files (the one kill-proof resume path), and plots. Nothing here knows a script or a model.
 
-A script uses it like this:
+A training script reads like this (train_mlp.py in full):
 
-    args = common.args_from(locals())                 # the options as a namespace
-    device = common.pick_device(args.device)
-    data = common.load_mnist(args.data_dir, device, digits=..., val_fraction=..., limit=..., seed=...)
-    for x, y in common.Batches(data.train_x, data.train_y, 64, shuffle=True, seed=args.seed): ...
-    run_dir = common.make_run_dir(args.out_dir, "train_mlp", args.tag)
-    common.save_checkpoint(run_dir / "last.pt", {...}); common.write_json(run_dir / "metrics.json", {...})
+    run = common.Run(ctx, common.args_from(locals()), __file__)   # identity: this file's name; --resume merges
+    args = run.args
+    data = common.load_mnist(args.data_dir, device, args.digits, args.val_fraction, args.limit, args.seed)
+    run.save_config(device=str(device), **data.describe())          # runs/<script>/<time>[-tag]/config.json
+    run.restore(device, model=model, optimizer=opt, generator=batches.generator)   # last.pt, if resuming
+    with run.guard():                                                # Ctrl-C: prints the resume command
+        for epoch in run.epochs(args.epochs):
+            ...
+            if run.improved(val_acc, epoch): run.save_best({"model": model.state_dict()})
+            stop = run.early_stop(val_loss, args.patience, args.min_delta)
+            run.save_last(record)                                    # last.pt, then metrics.json
+            if stop: break
+    run.finish(final, result)                                        # metrics.json final + results.jsonl
 
-Errors the user can fix are raised as `UserError("what is wrong: what to do")`; `common.main(app)`
-turns them (and Typer's own option errors) into one line on stderr and exit code 2.
+Errors the user can fix are raised as `UserError("what is wrong: what to do")`; `common.main(app)` turns them
+(and Typer's own option errors) into one line on stderr and exit code 2.
 """
 
 from __future__ import annotations
 
 import contextlib
+import importlib.util
 import io
 import json
 import math
@@ -39,7 +47,7 @@ import typer
 MNIST_MEAN, MNIST_STD = 0.1307, 0.3081
 
 
-# ----------------------------------------------------------------------------- errors and entry point
+# ----------------------------------------------------------------------------- errors, entry point, shared options
 class UserError(Exception):
     """A problem with the user's input: printed as one line, exit code 2, no traceback."""
 
@@ -49,15 +57,18 @@ def main(app: typer.Typer) -> None:
     try:
         code = app(standalone_mode=False)
     except (UserError, typer.TyperException) as e:
-        message = e.format_message() if isinstance(e, typer.TyperException) else str(e)
-        print(f"error: {message}", file=sys.stderr)
+        print(f"error: {e.format_message() if isinstance(e, typer.TyperException) else e}", file=sys.stderr)
         sys.exit(2)
     except typer.Abort:
         sys.exit(130)
     sys.exit(code if isinstance(code, int) else 0)
 
 
-# ----------------------------------------------------------------------------- the options every script shares
+def check(condition: bool, message: str) -> None:
+    if not condition:
+        raise UserError(message)
+
+
 DataDir = Annotated[Path, typer.Option(envvar="DATA_DIR", help="Folder holding MNIST/raw (downloaded there if missing).")]
 OutDir = Annotated[Path, typer.Option(help="Runs go to OUT_DIR/<script>/<timestamp>[-tag]/.")]
 Epochs = Annotated[int, typer.Option(help="Training epochs.")]
@@ -68,20 +79,15 @@ Device = Annotated[str, typer.Option(help="auto (CUDA, then MPS, then CPU), cpu,
 Digits = Annotated[Optional[str], typer.Option(help="Train on these digits only, e.g. 0,1; labels become 0..k-1.")]
 Limit = Annotated[Optional[int], typer.Option(help="Use only the first N training samples (quick runs).")]
 ValFraction = Annotated[float, typer.Option(help="Share of the training set held out for validation (0: none; best.pt is then the last epoch).")]
-Resume = Annotated[Optional[Path], typer.Option(help="Continue the run in this directory from its last.pt.")]
+Resume = Annotated[Optional[Path], typer.Option(help="Continue the run in this directory from its last checkpoint.")]
 Tag = Annotated[Optional[str], typer.Option(help="Suffix for the run directory name.")]
 Quiet = Annotated[bool, typer.Option(help="No progress bars or tables, only the summary lines.")]
 
 
 def args_from(options: dict) -> SimpleNamespace:
     """The command's options (its locals()) as a namespace with JSON-friendly values."""
-    clean = {k: (str(v) if isinstance(v, Path) else v) for k, v in options.items() if not k.startswith("_") and k != "ctx"}
-    return SimpleNamespace(**clean)
-
-
-def check(condition: bool, message: str) -> None:
-    if not condition:
-        raise UserError(message)
+    return SimpleNamespace(**{k: (str(v) if isinstance(v, Path) else v) for k, v in options.items()
+                              if not k.startswith("_") and k != "ctx"})
 
 
 # ----------------------------------------------------------------------------- device and seeding
@@ -105,21 +111,15 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def rng_state() -> dict:
-    """torch's global RNG state (dropout, augmentation), for checkpoints; numpy and python are not used in training."""
-    state = {"torch": torch.get_rng_state()}
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
-    return state
+def seed_for(seed: int, purpose: str) -> int:
+    """A 63-bit seed derived from --seed for one purpose ("split", "shuffle", "init", ...): independent streams, so
+    changing how one is used does not change what another draws."""
+    import hashlib
+
+    return int.from_bytes(hashlib.sha256(f"{int(seed)}:{purpose}".encode()).digest()[:8], "little") >> 1
 
 
-def set_rng_state(state: dict) -> None:
-    torch.set_rng_state(state["torch"])
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
-
-
-# ----------------------------------------------------------------------------- MNIST held on the device
+# ----------------------------------------------------------------------------- MNIST and CIFAR-10 held on the device
 MNIST_FILES = ["train-images-idx3-ubyte", "train-labels-idx1-ubyte", "t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte"]
 
 
@@ -138,8 +138,8 @@ def parse_digits(text: Optional[str]) -> list[int]:
 
 
 def read_idx(path: Path, ndim: int) -> torch.Tensor:
-    """One MNIST IDX file (big-endian header: magic 0x0000080N, then N int32 sizes; uint8 data) as a uint8
-    tensor. Raises ValueError when the header or the length is wrong."""
+    """One MNIST IDX file (magic 0x0000080N, N big-endian int32 sizes, uint8 data) as a uint8 tensor; ValueError
+    when the header or the length is wrong."""
     raw = path.read_bytes()
     header = 4 + 4 * ndim
     if len(raw) < header:
@@ -152,43 +152,40 @@ def read_idx(path: Path, ndim: int) -> torch.Tensor:
     return torch.from_numpy(np.frombuffer(raw, dtype=np.uint8, offset=header).reshape(shape).copy())
 
 
+def _download(what: str, folder: Path, fetch) -> None:
+    """fetch() (torchvision's downloader) when the data is missing; its failure as one UserError line."""
+    print(f"{what} not found in {folder}: downloading it there", file=sys.stderr)
+    try:
+        with contextlib.redirect_stdout(io.StringIO()):
+            fetch()
+    except Exception as e:
+        reason = str(e).strip().splitlines()[-1] if str(e).strip() else type(e).__name__
+        raise UserError(f"{what} is not in {folder} and downloading it failed ({reason}); copy its files there "
+                        f"or point --data-dir (or DATA_DIR) at a folder holding them") from None
+
+
 def read_mnist(data_dir, train: bool) -> tuple[torch.Tensor, torch.Tensor]:
-    """MNIST as (uint8 [N,28,28], int64 [N]) on the CPU. torchvision.datasets.MNIST downloads it if absent;
-    the four raw IDX files it leaves are then read here directly (torchvision's own reader gives the same
-    tensors, but importing torchvision costs about 1.5 s per process)."""
-    data_dir = Path(data_dir)
-    raw = data_dir / "MNIST" / "raw"
-    missing = [f for f in MNIST_FILES if not (raw / f).is_file()]
-    if missing:
+    """MNIST as (uint8 [N,28,28], int64 [N]) on the CPU, read from the raw IDX files (torchvision only downloads
+    them when absent: importing it costs about 1.5 s per process)."""
+    raw = Path(data_dir) / "MNIST" / "raw"
+    if any(not (raw / f).is_file() for f in MNIST_FILES):
         import torchvision
 
-        print(f"MNIST not found in {raw}: downloading it there", file=sys.stderr)
-        try:
-            with contextlib.redirect_stdout(io.StringIO()):
-                torchvision.datasets.MNIST(root=str(data_dir), train=train, download=True)
-        except Exception as e:
-            reason = str(e).strip().splitlines()[-1] if str(e).strip() else type(e).__name__
-            raise UserError(
-                f"MNIST is not in {raw} and downloading it failed ({reason}); "
-                f"copy the four raw IDX files there or point --data-dir (or DATA_DIR) at a folder holding MNIST/raw"
-            ) from None
+        _download("MNIST", raw, lambda: torchvision.datasets.MNIST(root=str(data_dir), train=train, download=True))
     split = "train" if train else "t10k"
     try:
-        images = read_idx(raw / f"{split}-images-idx3-ubyte", 3)
-        labels = read_idx(raw / f"{split}-labels-idx1-ubyte", 1)
+        images, labels = read_idx(raw / f"{split}-images-idx3-ubyte", 3), read_idx(raw / f"{split}-labels-idx1-ubyte", 1)
         check(images.shape[1:] == (28, 28) and len(images) == len(labels), "shapes do not match")
         check(int(labels.max()) <= 9, "labels above 9")
     except (ValueError, OSError, UserError) as e:
-        raise UserError(
-            f"the MNIST {split} files in {raw} are truncated or corrupt ({type(e).__name__}: {str(e).splitlines()[0][:120]}); "
-            f"delete them to download a fresh copy, or point --data-dir at a good one"
-        ) from None
+        raise UserError(f"the MNIST {split} files in {raw} are truncated or corrupt ({type(e).__name__}: "
+                        f"{str(e).splitlines()[0][:120]}); delete them to download a fresh copy, or point --data-dir at a good one") from None
     return images, labels.long()
 
 
 @dataclass
-class MNIST:
-    """uint8 images [N,28,28] and remapped int64 labels on the device; `digits[label]` is the original digit."""
+class Data:
+    """uint8 images and int64 labels of each split on the device; `digits[label]` is the original class."""
 
     train_x: torch.Tensor
     train_y: torch.Tensor
@@ -197,7 +194,8 @@ class MNIST:
     test_x: torch.Tensor
     test_y: torch.Tensor
     digits: list[int] = field(default_factory=lambda: list(range(10)))
-    train_index: Optional[torch.Tensor] = None  # each training sample's index in the original 60,000
+    train_index: Optional[torch.Tensor] = None  # each training sample's row in the original training set
+    dataset: str = "mnist"
 
     @property
     def num_classes(self) -> int:
@@ -208,24 +206,20 @@ class MNIST:
         return {str(d): i for i, d in enumerate(self.digits)}
 
     def describe(self) -> dict:
-        return {"digit_map": self.digit_map, "num_classes": self.num_classes,
+        return {"dataset": self.dataset, "digit_map": self.digit_map, "num_classes": self.num_classes,
                 "n_train": len(self.train_y), "n_val": len(self.val_y), "n_test": len(self.test_y)}
 
 
 def load_mnist(data_dir, device, digits: Optional[str] = None, val_fraction: float = 0.1,
-               limit: Optional[int] = None, seed: int = 0) -> MNIST:
-    """Load MNIST onto `device`: filter to `digits` (labels remapped 0..k-1 in sorted digit order),
-    keep the first `limit` training samples, split off `val_fraction` by a permutation seeded with
-    seed_for(seed, "split") (0: no validation split, empty val tensors: best.pt then follows the last epoch)."""
+               limit: Optional[int] = None, seed: int = 0) -> Data:
+    """MNIST on `device`: only `digits` (labels remapped 0..k-1 in sorted digit order), the first `limit` training
+    samples, `val_fraction` of them split off for validation (see split_and_place)."""
     digit_list = parse_digits(digits)
-    check(0.0 <= val_fraction < 1.0, f"--val-fraction {val_fraction}: must be in [0, 1) (0: no validation split)")
-    check(limit is None or limit >= 2, f"--limit {limit}: need at least 2 samples")
     lookup = torch.full((10,), -1, dtype=torch.long)
     lookup[digit_list] = torch.arange(len(digit_list))
 
     def select(images, labels):
-        keep = lookup[labels] >= 0
-        index = torch.nonzero(keep).squeeze(1)
+        index = torch.nonzero(lookup[labels] >= 0).squeeze(1)
         return images[index], lookup[labels[index]], index
 
     train_x, train_y, train_index = select(*read_mnist(data_dir, train=True))
@@ -233,9 +227,12 @@ def load_mnist(data_dir, device, digits: Optional[str] = None, val_fraction: flo
     return split_and_place(train_x, train_y, train_index, test_x, test_y, digit_list, device, val_fraction, limit, seed)
 
 
-def split_and_place(train_x, train_y, train_index, test_x, test_y, classes, device, val_fraction, limit, seed) -> MNIST:
+def split_and_place(train_x, train_y, train_index, test_x, test_y, classes, device, val_fraction, limit, seed,
+                    dataset: str = "mnist") -> Data:
     """Keep the first `limit` training samples, split off `val_fraction` by a permutation seeded with
-    seed_for(seed, "split"), and move every split to `device` (shared by load_mnist and load_cifar10)."""
+    seed_for(seed, "split") (0: no validation split), and move every split to `device`."""
+    check(0.0 <= val_fraction < 1.0, f"--val-fraction {val_fraction}: must be in [0, 1) (0: no validation split)")
+    check(limit is None or limit >= 2, f"--limit {limit}: need at least 2 samples")
     if limit is not None:
         train_x, train_y, train_index = train_x[:limit], train_y[:limit], train_index[:limit]
     n = len(train_y)
@@ -243,11 +240,10 @@ def split_and_place(train_x, train_y, train_index, test_x, test_y, classes, devi
     perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed_for(seed, "split")))
     val_idx, tr_idx = perm[:n_val], perm[n_val:]
     to = lambda t: t.to(device)  # noqa: E731
-    return MNIST(to(train_x[tr_idx]), to(train_y[tr_idx]), to(train_x[val_idx]), to(train_y[val_idx]),
-                 to(test_x), to(test_y), classes, train_index[tr_idx])
+    return Data(to(train_x[tr_idx]), to(train_y[tr_idx]), to(train_x[val_idx]), to(train_y[val_idx]),
+                to(test_x), to(test_y), classes, train_index[tr_idx], dataset)
 
 
-# ----------------------------------------------------------------------------- CIFAR-10 held on the device
 CIFAR_MEAN = (0.4914, 0.4822, 0.4465)  # per channel, of the 50,000 training images in [0, 1]
 CIFAR_STD = (0.2470, 0.2435, 0.2616)
 CIFAR_CLASSES = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"]
@@ -257,7 +253,6 @@ CIFAR_RECORD = 1 + 3 * 32 * 32  # one label byte, then 1,024 red, 1,024 green an
 
 def read_cifar_bin(path) -> tuple[torch.Tensor, torch.Tensor]:
     """One CIFAR-10 binary batch file -> (uint8 [N,3,32,32], int64 [N]). No pickle: the python batches are not read."""
-    path = Path(path)
     raw = np.fromfile(path, dtype=np.uint8)
     check(raw.size > 0 and raw.size % CIFAR_RECORD == 0,
           f"{path} is truncated or not a CIFAR-10 binary batch ({raw.size} bytes, not a multiple of {CIFAR_RECORD}); "
@@ -268,45 +263,27 @@ def read_cifar_bin(path) -> tuple[torch.Tensor, torch.Tensor]:
     return torch.from_numpy(records[:, 1:].reshape(-1, 3, 32, 32).copy()), labels
 
 
-def cifar_files(data_dir) -> tuple[list[Path], Path]:
-    """The training batches and the test batch under DATA_DIR/cifar-10-batches-bin, downloading the official binary
-    archive (md5-checked by torchvision) when the folder is missing."""
+def load_cifar10(data_dir, device, val_fraction: float = 0.1, limit: Optional[int] = None, seed: int = 0) -> Data:
+    """CIFAR-10 (DATA_DIR/cifar-10-batches-bin, the official binary archive downloaded if missing) as uint8
+    [N,3,32,32] on `device`, split like load_mnist; labels 0-9 are CIFAR_CLASSES."""
     folder = Path(data_dir) / "cifar-10-batches-bin"
     if not (folder / "test_batch.bin").is_file():
-        print(f"CIFAR-10 not found in {folder}: downloading the binary version there", file=sys.stderr)
-        try:
-            from torchvision.datasets.utils import download_and_extract_archive
+        from torchvision.datasets.utils import download_and_extract_archive
 
-            with contextlib.redirect_stdout(io.StringIO()):
-                download_and_extract_archive(CIFAR_URL, str(data_dir), md5=CIFAR_MD5)
-        except Exception as e:
-            reason = str(e).strip().splitlines()[-1] if str(e).strip() else type(e).__name__
-            raise UserError(f"CIFAR-10 is not in {folder} and downloading it failed ({reason}); copy the binary "
-                            f"batches (data_batch_*.bin, test_batch.bin) there or point --data-dir at them") from None
-    train = sorted(folder.glob("data_batch_*.bin"))
-    check(len(train) > 0, f"{folder} has test_batch.bin but no data_batch_*.bin; copy the training batches there")
-    return train, folder / "test_batch.bin"
-
-
-def load_cifar10(data_dir, device, val_fraction: float = 0.1, limit: Optional[int] = None, seed: int = 0) -> MNIST:
-    """CIFAR-10 as uint8 [N,3,32,32] on `device`, split like load_mnist (first `limit` training images, then a
-    validation share by a permutation seeded with seed_for(seed, "split")); labels 0-9 are CIFAR_CLASSES."""
-    check(0.0 <= val_fraction < 1.0, f"--val-fraction {val_fraction}: must be in [0, 1) (0: no validation split)")
-    check(limit is None or limit >= 2, f"--limit {limit}: need at least 2 samples")
-    train_paths, test_path = cifar_files(data_dir)
+        _download("CIFAR-10", folder, lambda: download_and_extract_archive(CIFAR_URL, str(data_dir), md5=CIFAR_MD5))
+    train_paths = sorted(folder.glob("data_batch_*.bin"))
+    check(len(train_paths) > 0, f"{folder} has test_batch.bin but no data_batch_*.bin; copy the training batches there")
     parts = [read_cifar_bin(p) for p in train_paths]
     train_x, train_y = torch.cat([x for x, _ in parts]), torch.cat([y for _, y in parts])
-    test_x, test_y = read_cifar_bin(test_path)
+    test_x, test_y = read_cifar_bin(folder / "test_batch.bin")
     return split_and_place(train_x, train_y, torch.arange(len(train_y)), test_x, test_y, list(range(10)), device,
-                           val_fraction, limit, seed)
+                           val_fraction, limit, seed, dataset="cifar10")
 
 
 def normalize_cifar(images: torch.Tensor) -> torch.Tensor:
     """uint8 [B,3,32,32] (or float in [0, 1]) -> float normalized per channel with CIFAR-10's mean and std."""
     x = images.float().div(255.0) if images.dtype == torch.uint8 else images
-    mean = torch.tensor(CIFAR_MEAN, device=x.device).view(1, 3, 1, 1)
-    std = torch.tensor(CIFAR_STD, device=x.device).view(1, 3, 1, 1)
-    return (x - mean) / std
+    return (x - torch.tensor(CIFAR_MEAN, device=x.device).view(1, 3, 1, 1)) / torch.tensor(CIFAR_STD, device=x.device).view(1, 3, 1, 1)
 
 
 def normalize(images: torch.Tensor) -> torch.Tensor:
@@ -315,9 +292,8 @@ def normalize(images: torch.Tensor) -> torch.Tensor:
 
 
 class Batches:
-    """Mini-batches of an in-memory dataset, normalized as they are taken. With shuffle=True the order
-    is redrawn each epoch from a generator seeded once; its state goes into checkpoints. The last,
-    partial batch is kept."""
+    """Mini-batches of an in-memory dataset, normalized as they are taken. With shuffle=True the order is redrawn
+    each epoch from a generator seeded once (its state goes into checkpoints). The last, partial batch is kept."""
 
     def __init__(self, images, labels, batch_size: int, shuffle: bool = False, seed: int = 0, transform=normalize):
         check(batch_size >= 1, f"--batch-size {batch_size}: must be at least 1")
@@ -331,12 +307,8 @@ class Batches:
         n = len(self.labels)
         order = torch.randperm(n, generator=self.generator).to(self.labels.device) if self.shuffle else None
         for start in range(0, n, self.batch_size):
-            if order is None:
-                x, y = self.images[start:start + self.batch_size], self.labels[start:start + self.batch_size]
-            else:
-                idx = order[start:start + self.batch_size]
-                x, y = self.images[idx], self.labels[idx]
-            yield self.transform(x), y
+            idx = slice(start, start + self.batch_size) if order is None else order[start:start + self.batch_size]
+            yield self.transform(self.images[idx]), self.labels[idx]
 
 
 def progress(iterable, quiet: bool = False, **kwargs):
@@ -350,6 +322,407 @@ def progress(iterable, quiet: bool = False, **kwargs):
     return bar
 
 
+def parameter_table(model: torch.nn.Module) -> str:
+    """Per-layer parameter counts and the total, as a printable table."""
+    rows = [(name, "x".join(map(str, p.shape)), p.numel()) for name, p in model.named_parameters()]
+    width = max([len(r[0]) for r in rows] + [9])
+    lines = [f"{'parameter':<{width}}  {'shape':>14}  {'count':>11}"]
+    lines += [f"{name:<{width}}  {shape:>14}  {count:>11,}" for name, shape, count in rows]
+    return "\n".join(lines + [f"{'total':<{width}}  {'':>14}  {sum(r[2] for r in rows):>11,}"])
+
+
+def count_parameters(model: torch.nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())
+
+
+# ----------------------------------------------------------------------------- durable files
+def atomic_write(path, write) -> None:
+    """write(tmp_path) into a temporary file beside `path`, fsync it, rename it over `path`, fsync the folder:
+    a reader (or a resume after SIGKILL) sees the old file or the new one, never half of one."""
+    path = Path(path)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
+    os.close(fd)
+    try:
+        write(tmp)
+        with open(tmp, "rb") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+        with contextlib.suppress(OSError):  # some filesystems do not fsync folders
+            dir_fd = os.open(path.parent, os.O_RDONLY)
+            os.fsync(dir_fd)
+            os.close(dir_fd)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
+def to_json(obj):
+    """json.dumps's default=: numpy and torch scalars/arrays, paths and devices."""
+    if isinstance(obj, (np.integer, np.floating)):
+        return obj.item()
+    if isinstance(obj, (np.ndarray, torch.Tensor)):
+        return obj.tolist()
+    if isinstance(obj, (Path, torch.device)):
+        return str(obj)
+    raise TypeError(f"not JSON serializable: {type(obj).__name__}")
+
+
+def write_json(path, obj) -> None:
+    atomic_write(path, lambda tmp: Path(tmp).write_text(json.dumps(obj, indent=2, default=to_json) + "\n"))
+
+
+_STRICT = object()
+
+
+def read_json(path, default=_STRICT):
+    """A JSON file. Missing or damaged: `default` when one is given (tolerant readers), else a UserError."""
+    path = Path(path)
+    try:
+        return json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError, UnicodeDecodeError) as e:
+        if default is not _STRICT:
+            return default
+        check(path.is_file(), f"{path} not found: is this a run directory?")
+        raise UserError(f"{path} is not valid JSON ({e}); the run directory is damaged") from None
+
+
+def read_jsonl(path) -> list[dict]:
+    """Every whole JSON object line of a .jsonl file (a torn last line from a killed writer, or junk, is skipped)."""
+    rows = []
+    with contextlib.suppress(OSError):
+        for line in Path(path).read_text(errors="replace").splitlines():
+            with contextlib.suppress(ValueError):
+                row = json.loads(line)
+                rows.append(row) if isinstance(row, dict) else None
+    return rows
+
+
+def append_jsonl(path, record: dict, unique: Optional[str] = None) -> None:
+    """One whole line per call (a single write, flushed and fsynced); with `unique`, not again if a line with the same
+    record[unique] is there already (a resumed final report adds no second line)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    if unique is not None and any(r.get(unique) == record[unique] for r in read_jsonl(path)):
+        return
+    with open(path, "a") as f:
+        f.write(json.dumps(record, default=to_json) + "\n")
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def load_checkpoint(path, map_location="cpu") -> dict:
+    """A torch checkpoint of tensors and plain values only (weights_only=True: no pickled objects)."""
+    path = Path(path)
+    check(path.is_file(), f"{path} not found: the run has no such checkpoint")
+    try:
+        with warnings.catch_warnings():  # torch warns about unusual pickle protocols before refusing them
+            warnings.simplefilter("ignore")
+            return torch.load(path, map_location=map_location, weights_only=True)
+    except Exception as e:
+        raise UserError(f"{path} is unreadable ({type(e).__name__}): damaged, or not a plain tensor checkpoint (objects "
+                        f"other than tensors are refused); start a new run or use another checkpoint") from None
+
+
+def versions() -> dict:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:  # from the package metadata: importing torchvision costs about 1.5 s
+        torchvision_version = version("torchvision")
+    except PackageNotFoundError:
+        torchvision_version = None
+    return {"python": platform.python_version(), "torch": torch.__version__, "torchvision": torchvision_version,
+            "numpy": np.__version__, "platform": platform.platform(), "cpu_capability": torch.backends.cpu.get_cpu_capability()}
+
+
+# ----------------------------------------------------------------------------- a script's identity: its file
+def script_name(script_file) -> str:
+    """A script is named by its file: train_cnn.py -> "train_cnn", and a copy my_cnn.py -> "my_cnn" (a new experiment:
+    its own runs/my_cnn/, config.json "script", results.jsonl lines)."""
+    return Path(script_file).stem
+
+
+def import_script(config: dict, run_dir):
+    """The module of the script that made a run (config.json "script" and "script_path"): its recorded file, else
+    <script>.py beside common.py or on sys.path."""
+    name, recorded = config.get("script"), config.get("script_path")
+    places = ([Path(recorded)] if recorded else []) + [Path(p or ".") / f"{name}.py" for p in [str(Path(__file__).parent), *sys.path]]
+    file = next((p.resolve() for p in places if name and p.is_file()), None)
+    check(file is not None, f"{run_dir}: the script that made it, {name}.py, is not at {recorded} nor on the Python "
+                            f"path; put it back or run from its folder")
+    loaded = sys.modules.get(name)
+    if loaded is not None and Path(getattr(loaded, "__file__", "") or "").resolve() == file:
+        return loaded
+    spec = importlib.util.spec_from_file_location(name, file)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+def load_run_model(run_dir, checkpoint: str = "best.pt", map_location="cpu"):
+    """(model with the run's weights in eval mode, config.json, the script's module): the run's own script rebuilds
+    its model with build_model(config), so a copied script's runs come back with the copy's architecture."""
+    run_dir = Path(run_dir)
+    check(run_dir.is_dir(), f"{run_dir}: no such run directory")
+    config = read_json(run_dir / "config.json")
+    module = import_script(config, run_dir)
+    check(hasattr(module, "build_model"), f"{run_dir}: its script {config.get('script')}.py has no build_model(config); "
+                                          f"it cannot rebuild the run's model")
+    try:
+        model = module.build_model(config)
+        model.load_state_dict(load_checkpoint(run_dir / checkpoint, map_location)["model"])
+    except (KeyError, RuntimeError) as e:
+        raise UserError(f"{run_dir}: config.json and {checkpoint} do not describe the same model "
+                        f"({type(e).__name__}: {str(e).splitlines()[0][:120] if str(e) else ''})") from None
+    return model.to(map_location).eval(), config, module
+
+
+# ----------------------------------------------------------------------------- a run: the one bookkeeping path
+class Run:
+    """One run's directory and files: create or resume (--resume merges the saved options), config.json, the
+    checkpoints, metrics.json, results.jsonl, Ctrl-C. The script decides when best.* and last.* are written and
+    when training stops (see the module docstring); last.* holds every registered object's state, the torch RNG and
+    the history, so it is the one source of truth after a kill at any moment: metrics.json is rewritten from it on
+    resume. A run killed before its first checkpoint restarts from epoch 1 in place; one killed during its final
+    report resumes straight to the report.
+
+    The script tells the run what it needs: `changeable`, the options a resume may change; `length_option`, the
+    option that sets how long it trains; `fix_length(why)` when the planned length must not change on resume;
+    `checkpoint_format=(ext, save, load)` for checkpoints that are not torch files (numpy_nn.py: .npz)."""
+
+    def __init__(self, ctx, args: SimpleNamespace, script_file, changeable=("epochs", "device", "quiet", "data_dir"),
+                 length_option: str = "epochs", main_process: bool = True, checkpoint_format=None):
+        self.script, self.script_path = script_name(script_file), str(Path(script_file).resolve())
+        self.ext, self._save_file, self._load_file = checkpoint_format or (".pt", torch.save, load_checkpoint)
+        self.length_option, self.main_process = length_option, main_process
+        self.resumed, self.original, self.dir = bool(getattr(args, "resume", None)), None, None
+        if self.resumed:
+            self.dir = Path(args.resume)
+            check(self.dir.is_dir(), f"--resume {self.dir}: no such run directory")
+            check((self.dir / "config.json").is_file(), f"--resume {self.dir}: it has no config.json (the run was "
+                  f"stopped before it started, or this is not a run directory); start a new run")
+            self.original = read_json(self.dir / "config.json")
+            check(self.original.get("script") == self.script,
+                  f"--resume {self.dir}: that is a {self.original.get('script')} run, not {self.script}")
+            args = self._merge(ctx, args, changeable)
+        self.args, self.objects, self._writers, self._pending_config = args, {}, {}, None
+        self.epoch, self.history, self.best = 0, [], {"epoch": 0, "score": None}
+        self.best_loss, self.bad_epochs, self.stopped_early, self.training_done = float("inf"), 0, False, False
+
+    def _merge(self, ctx, args, changeable) -> SimpleNamespace:
+        """The run's saved options; those in `changeable` taken from the command line when typed there (DATA_DIR from
+        the environment does not override them); any other option typed must equal the saved one."""
+        saved = dict(self.original)
+        for record in saved.get("resumes", []):  # an earlier resume's --epochs N (say) holds until changed again
+            for name, (_, new) in record.get("changed", {}).items():
+                if name in changeable and name in saved:
+                    saved[name] = new
+        merged = dict(vars(args))
+        for name in vars(args):
+            if name in ("resume", "tag") or name not in saved:
+                continue
+            source = ctx.get_parameter_source(name)
+            typed = source is not None and source.name == "COMMANDLINE"
+            if typed and name in changeable:
+                continue
+            if typed and saved[name] != getattr(args, name):
+                raise UserError(f"--{name.replace('_', '-')} cannot change when resuming ({saved[name]!r} in {self.dir}); "
+                                f"start a new run instead")
+            merged[name] = saved[name]
+        return SimpleNamespace(**{**merged, "resume": str(self.dir)})
+
+    def fix_length(self, why: str) -> None:
+        """Refuse a resume that changes the planned length (--epochs): `why` it must not change, e.g. the lr schedule
+        spans the planned epochs and would jump back up mid-run."""
+        planned, now = (self.original or {}).get(self.length_option), getattr(self.args, self.length_option)
+        flag = "--" + self.length_option.replace("_", "-")
+        check(not self.resumed or planned is None or planned == now,
+              f"{flag} {now}: {self.dir} planned {planned}, and {why}; start a new run with {flag} {now}")
+
+    # ---- files
+    @property
+    def last_path(self) -> Path:
+        return self.dir / f"last{self.ext}"
+
+    @property
+    def best_path(self) -> Path:
+        return self.dir / f"best{self.ext}"
+
+    def _save(self, path: Path, state: dict) -> None:
+        if self.main_process:
+            atomic_write(path, lambda tmp: self._save_file(state, tmp))
+
+    def _load(self, path: Path, map_location="cpu") -> dict:
+        check(path.is_file(), f"{path} not found: the run has no such checkpoint")
+        try:
+            return self._load_file(path, map_location)
+        except UserError:
+            raise
+        except Exception as e:
+            raise UserError(f"{path} is unreadable ({type(e).__name__}); the file is damaged: start a new run") from None
+
+    def save_config(self, **derived) -> dict:
+        """New run: create OUT_DIR/<script>/<time>[-tag]/ and write config.json (every option, derived facts, versions).
+        Resumed run: the original settings stay, what changed is appended to config["resumes"] (written by restore,
+        once last.* has loaded: a failed resume changes nothing)."""
+        if self.resumed:
+            config = dict(self.original)
+            now = {**vars(self.args), **derived, "versions": versions()}
+            changed = {k: [config.get(k), v] for k, v in now.items()
+                       if k not in ("resume", "created") and json.loads(json.dumps(v, default=to_json)) != config.get(k)}
+            config["resumes"] = config.get("resumes", []) + [{"time": time.strftime("%Y-%m-%dT%H:%M:%S"), "changed": changed}]
+            self._pending_config = config
+            return {**config, **{k: v[1] for k, v in changed.items()}}
+        config = {"script": self.script, "script_path": self.script_path, **vars(self.args), **derived,
+                  "versions": versions(), "created": time.strftime("%Y-%m-%dT%H:%M:%S")}
+        if self.main_process:
+            self.dir = make_run_dir(self.args.out_dir, self.script, self.args.tag)
+            write_json(self.dir / "config.json", config)
+            _test_kill_point("config")
+        return config
+
+    def restore(self, map_location="cpu", planned: Optional[int] = None, **objects) -> None:
+        """Register the objects kept in last.* (torch.Generator, or anything with state_dict/load_state_dict) and restore
+        them, the RNG and the history when the run has a last.*; else write last.* at epoch 0. `planned`: how many
+        epochs the run trains (default --epochs), to tell a finished run from one to continue."""
+        self.objects, self.map_location = objects, torch.device(map_location)
+        planned = getattr(self.args, "epochs", None) if planned is None else planned
+        if not (self.resumed and self.last_path.is_file()):
+            if self.resumed:
+                print(f"{self.dir} has no {self.last_path.name} (stopped before its first checkpoint): starting from epoch 1")
+                write_json(self.dir / "config.json", self._pending_config) if self.main_process else None
+            self._save(self.last_path, self._checkpoint())
+            write_json(self.dir / "metrics.json", {"epochs": []}) if self.main_process else None
+            return
+        ckpt = self._load(self.last_path, map_location)
+        try:
+            for name, obj in objects.items():
+                state = ckpt["objects"][name]
+                if isinstance(obj, torch.Generator):
+                    obj.set_state(torch.as_tensor(state, dtype=torch.uint8))
+                elif isinstance(obj, torch.nn.Module):  # tensors, or arrays from a non-torch checkpoint
+                    obj.load_state_dict({k: torch.as_tensor(v) for k, v in state.items()})
+                else:
+                    obj.load_state_dict(state)
+            torch.set_rng_state(torch.as_tensor(ckpt["rng"]["torch"], dtype=torch.uint8))
+            if "cuda" in ckpt["rng"] and torch.cuda.is_available():
+                torch.cuda.set_rng_state_all(ckpt["rng"]["cuda"])
+            r = ckpt["run"]
+            self.epoch, self.history, self.best = int(r["epoch"]), list(r["history"]), dict(r["best"])
+            self.best_loss, self.bad_epochs, self.stopped_early = float(r["best_loss"]), int(r["bad_epochs"]), bool(r["stopped_early"])
+        except (KeyError, RuntimeError, ValueError, TypeError) as e:
+            raise UserError(f"{self.last_path} does not fit this script's model or options ({type(e).__name__}: "
+                            f"{str(e).splitlines()[0][:120] if str(e) else ''}); start a new run") from None
+        finished = "final" in read_json(self.dir / "metrics.json", {})
+        self.training_done = self.stopped_early or self.epoch >= planned
+        check(not (finished and self.stopped_early), f"--resume {self.dir}: that run stopped early at epoch {self.epoch} "
+                                                      f"and is finished; start a new run")
+        flag = "--" + self.length_option.replace("_", "-")
+        check(not (finished and self.training_done), f"--resume {self.dir}: it has trained all {self.epoch} epochs; pass "
+              f"{flag} N with N > {getattr(self.args, self.length_option)} to train further")
+        if self.main_process:
+            write_json(self.dir / "config.json", self._pending_config)
+            for stale in self.dir.glob("*.tmp"):  # temporary files of a write that a kill interrupted
+                stale.unlink()
+            write_json(self.dir / "metrics.json", {"epochs": self.history})  # it may lag last.* by one epoch
+        print(f"resuming {self.dir} after epoch {self.epoch}" + (" (training finished: redoing the final report)" if self.training_done else ""))
+
+    def _checkpoint(self) -> dict:
+        rng = {"torch": torch.get_rng_state()}
+        if getattr(self, "map_location", torch.device("cpu")).type == "cuda":
+            rng["cuda"] = torch.cuda.get_rng_state_all()
+        state_of = lambda obj: obj.get_state() if isinstance(obj, torch.Generator) else obj.state_dict()  # noqa: E731
+        return {"objects": {name: state_of(obj) for name, obj in self.objects.items()}, "rng": rng,
+                "run": {"epoch": self.epoch, "history": self.history, "best": self.best, "best_loss": self.best_loss,
+                        "bad_epochs": self.bad_epochs, "stopped_early": self.stopped_early}}
+
+    # ---- the loop: the script calls these, in this order, at the end of each epoch
+    def epochs(self, total: int):
+        """The epochs still to train: run.epoch + 1 .. total; none once the run has stopped early."""
+        for epoch in range(self.epoch + 1, total + 1):
+            if self.stopped_early:
+                return
+            yield epoch
+
+    def improved(self, score: Optional[float], epoch: int) -> bool:
+        """True (and remembered as the best) when `score` beats the best so far; always True without a score (no
+        validation split: best follows the last epoch)."""
+        if score is None or self.best["score"] is None or score > self.best["score"]:
+            self.best = {"epoch": int(epoch), "score": score}
+            return True
+        return False
+
+    def save_best(self, state: dict) -> None:
+        """best.*: `state` (e.g. {"model": model.state_dict()}) with the best epoch and score."""
+        self._save(self.best_path, {**state, **self.best})
+
+    def early_stop(self, loss: Optional[float], patience: Optional[int], min_delta: float = 0.0) -> bool:
+        """True when `loss` has not improved by more than min_delta for `patience` epochs (never with patience None)."""
+        if loss is not None:
+            self.best_loss, self.bad_epochs = (loss, 0) if loss < self.best_loss - min_delta else (self.best_loss, self.bad_epochs + 1)
+            self.stopped_early = patience is not None and self.bad_epochs >= patience
+        return self.stopped_early
+
+    def save_last(self, record: dict) -> None:
+        """Record the epoch: last.* (every registered object, the RNG, the history), then metrics.json."""
+        self.epoch = int(record["epoch"])
+        self.history.append(record)
+        self._save(self.last_path, self._checkpoint())
+        _test_kill_point("checkpoint", self.epoch)
+        write_json(self.dir / "metrics.json", {"epochs": self.history}) if self.main_process else None
+
+    def load_best(self, map_location="cpu") -> dict:
+        return self._load(self.best_path, map_location)
+
+    def tensorboard(self, folder: Optional[str] = None, purge_step: Optional[int] = None):
+        """A SummaryWriter on the run directory (or its subfolder `folder`) that drops the events a resumed run redoes
+        (at or past purge_step, default the resumed epoch + 1); None off the main process. A resume purges every tag
+        past one step, so values on another x axis (per step) need their own folder."""
+        if folder not in self._writers and self.main_process:
+            from torch.utils.tensorboard import SummaryWriter
+
+            self._writers[folder] = SummaryWriter(str(self.dir / folder if folder else self.dir),
+                                                  purge_step=self.epoch + 1 if purge_step is None else purge_step)
+        return self._writers.get(folder)
+
+    @contextlib.contextmanager
+    def guard(self):
+        """Ctrl-C inside: last.* already holds the last finished epoch; print how to resume and exit 130."""
+        try:
+            yield
+        except KeyboardInterrupt:
+            for writer in self._writers.values():
+                writer.close()
+            if self.main_process:
+                print(f"\ninterrupted in epoch {self.epoch + 1}; {self.last_path.name} holds epoch {self.epoch}.\n"
+                      f"resume with: python {self.script}.py --resume {self.dir}", file=sys.stderr)
+            sys.exit(130)
+
+    def finish(self, final: dict, result: dict) -> None:
+        """One line in OUT_DIR/results.jsonl (once per run directory), then metrics.json with `final`, which marks the
+        run finished. Killed before this, a resume redoes the final report."""
+        for writer in self._writers.values():
+            writer.close()
+        if self.main_process:
+            _test_kill_point("report")
+            append_jsonl(Path(self.args.out_dir) / "results.jsonl", {"time": time.strftime("%Y-%m-%dT%H:%M:%S"), "script": self.script,
+                         "run_dir": str(self.dir), "tag": self.args.tag, "seed": self.args.seed, **result}, unique="run_dir")
+            write_json(self.dir / "metrics.json", {"epochs": self.history, "final": final})
+
+
+def make_run_dir(out_dir, script: str, tag: Optional[str] = None) -> Path:
+    """OUT_DIR/<script>/<YYYYmmdd-HHMMSS>[-tag]/, with -2, -3... if that name is taken."""
+    check(tag is None or (tag != "" and all(c.isalnum() or c in "-_." for c in tag)), f"--tag {tag!r}: use letters, digits, '-', '_' or '.'")
+    base, parent = time.strftime("%Y%m%d-%H%M%S") + (f"-{tag}" if tag else ""), Path(out_dir) / script
+    parent.mkdir(parents=True, exist_ok=True)
+    for n in range(1, 1000):
+        with contextlib.suppress(FileExistsError):
+            (run_dir := parent / (base if n == 1 else f"{base}-{n}")).mkdir()
+            return run_dir
+    raise UserError(f"could not create a new run directory under {parent}")
+
+
+# ----------------------------------------------------------------------------- failpoints, armed only by tests
 _batches_seen: dict = {}
 
 
@@ -362,521 +735,10 @@ def _count_batches(iterable, event: str):
         yield item
 
 
-# ----------------------------------------------------------------------------- run directories, JSON, checkpoints
-def write_json(path, obj) -> None:
-    """Write JSON atomically and durably (temporary file, fsync, then os.replace)."""
-    path = Path(path)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w") as f:
-            json.dump(obj, f, indent=2, default=_json_default)
-            f.write("\n")
-        _fsync_replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-
-
-def _json_default(obj):
-    if isinstance(obj, (np.integer, np.floating)):
-        return obj.item()
-    if isinstance(obj, (np.ndarray, torch.Tensor)):
-        return obj.tolist()
-    if isinstance(obj, (Path, torch.device)):
-        return str(obj)
-    raise TypeError(f"not JSON serializable: {type(obj).__name__}")
-
-
-def read_json(path) -> dict:
-    path = Path(path)
-    check(path.is_file(), f"{path} not found: is this a run directory?")
-    try:
-        return json.loads(path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise UserError(f"{path} is not valid JSON ({e}); the run directory is damaged") from None
-
-
-def make_run_dir(out_dir, script: str, tag: Optional[str] = None) -> Path:
-    """OUT_DIR/<script>/<YYYYmmdd-HHMMSS>[-tag]/, with -2, -3... if that name is taken."""
-    if tag is not None:
-        check(tag != "" and all(c.isalnum() or c in "-_." for c in tag), f"--tag {tag!r}: use letters, digits, '-', '_' or '.'")
-    base = time.strftime("%Y%m%d-%H%M%S") + (f"-{tag}" if tag else "")
-    parent = Path(out_dir) / script
-    parent.mkdir(parents=True, exist_ok=True)
-    for n in range(1, 1000):
-        run_dir = parent / (base if n == 1 else f"{base}-{n}")
-        try:
-            run_dir.mkdir()
-            return run_dir
-        except FileExistsError:
-            continue
-    raise UserError(f"could not create a new run directory under {parent}")
-
-
-def versions() -> dict:
-    from importlib.metadata import PackageNotFoundError, version
-
-    try:  # read from the package metadata: importing torchvision costs about 1.5 s
-        torchvision_version = version("torchvision")
-    except PackageNotFoundError:
-        torchvision_version = None
-    return {"python": platform.python_version(), "torch": torch.__version__, "torchvision": torchvision_version,
-            "numpy": np.__version__, "platform": platform.platform()}
-
-
-def save_config(run_dir, script: str, args: SimpleNamespace, **derived) -> dict:
-    """config.json: the script's name, every option and derived facts (device, versions, digit map, ...)."""
-    config = {"script": script, **vars(args), **derived, "versions": versions(), "created": time.strftime("%Y-%m-%dT%H:%M:%S")}
-    write_json(Path(run_dir) / "config.json", config)
-    return config
-
-
-def save_checkpoint(path, state: dict) -> None:
-    """torch.save to a temporary file in the same folder, fsync, then os.replace: never a half-written file."""
-    path = Path(path)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
-    os.close(fd)
-    try:
-        torch.save(state, tmp)
-        _fsync_replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-
-
-def load_checkpoint(path, map_location="cpu") -> dict:
-    path = Path(path)
-    check(path.is_file(), f"{path} not found: the run has no such checkpoint")
-    try:
-        with warnings.catch_warnings():  # torch warns about unusual pickle protocols before refusing them
-            warnings.simplefilter("ignore")
-            return torch.load(path, map_location=map_location, weights_only=True)
-    except Exception as e:
-        raise UserError(f"{path} is unreadable ({type(e).__name__}): damaged, or not a plain tensor checkpoint (objects "
-                        f"other than tensors are refused); start a new run or use another checkpoint") from None
-
-
-def resume_args(ctx: typer.Context, args: SimpleNamespace, changeable=("epochs", "device", "quiet", "data_dir")):
-    """For --resume RUN_DIR: the run's saved options, with those in `changeable` taken from the command
-    line when typed there (environment variables such as DATA_DIR do not override a saved run's options).
-    Any other option typed on the command line must match the saved one."""
-    run_dir = Path(args.resume)
-    check(run_dir.is_dir(), f"--resume {run_dir}: no such run directory")
-    saved = read_json(run_dir / "config.json")
-    for record in saved.get("resumes", []):  # an earlier resume's --epochs N (say) holds until changed again
-        for name, (_, new) in record.get("changed", {}).items():
-            if name in changeable and name in saved:
-                saved[name] = new
-    merged = dict(vars(args))
-    for name in vars(args):
-        if name in ("resume", "tag") or name not in saved:
-            continue
-        given = ctx.get_parameter_source(name)
-        explicit = given is not None and given.name == "COMMANDLINE"  # not DATA_DIR: the run keeps its own data
-        if explicit and name in changeable:
-            continue
-        if explicit and saved[name] != getattr(args, name):
-            flag = "--" + name.replace("_", "-")
-            raise UserError(f"{flag} cannot change when resuming ({saved[name]!r} in {run_dir}); start a new run instead")
-        merged[name] = saved[name]
-    merged["resume"] = str(run_dir)
-    return SimpleNamespace(**merged), run_dir
-
-
-def append_result(out_dir, record: dict) -> None:
-    """One line per finished run in OUT_DIR/results.jsonl, written in one call (whole lines only); a run directory
-    already listed is not listed again (a resumed final report)."""
-    path = Path(out_dir) / "results.jsonl"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    if "run_dir" in record and path.is_file():
-        for line in path.read_text(errors="replace").splitlines():
-            try:
-                if json.loads(line).get("run_dir") == record["run_dir"]:
-                    return
-            except (json.JSONDecodeError, AttributeError):
-                continue
-    line = json.dumps({"time": time.strftime("%Y-%m-%dT%H:%M:%S"), **record}, default=_json_default) + "\n"
-    with open(path, "a") as f:
-        f.write(line)
-        f.flush()
-        os.fsync(f.fileno())
-
-
-def parameter_table(model: torch.nn.Module) -> str:
-    """Per-layer parameter counts and the total, as a printable table."""
-    rows = [(name, "x".join(map(str, p.shape)), p.numel()) for name, p in model.named_parameters()]
-    total = sum(r[2] for r in rows)
-    width = max([len(r[0]) for r in rows] + [9])
-    lines = [f"{'parameter':<{width}}  {'shape':>14}  {'count':>11}"]
-    lines += [f"{name:<{width}}  {shape:>14}  {count:>11,}" for name, shape, count in rows]
-    lines.append(f"{'total':<{width}}  {'':>14}  {total:>11,}")
-    return "\n".join(lines)
-
-
-def count_parameters(model: torch.nn.Module) -> int:
-    return sum(p.numel() for p in model.parameters())
-
-
-# ----------------------------------------------------------------------------- seeds: one stream per purpose
-def seed_for(seed: int, purpose: str) -> int:
-    """A 63-bit seed derived from --seed for one purpose ("split", "shuffle", "init", "projection", ...), so the
-    streams are independent: the split's permutation is not the first epoch's shuffle, and changing how one
-    stream is used does not change what another draws."""
-    import hashlib
-
-    digest = hashlib.sha256(f"{int(seed)}:{purpose}".encode()).digest()
-    return int.from_bytes(digest[:8], "little") >> 1
-
-
-# ----------------------------------------------------------------------------- precision by hardware
-def bf16_cpu_flags() -> list[str]:
-    """The CPU's native-bf16 instruction sets torch sees: a subset of ["avx512_bf16", "amx"]."""
-    return [f for f, ok in (("avx512_bf16", torch.cpu._is_avx512_bf16_supported()),
-                            ("amx", torch.cpu._is_amx_tile_supported())) if ok]
-
-
-def describe_machine() -> str:
-    """CPU model, cores, native-bf16 instructions and GPU, for benchmark and report headers."""
-    cpu = platform.processor() or platform.machine()
-    try:
-        cpu = next(line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
-                   if line.startswith("model name"))
-    except (OSError, StopIteration):
-        pass
-    flags = bf16_cpu_flags()
-    gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "no GPU"
-    return f"{cpu}, {os.cpu_count()} cores, {' + '.join(flags) if flags else 'no native bf16'}, {gpu}"
-
-
-def pick_precision(name: str, device: torch.device) -> tuple[str, str]:
-    """(precision, reason). auto = bf16 autocast only where the hardware computes bf16 natively: CUDA GPUs with
-    native bf16, CPUs with AVX512_BF16 or AMX (oneDNN emulates bf16 on other AVX512 CPUs, slower than fp32);
-    fp32 elsewhere."""
-    check(name in ("auto", "fp32", "bf16"), f"--precision {name}: use auto, fp32 or bf16")
-    if name != "auto":
-        return name, "asked for on the command line"
-    if device.type == "cuda":
-        native = torch.cuda.is_bf16_supported(including_emulation=False)
-        return ("bf16", "the GPU computes bf16 natively") if native else ("fp32", "the GPU has no native bf16")
-    if device.type == "cpu":
-        flags = bf16_cpu_flags()
-        if flags:
-            return "bf16", f"the CPU has {' and '.join(flags)} (native bf16)"
-        return "fp32", "the CPU has neither avx512_bf16 nor amx: bf16 would be emulated, slower than fp32"
-    return "fp32", f"bf16 autocast is not used on {device.type}"
-
-
-# ----------------------------------------------------------------------------- durable files
-def _fsync_replace(tmp: str, path: Path) -> None:
-    """Make tmp durable, rename it over path, and make the rename durable (the folder's entry)."""
-    with open(tmp, "rb") as f:
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-    try:
-        fd = os.open(path.parent, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-    except OSError:  # some filesystems do not fsync folders
-        pass
-
-
-def _save_npz(path, state: dict) -> None:
-    """A nested dict of arrays/tensors/JSON values as one .npz: arrays under 'a/b/c' keys, the rest as JSON."""
-    arrays, meta = {}, {}
-
-    def walk(prefix, value, into):
-        if isinstance(value, torch.Tensor):
-            arrays[prefix] = value.detach().cpu().numpy()
-        elif isinstance(value, np.ndarray):
-            arrays[prefix] = value
-        elif isinstance(value, dict) and value and all(isinstance(k, str) for k in value):
-            sub = into.setdefault(prefix.rsplit("/", 1)[-1], {}) if prefix else into
-            for k, v in value.items():
-                walk(f"{prefix}/{k}" if prefix else k, v, sub)
-        else:
-            into[prefix.rsplit("/", 1)[-1]] = value
-
-    walk("", state, meta)
-    with open(path, "wb") as f:
-        np.savez(f, __meta__=np.array(json.dumps(meta, default=_json_default)), **arrays)
-
-
-def _load_npz(path) -> dict:
-    with np.load(path, allow_pickle=False) as z:
-        state = json.loads(str(z["__meta__"]))
-        for key in z.files:
-            if key == "__meta__":
-                continue
-            node, parts = state, key.split("/")
-            for part in parts[:-1]:
-                node = node.setdefault(part, {})
-            node[parts[-1]] = z[key]
-    return state
-
-
-# ----------------------------------------------------------------------------- a run: the one bookkeeping path
-_SCHEDULES_WITH_HORIZON = ("cosine", "onecycle", "warmup_cosine")
-
-
-class Run:
-    """One training run's directory and bookkeeping: create or resume, config.json, last/best checkpoints with
-    the metrics history, early stopping, Ctrl-C, the final report. A script's loop reads:
-
-        run = common.Run(ctx, args, "train_mlp"); args = run.args        # --resume merges the saved options
-        run.save_config(device=str(device), **data.describe())            # creates the directory
-        run.restore(model=net, optimizer=opt, generator=batches.generator) # last.pt, if the run has one
-        with run.guard():                                                  # Ctrl-C: resume command, exit 130
-            for epoch in run.epochs():
-                ...; run.end_epoch(record, score=val_acc, loss=val_loss)   # best.pt, last.pt, metrics.json
-        run.finish(final, result)                                          # metrics.json final, results.jsonl
-
-    last.* holds every registered object's state, the torch RNG and the history, so it is the one source of
-    truth after a kill at any moment: metrics.json is rewritten from it on resume. Files are fsynced before
-    their atomic rename. A run killed before its first checkpoint restarts from epoch 1 in place; one killed
-    during its final report resumes straight to the report."""
-
-    def __init__(self, ctx, args: SimpleNamespace, script: str, ext: str = ".pt", main_process: bool = True,
-                 changeable=("epochs", "device", "quiet", "data_dir")):
-        check(ext in (".pt", ".npz"), f"unknown checkpoint format {ext}")
-        self.script, self.ext, self.main_process = script, ext, main_process
-        self.resumed = bool(getattr(args, "resume", None))
-        self.typed = {}
-        if self.resumed:
-            run_dir = Path(args.resume)
-            check(run_dir.is_dir(), f"--resume {run_dir}: no such run directory")
-            check((run_dir / "config.json").is_file(), f"--resume {run_dir}: it has no config.json (the run was stopped "
-                  f"before it started, or this is not a run directory); start a new run")
-            saved = read_json(run_dir / "config.json")
-            check(saved.get("script") == script, f"--resume {run_dir}: that is a {saved.get('script')} run, not {script}")
-            self.original = saved
-            args, self.dir = resume_args(ctx, args, changeable)
-        else:
-            self.original, self.dir = None, None
-        self.args = args
-        self.objects: dict = {}
-        self.epoch, self.history, self.best, self.extra = 0, [], {"epoch": 0, "score": None}, {}
-        self.best_loss, self.bad_epochs, self.stopped_early = float("inf"), 0, False
-        self.training_done = False
-        # How many epochs the run plans. A script whose length is not --epochs (numpy_nn.py: --updates, evaluated
-        # every --eval-every) sets run.total and run.length_option before restore().
-        self.total, self.length_option = getattr(args, "epochs", None), "--epochs"
-        self._writers, self._pending_config = {}, None
-
-    # ---- files
-    @property
-    def last_path(self) -> Path:
-        return self.dir / f"last{self.ext}"
-
-    @property
-    def best_path(self) -> Path:
-        return self.dir / f"best{self.ext}"
-
-    def _save(self, path: Path, state: dict) -> None:
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
-        os.close(fd)
-        try:
-            if self.ext == ".pt":
-                torch.save(state, tmp)
-            else:
-                _save_npz(tmp, state)
-            _fsync_replace(tmp, path)
-        finally:
-            if os.path.exists(tmp):
-                os.remove(tmp)
-
-    def _load(self, path: Path, map_location="cpu") -> dict:
-        check(path.is_file(), f"{path} not found: the run has no such checkpoint")
-        try:
-            if self.ext == ".pt":
-                return load_checkpoint(path, map_location)
-            return _load_npz(path)
-        except UserError:
-            raise
-        except Exception as e:
-            raise UserError(f"{path} is unreadable ({type(e).__name__}); the file is damaged: "
-                            f"start a new run or use another checkpoint") from None
-
-    # ---- config
-    def save_config(self, **derived) -> dict:
-        """New run: create the directory and write config.json (every option + derived facts). Resumed run: the
-        original settings stay; what changed (options typed again, device...) is appended to config["resumes"]."""
-        if not self.resumed:
-            if self.main_process:
-                self.dir = make_run_dir(self.args.out_dir, self.script, self.args.tag)
-                config = save_config(self.dir, self.script, self.args, **derived)
-                _test_kill_point("config")
-                return config
-            return {"script": self.script, **vars(self.args), **derived}
-        config = dict(self.original)
-        now = {**vars(self.args), **derived, "versions": versions()}
-        changed = {k: [config.get(k), v] for k, v in now.items()
-                   if k not in ("resume", "created") and json.loads(json.dumps(v, default=_json_default)) != config.get(k)}
-        config["resumes"] = config.get("resumes", []) + [{"time": time.strftime("%Y-%m-%dT%H:%M:%S"), "changed": changed}]
-        self._pending_config = config  # written by restore() once last.* has loaded: a failed resume changes nothing
-        return {**config, **{k: v[1] for k, v in changed.items()}}
-
-    # ---- state
-    def _state_of(self, obj):
-        return obj.get_state() if isinstance(obj, torch.Generator) else obj.state_dict()
-
-    def _checkpoint(self) -> dict:
-        rng = rng_state()
-        return {"objects": {name: self._state_of(obj) for name, obj in self.objects.items()},
-                "rng": rng if self.ext == ".pt" else {k: v for k, v in rng.items() if k == "torch"},
-                "run": {"epoch": self.epoch, "history": self.history, "best": self.best, "extra": self.extra,
-                        "best_loss": self.best_loss, "bad_epochs": self.bad_epochs, "stopped_early": self.stopped_early}}
-
-    def save_last(self) -> None:
-        if self.main_process:
-            self._save(self.last_path, self._checkpoint())
-
-    def restore(self, map_location="cpu", **objects) -> None:
-        """Register the objects saved in last.* (torch.Generator, or anything with state_dict/load_state_dict) and
-        restore them, the RNG and the history from last.* when the run has one; else write last.* at epoch 0."""
-        self.objects = objects
-        if not (self.resumed and (self.dir / f"last{self.ext}").is_file()):
-            if self.resumed:
-                print(f"{self.dir} has no last{self.ext} (stopped before its first checkpoint): starting from epoch 1")
-                if self.main_process:
-                    write_json(self.dir / "config.json", self._pending_config)
-            self.save_last()
-            if self.main_process:
-                write_json(self.dir / "metrics.json", {"epochs": []})
-            return
-        ckpt = self._load(self.last_path, map_location)
-        try:
-            for name, obj in objects.items():
-                state = ckpt["objects"][name]
-                if isinstance(obj, torch.Generator):
-                    obj.set_state(torch.as_tensor(state, dtype=torch.uint8))
-                elif isinstance(obj, torch.nn.Module) and self.ext == ".npz":  # a torch model kept in a NumPy archive
-                    obj.load_state_dict({k: torch.as_tensor(v) for k, v in state.items()})
-                else:
-                    obj.load_state_dict(state)
-            torch.set_rng_state(torch.as_tensor(ckpt["rng"]["torch"], dtype=torch.uint8))
-            if "cuda" in ckpt["rng"] and torch.cuda.is_available():
-                torch.cuda.set_rng_state_all(ckpt["rng"]["cuda"])
-            r = ckpt["run"]
-            self.epoch, self.history, self.best, self.extra = int(r["epoch"]), list(r["history"]), dict(r["best"]), dict(r["extra"])
-            self.best_loss, self.bad_epochs, self.stopped_early = float(r["best_loss"]), int(r["bad_epochs"]), bool(r["stopped_early"])
-        except (KeyError, RuntimeError, ValueError, TypeError) as e:
-            raise UserError(f"{self.last_path} does not fit this script's model or options ({type(e).__name__}: "
-                            f"{str(e).splitlines()[0][:120] if str(e) else ''}); start a new run") from None
-        finished = "final" in self._metrics_on_disk()
-        trained = self.stopped_early or self.epoch >= self.total
-        if finished and self.stopped_early:
-            raise UserError(f"--resume {self.dir}: that run stopped early at epoch {self.epoch} and is finished; start a new run")
-        if finished and trained:
-            current = getattr(self.args, self.length_option[2:].replace("-", "_"))
-            raise UserError(f"--resume {self.dir}: it has trained all {self.epoch} epochs; "
-                            f"pass {self.length_option} N with N > {current} to train further")
-        planned = (self.original or {}).get("epochs")
-        schedule = getattr(self.args, "lr_schedule", None)
-        if planned is not None and self.args.epochs != planned and schedule in _SCHEDULES_WITH_HORIZON:
-            raise UserError(f"--epochs {self.args.epochs}: this run's {schedule} learning-rate schedule spans its {planned} "
-                            f"planned epochs; changing that would jump the learning rate back up mid-run. Start a new run "
-                            f"with --epochs {self.args.epochs} (or use a schedule without a horizon)")
-        if self.main_process:
-            write_json(self.dir / "config.json", self._pending_config)
-            for stale in self.dir.glob("*.tmp"):  # temporary files of a write that a kill interrupted
-                stale.unlink()
-            # metrics.json may lag last.* by one epoch if a kill fell between the two writes
-            write_json(self.dir / "metrics.json", {"epochs": self.history})
-        self.training_done = trained
-        print(f"resuming {self.dir} after epoch {self.epoch}" + (" (training finished: redoing the final report)" if trained else ""))
-
-    def _metrics_on_disk(self) -> dict:
-        path = self.dir / "metrics.json"
-        try:
-            return json.loads(path.read_text()) if path.is_file() else {}
-        except (json.JSONDecodeError, UnicodeDecodeError):
-            return {}  # rewritten from last.* below
-
-    # ---- the loop
-    def epochs(self, total: Optional[int] = None):
-        """The epochs still to train: run.epoch + 1 .. total (default --epochs); none once stopped early."""
-        total = self.total if total is None else total
-        for epoch in range(self.epoch + 1, total + 1):
-            if self.stopped_early:
-                return
-            yield epoch
-
-    def end_epoch(self, record: dict, score: Optional[float] = None, loss: Optional[float] = None,
-                  best_state: Optional[dict] = None) -> None:
-        """Record an epoch: best.* when `score` beats the best so far (or when there is no score: no validation
-        split, best follows the last epoch); early stopping on `loss` with --patience/--min-delta; then last.*
-        and metrics.json, in that order, each durable before the next."""
-        self.epoch = int(record["epoch"])
-        self.history.append(record)
-        if score is None or self.best["score"] is None or score > self.best["score"]:
-            self.best = {"epoch": self.epoch, "score": score}
-            if best_state is None:
-                best_state = {"model": self.objects["model"].state_dict()}
-            if self.main_process:
-                self._save(self.best_path, {**best_state, "epoch": self.epoch, "score": score})
-        patience = getattr(self.args, "patience", None)
-        if loss is not None:
-            if loss < self.best_loss - getattr(self.args, "min_delta", 0.0):
-                self.best_loss, self.bad_epochs = loss, 0
-            else:
-                self.bad_epochs += 1
-            self.stopped_early = patience is not None and self.bad_epochs >= patience
-        self.save_last()
-        _test_kill_point("checkpoint", self.epoch)
-        if self.main_process:
-            write_json(self.dir / "metrics.json", {"epochs": self.history})
-        if self.stopped_early:
-            print(f"early stopping: val loss has not improved for {patience} epochs")
-
-    def load_best(self, map_location="cpu") -> dict:
-        return self._load(self.best_path, map_location)
-
-    def tensorboard(self, folder: Optional[str] = None, purge_step: Optional[int] = None):
-        """A SummaryWriter on the run directory (or its subfolder `folder`) that drops the events a resumed run
-        redoes: those at or past purge_step (default the resumed epoch + 1); closed by guard/finish; None off the
-        main process. A resume purges every tag past one step, so values on another x axis (per-step values:
-        folder "steps", purge_step = steps done + 1) need their own folder."""
-        from torch.utils.tensorboard import SummaryWriter
-
-        if folder not in self._writers and self.main_process:
-            self._writers[folder] = SummaryWriter(str(self.dir / folder if folder else self.dir),
-                                                  purge_step=self.epoch + 1 if purge_step is None else purge_step)
-        return self._writers.get(folder)
-
-    def close_tensorboard(self) -> None:
-        for writer in self._writers.values():
-            writer.close()
-
-    @contextlib.contextmanager
-    def guard(self):
-        """Ctrl-C inside: last.* already holds the last finished epoch; print how to resume and exit 130."""
-        try:
-            yield
-        except KeyboardInterrupt:
-            self.close_tensorboard()
-            if self.main_process:
-                print(f"\ninterrupted in epoch {self.epoch + 1}; {self.last_path.name} holds epoch {self.epoch}.\n"
-                      f"resume with: python {self.script}.py --resume {self.dir}", file=sys.stderr)
-            sys.exit(130)
-
-    def finish(self, final: dict, result: dict) -> None:
-        """The end of the final report: one line in OUT_DIR/results.jsonl (once per run directory), then metrics.json
-        with `final`, which marks the run finished. Killed before this, a resume redoes the report."""
-        self.close_tensorboard()
-        if not self.main_process:
-            return
-        _test_kill_point("report")
-        append_result(self.args.out_dir, {"script": self.script, "run_dir": str(self.dir), "tag": self.args.tag,
-                                          "seed": self.args.seed, **result})
-        write_json(self.dir / "metrics.json", {"epochs": self.history, "final": final})
-
-
 def _test_kill_point(event: str, epoch: Optional[int] = None) -> None:
-    """Tests kill a run for real (SIGKILL) at a chosen point: RUN_TEST_KILL_AT=config (config.json written, no
-    checkpoint yet), checkpoint:2 (right after last.* of epoch 2 is written), report (inside the final report, before
-    results.jsonl and metrics.json's final), or batch:N / gradients:N (see progress)."""
+    """SIGKILL this process at a chosen point, as fail-rs/gofail failpoints do; off unless a test sets RUN_TEST_KILL_AT:
+    config (config.json written, no checkpoint yet), checkpoint:2 (right after epoch 2's last.*), report (inside the
+    final report, before results.jsonl and metrics.json's final), batch:N or DESC:N (see progress)."""
     want = os.environ.get("RUN_TEST_KILL_AT")
     if want and want == (event if epoch is None else f"{event}:{epoch}"):
         import signal

@@ -132,14 +132,14 @@ def check_options(args) -> None:
 
 
 def train(run, model, optimizer, batches, data, after_epoch=None) -> None:
-    """The epochs still to run: train, validate, then run.end_epoch (best.pt, early stopping, last.pt, metrics.json).
+    """The epochs still to run: train, validate, then best.pt, early stopping and last.pt, each decided here.
     after_epoch(epoch, record) runs before the epoch is recorded (grad_collect.py collects gradients there)."""
     args, writer = run.args, run.tensorboard()
     steps = len(batches)
     steps_writer = run.tensorboard("steps", purge_step=run.epoch * len(batches) + 1)  # x axis: global step
 
     with run.guard():
-        for epoch in run.epochs():
+        for epoch in run.epochs(args.epochs):
             t0 = time.time()
             train_loss, train_acc, step_stats = train_epoch(model, batches, optimizer, lambda s: lr_at(args, s, steps),
                                                             (epoch - 1) * len(batches), args.quiet)
@@ -152,10 +152,16 @@ def train(run, model, optimizer, batches, data, after_epoch=None) -> None:
             for key in ("train_loss", "val_loss", "train_acc", "val_acc"):
                 if record[key] is not None:
                     writer.add_scalar("{1}/{0}".format(*key.split("_")), record[key], epoch)
-            run.end_epoch(record, score=val_acc, loss=val_loss)
+            if run.improved(val_acc, epoch):  # best.pt: the weights of the best val accuracy (the last, without val)
+                run.save_best({"model": model.state_dict()})
+            stop = run.early_stop(val_loss, args.patience, args.min_delta)
+            run.save_last(record)  # last.pt (the resume point), then metrics.json: every epoch
             print(f"epoch {epoch:3d} | train loss {train_loss:.4f} acc {train_acc:.2%} | "
                   + (f"val loss {val_loss:.4f} acc {val_acc:.2%} | " if val_acc is not None else "")
                   + f"{record['epoch_time_s']:.1f}s" + (f" + gradients {record['collect_time_s']:.1f}s" if "collect_time_s" in record else ""))
+            if stop:
+                print(f"early stopping: val loss has not improved for {args.patience} epochs")
+                break
 
 
 def report(run, model, data, device) -> dict:
@@ -207,9 +213,11 @@ def main(
     quiet: common.Quiet = False,
 ):
     """Train an MLP on MNIST and report test accuracy with the best (by val accuracy) weights."""
-    run = common.Run(ctx, common.args_from(locals()), "train_mlp")
+    run = common.Run(ctx, common.args_from(locals()), __file__)  # named by this file: a copy is a new experiment
     args = run.args
     check_options(args)
+    if args.lr_schedule == "cosine":
+        run.fix_length("its cosine learning rate decays to 0 at the last planned step")
     device = common.pick_device(args.device)
     data = common.load_mnist(args.data_dir, device, args.digits, args.val_fraction, args.limit, args.seed)
     common.seed_everything(common.seed_for(args.seed, "init"))
