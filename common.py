@@ -386,14 +386,25 @@ def read_json(path, default=_STRICT):
         raise UserError(f"{path} is not valid JSON ({e}); the run directory is damaged") from None
 
 
-def read_jsonl(path) -> list[dict]:
-    """Every whole JSON object line of a .jsonl file (a torn last line from a killed writer, or junk, is skipped)."""
+def read_jsonl(path, notes: Optional[list] = None, numbered: bool = False) -> list:
+    """Every JSON object line of a .jsonl file; a torn last line (a killed writer) or junk is skipped, and noted in
+    `notes` (file:line, why) when a list is given. numbered: (line number, object) pairs."""
     rows = []
-    with contextlib.suppress(OSError):
-        for line in Path(path).read_text(errors="replace").splitlines():
-            with contextlib.suppress(ValueError):
-                row = json.loads(line)
-                rows.append(row) if isinstance(row, dict) else None
+    try:
+        text = Path(path).read_text(errors="replace")
+    except OSError as e:
+        notes.append(f"skipped {path}: unreadable ({e.strerror or e})") if notes is not None and Path(path).exists() else None
+        return rows
+    for i, line in enumerate(text.splitlines(), 1):
+        try:
+            row = json.loads(line) if line.strip() else None
+        except ValueError as e:
+            notes.append(f"skipped {path}:{i}: not valid JSON ({e.msg}; a torn or corrupt line)") if notes is not None else None
+            continue
+        if isinstance(row, dict):
+            rows.append((i, row) if numbered else row)
+        elif row is not None and notes is not None:
+            notes.append(f"skipped {path}:{i}: not a JSON object")
     return rows
 
 

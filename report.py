@@ -37,15 +37,60 @@ app = typer.Typer(add_completion=False, pretty_exceptions_enable=False, help=__d
 MISSING = "–"
 
 
+# ----------------------------------------------------------------------------- reproduce: every source's headline claim
+# The claims, as data: which job measures it (reproduce_plan), the source's figure, the metric (a key of the runs'
+# final metrics or results line), which runs (`where`: option values; "min"/"max" = the smallest/largest value
+# measured; (op, number) = a range) and the rule. A rule is (op, reference) with op one of >= > <= <, the reference a
+# number or {"where"/"metric": another selection of the same job, "scale", "offset"}; ("within", target, tolerance);
+# ("between", low, high); None for information only. "every": the rule holds for every run (else for the mean).
+# "optional": left out when its job ran but measured no such run (a depth the quick mode skips). "only_if":
+# (key, op, number) a run must meet to count (All-CNN-T on the full data).
+GLONET_DEPTHS = (6, 10, 24, 50, 100, 200)
+MLP_DEPTH_SOURCE = {6: 97.5, 24: 97.0, 50: 95.0, 100: 92.0, 200: 85.0}  # the GloNets source's depth table, test acc %
+CLAIMS = [
+    dict(job="mlp", claim="MLP 784-512-10, 5 epochs (the per-sample-gradient MLP project)", source="97-98% test",
+         metric="test_acc", rule=(">=", 0.97)),
+    dict(job="production-mlp", claim="FC 784-256-128-10, dropout 0.2, early stopping (the production-pipeline project)",
+         source="97.82% test", metric="test_acc", rule=(">=", 0.9752), why="the source's figure less 0.3 points"),
+    dict(job="cnn", claim="CNN >= 99% (the production-pipeline project; train_cnn.py defaults)", source=">= 99% test",
+         metric="test_acc", rule=(">=", 0.99)),
+    dict(job="walkthrough-cnn", claim="the CNN walkthrough's 2-conv net (--arch small), 5 epochs", source="~98% test",
+         metric="test_acc", rule=(">=", 0.975), why="~98%: at most 0.5 points below"),
+    *[dict(job="depth", claim=f"GloNet depth {n} (GloNets depth table)", source="~98.0%", metric="test_acc",
+           where={"model": "glonet", "layers": n}, rule=(">=", 0.975), optional=True) for n in GLONET_DEPTHS],
+    *[dict(job="depth", claim=f"MLP depth {n} (GloNets depth table)", source=f"~{figure:.1f}%", metric="test_acc",
+           where={"model": "mlp", "layers": n}, rule=("within", figure / 100, 0.01), optional=True)
+      for n, figure in MLP_DEPTH_SOURCE.items()],
+    dict(job="depth", claim="the plain MLP degrades with depth (GloNets paper)", source="~97.5% at 6 layers -> ~85% at 200",
+         metric="test_acc", where={"model": "mlp", "layers": "max"},
+         rule=("<", {"where": {"model": "mlp", "layers": "min"}, "offset": -0.01})),
+    dict(job="depth", claim="GloNet does not degrade with depth (GloNets paper)", source="~98% at every depth",
+         metric="test_acc", where={"model": "glonet", "layers": "max"},
+         rule=(">=", {"where": {"model": "glonet", "layers": "min"}, "offset": -0.005})),
+    dict(job="depth", claim="GloNet: only the first 4-8 layers matter, depth >= 24 (GloNets paper)", source="4-8 layers",
+         metric="layers_for_acc", where={"model": "glonet", "layers": (">=", 24)}, every=True, rule=("between", 4, 8)),
+    dict(job="numpy", claim="NumPy patch-embedding net (the self-learning project): what a correct implementation gets",
+         source="40-60% test", metric="test_acc", where={"arch": "embed", "input_scale": "standard"}, rule=(">=", 0.60)),
+    dict(job="numpy", claim="NumPy patch-embedding net, unscaled 0..255 inputs (the suspected cause)", source="40-60% test",
+         metric="test_acc", where={"arch": "embed", "input_scale": "raw"}, rule=None),
+    dict(job="numpy", claim="from-scratch fully connected net 784-128-10 (a second from-scratch project): what a correct "
+         "implementation gets", source="91.66% test", metric="test_acc", where={"arch": "mlp", "input_scale": "standard"},
+         rule=(">=", 0.9166)),
+    dict(job="numpy", claim="from-scratch fully connected net 784-128-10, unscaled 0..255 inputs (the suspected cause)",
+         source="91.66% test", metric="test_acc", where={"arch": "mlp", "input_scale": "raw"}, rule=None),
+    dict(job="svm", claim="Gabor features + SVM beat raw pixels (the self-learning project)", source="Gabor better than raw",
+         metric="gabor_test_acc", rule=(">", {"metric": "raw_test_acc"})),
+    dict(job="allcnn", claim="All-CNN-T on CIFAR-10, 100 epochs (the self-learning project)", source="< 10% validation error",
+         metric="best_val_error", rule=("<", 0.10), only_if=("n_train", ">=", 45000), needs="a GPU and --full"),
+    dict(job="fgsm", claim="FGSM on the MNIST CNN, seed 0 (the self-learning project)", source="accuracy far below clean",
+         metric="fgsm_acc", rule=("<=", {"metric": "clean_acc", "scale": 0.5})),
+    dict(job="clusters", claim="per-sample-gradient clusters align with digits (the per-sample-gradient MLP project)",
+         source="clusters ~ digits (ARI 0: chance, 1: the digits)", metric="grad_ari_direction", rule=(">=", 0.8)),
+]
+OPS = {">=": lambda a, b: a >= b, ">": lambda a, b: a > b, "<=": lambda a, b: a <= b, "<": lambda a, b: a < b}
+
+
 # ----------------------------------------------------------------------------- records: one finished (or failed) run
-def _read_json(path: Path) -> Optional[dict]:
-    """A JSON file, or None when it is missing or unreadable (reports skip, never fail)."""
-    try:
-        return json.loads(Path(path).read_text())
-    except (OSError, ValueError):
-        return None
-
-
 @dataclass
 class Record:
     """One run: from a results.jsonl line (fields: the line) or a trials.jsonl line (fields: the grid options and
@@ -65,7 +110,7 @@ class Record:
             self._loaded.add(kind)
             name = "config.json" if kind == "config" else "metrics.json"
             if getattr(self, kind) is None and self.run_dir:
-                data = _read_json(Path(self.run_dir) / name)
+                data = common.read_json(Path(self.run_dir) / name, default=None)
                 if isinstance(data, dict):
                     setattr(self, kind, data if kind == "config" else data.get("final"))
         return getattr(self, kind) or {}
@@ -90,32 +135,11 @@ def _snake(options: dict) -> dict:
     return {k.replace("-", "_"): v for k, v in options.items()}
 
 
-def _lines(path: Path, notes: list[str]):
-    """(line number, parsed JSON object) of a .jsonl file; a line that is not a JSON object is noted and skipped."""
-    try:
-        text = path.read_text(errors="replace")
-    except OSError as e:
-        notes.append(f"skipped {path}: unreadable ({e.strerror or e})")
-        return
-    for i, line in enumerate(text.splitlines(), 1):
-        if not line.strip():
-            continue
-        try:
-            obj = json.loads(line)
-        except ValueError as e:
-            notes.append(f"skipped {path}:{i}: not valid JSON ({e.msg}; a torn or corrupt line)")
-            continue
-        if not isinstance(obj, dict):
-            notes.append(f"skipped {path}:{i}: not a JSON object")
-            continue
-        yield i, obj
-
-
 def read_results(path: Path, notes: list[str]) -> list[Record]:
-    """OUT_DIR/results.jsonl: common.append_result's lines (time, script, run_dir, tag, seed, the script's headline
+    """OUT_DIR/results.jsonl: Run.finish's lines (time, script, run_dir, tag, seed, the script's headline
     options and metrics)."""
     records = []
-    for i, obj in _lines(path, notes):
+    for i, obj in common.read_jsonl(path, notes, numbered=True):
         missing = [k for k in ("script", "run_dir") if not obj.get(k)]
         if missing:
             notes.append(f"skipped {path}:{i}: partial record (no {' or '.join(missing)})")
@@ -129,16 +153,13 @@ def read_sweep(sweep_dir: Path, notes: list[str]) -> list[Record]:
     metrics, failed ones counted as failed."""
     sweep_dir = Path(sweep_dir)
     path = sweep_dir / "trials.jsonl"
-    script = None
-    try:
-        script = Path(json.loads((sweep_dir / "sweep.json").read_text())["script"]).stem
-    except (OSError, ValueError, KeyError, TypeError):
-        pass
+    script = common.read_json(sweep_dir / "sweep.json", default={}).get("script")
+    script = Path(script).stem if isinstance(script, str) else None
     latest: dict[str, Record] = {}
     if not path.is_file():
         notes.append(f"skipped {sweep_dir}: no trials.jsonl")
         return []
-    for i, row in _lines(path, notes):
+    for i, row in common.read_jsonl(path, notes, numbered=True):
         if not isinstance(row.get("options"), dict) or "seed" not in row or row.get("status") not in ("ok", "failed"):
             notes.append(f"skipped {path}:{i}: partial trial record (needs options, seed and status ok/failed)")
             continue
@@ -495,11 +516,7 @@ def ablations(
     return code
 
 
-# ----------------------------------------------------------------------------- reproduce: every source's headline claim
-GLONET_SOURCE = {"glonet": {6: 98.0, 10: 98.0, 24: 98.0, 50: 98.0, 100: 98.0, 200: 98.0},
-                 "mlp": {6: 97.5, 24: 97.0, 50: 95.0, 100: 92.0, 200: 85.0}}  # the source's depth table, test acc %
-
-
+# ----------------------------------------------------------------------------- reproduce: run the claims' jobs
 def reproduce_plan(quick: bool, data_dir, out_dir, gpu: bool = False, num_cpus: Optional[int] = None) -> list[dict]:
     """The jobs of `reproduce`: {"name", "cmd" (argv after the interpreter; CNN_RUN_DIR stands for the seed-0 run of
     job cnn), "sweep" (its name, for jobs run through sweep.py), "note" (how quick mode differs)}."""
@@ -547,113 +564,98 @@ def _pct(x: Optional[float]) -> str:
     return MISSING if x is None else f"{100 * x:.2f}%"
 
 
-def _stat(rows: list[dict], **match) -> Optional[dict]:
-    """The aggregated row whose group matches (canonical values), if it has runs."""
-    for r in rows:
-        if all(canon(r["group"].get(k)) == canon(v) for k, v in match.items()) and r["n"] > 0:
-            return r
-    return None
+def _shown_number(x: float, metric: str) -> str:
+    return f"{100 * x:.2f}%" if is_fraction(metric) else f"{x:.4g}"
 
 
-def _ms(r: Optional[dict]) -> str:
-    return "not measured" if r is None else fmt(r["mean"], r["std"], r["n"], "test_acc") + f" (n={r['n']})"
+def _shown_gap(x: float, metric: str) -> str:
+    return f"{100 * x:g} points" if is_fraction(metric) else f"{x:g}"
 
 
-def evaluate_claims(quick: bool, done: dict, gpu: bool) -> list[dict]:
-    """One row per claim: {claim, source, measured, passed (True/False/None = not checked), rule, job}; every verdict
-    is computed from the measured numbers here."""
-    rows = []
+def _passes(record: Record, test: tuple) -> bool:
+    key, op, number = test
+    value = _number(record.get(key))
+    return value is not None and OPS[op](value, number)
 
-    def row(job, claim, source, measured, passed, rule):
-        rows.append({"job": job, "claim": claim, "source": source, "measured": measured, "passed": passed, "rule": rule})
 
-    def stats(job, by, metric="test_acc"):
-        return aggregate(done[job]["records"], by, metric) if job in done else []
+def claim_values(records: list[Record], metric: str, where: dict, only_if: Optional[tuple] = None) -> list[float]:
+    """`metric` of the finished runs that `where` selects (see CLAIMS) and that meet `only_if`."""
+    runs = [r for r in records if r.ok and _number(r.metric(metric)) is not None and (only_if is None or _passes(r, only_if))]
+    for key, want in where.items():
+        if isinstance(want, tuple):
+            runs = [r for r in runs if _passes(r, (key, *want))]
+        elif want not in ("min", "max"):
+            runs = [r for r in runs if canon(r.get(key)) == canon(want)]
+    for key, want in where.items():
+        if want in ("min", "max"):
+            present = [x for x in (_number(r.get(key)) for r in runs) if x is not None]
+            pick = (min if want == "min" else max)(present) if present else None
+            runs = [r for r in runs if pick is not None and _number(r.get(key)) == pick]
+    return [_number(r.metric(metric)) for r in runs]
 
-    r = _stat(stats("mlp", []))
-    row("mlp", "MLP 784-512-10, 5 epochs (the per-sample-gradient MLP project)", "97-98% test", _ms(r),
-        None if r is None else r["mean"] >= 0.97, "mean >= 97.00%")
-    r = _stat(stats("production-mlp", []))
-    row("production-mlp", "FC 784-256-128-10, dropout 0.2, early stopping (the production-pipeline project)", "97.82% test", _ms(r),
-        None if r is None else r["mean"] >= 0.9782 - 0.003, "mean >= 97.52% (the source's figure less 0.3 points)")
-    r = _stat(stats("cnn", []))
-    above = sum(v >= 0.99 for v in r["values"]) if r else 0
-    row("cnn", "CNN >= 99% (the production-pipeline project; train_cnn.py defaults)", ">= 99% test", _ms(r) + (f"; {above} of {r['n']} seeds >= 99%" if r else ""),
-        None if r is None else r["mean"] >= 0.99, "mean >= 99.00%")
-    r = _stat(stats("walkthrough-cnn", []))
-    row("walkthrough-cnn", "the CNN walkthrough's 2-conv net (--arch small), 5 epochs", "~98% test", _ms(r),
-        None if r is None else r["mean"] >= 0.975, "mean >= 97.50% (~98%: at most 0.5 points below)")
 
-    depth = stats("depth", ["model", "layers"])
-    layers_for_acc = stats("depth", ["model", "layers"], "layers_for_acc")
-    for model, table in GLONET_SOURCE.items():
-        for layers, figure in table.items():
-            r = _stat(depth, model=model, layers=layers)
-            if r is None and "depth" in done:
-                continue  # a depth quick mode does not run
-            if model == "glonet":
-                row("depth", f"GloNet depth {layers} (GloNets depth table)", f"~{figure:.1f}%", _ms(r), None if r is None else r["mean"] >= 0.975,
-                    "mean >= 97.50%")
-            else:
-                row("depth", f"MLP depth {layers} (GloNets depth table)", f"~{figure:.1f}%", _ms(r),
-                    None if r is None else abs(100 * r["mean"] - figure) <= 1.0, "within 1 point of the source's figure")
-    g = [r for r in depth if r["group"]["model"] == "glonet" and r["n"]]
-    m = [r for r in depth if r["group"]["model"] == "mlp" and r["n"]]
-    if g and m:
-        shallow, deep = min(m, key=lambda r: float(r["group"]["layers"])), max(m, key=lambda r: float(r["group"]["layers"]))
-        gs, gd = min(g, key=lambda r: float(r["group"]["layers"])), max(g, key=lambda r: float(r["group"]["layers"]))
-        row("depth", "the plain MLP degrades with depth, GloNet does not (GloNets paper)", "MLP ~97.5% -> ~85%, GloNet ~98% throughout",
-            f"MLP {_pct(shallow['mean'])} at {shallow['group']['layers']} -> {_pct(deep['mean'])} at {deep['group']['layers']}; "
-            f"GloNet {_pct(gs['mean'])} -> {_pct(gd['mean'])}",
-            deep["mean"] < shallow["mean"] - 0.01 and gd["mean"] >= gs["mean"] - 0.005,
-            "MLP deepest < shallowest - 1 point and GloNet deepest >= shallowest - 0.5 points")
+def rule_text(c: dict) -> str:
+    rule, metric = c["rule"], c["metric"]
+    if rule is None:
+        return "information, no verdict"
+    subject = ("every run's " if c.get("every") else "mean ") + metric
+    if rule[0] == "within":
+        text = f"{subject} within {_shown_gap(rule[2], metric)} of {_shown_number(rule[1], metric)}"
+    elif rule[0] == "between":
+        text = f"{rule[1]:g} <= {subject} <= {rule[2]:g}"
+    elif isinstance(rule[1], dict):
+        ref = rule[1]
+        scaled = (f"{ref['scale']:g} x " if "scale" in ref else "") + "mean " + ref.get("metric", metric)
+        at = ", ".join(f"{k} {v}" for k, v in ref.get("where", {}).items())
+        offset = f" {'+' if ref.get('offset', 0) > 0 else '-'} {_shown_gap(abs(ref['offset']), metric)}" if ref.get("offset") else ""
+        text = f"{subject} {rule[0]} {scaled}{f' at {at}' if at else ''}{offset}"
     else:
-        row("depth", "the plain MLP degrades with depth, GloNet does not (GloNets paper)", "MLP ~97.5% -> ~85%, GloNet ~98% throughout",
-            "not measured", None, "MLP deepest < shallowest - 1 point and GloNet deepest >= shallowest - 0.5 points")
-    deep_k = [(r["group"]["layers"], r["values"]) for r in layers_for_acc if r["group"]["model"] == "glonet" and float(r["group"]["layers"]) >= 24]
-    ks = [int(v) for _, vals in deep_k for v in vals]
-    row("depth", "GloNet: only the first 4-8 layers matter, depth >= 24 (GloNets paper)", "4-8 layers",
-        ("head within 0.1 points of the full sum with layers 1..k: " + ", ".join(f"depth {d}: k={int(v[0])}" for d, v in deep_k)) if ks else "not measured",
-        (all(4 <= k <= 8 for k in ks)) if ks else None, "4 <= k <= 8 at every depth >= 24 (final.layers_for_acc)")
+        text = f"{subject} {rule[0]} {_shown_number(rule[1], metric)}"
+    where = ", ".join(f"{k} {' '.join(map(str, v)) if isinstance(v, tuple) else v}" for k, v in c.get("where", {}).items())
+    return text + (f" (runs with {where})" if where else "") + (f"; {c['why']}" if c.get("why") else "") + \
+        (f"; counts runs with {' '.join(map(str, c['only_if']))}" if c.get("only_if") else "")
 
-    numpy_rows = stats("numpy", ["arch", "input_scale"])
-    for arch, claim, figure, threshold in (("embed", "NumPy patch-embedding net (the self-learning project)", "40-60% test", 0.60),
-                                           ("mlp", "from-scratch fully connected net 784-128-10 (a second from-scratch project)", "91.66% test", 0.9166)):
-        r = _stat(numpy_rows, arch=arch, input_scale="standard")
-        row("numpy", claim + ": what a correct implementation gets", figure, _ms(r), None if r is None else r["mean"] >= threshold,
-            f"mean >= {100 * threshold:.2f}% (a correct implementation does at least as well as the source)")
-        raw = _stat(numpy_rows, arch=arch, input_scale="raw")
-        row("numpy", claim + ", unscaled 0..255 inputs (the suspected cause)", figure, _ms(raw), None, "information, no verdict")
 
-    svm = done.get("svm", {}).get("final")
-    row("svm", "Gabor features + SVM beat raw pixels (the self-learning project)", "Gabor better than raw",
-        f"Gabor {_pct(svm['gabor_test_acc'])} vs raw {_pct(svm['raw_test_acc'])}" if svm else "not measured",
-        None if not svm else svm["gabor_test_acc"] > svm["raw_test_acc"], "Gabor test acc > raw-pixel test acc")
-
-    if quick or not gpu:
-        row("allcnn", "All-CNN-T on CIFAR-10, 100 epochs (the self-learning project)", "< 10% validation error", "not run on a CPU" if quick else "not run: no GPU",
-            None, "best val error < 10% (needs a GPU and the full 50,000 images)")
+def check_claim(c: dict, done: dict) -> Optional[dict]:
+    """One row of the report: {job, claim, source, measured, passed (True/False/None = not checked), rule}, every
+    verdict computed from the measured runs by the claim's rule; None for an optional claim its job did not measure."""
+    row = {"job": c["job"], "claim": c["claim"], "source": c["source"], "rule": rule_text(c), "passed": None}
+    if c["job"] not in done:
+        return {**row, "measured": "not run" + (f" (needs {c['needs']})" if c.get("needs") else "")}
+    records, metric, where = done[c["job"]].get("records", []), c["metric"], c.get("where", {})
+    values = claim_values(records, metric, where, c.get("only_if"))
+    if not values:
+        return None if c.get("optional") else {**row, "measured": "not measured"}
+    mean, std = mean_std(values)
+    measured = fmt(mean, std, len(values), metric) + f" (n={len(values)})"
+    rule = c["rule"]
+    if rule is None:
+        return {**row, "measured": measured}
+    if rule[0] == "within":
+        test = lambda x: abs(x - rule[1]) <= rule[2] + 1e-12  # noqa: E731
+    elif rule[0] == "between":
+        test = lambda x: rule[1] <= x <= rule[2]  # noqa: E731
     else:
-        a = done.get("allcnn", {})
-        final, config = a.get("final"), a.get("config") or {}
-        full_data = config.get("n_train", 0) + config.get("n_val", 0) >= 45000
-        row("allcnn", "All-CNN-T on CIFAR-10, 100 epochs (the self-learning project)", "< 10% validation error",
-            (f"best val error {_pct(final.get('best_val_error'))}, test error {_pct(final.get('test_error'))}"
-             + ("" if full_data else f" (only {config.get('n_train', 0) + config.get('n_val', 0):,} training images)")) if final else "not measured",
-            None if not final or not full_data else (final.get("best_val_error") or 1) < 0.10, "best val error < 10% on the full data")
+        bound = rule[1]
+        if isinstance(bound, dict):
+            ref_metric = bound.get("metric", metric)
+            ref = claim_values(records, ref_metric, bound.get("where", where), c.get("only_if"))
+            if not ref:
+                return {**row, "measured": measured + f"; {ref_metric} not measured"}
+            bound = mean_std(ref)[0] * bound.get("scale", 1.0) + bound.get("offset", 0.0)
+            measured += f" vs {ref_metric} {fmt(*mean_std(ref), len(ref), ref_metric)} (n={len(ref)})"
+        test = lambda x: OPS[rule[0]](x, bound)  # noqa: E731
+    if c.get("every"):
+        return {**row, "measured": measured + f"; values {', '.join(_shown_number(v, metric) for v in values)}",
+                "passed": all(test(v) for v in values)}
+    if len(values) > 1 and not isinstance(rule[1], dict):
+        measured += f"; {sum(test(v) for v in values)} of {len(values)} runs pass alone"
+    return {**row, "measured": measured, "passed": test(mean)}
 
-    f = done.get("fgsm", {}).get("final")
-    row("fgsm", "FGSM on the MNIST CNN, seed 0 (the self-learning project)", "accuracy far below clean",
-        f"eps {f['eps']:g}/255: clean {_pct(f['clean_acc'])}, FGSM {_pct(f['fgsm_acc'])}, iterative {_pct(f['iterative_acc'])}" if f else "not measured",
-        None if not f else f["fgsm_acc"] <= f["clean_acc"] / 2, "FGSM accuracy <= half the clean accuracy at the largest eps")
 
-    c = done.get("clusters", {}).get("final")
-    ari = (c or {}).get("grad_ari_direction")
-    row("clusters", "per-sample-gradient clusters align with digits (the per-sample-gradient MLP project)", "clusters ~ digits",
-        f"k-means ARI vs digits, {c.get('grad_array')} epoch {c.get('grad_epoch')}: directions {ari:.3f}, plain {c.get('grad_ari'):.3f}"
-        if ari is not None else "not measured", None if ari is None else ari >= 0.8,
-        "ARI of the gradient directions' clusters >= 0.8 (0: chance, 1: the digits)")
-    return rows
+def evaluate_claims(done: dict) -> list[dict]:
+    """CLAIMS checked against the measured jobs (done: job name -> {"records": [...]})."""
+    return [row for row in (check_claim(c, done) for c in CLAIMS) if row is not None]
 
 
 def _run_dir_of(stdout: str) -> Optional[str]:
@@ -686,9 +688,10 @@ def _rel(path) -> str:
 
 def machine() -> str:
     import torch
+    from train_cnn import describe_machine  # CPU, cores, native bf16, GPU: train_cnn's precision choice depends on them
 
     load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
-    return (f"{platform.node()}: {common.describe_machine()}; Python {platform.python_version()}, torch {torch.__version__}; "
+    return (f"{platform.node()}: {describe_machine()}; Python {platform.python_version()}, torch {torch.__version__}; "
             f"load average {load:.1f} at the start")
 
 
@@ -744,18 +747,15 @@ def reproduce(
         else:
             run_dir = _run_dir_of(proc.stdout)
             entry["where"] = run_dir
-            metrics = _read_json(Path(run_dir) / "metrics.json") if run_dir else None
-            line = next((r.fields for r in read_results(out_dir / "results.jsonl", [])
-                         if run_dir and r.run_dir == run_dir), {}) if (out_dir / "results.jsonl").is_file() else {}
-            final = (metrics or {}).get("final")
-            entry["final"] = None if final is None else {**final, **line}  # results.jsonl has grad_collect's ARIs
-            entry["config"] = _read_json(Path(run_dir) / "config.json") if run_dir else None
+            line = next((r.fields for r in read_results(out_dir / "results.jsonl", []) if r.run_dir == run_dir), {})
+            # one record: the results line (grad_collect's ARIs are there), then the run's config.json and metrics.json
+            entry["records"] = [Record(j["name"], Path(cmd[0]).stem, run_dir, line)] if run_dir else []
         if proc.returncode != 0:
             errors.append(f"{j['name']}: exit code {proc.returncode} after {seconds:.0f} s ({entry['cmd']})")
         done[j["name"]] = entry
         print(f"[{j['name']}] exit {proc.returncode} in {seconds:.0f} s", flush=True)
 
-    claims = evaluate_claims(quick, done, gpu)
+    claims = evaluate_claims(done)
     out = absolute(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     md = [f"# Reproducing the sources' headline claims ({'quick' if quick else 'full'} mode)", "",

@@ -168,39 +168,14 @@ def run_trial(cmd: list[str], cwd: str, threads: int) -> dict:
     if lines:  # the last printed line names the run directory: "run DIR | test accuracy ..."
         run_dir = Path(cwd) / lines[-1][4:].split(" | ")[0]
         result["run_dir"] = str(run_dir)
-        for name, key in (("config.json", "config"), ("metrics.json", "final")):
-            try:
-                data = json.loads((run_dir / name).read_text())
-                result[key] = data.get("final") if key == "final" else data
-            except (OSError, ValueError):
-                pass
+        result["config"] = common.read_json(run_dir / "config.json", default=None)
+        result["final"] = common.read_json(run_dir / "metrics.json", default={}).get("final")
     if proc.returncode == 0 and result["final"] is None:
         result["returncode"], result["stderr_tail"] = -1, "exited 0 but left no metrics.json with a final block:\n" + out[-1000:]
     return result
 
 
 # ----------------------------------------------------------------------------- driver-side files
-def read_trials(path: Path) -> list[dict]:
-    """trials.jsonl, skipping a torn last line (a killed writer)."""
-    rows = []
-    if path.is_file():
-        for line in path.read_text().splitlines():
-            try:
-                rows.append(json.loads(line))
-            except ValueError:
-                continue
-    return rows
-
-
-def append_line(path: Path, record: dict) -> None:
-    """One whole line per call (a single write, flushed and synced)."""
-    line = json.dumps(record, default=str) + "\n"
-    with open(path, "a") as f:
-        f.write(line)
-        f.flush()
-        os.fsync(f.fileno())
-
-
 def trial_key(options: dict, seed: int) -> str:
     return json.dumps({"options": options, "seed": seed}, sort_keys=True)
 
@@ -272,7 +247,7 @@ def main(
         values = {"config": list(configs), **values}
     sweep_dir.mkdir(parents=True, exist_ok=True)
     trials_path = sweep_dir / "trials.jsonl"
-    done = {trial_key(r["options"], r["seed"]) for r in read_trials(trials_path) if r.get("status") == "ok"}
+    done = {trial_key(r["options"], r["seed"]) for r in common.read_jsonl(trials_path) if r.get("status") == "ok"}
     todo = [t for t in trials if trial_key(t["options"], t["seed"]) not in done]
 
     import ray
@@ -315,7 +290,7 @@ def main(
                 continue
             status = "ok" if result["returncode"] == 0 else "failed"
             counts[status] += 1
-            append_line(trials_path, {"id": t["id"], "options": t["options"], "seed": t["seed"], "status": status,
+            common.append_jsonl(trials_path, {"id": t["id"], "options": t["options"], "seed": t["seed"], "status": status,
                                       "attempts": t["attempts"], **result, "cmd": " ".join(t["cmd"])})
             if bar is not None:
                 bar.set_postfix(ok=counts["ok"], failed=counts["failed"], total=len(todo), refresh=False)
@@ -337,7 +312,7 @@ def main(
     table = summarize(sweep_dir, values, metric)
     if not quiet:
         print((sweep_dir / "summary.md").read_text())
-    walls = sum(r.get("wall_s") or 0 for r in read_trials(trials_path)[-len(todo):]) if todo else 0.0
+    walls = sum(r.get("wall_s") or 0 for r in common.read_jsonl(trials_path)[-len(todo):]) if todo else 0.0
     print(f"sweep {sweep_dir} | {counts['ok']} ok, {counts['failed']} failed of {len(todo)} run in {wall:.1f} s "
           f"(trials' own time {walls:.1f} s) | {len(table)} summary rows")
     return 1 if counts["failed"] else 0

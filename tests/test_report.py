@@ -144,26 +144,41 @@ def test_reproduce_dry_run_lists_commands_and_every_option_exists(tmp_path):
 
 
 def test_claim_verdicts_are_computed_from_the_measurements():
-    def runs(rows):  # [(fields, final)] -> the records a sweep job leaves
+    def runs(rows):  # [(fields, final)] -> the records a job leaves
         return {"records": [report.Record("t", "s", f"/r{i}", dict(f), final=dict(m)) for i, (f, m) in enumerate(rows)]}
 
     depth = [({"model": m, "layers": d, "seed": 0}, {"test_acc": a, **({"layers_for_acc": k} if m == "glonet" else {})})
              for m, d, a, k in (("glonet", 6, 0.983, 5), ("glonet", 24, 0.984, 6), ("glonet", 50, 0.9825, 9),
                                 ("mlp", 6, 0.9818, 0), ("mlp", 24, 0.893, 0), ("mlp", 50, 0.1135, 0))]
     done = {"mlp": runs([({"seed": s}, {"test_acc": a}) for s, a in enumerate((0.9828, 0.9815, 0.9829))]),
+            "production-mlp": runs([]),
             "cnn": runs([({"seed": s}, {"test_acc": a}) for s, a in enumerate((0.9907, 0.9890, 0.9916))]),
             "depth": runs(depth),
-            "svm": {"final": {"raw_test_acc": 0.9637, "gabor_test_acc": 0.9893}},
-            "fgsm": {"final": {"eps": 64, "clean_acc": 0.99, "fgsm_acc": 0.2, "iterative_acc": 0.01}},
-            "clusters": {"final": {"grad_array": "net.3.weight", "grad_epoch": 5, "grad_ari": 0.0, "grad_ari_direction": 0.6}}}
-    claims = {c["claim"]: c for c in report.evaluate_claims(True, done, gpu=False)}
+            "svm": runs([({"seed": 0}, {"raw_test_acc": 0.9637, "gabor_test_acc": 0.9893})]),
+            "fgsm": runs([({}, {"eps": 64, "clean_acc": 0.99, "fgsm_acc": 0.2, "iterative_acc": 0.01})]),
+            "clusters": runs([({"grad_ari": 0.0, "grad_ari_direction": 0.6}, {"grad_array": "net.3.weight"})])}
+    claims = {c["claim"]: c for c in report.evaluate_claims(done)}
     verdict = lambda text: next(c["passed"] for name, c in claims.items() if name.startswith(text))  # noqa: E731
     assert verdict("MLP 784-512-10") is True and verdict("CNN >= 99%") is True  # mean 99.04% >= 99%
-    assert "2 of 3 seeds >= 99%" in claims["CNN >= 99% (the production-pipeline project; train_cnn.py defaults)"]["measured"]
+    assert "2 of 3 runs pass alone" in claims["CNN >= 99% (the production-pipeline project; train_cnn.py defaults)"]["measured"]
     assert verdict("GloNet depth 50") is True and verdict("MLP depth 6") is True and verdict("MLP depth 24") is False
     assert not any(name.startswith("GloNet depth 100") for name in claims)  # a depth quick mode does not run is not listed
-    assert verdict("the plain MLP degrades") is True
+    assert verdict("the plain MLP degrades") is True and verdict("GloNet does not degrade") is True
     assert verdict("GloNet: only the first") is False  # k = 9 at depth 50
     assert verdict("Gabor") is True and verdict("FGSM") is True and verdict("per-sample-gradient clusters") is False
-    assert verdict("FC 784-256-128-10") is None and verdict("All-CNN-T") is None  # not measured / not run on a CPU
-    assert claims["All-CNN-T on CIFAR-10, 100 epochs (the self-learning project)"]["measured"] == "not run on a CPU"
+    assert verdict("FC 784-256-128-10") is None and verdict("All-CNN-T") is None  # not measured / not run
+    assert claims["FC 784-256-128-10, dropout 0.2, early stopping (the production-pipeline project)"]["measured"] == "not measured"
+    assert claims["All-CNN-T on CIFAR-10, 100 epochs (the self-learning project)"]["measured"].startswith("not run")
+    # one number moved across a rule's line flips exactly that verdict
+    done["depth"]["records"][2].final["layers_for_acc"] = 8
+    done["svm"]["records"][0].final["gabor_test_acc"] = 0.96
+    claims = {c["claim"]: c for c in report.evaluate_claims(done)}
+    assert verdict("GloNet: only the first") is True and verdict("Gabor") is False
+
+
+def test_every_claim_names_a_reproduce_job_and_a_known_rule():
+    jobs = {j["name"] for j in report.reproduce_plan(False, "d", "o", gpu=True)}
+    for c in report.CLAIMS:
+        assert c["job"] in jobs, c["claim"]
+        assert c["rule"] is None or c["rule"][0] in (*report.OPS, "within", "between"), c["claim"]
+        assert report.rule_text(c)
