@@ -1,7 +1,7 @@
 """Shared plumbing for the experiment scripts: data, device, seeding, one run directory with its JSON and
 checkpoint files (the one kill-proof resume path), and plots. Nothing here knows a script or a model.
 
-A training script reads like this (train_mlp.py in full):
+A training script's run, in outline:
 
     run = common.Run(ctx, common.args_from(locals()), __file__)   # identity: this file's name; --resume merges
     args = run.args
@@ -447,7 +447,7 @@ def versions() -> dict:
 
 # ----------------------------------------------------------------------------- a script's identity: its file
 def script_name(script_file) -> str:
-    """A script is named by its file: train_cnn.py -> "train_cnn", and a copy my_cnn.py -> "my_cnn" (a new experiment:
+    """A script is named by its file: a copy my_cnn.py of a training script is "my_cnn" (a new experiment:
     its own runs/my_cnn/, config.json "script", results.jsonl lines)."""
     return Path(script_file).stem
 
@@ -499,7 +499,7 @@ class Run:
 
     The script tells the run what it needs: `changeable`, the options a resume may change; `length_option`, the
     option that sets how long it trains; `fix_length(why)` when the planned length must not change on resume;
-    `checkpoint_format=(ext, save, load)` for checkpoints that are not torch files (numpy_nn.py: .npz)."""
+    `checkpoint_format=(ext, save, load)` for checkpoints that are not torch files (.npz, say)."""
 
     def __init__(self, ctx, args: SimpleNamespace, script_file, changeable=("epochs", "device", "quiet", "data_dir"),
                  length_option: str = "epochs", main_process: bool = True, checkpoint_format=None):
@@ -715,7 +715,7 @@ class Run:
         for writer in self._writers.values():
             writer.close()
         if self.main_process:
-            _test_kill_point("report")
+            _test_kill_point("final")
             append_jsonl(Path(self.args.out_dir) / "results.jsonl", {"time": time.strftime("%Y-%m-%dT%H:%M:%S"), "script": self.script,
                          "run_dir": str(self.dir), "tag": self.args.tag, "seed": self.args.seed, **result}, unique="run_dir")
             write_json(self.dir / "metrics.json", {"epochs": self.history, "final": final})
@@ -739,7 +739,7 @@ _batches_seen: dict = {}
 
 def _count_batches(iterable, event: str):
     """Batches counted over the whole process, for RUN_TEST_KILL_AT=batch:N (the N-th training batch: a kill
-    mid-epoch) or DESC:N (the N-th step of another progress bar, e.g. gradients:N in grad_collect.py)."""
+    mid-epoch) or DESC:N (the N-th step of another progress bar, e.g. gradients:N)."""
     for item in iterable:
         _batches_seen[event] = _batches_seen.get(event, 0) + 1
         _test_kill_point(event, _batches_seen[event])
@@ -748,7 +748,7 @@ def _count_batches(iterable, event: str):
 
 def _test_kill_point(event: str, epoch: Optional[int] = None) -> None:
     """SIGKILL this process at a chosen point, as fail-rs/gofail failpoints do; off unless a test sets RUN_TEST_KILL_AT:
-    config (config.json written, no checkpoint yet), checkpoint:2 (right after epoch 2's last.*), report (inside the
+    config (config.json written, no checkpoint yet), checkpoint:2 (right after epoch 2's last.*), final (inside the
     final report, before results.jsonl and metrics.json's final), batch:N or DESC:N (see progress)."""
     want = os.environ.get("RUN_TEST_KILL_AT")
     if want and want == (event if epoch is None else f"{event}:{epoch}"):

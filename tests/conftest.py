@@ -62,6 +62,25 @@ def tiny_mnist(tmp_path_factory) -> Path:
     return make_tiny_mnist(tmp_path_factory.mktemp("tiny_mnist"))
 
 
+def write_cifar(folder: Path, n_train: int = 96, n_test: int = 32, seed: int = 0) -> Path:
+    """A tiny CIFAR-10 in the binary format: class c's images are a fixed colour pattern plus noise."""
+    folder.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(seed)
+    patterns = rng.integers(0, 256, (10, 3, 32, 32))
+    for name, n in (("data_batch_1.bin", n_train), ("test_batch.bin", n_test)):
+        labels = np.arange(n) % 10
+        images = np.clip(patterns[labels] * 0.7 + rng.integers(0, 77, (n, 3, 32, 32)), 0, 255).astype(np.uint8)
+        records = np.concatenate([labels[:, None].astype(np.uint8), images.reshape(n, -1)], 1)
+        records.tofile(folder / name)
+    return folder.parent
+
+
+@pytest.fixture(scope="session")
+def tiny_cifar(tmp_path_factory) -> Path:
+    """A data dir holding a 96/32-image CIFAR-10 in the binary layout (cifar-10-batches-bin/)."""
+    return write_cifar(tmp_path_factory.mktemp("cifar") / "cifar-10-batches-bin")
+
+
 @pytest.fixture(scope="session")
 def real_mnist() -> Path:
     """The official MNIST from ../shared/data (or DATA_DIR); CI always has it."""

@@ -2,6 +2,7 @@
 run directories and checkpoint I/O."""
 
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -78,7 +79,7 @@ def test_batches_cover_every_sample_once_and_reshuffle():
 
 def test_checkpoint_roundtrip_and_damaged_file(tmp_path):
     state = {"model": {"w": torch.randn(3, 2)}, "epoch": 4, "state": {"best": 0.5, "name": "x"}}
-    common.save_checkpoint(tmp_path / "last.pt", state)
+    common.atomic_write(tmp_path / "last.pt", lambda tmp: torch.save(state, tmp))
     loaded = common.load_checkpoint(tmp_path / "last.pt")
     assert torch.equal(loaded["model"]["w"], state["model"]["w"]) and loaded["state"] == state["state"]
     assert [p.name for p in tmp_path.iterdir()] == ["last.pt"]  # no temporary file left behind
@@ -94,12 +95,36 @@ def test_run_dirs_are_unique_and_results_append(tmp_path):
     second = common.make_run_dir(tmp_path, "script", "t")
     assert first != second and first.parent == second.parent == tmp_path / "script"
     assert first.name.endswith("-t")
-    common.append_result(tmp_path, {"a": 1})
-    common.append_result(tmp_path, {"a": 2})
+    for record in ({"run_dir": "a", "n": 1}, {"run_dir": "b", "n": 2}, {"run_dir": "a", "n": 3}):
+        common.append_jsonl(tmp_path / "results.jsonl", record, unique="run_dir")  # a redone report: no second line
     lines = (tmp_path / "results.jsonl").read_text().splitlines()
-    assert [json.loads(line)["a"] for line in lines] == [1, 2]
+    assert [json.loads(line)["n"] for line in lines] == [1, 2]
     with pytest.raises(common.UserError):
         common.make_run_dir(tmp_path, "script", "bad/tag")
+
+
+def test_jsonl_reader_skips_and_notes_torn_and_junk_lines_and_json_reader_is_strict_unless_told(tmp_path):
+    path = tmp_path / "t.jsonl"
+    path.write_text('{"a": 1}\n[1, 2]\n\n{"a": 2}\n{"a": 3, "b"')  # a list, a blank line, a line torn by a kill
+    notes = []
+    assert common.read_jsonl(path, notes, numbered=True) == [(1, {"a": 1}), (4, {"a": 2})]
+    assert notes == [f"skipped {path}:2: not a JSON object", f"skipped {path}:5: not valid JSON "
+                     "(Expecting ':' delimiter; a torn or corrupt line)"]
+    assert common.read_jsonl(tmp_path / "missing.jsonl") == []
+    (tmp_path / "bad.json").write_text("{")
+    assert common.read_json(tmp_path / "bad.json", default=None) is None and common.read_json(tmp_path / "no.json", {}) == {}
+    with pytest.raises(common.UserError, match="not valid JSON"):
+        common.read_json(tmp_path / "bad.json")
+    with pytest.raises(common.UserError, match="not found"):
+        common.read_json(tmp_path / "no.json")
+
+
+def test_a_script_is_named_by_its_file():
+    assert common.script_name("/x/my_cnn.py") == "my_cnn" and common.script_name("train_cnn.py") == "train_cnn"
+    text = Path(common.__file__).read_text()
+    named = [p.stem for p in Path(common.__file__).parent.glob("*.py")
+             if p.stem != "common" and any(form in text for form in (f"{p.stem}.py", f'"{p.stem}"', f"import {p.stem}"))]
+    assert not named, f"common.py names scripts: {named}"  # a script tells common what it needs, never the reverse
 
 
 @pytest.mark.parametrize("cuda, mps, want", [(True, True, "cuda"), (False, True, "mps"), (False, False, "cpu")])

@@ -1,7 +1,7 @@
 """Runs killed for real (SIGKILL) at every kind of moment, then resumed, end exactly where an uninterrupted run
 with the same seed ends, and leave no truncated or unreadable file behind.
 
-One run directory per script is killed four times in a row (RUN_TEST_KILL_AT, see common._test_kill_point):
+One run directory per training script (train_allcnn on a tiny CIFAR-10) is killed four times in a row (RUN_TEST_KILL_AT, see common._test_kill_point):
 right after config.json (before any checkpoint), mid-epoch 1 (batch 3), right after last.pt of epoch 1, and inside
 the final report; each kill is followed by `--resume RUN_DIR`, and the last resume finishes the run.
 grad_collect is also killed mid-way through writing an epoch's gradients."""
@@ -17,7 +17,7 @@ import torch
 from conftest import run_cli
 
 ONE_THREAD = {"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
-KILLS = ["config", "batch:3", "checkpoint:1", "report"]
+KILLS = ["config", "batch:3", "checkpoint:1", "final"]  # final: inside the final report
 SCRIPTS = {  # tiny runs: 540 training samples, batches of 90 -> 6 steps an epoch, 2 epochs
     "train_mlp": ["--hidden", 16, "--batch-size", 90],
     "train_cnn": ["--batch-size", 90],  # the default one-cycle schedule and precision
@@ -25,6 +25,7 @@ SCRIPTS = {  # tiny runs: 540 training samples, batches of 90 -> 6 steps an epoc
     "grad_collect": ["--hidden", 16, "--batch-size", 90, "--collect-batch-size", 200, "--analysis-dim", 64,
                      "--tsne-samples", 40, "--perplexity", 5],  # the default --store factors
     "numpy_nn": ["--compare-torch"],  # 2 evaluations of 6 updates each stand for the 2 epochs; .npz checkpoints
+    "train_allcnn": ["--c1", 8, "--c2", 16, "--batch-size", 16],  # tiny CIFAR: 87 training images -> 6 steps an epoch
 }
 LENGTH = {"numpy_nn": ["--updates", 12, "--eval-every", 6]}
 EXTRA_KILLS = {"grad_collect": ["gradients:2"]}  # inside the first epoch's gradient collection (its arrays half written)
@@ -66,8 +67,9 @@ def assert_every_file_readable(run_dir):
 
 
 @pytest.mark.parametrize("script", list(SCRIPTS))
-def test_killed_at_every_moment_then_resumed_ends_like_an_uninterrupted_run(script, tiny_mnist, tmp_path):
-    args = ["--data-dir", tiny_mnist, *LENGTH.get(script, ["--epochs", 2]), "--quiet", *SCRIPTS[script]]
+def test_killed_at_every_moment_then_resumed_ends_like_an_uninterrupted_run(script, tiny_mnist, tiny_cifar, tmp_path):
+    data_dir = tiny_cifar if script == "train_allcnn" else tiny_mnist
+    args = ["--data-dir", data_dir, *LENGTH.get(script, ["--epochs", 2]), "--quiet", *SCRIPTS[script]]
     straight = run_cli(f"{script}.py", *args, "--out-dir", tmp_path / "straight", env=ONE_THREAD)
     assert straight.returncode == 0, straight.stderr
     (straight_dir,) = (tmp_path / "straight" / script).iterdir()
@@ -76,7 +78,7 @@ def test_killed_at_every_moment_then_resumed_ends_like_an_uninterrupted_run(scri
     kills = KILLS[:1] + EXTRA_KILLS.get(script, []) + KILLS[1:]
     run_dir = None
     for i, kill in enumerate(kills + [None]):
-        cmd = args + ["--out-dir", out] if run_dir is None else ["--resume", run_dir, "--data-dir", tiny_mnist, "--quiet"]
+        cmd = args + ["--out-dir", out] if run_dir is None else ["--resume", run_dir, "--data-dir", data_dir, "--quiet"]
         env = {**ONE_THREAD, **({"RUN_TEST_KILL_AT": kill} if kill else {})}
         proc = run_cli(f"{script}.py", *cmd, env=env)
         if kill is None:
