@@ -20,9 +20,11 @@ def local_ray():
     ray.shutdown()
 
 
-def sweep_cli(*args):
-    result = CliRunner().invoke(sweep.app, [str(a) for a in args])
-    assert result.exception is None or isinstance(result.exception, SystemExit), result.exception
+def sweep_cli(*args, code: int):
+    """sweep.py's command in this process (the module's Ray); `code`: the exit status it must return (1: a trial failed)."""
+    result = CliRunner().invoke(sweep.app, [str(a) for a in args], standalone_mode=False)
+    assert result.exception is None, result.exception
+    assert result.return_value == code, (result.return_value, result.output[-2000:])
     return result
 
 
@@ -30,7 +32,7 @@ def test_grid_failure_and_idempotent_rerun(local_ray, tiny_mnist, tmp_path):
     args = [ROOT / "train_mlp.py", "--grid", "lr=0.003,0.01", "--grid", "dropout=0.0,1.5", "--grid", "hidden=32",
             "--grid", f"data-dir={tiny_mnist}", "--grid", "limit=300", "--grid", "epochs=1",
             "--name", "t", "--out-dir", tmp_path, "--quiet"]
-    sweep_cli(*args, "--retries", "1")
+    sweep_cli(*args, "--retries", "1", code=1)
     sweep_dir = tmp_path / "sweeps" / "t"
     rows = [json.loads(line) for line in (sweep_dir / "trials.jsonl").read_text().splitlines()]
     assert len(rows) == 4
@@ -41,7 +43,10 @@ def test_grid_failure_and_idempotent_rerun(local_ray, tiny_mnist, tmp_path):
     assert all(r["attempts"] == 2 and "--dropout 1.5" in r["stderr_tail"] for r in failed)  # retried, stderr kept
     for r in ok:  # the driver got the run's config and final metrics back from the task
         assert r["config"]["lr"] == float(r["options"]["lr"]) and r["config"]["tag"] == f"t-{r['id']}"
-        assert 0 <= r["final"]["test_acc"] <= 1 and r["wall_s"] > 0 and r["node"]
+        run_dir = tmp_path / "train_mlp" / r["run_dir"].split("/train_mlp/")[1]
+        assert r["final"] == json.loads((run_dir / "metrics.json").read_text())["final"] and r["node"]
+        line = next(x for x in common.read_jsonl(tmp_path / "results.jsonl") if x["run_dir"] == r["run_dir"])
+        assert line["test_acc"] == r["final"]["test_acc"] and line["tag"] == f"t-{r['id']}"
     assert (tmp_path / "train_mlp").is_dir() and len(list((tmp_path / "train_mlp").iterdir())) == 2
     meta = json.loads((sweep_dir / "sweep.json").read_text())
     assert meta["grid"]["lr"] == ["0.003", "0.01"] and len(meta["commands"]) == 4 and meta["versions"]["ray"]
@@ -50,7 +55,7 @@ def test_grid_failure_and_idempotent_rerun(local_ray, tiny_mnist, tmp_path):
     assert (sweep_dir / "summary.png").stat().st_size > 1000
 
     # the same command again: the two finished trials are skipped, the two failed ones rerun (and fail again)
-    sweep_cli(*args, "--retries", "0")
+    sweep_cli(*args, "--retries", "0", code=1)
     rows2 = [json.loads(line) for line in (sweep_dir / "trials.jsonl").read_text().splitlines()]
     assert rows2[:4] == rows and len(rows2) == 6
     assert all(r["status"] == "failed" and r["options"]["dropout"] == "1.5" for r in rows2[4:])
@@ -84,7 +89,7 @@ def test_missing_script_is_a_user_error():
 def test_named_configurations(local_ray, tiny_mnist, tmp_path):
     sweep_cli(ROOT / "train_mlp.py", "--config", "base=--hidden 32", "--config", "bn=--hidden 32 --batch-norm --init kaiming",
               "--grid", f"data-dir={tiny_mnist}", "--grid", "limit=300", "--grid", "epochs=1", "--name", "c",
-              "--out-dir", tmp_path, "--quiet")
+              "--out-dir", tmp_path, "--quiet", code=0)
     sweep_dir = tmp_path / "sweeps" / "c"
     rows = {r["options"]["config"]: r for r in map(json.loads, (sweep_dir / "trials.jsonl").read_text().splitlines())}
     assert sorted(rows) == ["base", "bn"] and all(r["status"] == "ok" for r in rows.values())
