@@ -447,8 +447,7 @@ def versions() -> dict:
 
 # ----------------------------------------------------------------------------- a script's identity: its file
 def script_name(script_file) -> str:
-    """A script is named by its file: a copy my_cnn.py of a training script is "my_cnn" (a new experiment:
-    its own runs/my_cnn/, config.json "script", results.jsonl lines)."""
+    """A script is named by its file: a copy my_cnn.py is "my_cnn", a new experiment with its own runs/my_cnn/."""
     return Path(script_file).stem
 
 
@@ -471,8 +470,8 @@ def import_script(config: dict, run_dir):
 
 
 def load_run_model(run_dir, checkpoint: str = "best.pt", map_location="cpu"):
-    """(model with the run's weights in eval mode, config.json, the script's module): the run's own script rebuilds
-    its model with build_model(config), so a copied script's runs come back with the copy's architecture."""
+    """(model with the run's weights, in eval mode; config.json; the script's module), rebuilt by the run's own
+    script's build_model(config): a copied script's runs come back with the copy's architecture."""
     run_dir = Path(run_dir)
     check(run_dir.is_dir(), f"{run_dir}: no such run directory")
     config = read_json(run_dir / "config.json")
@@ -490,16 +489,10 @@ def load_run_model(run_dir, checkpoint: str = "best.pt", map_location="cpu"):
 
 # ----------------------------------------------------------------------------- a run: the one bookkeeping path
 class Run:
-    """One run's directory and files: create or resume (--resume merges the saved options), config.json, the
-    checkpoints, metrics.json, results.jsonl, Ctrl-C. The script decides when best.* and last.* are written and
-    when training stops (see the module docstring); last.* holds every registered object's state, the torch RNG and
-    the history, so it is the one source of truth after a kill at any moment: metrics.json is rewritten from it on
-    resume. A run killed before its first checkpoint restarts from epoch 1 in place; one killed during its final
-    report resumes straight to the report.
-
-    The script tells the run what it needs: `changeable`, the options a resume may change; `length_option`, the
-    option that sets how long it trains; `fix_length(why)` when the planned length must not change on resume;
-    `checkpoint_format=(ext, save, load)` for checkpoints that are not torch files (.npz, say)."""
+    """One run's directory and files (config.json, best.*/last.*, metrics.json, a results.jsonl line) and Ctrl-C.
+    The script decides when they are written. last.* (registered objects, RNG, history) is the one source of truth
+    after a kill at any moment. The script says what it needs: `changeable` (options a resume may change),
+    `length_option`, fix_length(why), checkpoint_format=(ext, save, load) for non-torch checkpoints."""
 
     def __init__(self, ctx, args: SimpleNamespace, script_file, changeable=("epochs", "device", "quiet", "data_dir"),
                  length_option: str = "epochs", main_process: bool = True, checkpoint_format=None):
@@ -521,8 +514,7 @@ class Run:
         self.best_loss, self.bad_epochs, self.stopped_early, self.training_done = float("inf"), 0, False, False
 
     def _merge(self, ctx, args, changeable) -> SimpleNamespace:
-        """The run's saved options; those in `changeable` taken from the command line when typed there (DATA_DIR from
-        the environment does not override them); any other option typed must equal the saved one."""
+        """The saved options; a `changeable` one typed on the command line wins, any other typed must be equal."""
         saved = dict(self.original)
         for record in saved.get("resumes", []):  # an earlier resume's --epochs N (say) holds until changed again
             for name, (_, new) in record.get("changed", {}).items():
@@ -573,9 +565,8 @@ class Run:
             raise UserError(f"{path} is unreadable ({type(e).__name__}); the file is damaged: start a new run") from None
 
     def save_config(self, **derived) -> dict:
-        """New run: create OUT_DIR/<script>/<time>[-tag]/ and write config.json (every option, derived facts, versions).
-        Resumed run: the original settings stay, what changed is appended to config["resumes"] (written by restore,
-        once last.* has loaded: a failed resume changes nothing)."""
+        """New run: OUT_DIR/<script>/<time>[-tag]/config.json (options, derived facts, versions). Resumed: the original
+        stays and what changed goes to config["resumes"], written once last.* has loaded (a failed resume changes nothing)."""
         if self.resumed:
             config = dict(self.original)
             now = {**vars(self.args), **derived, "versions": versions()}
@@ -593,9 +584,8 @@ class Run:
         return config
 
     def restore(self, map_location="cpu", planned: Optional[int] = None, **objects) -> None:
-        """Register the objects kept in last.* (torch.Generator, or anything with state_dict/load_state_dict) and restore
-        them, the RNG and the history when the run has a last.*; else write last.* at epoch 0. `planned`: how many
-        epochs the run trains (default --epochs), to tell a finished run from one to continue."""
+        """Register the objects kept in last.* (Generators, or state_dict/load_state_dict) and restore them with the RNG
+        and history if there is a last.*, else write it at epoch 0. `planned`: epochs to train (default --epochs)."""
         self.objects, self.map_location = objects, torch.device(map_location)
         planned = getattr(self.args, "epochs", None) if planned is None else planned
         if not (self.resumed and self.last_path.is_file()):
@@ -686,9 +676,8 @@ class Run:
         return self._load(self.best_path, map_location)
 
     def tensorboard(self, folder: Optional[str] = None, purge_step: Optional[int] = None):
-        """A SummaryWriter on the run directory (or its subfolder `folder`) that drops the events a resumed run redoes
-        (at or past purge_step, default the resumed epoch + 1); None off the main process. A resume purges every tag
-        past one step, so values on another x axis (per step) need their own folder."""
+        """A SummaryWriter on the run directory (or `folder` in it: values on another x axis) that drops the events a
+        resume redoes (from purge_step, default epoch + 1); None off the main process."""
         if folder not in self._writers and self.main_process:
             from torch.utils.tensorboard import SummaryWriter
 
@@ -738,8 +727,7 @@ _batches_seen: dict = {}
 
 
 def _count_batches(iterable, event: str):
-    """Batches counted over the whole process, for RUN_TEST_KILL_AT=batch:N (the N-th training batch: a kill
-    mid-epoch) or DESC:N (the N-th step of another progress bar, e.g. gradients:N)."""
+    """Steps counted over the process for RUN_TEST_KILL_AT=batch:N (training batches) or DESC:N (another bar)."""
     for item in iterable:
         _batches_seen[event] = _batches_seen.get(event, 0) + 1
         _test_kill_point(event, _batches_seen[event])
@@ -769,9 +757,7 @@ def pyplot():
 
 
 def mosaic(images: np.ndarray, cols: int, pad_x: int, pad_top: int = 0) -> np.ndarray:
-    """Images [N,H,W] tiled `cols` per row into one array, each tile scaled to its own min..max (as imshow
-    does for a single image), pad_x columns between tiles and pad_top rows above each row; gaps are NaN (draw
-    them with a colormap's `bad` color)."""
+    """Images [N,H,W] tiled `cols` per row, each scaled to its own min..max; gaps (pad_x, pad_top) are NaN."""
     n, (h, w) = len(images), (images.shape[1:3] if len(images) else (28, 28))
     rows = max(1, math.ceil(n / cols))
     cell_h, cell_w = h + pad_top, w + pad_x
@@ -784,9 +770,8 @@ def mosaic(images: np.ndarray, cols: int, pad_x: int, pad_top: int = 0) -> np.nd
 
 
 def plot_image_grid(images, titles, path, colors=None, suptitle=None, cols=8) -> None:
-    """Grayscale images [N,H,W] (uint8 or float) in a grid, each with a title (colored if given). Drawn as one
-    mosaic in one axes (a figure of 32 small axes takes seconds to lay out); each tile is scaled to its own
-    min..max, as imshow does for a single image."""
+    """Grayscale images [N,H,W] in a grid with titles (colored if given), drawn as one mosaic in one axes (a figure
+    of 32 small axes takes seconds to lay out)."""
     plt = pyplot()
     images = images.detach().float().cpu().numpy() if isinstance(images, torch.Tensor) else np.asarray(images, dtype=np.float32)
     n = len(images)
@@ -825,8 +810,7 @@ def plot_predictions(images, true_digits, pred_digits, path, n: int = 32) -> Non
 
 
 def step_values(stats: torch.Tensor, names=("loss", "acc")) -> dict:
-    """A [steps, k] tensor of per-step training values, kept on the device during the epoch and read here once
-    (no host sync per step), as metrics.json fields {"step_loss": [...], "step_acc": [...]} for plot_curves."""
+    """Per-step training values [steps, k] kept on the device (read once per epoch) -> {"step_loss": [...], ...}."""
     columns = stats.detach().float().cpu().T.tolist()
     return {f"step_{name}": [float(f"{v:.5g}") for v in column] for name, column in zip(names, columns)}
 
@@ -842,8 +826,7 @@ def smooth(values, window: int) -> np.ndarray:
 
 
 def add_step_scalars(writer, record: dict, first_step: int) -> None:
-    """An epoch record's per-step values (step_loss, ...) as TensorBoard scalars loss/train_step, ... at global
-    steps first_step + 1, ...; writer: run.tensorboard("steps", ...) (None off the main process: nothing)."""
+    """An epoch record's step_* values as TensorBoard scalars <name>/train_step at global steps first_step + 1, ..."""
     if writer is None:
         return
     for key, values in record.items():
@@ -853,9 +836,8 @@ def add_step_scalars(writer, record: dict, first_step: int) -> None:
 
 
 def plot_curve(ax, history: list[dict], key: str, xlabel: str = "epoch") -> None:
-    """One panel of plot_curves: train_<key> per step where every record holds step_<key> (x in fractional
-    epochs: step k of n in epoch e at e - 1 + k/n; raw faint, smoothed solid), else per epoch; val_<key> and
-    test_<key> per epoch on top."""
+    """train_<key> per step where every record has step_<key> (x in fractional epochs; raw faint, smoothed solid),
+    else per epoch; val_<key> and test_<key> per epoch."""
     epochs = [h["epoch"] for h in history]
     steps = [h.get(f"step_{key}") or [] for h in history]
     if history and all(steps):
@@ -878,9 +860,7 @@ def plot_curve(ax, history: list[dict], key: str, xlabel: str = "epoch") -> None
 
 
 def plot_curves(history: list[dict], path, keys=("loss", "acc"), xlabel: str = "epoch") -> None:
-    """Training curves from metrics.json's per-epoch records, one panel per key (see plot_curve). Where the
-    records hold per-step values (step_loss, step_acc, ...: see step_values) the training line is per step, so
-    a one-epoch run still shows its curve; val and test are per-epoch points."""
+    """Training curves from metrics.json's records, one panel per key (plot_curve)."""
     plt = pyplot()
     fig, axes = plt.subplots(1, len(keys), figsize=(5 * len(keys), 3.6), squeeze=False)
     for ax, key in zip(axes.flat, keys):
