@@ -16,11 +16,12 @@ val_loss_vs_updates.png and val_error_vs_updates.png; one line in runs/results.j
 
 from __future__ import annotations
 
+import json
 import math
 import sys
 import time
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import Annotated
 
 import numpy as np
 import typer
@@ -177,11 +178,58 @@ class Sampler:
         self.order, self.pos = np.asarray(state["order"]), int(state["pos"])
 
 
+# ----------------------------------------------------------------------------- checkpoints: NumPy archives, no pickle
+def save_npz(state: dict, path) -> None:
+    """A nested dict of arrays, torch tensors and JSON values as one .npz (no pickle): each array under its key path
+    'a/b/c', the rest as JSON in '__meta__'. Written to an open file, as np.savez would add .npz to the name of the
+    temporary file that run.save_best/save_last then rename over best.npz/last.npz."""
+    arrays = {}
+
+    def split(value, key):  # `value` for JSON; its arrays go into `arrays` (None stands in for them)
+        value = value.detach().cpu().numpy() if hasattr(value, "detach") else value  # torch: the RNG, the twin
+        if isinstance(value, np.ndarray):
+            arrays[key] = value
+            return None
+        if isinstance(value, dict) and value and all(isinstance(k, str) for k in value):
+            return {k: split(v, f"{key}/{k}" if key else k) for k, v in value.items()}
+        return value
+
+    meta = split(state, "")
+    with open(path, "wb") as f:
+        np.savez(f, __meta__=np.array(json.dumps(meta, default=common.to_json)), **arrays)
+
+
+def load_npz(path, map_location=None) -> dict:
+    """save_npz's dict back, arrays as NumPy arrays (allow_pickle=False: object arrays are refused)."""
+    with np.load(path, allow_pickle=False) as z:
+        state = json.loads(str(z["__meta__"]))
+        for key in [k for k in z.files if k != "__meta__"]:
+            *parents, name = key.split("/")
+            node = state
+            for part in parents:
+                node = node.setdefault(part, {})
+            node[name] = z[key]
+    return state
+
+
 # ----------------------------------------------------------------------------- gradient checking
 def relative_error(a, b) -> float:
     """max |a - b| / (|a| + |b|); where both are below 1e-6 (a gradient that is exactly 0, e.g. behind a ReLU that is
     off, against float64 rounding noise of ~1e-14), the difference is measured against 1e-6 instead."""
     return float(np.max(np.abs(a - b) / np.maximum(np.abs(a) + np.abs(b), 1e-6)))
+
+
+def central_differences(f, flat, picks, eps: float) -> np.ndarray:
+    """(f() at t + eps - f() at t - eps) / (2 eps) for each entry i in `picks` of `flat` (a flat view of t), restored."""
+    numeric = np.empty(len(picks))
+    for j, i in enumerate(picks):
+        old = flat[i]
+        flat[i] = old + eps
+        plus = f()
+        flat[i] = old - eps
+        numeric[j] = (plus - f()) / (2 * eps)
+        flat[i] = old
+    return numeric
 
 
 def check_layer(layer, x, rng: np.random.Generator, eps: float = 1e-4, entries: int = 200) -> dict:
@@ -198,15 +246,7 @@ def check_layer(layer, x, rng: np.random.Generator, eps: float = 1e-4, entries: 
         flat = t.reshape(-1)
         candidates = np.flatnonzero(np.abs(flat) > 10 * eps) if isinstance(layer, ReLU) else np.arange(flat.size)
         picks = rng.choice(candidates, size=min(entries, candidates.size), replace=False)
-        numeric = np.empty(len(picks))
-        for j, i in enumerate(picks):
-            old = flat[i]
-            flat[i] = old + eps
-            plus = float((layer.forward(x) * r).sum())
-            flat[i] = old - eps
-            minus = float((layer.forward(x) * r).sum())
-            flat[i] = old
-            numeric[j] = (plus - minus) / (2 * eps)
+        numeric = central_differences(lambda: float((layer.forward(x) * r).sum()), flat, picks, eps)
         errors[name] = relative_error(analytic[name].reshape(-1)[picks], numeric)
     return errors
 
@@ -215,16 +255,9 @@ def check_loss(rng: np.random.Generator, eps: float = 1e-6) -> float:
     loss, logits = SoftmaxCrossEntropy(), rng.standard_normal((6, 10))
     labels = rng.integers(0, 10, 6)
     loss.forward(logits, labels)
-    analytic, numeric = loss.backward(), np.empty_like(logits)
-    for idx in np.ndindex(logits.shape):
-        old = logits[idx]
-        logits[idx] = old + eps
-        plus = loss.forward(logits, labels)
-        logits[idx] = old - eps
-        minus = loss.forward(logits, labels)
-        logits[idx] = old
-        numeric[idx] = (plus - minus) / (2 * eps)
-    return relative_error(analytic, numeric)
+    analytic = loss.backward()
+    numeric = central_differences(lambda: loss.forward(logits, labels), logits.reshape(-1), np.arange(logits.size), eps)
+    return relative_error(analytic.reshape(-1), numeric)
 
 
 def check_gradients(net: Network, x: np.ndarray, seed: int = 0) -> dict[str, float]:
@@ -248,25 +281,15 @@ def torch_twin(net: Network, arch: str):
     import torch
     import torch.nn as nn
 
+    layers = [layer for layer in net.layers if layer.params]  # embed: PatchEmbedding, Linear; mlp: the Linears
+
     class Twin(nn.Module):
         def __init__(self):
             super().__init__()
             if arch == "embed":
-                emb, head = net.layers[0], net.layers[2]
-                self.embed = nn.Conv2d(1, 8, 4, stride=4)
-                self.head = nn.Linear(head.params["W"].shape[0], head.params["W"].shape[1])
-                with torch.no_grad():  # W[4i+j, c] is the conv weight [c, 0, i, j]
-                    self.embed.weight.copy_(torch.from_numpy(emb.params["W"].T.reshape(8, 1, 4, 4).copy()))
-                    self.embed.bias.copy_(torch.from_numpy(emb.params["b"]))
-                    self.head.weight.copy_(torch.from_numpy(head.params["W"].T.copy()))
-                    self.head.bias.copy_(torch.from_numpy(head.params["b"]))
+                self.embed, self.head = nn.Conv2d(1, 8, 4, stride=4), nn.Linear(*layers[1].params["W"].shape)
             else:
-                linears = [layer for layer in net.layers if isinstance(layer, Linear)]
-                self.fcs = nn.ModuleList(nn.Linear(*layer.params["W"].shape) for layer in linears)
-                with torch.no_grad():
-                    for fc, layer in zip(self.fcs, linears):
-                        fc.weight.copy_(torch.from_numpy(layer.params["W"].T.copy()))
-                        fc.bias.copy_(torch.from_numpy(layer.params["b"]))
+                self.fcs = nn.ModuleList(nn.Linear(*layer.params["W"].shape) for layer in layers)
 
         def forward(self, x):  # x [B,28,28]
             if arch == "embed":
@@ -277,7 +300,13 @@ def torch_twin(net: Network, arch: str):
                 h = torch.relu(fc(h))
             return self.fcs[-1](h)
 
-    return Twin()
+    twin, state = Twin(), {}
+    for name, layer in zip(["embed", "head"] if arch == "embed" else [f"fcs.{j}" for j in range(len(layers))], layers):
+        weight = layer.params["W"].T  # [out, in]; the patch map's W[4i+j, c] is the conv weight [c, 0, i, j]
+        state[f"{name}.weight"] = weight.reshape(8, 1, 4, 4) if isinstance(layer, PatchEmbedding) else weight
+        state[f"{name}.bias"] = layer.params["b"]
+    twin.load_state_dict({k: torch.from_numpy(np.ascontiguousarray(v)) for k, v in state.items()})
+    return twin
 
 
 # ----------------------------------------------------------------------------- evaluation, the loop, the report
@@ -314,25 +343,31 @@ def check_options(args) -> None:
 def to_numpy(images, labels, scale: str = "standard"):
     """uint8 tensor [N,28,28] -> float32 NumPy: standard (MNIST's mean and std), unit ([0, 1]) or raw (0..255);
     labels int64."""
-    x = images.cpu().numpy().astype(np.float32)
-    if scale == "raw":
-        return x, labels.cpu().numpy().astype(np.int64)
-    x /= 255.0
+    x = images.cpu().numpy().astype(np.float32) / (1.0 if scale == "raw" else 255.0)
     return (x - common.MNIST_MEAN) / common.MNIST_STD if scale == "standard" else x, labels.cpu().numpy().astype(np.int64)
 
 
-def train(run, net, sampler, data, twin=None, twin_opt=None) -> None:
-    """Blocks of --eval-every SGD updates (the last may be shorter); after each, validation and run.end_epoch."""
+def evaluations(args) -> int:
+    """The run's "epochs": blocks of --eval-every updates, the last one possibly shorter."""
+    return math.ceil(args.updates / args.eval_every)
+
+
+def train(run, net, sampler, data, twin=None) -> None:
+    """Blocks of --eval-every SGD updates (the last may be shorter); after each, validation, then best.npz and
+    last.npz, each decided here. There is no early stopping."""
     args = run.args
     train_x, train_y, val_x, val_y = data
-    if twin is not None:
+    if twin is not None:  # plain SGD, as the NumPy net's: no state to keep in last.npz
         import torch
         import torch.nn.functional as F
-    writer = run.tensorboard(purge_step=run.epoch * args.eval_every + 1)  # x axis: SGD updates
+
+        twin_opt = torch.optim.SGD(twin.parameters(), lr=args.lr)
+    done = run.history[-1]["updates"] if run.history else 0  # the next block starts here, also after a short last one
+    writer = run.tensorboard(purge_step=done + 1)  # x axis: SGD updates
     with run.guard():
-        for block in run.epochs():
+        for block in run.epochs(evaluations(args)):
             t0 = time.time()
-            first, last = (block - 1) * args.eval_every, min(block * args.eval_every, args.updates)
+            first, last = done, min(block * args.eval_every, args.updates)
             losses, accs, twin_losses = [], [], []  # per update, the NumPy net's (and its twin's)
             for _ in common.progress(range(first, last), args.quiet, desc="train"):
                 idx = sampler.next()
@@ -361,7 +396,10 @@ def train(run, net, sampler, data, twin=None, twin_opt=None) -> None:
                 if key in record:
                     writer.add_scalar(key.replace("_", "/", 1) if not key.startswith("torch") else key, record[key], last)
             common.add_step_scalars(writer, record, first)
-            run.end_epoch(record, score=val_acc, loss=val_loss)
+            if run.improved(val_acc, block):  # best.npz: the weights of the best val accuracy
+                run.save_best({"model": net.state_dict()})
+            run.save_last(record)  # last.npz (the resume point), then metrics.json: every evaluation
+            done = last
             print(f"update {last:6d} | train loss {record['train_loss']:.4f} | val loss {val_loss:.4f} acc {val_acc:.2%}"
                   + (f" | torch val acc {record['torch_val_acc']:.2%}, max loss gap {record['max_train_loss_gap']:.2e}"
                      if twin is not None else "") + f" | {record['epoch_time_s']:.1f}s")
@@ -371,25 +409,19 @@ def plot_compare(history: list[dict], run_dir: Path) -> None:
     """One figure per metric, NumPy and PyTorch overlaid."""
     plt = common.pyplot()
     updates = [h["updates"] for h in history]
-    numpy_steps = np.concatenate([h["step_loss"] for h in history])
-    torch_steps = np.concatenate([h["torch_step_loss"] for h in history])
-    window = max(1, len(numpy_steps) // 100)
-    smooth = lambda v: np.convolve(v, np.ones(window) / window, mode="valid")  # noqa: E731
-    figures = {
-        "train_loss.png": ("training loss (moving mean over %d updates)" % window,
-                           [(np.arange(len(smooth(numpy_steps))) + window, smooth(numpy_steps), "NumPy"),
-                            (np.arange(len(smooth(torch_steps))) + window, smooth(torch_steps), "PyTorch")]),
-        "val_loss_vs_updates.png": ("validation loss", [(updates, [h["val_loss"] for h in history], "NumPy"),
-                                                        (updates, [h["torch_val_loss"] for h in history], "PyTorch")]),
-        "val_error_vs_updates.png": ("validation error", [(updates, [1 - h["val_acc"] for h in history], "NumPy"),
-                                                          (updates, [1 - h["torch_val_acc"] for h in history], "PyTorch")]),
+    steps = [np.concatenate([h[key] for h in history]) for key in ("step_loss", "torch_step_loss")]
+    window = max(1, len(steps[0]) // 100)
+    smoothed = [np.convolve(v, np.ones(window) / window, mode="valid") for v in steps]
+    figures = {  # file: (y label, [(x, y) of NumPy, (x, y) of PyTorch])
+        "train_loss.png": (f"training loss (moving mean over {window} updates)", [(np.arange(len(v)) + window, v) for v in smoothed]),
+        "val_loss_vs_updates.png": ("validation loss", [(updates, [h[k] for h in history]) for k in ("val_loss", "torch_val_loss")]),
+        "val_error_vs_updates.png": ("validation error", [(updates, [1 - h[k] for h in history]) for k in ("val_acc", "torch_val_acc")]),
     }
     for name, (ylabel, lines) in figures.items():
         fig, ax = plt.subplots(figsize=(6, 4))
-        for (xs, ys, label), style in zip(lines, ("-", "--")):
+        for (xs, ys), label, style in zip(lines, ("NumPy", "PyTorch"), ("-", "--")):
             ax.plot(xs, ys, style, label=label, marker="o" if len(xs) <= 30 else None)
-        ax.set_xlabel("SGD updates")
-        ax.set_ylabel(ylabel)
+        ax.set(xlabel="SGD updates", ylabel=ylabel)
         ax.grid(alpha=0.3)
         ax.legend()
         fig.tight_layout()
@@ -420,7 +452,8 @@ def main(
     quiet: common.Quiet = False,
 ):
     """Train the NumPy network on MNIST (or check its gradients) and report test accuracy with the best weights."""
-    run = common.Run(ctx, common.args_from(locals()), "numpy_nn", ext=".npz", changeable=("updates", "quiet", "data_dir"))
+    run = common.Run(ctx, common.args_from(locals()), __file__, length_option="updates",  # named by this file
+                     changeable=("updates", "quiet", "data_dir"), checkpoint_format=(".npz", save_npz, load_npz))
     args = run.args
     check_options(args)
     data = common.load_mnist(args.data_dir, "cpu", args.digits, args.val_fraction, args.limit, args.seed)
@@ -438,22 +471,15 @@ def main(
         print(f"gradient check passed: every layer below 1e-6 (largest {max(errors.values()):.2e})")
         return
     sampler = Sampler(len(train_y), args.batch_size, seed=common.seed_for(args.seed, "shuffle"))
-    twin = twin_opt = None
-    objects = {"model": net, "sampler": sampler}
-    if args.compare_torch:
-        import torch
-
-        twin = torch_twin(net, args.arch)
-        twin_opt = torch.optim.SGD(twin.parameters(), lr=args.lr)
-        objects["torch_model"] = twin
+    twin = torch_twin(net, args.arch) if args.compare_torch else None  # the same model and weights in PyTorch
     n_params = sum(p.size for layer in net.layers for p in layer.params.values())
-    run.total, run.length_option = math.ceil(args.updates / args.eval_every), "--updates"
-    run.save_config(device="cpu (NumPy)", n_parameters=n_params, evaluations=run.total, numpy=np.__version__, **data.describe())
+    run.save_config(device="cpu (NumPy)", n_parameters=n_params, evaluations=evaluations(args), numpy=np.__version__,
+                    **data.describe())
     print(f"{args.arch} | {n_params:,} parameters | train {len(train_y)} val {len(val_y)} test {len(data.test_y)} | "
           f"{args.updates} updates of {args.batch_size} | run {run.dir}")
-    run.restore(**objects)
+    run.restore("cpu", planned=evaluations(args), model=net, sampler=sampler, **({"torch_model": twin} if twin is not None else {}))
 
-    train(run, net, sampler, (train_x, train_y, val_x, val_y), twin, twin_opt)
+    train(run, net, sampler, (train_x, train_y, val_x, val_y), twin)
     net.load_state_dict(run.load_best()["model"])
     test_x, test_y = to_numpy(data.test_x, data.test_y, args.input_scale)
     test_loss, test_acc, preds = evaluate(net, test_x, test_y)

@@ -108,6 +108,47 @@ def test_training_end_to_end_with_the_torch_twin(tiny_mnist, tmp_path):
     assert str(run_dir) in last_line and "test accuracy" in last_line
 
 
+def test_npz_checkpoints_round_trip_without_pickle(tmp_path):
+    """save_npz writes exactly the path it is given (a temporary name without .npz, as run.save_last passes); load_npz
+    gives back arrays, tensors (as arrays) and JSON values in place, and refuses an archive holding pickled objects."""
+    state = {"objects": {"model": {"0.W": np.arange(6.0).reshape(2, 3)}, "sampler": {"rng": {"state": {"state": 2**100}},
+             "order": np.array([2, 0, 1]), "pos": 3}}, "rng": {"torch": torch.arange(4, dtype=torch.uint8)},
+             "run": {"epoch": 2, "history": [{"epoch": 1, "val_acc": 0.5}], "best": {"epoch": 1, "score": None}, "empty": {}}}
+    path = tmp_path / "last.npz12345.tmp"
+    numpy_nn.save_npz(state, path)
+    assert [p.name for p in tmp_path.iterdir()] == [path.name]
+    back = numpy_nn.load_npz(path)
+    np.testing.assert_array_equal(back["objects"]["model"]["0.W"], state["objects"]["model"]["0.W"])
+    np.testing.assert_array_equal(back["rng"]["torch"], np.arange(4, dtype=np.uint8))
+    np.testing.assert_array_equal(back["objects"]["sampler"]["order"], [2, 0, 1])
+    assert back["objects"]["sampler"]["rng"] == {"state": {"state": 2**100}} and back["objects"]["sampler"]["pos"] == 3
+    assert back["run"] == state["run"]
+    np.savez(tmp_path / "evil.npz", __meta__=np.array("{}"), payload=np.array([{"a": 1}], dtype=object))
+    with pytest.raises(ValueError, match="pickle"):
+        numpy_nn.load_npz(tmp_path / "evil.npz")
+
+
+def test_a_finished_run_resumed_with_more_updates_trains_only_the_missing_ones(tiny_mnist, tmp_path):
+    """--updates 150 (evaluations at 100 and 150), then --resume --updates 250: one more block of 100 updates, the
+    same SGD steps as one uninterrupted 250-update run; the same --updates again is one line, exit 2."""
+    base = ["--data-dir", tiny_mnist, "--eval-every", 100, "--quiet", "--hidden", 16, "--arch", "mlp"]
+    straight = run_cli("numpy_nn.py", *base, "--updates", 250, "--out-dir", tmp_path / "straight", env=ONE_THREAD)
+    short = run_cli("numpy_nn.py", *base, "--updates", 150, "--out-dir", tmp_path / "extended", env=ONE_THREAD)
+    assert straight.returncode == 0 and short.returncode == 0, straight.stderr + short.stderr
+    (run_dir,) = (tmp_path / "extended" / "numpy_nn").iterdir()
+    longer = run_cli("numpy_nn.py", "--resume", run_dir, "--updates", 250, "--quiet", env=ONE_THREAD)
+    assert longer.returncode == 0, longer.stderr
+    (straight_dir,) = (tmp_path / "straight" / "numpy_nn").iterdir()
+    a, b = (json.loads((d / "metrics.json").read_text()) for d in (straight_dir, run_dir))
+    assert [(h["updates"], len(h["step_loss"])) for h in b["epochs"]] == [(100, 100), (150, 50), (250, 100)]
+    assert sum((h["step_loss"] for h in b["epochs"]), []) == sum((h["step_loss"] for h in a["epochs"]), [])
+    weights = [numpy_nn.load_npz(d / "last.npz")["objects"]["model"] for d in (straight_dir, run_dir)]
+    assert all(np.array_equal(weights[0][k], weights[1][k]) for k in weights[0])  # the same last weights
+    assert json.loads((run_dir / "config.json").read_text())["resumes"][-1]["changed"]["updates"] == [150, 250]
+    again = run_cli("numpy_nn.py", "--resume", run_dir, "--updates", 250, env=ONE_THREAD)
+    assert_user_error(again, "--updates", "trained all")
+
+
 def test_grad_check_cli_passes(tiny_mnist, tmp_path):
     proc = run_cli("numpy_nn.py", "--data-dir", tiny_mnist, "--out-dir", tmp_path, "--grad-check", "--arch", "mlp",
                    "--hidden", 16, env=ONE_THREAD)
