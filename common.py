@@ -409,11 +409,12 @@ def read_jsonl(path, notes: Optional[list] = None, numbered: bool = False) -> li
 
 
 def append_jsonl(path, record: dict, unique: Optional[str] = None) -> None:
-    """One whole line per call (a single write, flushed and fsynced); with `unique`, not again if a line with the same
-    record[unique] is there already (a resumed final report adds no second line)."""
+    """One whole line per call (a single write, flushed and fsynced); with `unique`, not again when a line with the
+    same record[unique] says the same (but its time): a redone final report adds nothing, an extended run a new line."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    if unique is not None and any(r.get(unique) == record[unique] for r in read_jsonl(path)):
+    same = lambda r: {**r, "time": None} == json.loads(json.dumps({**record, "time": None}, default=to_json))  # noqa: E731
+    if unique is not None and any(r.get(unique) == record[unique] and same(r) for r in read_jsonl(path)):
         return
     with open(path, "a") as f:
         f.write(json.dumps(record, default=to_json) + "\n")

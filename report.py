@@ -137,15 +137,16 @@ def _snake(options: dict) -> dict:
 
 def read_results(path: Path, notes: list[str]) -> list[Record]:
     """OUT_DIR/results.jsonl: Run.finish's lines (time, script, run_dir, tag, seed, the script's headline
-    options and metrics)."""
-    records = []
+    options and metrics); a run trained further after its first report has a later line, and the latest counts."""
+    latest = {}
     for i, obj in common.read_jsonl(path, notes, numbered=True):
         missing = [k for k in ("script", "run_dir") if not obj.get(k)]
         if missing:
             notes.append(f"skipped {path}:{i}: partial record (no {' or '.join(missing)})")
             continue
-        records.append(Record(f"{path}:{i}", str(obj["script"]), str(obj["run_dir"]), obj))
-    return records
+        latest.pop(str(obj["run_dir"]), None)  # re-inserted last: the order of the latest lines
+        latest[str(obj["run_dir"])] = Record(f"{path}:{i}", str(obj["script"]), str(obj["run_dir"]), obj)
+    return list(latest.values())
 
 
 def read_sweep(sweep_dir: Path, notes: list[str]) -> list[Record]:

@@ -95,10 +95,10 @@ def test_run_dirs_are_unique_and_results_append(tmp_path):
     second = common.make_run_dir(tmp_path, "script", "t")
     assert first != second and first.parent == second.parent == tmp_path / "script"
     assert first.name.endswith("-t")
-    for record in ({"run_dir": "a", "n": 1}, {"run_dir": "b", "n": 2}, {"run_dir": "a", "n": 3}):
-        common.append_jsonl(tmp_path / "results.jsonl", record, unique="run_dir")  # a redone report: no second line
-    lines = (tmp_path / "results.jsonl").read_text().splitlines()
-    assert [json.loads(line)["n"] for line in lines] == [1, 2]
+    for record in ({"run_dir": "a", "n": 1}, {"run_dir": "b", "n": 2}, {"run_dir": "a", "n": 1}, {"run_dir": "a", "n": 3}):
+        common.append_jsonl(tmp_path / "results.jsonl", {**record, "time": "now"}, unique="run_dir")
+    lines = (tmp_path / "results.jsonl").read_text().splitlines()  # a redone report adds nothing, an extended run a line
+    assert [json.loads(line)["n"] for line in lines] == [1, 2, 3]
     with pytest.raises(common.UserError):
         common.make_run_dir(tmp_path, "script", "bad/tag")
 
