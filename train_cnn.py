@@ -20,6 +20,8 @@ activations for one test image) and TensorBoard events. Classify your own images
 from __future__ import annotations
 
 import math
+import os
+import platform
 import time
 from pathlib import Path
 from typing import Annotated, Optional
@@ -66,11 +68,48 @@ class CNN(nn.Sequential):
 
 
 def build_model(config: dict) -> CNN:
-    """The model a run's config.json describes (used by predict.py)."""
+    """The model a run's config.json describes (common.load_run_model: predict.py, fgsm_attack.py)."""
     return CNN(config["arch"], config["num_classes"])
 
 
 # ----------------------------------------------------------------------------- speed: precision, memory layout, augmentation
+def bf16_cpu_flags() -> list[str]:
+    """The CPU's native-bf16 instruction sets torch sees: a subset of ["avx512_bf16", "amx"]."""
+    return [f for f, ok in (("avx512_bf16", torch.cpu._is_avx512_bf16_supported()),
+                            ("amx", torch.cpu._is_amx_tile_supported())) if ok]
+
+
+def describe_machine() -> str:
+    """CPU model, cores, native-bf16 instructions and GPU, for benchmark and report headers."""
+    cpu = platform.processor() or platform.machine()
+    try:
+        cpu = next(line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
+                   if line.startswith("model name"))
+    except (OSError, StopIteration):
+        pass
+    flags = bf16_cpu_flags()
+    gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "no GPU"
+    return f"{cpu}, {os.cpu_count()} cores, {' + '.join(flags) if flags else 'no native bf16'}, {gpu}"
+
+
+def pick_precision(name: str, device: torch.device) -> tuple[str, str]:
+    """(precision, reason). auto = bf16 autocast only where the hardware computes bf16 natively: CUDA GPUs with
+    native bf16, CPUs with AVX512_BF16 or AMX (oneDNN emulates bf16 on other AVX512 CPUs, slower than fp32);
+    fp32 elsewhere."""
+    common.check(name in ("auto", "fp32", "bf16"), f"--precision {name}: use auto, fp32 or bf16")
+    if name != "auto":
+        return name, "asked for on the command line"
+    if device.type == "cuda":
+        native = torch.cuda.is_bf16_supported(including_emulation=False)
+        return ("bf16", "the GPU computes bf16 natively") if native else ("fp32", "the GPU has no native bf16")
+    if device.type == "cpu":
+        flags = bf16_cpu_flags()
+        if flags:
+            return "bf16", f"the CPU has {' and '.join(flags)} (native bf16)"
+        return "fp32", "the CPU has neither avx512_bf16 nor amx: bf16 would be emulated, slower than fp32"
+    return "fp32", f"bf16 autocast is not used on {device.type}"
+
+
 def autocast(device: torch.device, precision: str):
     return torch.autocast(device.type, dtype=torch.bfloat16, enabled=precision == "bf16")
 
@@ -247,7 +286,8 @@ def check_options(args) -> None:
 
 
 def train(run, model, optimizer, batches, data, plain) -> None:
-    """The epochs still to run: train with the per-step schedule, validate, run.end_epoch (best/last/metrics)."""
+    """The epochs still to run: train with the per-step schedule, validate, then best.pt, early stopping and
+    last.pt, each decided here."""
     args, writer = run.args, run.tensorboard()
     steps_writer = run.tensorboard("steps", purge_step=run.epoch * len(batches) + 1)  # x axis: global step
     total_steps = args.epochs * len(batches)
@@ -256,7 +296,7 @@ def train(run, model, optimizer, batches, data, plain) -> None:
         return schedule(args.lr_schedule, step, total_steps, len(batches), args.lr, args.gamma, args.cycle_momentum)
 
     with run.guard():
-        for epoch in run.epochs():
+        for epoch in run.epochs(args.epochs):
             t0 = time.time()
             train_loss, train_acc, step_stats = train_epoch(model, batches, optimizer, lr_at, (epoch - 1) * len(batches),
                                                             args.precision, args.label_smoothing, args.quiet)
@@ -269,9 +309,15 @@ def train(run, model, optimizer, batches, data, plain) -> None:
                 if record[key] is not None:
                     writer.add_scalar("{1}/{0}".format(*key.split("_")), record[key], epoch)
             writer.add_scalar("lr", record["lr_end"], epoch)
-            run.end_epoch(record, score=val_acc, loss=val_loss)
+            if run.improved(val_acc, epoch):  # best.pt: the weights of the best val accuracy (the last, without val)
+                run.save_best({"model": model.state_dict()})
+            stop = run.early_stop(val_loss, args.patience, args.min_delta)
+            run.save_last(record)  # last.pt (the resume point), then metrics.json: every epoch
             print(f"epoch {epoch:3d} | train loss {train_loss:.4f} acc {train_acc:.2%} | "
                   + (f"val loss {val_loss:.4f} acc {val_acc:.2%} | " if val_acc is not None else "") + f"{record['epoch_time_s']:.1f}s")
+            if stop:
+                print(f"early stopping: val loss has not improved for {args.patience} epochs")
+                break
 
 
 def report(run, model, data, plain, started: float) -> dict:
@@ -341,13 +387,15 @@ def main(
 ):
     """Train a CNN on MNIST and report test accuracy with the best (by val accuracy) weights."""
     started = time.time()
-    run = common.Run(ctx, common.args_from(locals()), "train_cnn")
+    run = common.Run(ctx, common.args_from(locals()), __file__)  # named by this file: a copy is a new experiment
     args = run.args
     check_options(args)
+    if args.lr_schedule in ("cosine", "onecycle"):
+        run.fix_length(f"its {args.lr_schedule} learning rate spans the planned steps (it would jump back up mid-run)")
     if args.lr is None:
         args.lr = DEFAULT_LR[args.optimizer]
     device = common.pick_device(args.device)
-    args.precision, precision_reason = common.pick_precision(args.precision, device)
+    args.precision, precision_reason = pick_precision(args.precision, device)
     data = common.load_mnist(args.data_dir, device, args.digits, args.val_fraction, args.limit, args.seed)
     common.seed_everything(common.seed_for(args.seed, "init"))
     model = CNN(args.arch, data.num_classes).to(device, memory_format=memory_format(device))

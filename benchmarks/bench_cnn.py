@@ -149,7 +149,7 @@ def main(
     """Time to 99% test accuracy: train_cnn.py defaults vs the fast recipe vs the pytorch/examples mnist recipe."""
     common.read_mnist(data_dir, train=False)  # a clear error now rather than inside a subprocess
     seed_list = [int(s) for s in seeds.split(",")]
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads | {common.describe_machine()} | {load()}")
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads | {train_cnn.describe_machine()} | {load()}")
     devices = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
     ours, recipe = {d: [] for d in devices}, {d: [] for d in devices}
     with tempfile.TemporaryDirectory() as tmp:

@@ -1,5 +1,6 @@
 """train_cnn.py: every arch's shapes and sizes, the one-cycle schedule against torch's, augmentation,
-an end-to-end CLI run writing every output, resume matching an uninterrupted run, and bad input."""
+an end-to-end CLI run writing every output, resume matching an uninterrupted run, a longer resume of a one-cycle
+run refused, and bad input."""
 
 import json
 import math
@@ -117,6 +118,20 @@ def test_resume_continues_like_an_uninterrupted_run(two_epoch_run, tiny_mnist, t
         assert got[1][key] == pytest.approx(want[1][key], rel=1e-5), key
     for epoch in (0, 1):  # the first epoch's per-step values come back from last.pt
         assert got[epoch]["step_loss"] == pytest.approx(want[epoch]["step_loss"], rel=1e-4)
+
+
+def test_longer_resume_of_a_onecycle_run_is_refused_and_changes_nothing(tiny_mnist, tmp_path):
+    """The one-cycle schedule spans the planned --epochs (run.fix_length): a finished run resumed with more epochs
+    would restart its warm-up mid-run, so one line, exit 2, and the run directory as it was. (A step schedule
+    trains on: test_resume_continues_like_an_uninterrupted_run.)"""
+    proc = run_cli("train_cnn.py", "--data-dir", tiny_mnist, "--out-dir", tmp_path, "--arch", "small", "--epochs", 1,
+                   "--limit", 200, "--quiet")
+    assert proc.returncode == 0, proc.stderr
+    (run_dir,) = (tmp_path / "train_cnn").iterdir()
+    before = {p.name: p.read_bytes() for p in run_dir.iterdir() if p.is_file()}
+    resumed = run_cli("train_cnn.py", "--resume", run_dir, "--epochs", 2, "--quiet")
+    assert_user_error(resumed, "--epochs 2", "onecycle", "new run")
+    assert {p.name: p.read_bytes() for p in run_dir.iterdir() if p.is_file()} == before
 
 
 # ----------------------------------------------------------------------------- bad input: one line, exit 2
