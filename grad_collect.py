@@ -273,7 +273,7 @@ def base_meta(model, plan: list[dict], n: int, store: str, dtype: str, lr: float
             "weights": "weights.pt"}
 
 
-def write_epoch(model, data: common.MNIST, run_dir: Path, epoch: int, plan, args, factors, samples: str, lr: float) -> dict:
+def write_epoch(model, data: common.Data, run_dir: Path, epoch: int, plan, args, factors, samples: str, lr: float) -> dict:
     """Collect one epoch's gradients into gradients/epoch_<n>/ (written under a .partial name, then renamed: a kill
     leaves only the .partial folder, which the resumed run, redoing this epoch, replaces)."""
     final = run_dir / "gradients" / f"epoch_{epoch}"
@@ -795,20 +795,16 @@ def headline_text(h: dict) -> str:
 
 # ----------------------------------------------------------------------------- influence (TracIn) and self-influence
 def run_model_and_data(run_dir: Path, data_dir, device):
-    """The run's config, its data split (rows in the stored arrays' order) and an MLP of its shape."""
+    """The run's config, its data split (rows in the stored arrays' order) and its final model in eval mode: best.pt
+    (a --from-run collection: the source run's best.pt), rebuilt by the run's own script (common.load_run_model)."""
     cfg = common.read_json(run_dir / "config.json")
     data = common.load_mnist(data_dir, device, cfg["digits"], cfg["val_fraction"], cfg["limit"], cfg["seed"])
     meta = Epoch(run_dir).meta
     common.check(meta["sample_index"] == data.train_index.tolist(),
                  f"{run_dir}: the training split loaded from {data_dir} is not the one collected; is --data-dir the run's MNIST?")
-    return cfg, data, train_mlp.build_model(cfg).to(device).eval()
-
-
-def final_model(run_dir: Path, model):
-    """The run's reported weights: its best.pt (a --from-run collection: the source run's best.pt)."""
-    path = Path(common.read_json(run_dir / "config.json").get("source_checkpoint") or run_dir / "best.pt")
-    model.load_state_dict(common.load_checkpoint(path, next(model.parameters()).device)["model"])
-    return model.eval()
+    source = cfg.get("source_checkpoint")  # as --from-run gave it: relative to where the collection ran
+    model, _, _ = common.load_run_model(run_dir, str(Path(source).absolute()) if source else "best.pt", device)
+    return cfg, data, model
 
 
 def self_influence(run_dir) -> np.ndarray:
@@ -824,7 +820,7 @@ def influence(run_dir, images: torch.Tensor, labels: torch.Tensor, model) -> np.
     """TracIn scores [T, N] of T test images (uint8 [T,28,28], remapped labels) against every training sample:
     sum over stored epochs of lr_e x <g_train, g_test>, each epoch's test gradients taken with that epoch's
     weights (weights.pt) and compared with the stored ones exactly from the factors (no gradient is formed).
-    model: an MLP of the run's shape (its weights are overwritten)."""
+    model: the run's model (run_model_and_data; its weights are overwritten)."""
     run_dir = Path(run_dir)
     device = next(model.parameters()).device
     total = 0
@@ -844,7 +840,6 @@ def self_influence_report(run_dir: Path, args, device, top: int = 25) -> dict:
     si = self_influence(run_dir)
     np.save(run_dir / "self_influence.npy", si.astype(np.float64))
     cfg, data, model = run_model_and_data(run_dir, args.data_dir, device)
-    final_model(run_dir, model)
     with torch.inference_mode():
         pred = torch.cat([model(x).argmax(1) for x, _ in common.Batches(data.train_x, data.train_y, 4000)]).cpu().numpy()
     label = data.train_y.cpu().numpy()
@@ -879,7 +874,6 @@ def influence_report(run_dir: Path, args, device) -> dict:
     t0 = time.time()
     cfg, data, model = run_model_and_data(run_dir, args.data_dir, device)
     idx = parse_indices(args.influence, len(data.test_y))
-    final_model(run_dir, model)
     with torch.inference_mode():
         test_pred = model(common.normalize(data.test_x[idx])).argmax(1).cpu().numpy()
     scores = influence(run_dir, data.test_x[idx].cpu(), data.test_y[idx].cpu(), model)
@@ -977,15 +971,17 @@ def main(
         print(f"run {run_dir} | {headline_text(h)}")
         return
     common.check(not (args.resume and args.from_run), "--resume and --from-run do not go together")
-    run = common.Run(ctx, args, "grad_collect", changeable=("epochs", "device", "quiet", "data_dir") + ANALYSIS_OPTIONS)
+    run = common.Run(ctx, args, __file__, changeable=("epochs", "device", "quiet", "data_dir") + ANALYSIS_OPTIONS)
     args = run.args
     if args.from_run:
         take_model_and_split_of(args)
     check_options(args)
+    if args.lr_schedule == "cosine" and not args.from_run:
+        run.fix_length("its cosine learning rate decays to 0 at the last planned step")
     device = common.pick_device(args.device)
     data = common.load_mnist(args.data_dir, device, args.digits, args.val_fraction, args.limit, args.seed)
     common.seed_everything(common.seed_for(args.seed, "init"))
-    model = MLP(args.hidden, data.num_classes, args.dropout).to(device)  # as train_mlp.py: the same seed, the same run
+    model = build_model({**vars(args), **data.describe()}).to(device)  # as train_mlp.py: the same seed, the same run
     plan = plan_arrays(model, chosen_params(model, args.params), args.store, args.project_dim, args.project_scope)
     factors = projection_factors(model, args.project_dim, args.project_seed, device) if args.store == "projection" else None
     itemsize, n_names, n_params = np.dtype(args.dtype).itemsize, len(param_names(model)), common.count_parameters(model)
@@ -1034,6 +1030,11 @@ def main(
         run.history[-1]["collect_time_s"] = collect_epoch(run.epoch, epoch_lr(args, run.epoch, steps))["collect_seconds"]
     final = report(run, model, data, device)
     finish(run, final, data, device)
+
+
+def build_model(config: dict) -> nn.Module:
+    """The model a run's config.json describes: train_mlp's MLP without BatchNorm (common.load_run_model calls this)."""
+    return MLP(config["hidden"], config["num_classes"], config["dropout"])
 
 
 def check_analysis_options(args) -> None:
