@@ -218,10 +218,10 @@ def test_default_store_fits_the_disk_budget_and_raw_does_not(tmp_path):
     names = gc.param_names(model)
     plan = gc.plan_arrays(model, names, "factors")
     assert [(a["name"], a["shape"]) for a in plan] == [("a_net.1", [784]), ("b_net.1", [512]), ("a_net.3", [512]), ("b_net.3", [10])]
-    total = gc.check_size(54000, plan, 4, len(names), 5, 4.0, tmp_path, gc.common.count_parameters(model))
+    total = gc.check_size(model, plan, 54000, "float32", 5, 4.0, tmp_path)
     assert 1.9e9 < total < 2.1e9  # 1,818 floats + 4 norms per sample and epoch, plus the weights
     with pytest.raises(gc.common.UserError, match="--store factors"):
-        gc.check_size(54000, gc.plan_arrays(model, names, "raw"), 4, len(names), 5, 4.0, tmp_path)
+        gc.check_size(model, gc.plan_arrays(model, names, "raw"), 54000, "float32", 5, 4.0, tmp_path)
 
 
 def test_size_guard_stops_before_training(tiny_mnist, tmp_path):
