@@ -5,6 +5,8 @@ guard, damaged files and end-to-end runs."""
 
 import json
 import math
+import shutil
+from types import SimpleNamespace
 
 import numpy as np
 from sklearn.metrics import adjusted_rand_score, normalized_mutual_info_score
@@ -290,7 +292,7 @@ def digits012_run(tiny_mnist, tmp_path_factory):
 PARAMS3 = ["net.1.weight", "net.1.bias", "net.3.weight", "net.3.bias", "net.5.weight", "net.5.bias"]
 
 
-def test_end_to_end_factors_both_views_and_influence(digits012_run, tiny_mnist):
+def test_end_to_end_factors_both_views_and_influence(digits012_run, tiny_mnist, tmp_path):
     proc, run_dir = digits012_run
     last = proc.stdout.strip().splitlines()[-1]
     assert str(run_dir) in last and "plain ARI" in last and "direction ARI" in last and "net.5.weight" in last
@@ -308,7 +310,27 @@ def test_end_to_end_factors_both_views_and_influence(digits012_run, tiny_mnist):
     si = np.load(run_dir / "self_influence.npy")
     top = analysis["self_influence"]["top"]
     assert len(top) == 25 and [t["row"] for t in top] == list(np.argsort(-si)[:25])
-    assert 0 <= analysis["self_influence"]["misclassified_in_top"] <= 25
+    # how many of them the final model gets wrong, recomputed here from best.pt and the run's split; the trained model
+    # makes no mistakes on these easy digits, so a copy of the run gets an untrained best.pt that makes many
+    import common
+
+    config = json.loads((run_dir / "config.json").read_text())
+    data = common.load_mnist(tiny_mnist, "cpu", config["digits"], config["val_fraction"], config["limit"], config["seed"])
+    label, rows = data.train_y.numpy(), np.argsort(-si)[:25]
+    copy = tmp_path / "run"
+    shutil.copytree(run_dir, copy)
+    torch.manual_seed(1)
+    untrained = MLP(config["hidden"], config["num_classes"], config["dropout"]).eval()
+    torch.save({"model": untrained.state_dict(), "epoch": 0, "score": None}, copy / "best.pt")
+    for folder, summary in ((run_dir, analysis["self_influence"]), (copy, gc.self_influence_report(copy, SimpleNamespace(data_dir=tiny_mnist), "cpu"))):
+        model = MLP(config["hidden"], config["num_classes"], config["dropout"]).eval()
+        model.load_state_dict(common.load_checkpoint(folder / "best.pt")["model"])
+        with torch.no_grad():
+            wrong = model(common.normalize(data.train_x)).argmax(1).numpy() != label
+        assert summary["misclassified_in_top"] == int(wrong[rows].sum()) and (folder == run_dir or 0 < wrong[rows].sum() < 25)
+        assert summary["base_rate_misclassified"] == pytest.approx(float(wrong.mean()), abs=1e-12)
+        assert [t["row"] for t in summary["top"]] == list(rows)
+        assert [t["prediction"] != t["label"] for t in summary["top"]] == list(wrong[rows])
     # influence: files for each test index; a training sample's influence on itself is its self-influence
     report = json.loads((run_dir / "influence.json").read_text())
     assert report["test_indices"] == [0, 5]
@@ -340,8 +362,6 @@ def test_analyze_on_its_own_and_influence_only(digits012_run, tiny_mnist):
 
 
 def test_truncated_npy_is_one_clear_line(digits012_run, tiny_mnist, tmp_path):
-    import shutil
-
     _, run_dir = digits012_run
     copy = tmp_path / "run"
     shutil.copytree(run_dir, copy)
