@@ -295,18 +295,13 @@ def write_epoch(run, model, data: common.Data, epoch: int, plan, factors, lr: fl
     out = collect(model, data.train_x, data.train_y, partial, plan, args.dtype, args.collect_batch_size, factors, args.quiet)
     torch.save({k: v.detach().cpu() for k, v in model.state_dict().items()}, partial / "weights.pt")
     seconds = time.time() - t0
-    names = param_names(model)
-    digit_of = torch.tensor(data.digits)
-    digit = digit_of[data.train_y.cpu()]
+    digit = torch.tensor(data.digits)[data.train_y.cpu()]
     norms = torch.cat([out["norms"], out["norms"].square().sum(1, keepdim=True).sqrt()], 1)
-    columns = names + ["total"]
-    stats = {"epoch": epoch, "norm_of": "each sample's gradient of its own loss (exact, from the layer factors)", "parameters": {}}
-    for j, col in enumerate(columns):
-        stats["parameters"][col] = {"overall": summarize(norms[:, j]),
-                                    "per_digit": {str(d): summarize(norms[digit == d, j]) for d in data.digits}}
-    projection = None
-    if args.store == "projection":
-        projection = {"dim": args.project_dim, "scope": args.project_scope, "seed": args.project_seed, "method": PROJECTION_METHOD}
+    stats = {"epoch": epoch, "norm_of": "each sample's gradient of its own loss (exact, from the layer factors)", "parameters": {
+        col: {"overall": summarize(norms[:, j]), "per_digit": {str(d): summarize(norms[digit == d, j]) for d in data.digits}}
+        for j, col in enumerate(param_names(model) + ["total"])}}
+    projection = ({"dim": args.project_dim, "scope": args.project_scope, "seed": args.project_seed, "method": PROJECTION_METHOD}
+                  if args.store == "projection" else None)
     meta = {
         "epoch": epoch, "samples": samples,
         "model_mode": "eval (dropout off) during collection",
