@@ -15,6 +15,9 @@ Writes runs/grad_collect/<timestamp>[-tag]/: config.json, metrics.json, best.pt,
 predictions.png, confusion_matrix.png, gradients/epoch_<n>/{a_<layer>.npy, b_<layer>.npy, norms.npy, weights.pt,
 metadata.json, stats.json}, analysis.json, tsne_<param>_epoch_<n>_{plain,direction}.png, grad_norms_epoch_<n>.png,
 self_influence.npy, self_influence_top.png, influence_<i>.png/.npy, influence.json and TensorBoard events.
+
+Sections: 1. factor math, 2. collection, 3. the Epoch reader, 4. clusters, 5. influence, 6. command line (main
+dispatches to one function per mode: train_and_collect, collect_from_run, analyze_only, influence_only).
 """
 
 from __future__ import annotations
@@ -39,7 +42,9 @@ from train_mlp import MLP, evaluate, make_optimizer, report, train
 app = typer.Typer(add_completion=False, pretty_exceptions_enable=False, help=__doc__.split("\n")[0])
 
 
-# ----------------------------------------------------------------------------- per-sample gradients from layer factors
+# ============================================================================= 1. factor math
+# Per-sample gradients of Linear layers from their factors (inputs a_i, output gradients b_i) and a seeded
+# projection of them, all without forming a gradient.
 def linear_layers(model: nn.Module) -> list[tuple[str, nn.Linear]]:
     """The model's Linear layers with their parameter-name prefixes ('net.1', 'net.3', ...)."""
     layers = [(name, m) for name, m in model.named_modules() if isinstance(m, nn.Linear)]
@@ -86,15 +91,17 @@ def factor_of(model: nn.Module) -> dict[str, tuple[int, str]]:
     return out
 
 
+def grad_from(a, b, where, name) -> torch.Tensor:
+    """Per-sample gradients [B, *shape] of parameter `name` from the factors: b_i a_i^T for a weight, b_i for a bias."""
+    i, kind = where[name]
+    return b[i][:, :, None] * a[i][:, None, :] if kind == "weight" else b[i]
+
+
 def per_sample_grads(model: nn.Module, x: torch.Tensor, y: torch.Tensor, names=None) -> dict[str, torch.Tensor]:
     """Full per-sample gradients {name: [B, *param.shape]} (materialized: use on small batches)."""
     a, b, _, _ = layer_factors(model, x, y)
     where = factor_of(model)
-    out = {}
-    for name in names or param_names(model):
-        i, kind = where[name]
-        out[name] = b[i][:, :, None] * a[i][:, None, :] if kind == "weight" else b[i].clone()
-    return out
+    return {name: grad_from(a, b, where, name) for name in names or param_names(model)}
 
 
 def squared_norms(a, b, model, names) -> torch.Tensor:
@@ -108,7 +115,6 @@ def squared_norms(a, b, model, names) -> torch.Tensor:
     return torch.stack(cols, 1)
 
 
-# ----------------------------------------------------------------------------- structured random projection
 def projection_factors(shapes, k: int, seed: int, device) -> dict[str, tuple[torch.Tensor, ...]]:
     """Seeded factors of a K-row projection of the flattened gradient. Row k restricted to a weight [out,in] is
     u_k v_k^T / sqrt(K) (u_k, v_k standard normal), restricted to a bias it is w_k / sqrt(K); so the projection of
@@ -138,7 +144,13 @@ def project_param(a, b, where, name, factors) -> torch.Tensor:
     return b[i] @ factors[name][0]
 
 
-# ----------------------------------------------------------------------------- what is stored
+def project(a, b, where, names, factors) -> torch.Tensor:
+    """[B, K] the projection of the concatenated gradients of `names`: the sum of each parameter's projection."""
+    return sum(project_param(a, b, where, p, factors) for p in names)
+
+
+# ============================================================================= 2. collection
+# What is stored (plan_arrays), how big it is (check_size), and writing one epoch's arrays (collect, write_epoch).
 def plan_arrays(model: nn.Module, names: list[str], store: str = "factors", project_dim: Optional[int] = None,
                 scope: str = "whole") -> list[dict]:
     """The arrays written per epoch.
@@ -170,15 +182,16 @@ def plan_arrays(model: nn.Module, names: list[str], store: str = "factors", proj
     return plan
 
 
-def estimate_bytes(n: int, plan: list[dict], itemsize: int, n_norms: int, n_params: int = 0) -> int:
-    """Bytes on disk for one epoch: the arrays, the float32 norms and the epoch's float32 weights (weights.pt)."""
-    return n * (sum(math.prod(a["shape"]) for a in plan) * itemsize + n_norms * 4) + 4 * n_params
-
-
-def check_size(n: int, plan, itemsize: int, n_norms: int, collections: int, max_gb: float, out_dir: Path, n_params: int = 0) -> int:
-    per_epoch = estimate_bytes(n, plan, itemsize, n_norms, n_params)
-    total = per_epoch * collections
+def epoch_bytes(model, plan: list[dict], n: int, dtype: str) -> int:
+    """Bytes on disk for one epoch of n samples: the arrays, the float32 norms and the float32 weights (weights.pt)."""
     values = sum(math.prod(a["shape"]) for a in plan)
+    return n * (values * np.dtype(dtype).itemsize + len(param_names(model)) * 4) + 4 * common.count_parameters(model)
+
+
+def check_size(model, plan, n: int, dtype: str, collections: int, max_gb: float, out_dir: Path) -> int:
+    """The bytes of `collections` epochs; a UserError naming the options that shrink them when over max_gb or the free disk."""
+    total = epoch_bytes(model, plan, n, dtype) * collections
+    values, itemsize = sum(math.prod(a["shape"]) for a in plan), np.dtype(dtype).itemsize
     if total > max_gb * 1e9:
         raise common.UserError(
             f"the gradients would take about {total / 1e9:.2f} GB on disk ({n:,} samples x {values:,} values x "
@@ -194,7 +207,6 @@ def check_size(n: int, plan, itemsize: int, n_norms: int, collections: int, max_
     return total
 
 
-# ----------------------------------------------------------------------------- collection
 def collect(model, images, labels, epoch_dir: Path, plan: list[dict], dtype: str, batch_size: int,
             factors=None, quiet: bool = True) -> dict:
     """Per-sample gradients of every sample (model in eval mode: dropout off) written to memory-mapped .npy
@@ -222,25 +234,21 @@ def collect(model, images, labels, epoch_dir: Path, plan: list[dict], dtype: str
         sq_norms[start:stop] = squared_norms(a, b, model, names)
         for arr in plan:
             out = files[arr["name"]]
+            i, kind = where[arr["params"][0]]
             if arr["kind"] in ("factor_a", "factor_b"):
                 out[start:stop] = (a if arr["kind"] == "factor_a" else b)[position[arr["layer"]]].cpu().numpy()
-                continue
-            if arr["kind"] == "projected":
-                proj = sum(project_param(a, b, where, p, factors) for p in arr["params"])
-                out[start:stop] = proj.cpu().numpy()
-                continue
-            i, kind = where[arr["params"][0]]
-            if kind == "bias":
+            elif arr["kind"] == "projected":
+                out[start:stop] = project(a, b, where, arr["params"], factors).cpu().numpy()
+            elif kind == "bias":
                 out[start:stop] = b[i].cpu().numpy()
-                continue
-            # raw weight gradients b_i a_i^T, a few rows at a time into one reused buffer (about 64 MB)
-            if arr["name"] not in buffers:
-                rows = max(1, (64 << 20) // (4 * b[i].shape[1] * a[i].shape[1]))
-                buffers[arr["name"]] = torch.empty(rows, b[i].shape[1], a[i].shape[1], device=device)
-            buf = buffers[arr["name"]]
-            for s in range(0, len(y), len(buf)):
-                e = min(s + len(buf), len(y))
-                out[start + s:start + e] = torch.mul(b[i][s:e, :, None], a[i][s:e, None, :], out=buf[:e - s]).cpu().numpy()
+            else:  # raw weight gradients b_i a_i^T, a few rows at a time into one reused buffer (about 64 MB)
+                if arr["name"] not in buffers:
+                    rows = max(1, (64 << 20) // (4 * b[i].shape[1] * a[i].shape[1]))
+                    buffers[arr["name"]] = torch.empty(rows, b[i].shape[1], a[i].shape[1], device=device)
+                buf = buffers[arr["name"]]
+                for s in range(0, len(y), len(buf)):
+                    e = min(s + len(buf), len(y))
+                    out[start + s:start + e] = torch.mul(b[i][s:e, :, None], a[i][s:e, None, :], out=buf[:e - s]).cpu().numpy()
         start = stop
     for out in files.values():
         out.flush()
@@ -273,28 +281,27 @@ def base_meta(model, plan: list[dict], n: int, store: str, dtype: str, lr: float
             "weights": "weights.pt"}
 
 
-def write_epoch(model, data: common.MNIST, run_dir: Path, epoch: int, plan, args, factors, samples: str, lr: float) -> dict:
+def write_epoch(run, model, data: common.Data, epoch: int, plan, factors, lr: float) -> dict:
     """Collect one epoch's gradients into gradients/epoch_<n>/ (written under a .partial name, then renamed: a kill
-    leaves only the .partial folder, which the resumed run, redoing this epoch, replaces)."""
-    final = run_dir / "gradients" / f"epoch_{epoch}"
+    leaves only the .partial folder, which the resumed run, redoing this epoch, replaces). lr: TracIn's lr_e."""
+    args = run.args
+    samples = (f"the training split: the {len(data.train_y):,} training samples left after taking the validation split "
+               f"(val_fraction {args.val_fraction}, seed {args.seed}) from MNIST's 60,000 training images"
+               f" filtered to digits {data.digits}" + (f" and limited to the first {args.limit}" if args.limit else ""))
+    final = run.dir / "gradients" / f"epoch_{epoch}"
     partial = final.with_name(final.name + ".partial")
     shutil.rmtree(partial, ignore_errors=True)
     t0 = time.time()
     out = collect(model, data.train_x, data.train_y, partial, plan, args.dtype, args.collect_batch_size, factors, args.quiet)
     torch.save({k: v.detach().cpu() for k, v in model.state_dict().items()}, partial / "weights.pt")
     seconds = time.time() - t0
-    names = param_names(model)
-    digit_of = torch.tensor(data.digits)
-    digit = digit_of[data.train_y.cpu()]
+    digit = torch.tensor(data.digits)[data.train_y.cpu()]
     norms = torch.cat([out["norms"], out["norms"].square().sum(1, keepdim=True).sqrt()], 1)
-    columns = names + ["total"]
-    stats = {"epoch": epoch, "norm_of": "each sample's gradient of its own loss (exact, from the layer factors)", "parameters": {}}
-    for j, col in enumerate(columns):
-        stats["parameters"][col] = {"overall": summarize(norms[:, j]),
-                                    "per_digit": {str(d): summarize(norms[digit == d, j]) for d in data.digits}}
-    projection = None
-    if args.store == "projection":
-        projection = {"dim": args.project_dim, "scope": args.project_scope, "seed": args.project_seed, "method": PROJECTION_METHOD}
+    stats = {"epoch": epoch, "norm_of": "each sample's gradient of its own loss (exact, from the layer factors)", "parameters": {
+        col: {"overall": summarize(norms[:, j]), "per_digit": {str(d): summarize(norms[digit == d, j]) for d in data.digits}}
+        for j, col in enumerate(param_names(model) + ["total"])}}
+    projection = ({"dim": args.project_dim, "scope": args.project_scope, "seed": args.project_seed, "method": PROJECTION_METHOD}
+                  if args.store == "projection" else None)
     meta = {
         "epoch": epoch, "samples": samples,
         "model_mode": "eval (dropout off) during collection",
@@ -320,12 +327,14 @@ def epoch_lr(args, epoch: int, steps: int) -> float:
     return float(np.mean([train_mlp.lr_at(args, s, steps) for s in range((epoch - 1) * steps, epoch * steps)]))
 
 
-# ----------------------------------------------------------------------------- reading a run (for notebooks too)
-def stored_epochs(run_dir) -> list[int]:
+# ============================================================================= 3. the Epoch reader
+# One collected epoch read back, memory-mapped (for notebooks too): exact gradients, dots, norms, projections.
+def stored_epochs(run_dir, required: bool = False) -> list[int]:
+    """The epochs with a complete gradients/epoch_<n>/ folder; required: none is a UserError."""
     grad_dir = Path(run_dir) / "gradients"
-    if not grad_dir.is_dir():
-        return []
-    return sorted(int(p.name.split("_")[1]) for p in grad_dir.glob("epoch_*") if p.is_dir() and p.name.split("_")[1].isdigit())
+    epochs = sorted(int(p.name.split("_")[1]) for p in grad_dir.glob("epoch_*") if p.is_dir() and p.name.split("_")[1].isdigit())
+    common.check(epochs or not required, f"{run_dir}: no gradients/epoch_<n>/ folders; is this a grad_collect run directory?")
+    return epochs
 
 
 def load_npy(path: Path, mmap: bool = True, shape=None) -> np.ndarray:
@@ -342,6 +351,12 @@ def load_npy(path: Path, mmap: bool = True, shape=None) -> np.ndarray:
     return arr
 
 
+def _index(idx, n: int) -> np.ndarray:
+    """idx as an int array of rows (for reading in chunks)."""
+    rows = _rows(idx, n)
+    return np.arange(n)[rows] if isinstance(rows, slice) else rows
+
+
 def _rows(idx, n: int):
     """idx (None = all, an int, a slice, a list or array of ints) -> a slice or a sorted-as-given int array."""
     if idx is None:
@@ -351,10 +366,6 @@ def _rows(idx, n: int):
     out = np.atleast_1d(np.asarray(idx.cpu() if isinstance(idx, torch.Tensor) else idx, dtype=np.int64))
     common.check(len(out) == 0 or (out.min() >= -n and out.max() < n), f"sample index out of range 0..{n - 1}")
     return out
-
-
-def _count(rows, n: int) -> int:
-    return len(range(n)[rows]) if isinstance(rows, slice) else len(rows)
 
 
 class Epoch:
@@ -368,8 +379,7 @@ class Epoch:
 
     def __init__(self, run_dir, epoch: Optional[int] = None):
         self.run_dir = Path(run_dir)
-        epochs = stored_epochs(self.run_dir)
-        common.check(len(epochs) > 0, f"{self.run_dir}: no gradients/epoch_<n>/ folders; is this a grad_collect run directory?")
+        epochs = stored_epochs(self.run_dir, required=True)
         common.check(epoch is None or epoch in epochs, f"{self.run_dir}: no gradients for epoch {epoch} (stored: {epochs})")
         self.epoch = epochs[-1] if epoch is None else epoch
         self.dir = self.run_dir / "gradients" / f"epoch_{self.epoch}"
@@ -393,8 +403,8 @@ class Epoch:
         return self._mm[name]
 
     def _read(self, name: str, idx) -> torch.Tensor:
-        rows = _rows(idx, self.n)
-        return torch.from_numpy(np.array(self.array(name)[rows], dtype=np.float32).reshape(_count(rows, self.n), -1))
+        values = np.array(self.array(name)[_rows(idx, self.n)], dtype=np.float32)
+        return torch.from_numpy(values.reshape(len(values), -1))
 
     def factors(self, idx=None) -> tuple[list, list]:
         """(a, b): per layer (model order) the stored inputs [B,in] and output gradients [B,out] (None if not stored)."""
@@ -416,9 +426,7 @@ class Epoch:
         if self.store == "raw":
             return self._read(name, idx).reshape(-1, *self.shapes[name])
         common.check(self.store == "factors", f"{self.dir}: this run stores projections; gradients cannot be rebuilt from them")
-        a, b = self.factors(idx)
-        i, kind = self.where[name]
-        return b[i][:, :, None] * a[i][:, None, :] if kind == "weight" else b[i]
+        return grad_from(*self.factors(idx), self.where, name)
 
     def flat(self, idx=None, names=None) -> torch.Tensor:
         """[B, D] the flattened gradients of `names` (default all stored parameters), concatenated in model order."""
@@ -434,7 +442,7 @@ class Epoch:
                 return self._flat_from(a, b, names)
             proj = self.meta["projection"]
             pf = projection_factors(self.shapes, proj["dim"], proj["seed"], "cpu")
-            return torch.cat([sum(project_param(a, b, self.where, p, pf) for p in info["params"]) if info["kind"] == "projected"
+            return torch.cat([project(a, b, self.where, info["params"], pf) if info["kind"] == "projected"
                               else self._flat_from(a, b, info["params"]) for info in self.meta["arrays"].values()], 1)
         if self.store == "factors":
             return self.factors(side)
@@ -443,11 +451,7 @@ class Epoch:
         return torch.cat([self._read(name, side) for name in self.meta["arrays"]], 1)
 
     def _flat_from(self, a, b, names) -> torch.Tensor:
-        cols = []
-        for p in names:
-            i, kind = self.where[p]
-            cols.append((b[i][:, :, None] * a[i][:, None, :]).flatten(1) if kind == "weight" else b[i])
-        return torch.cat(cols, 1)
+        return torch.cat([grad_from(a, b, self.where, p).flatten(1) for p in names], 1)
 
     def _dot(self, x, y, names) -> torch.Tensor:
         if not isinstance(x, tuple):
@@ -471,8 +475,7 @@ class Epoch:
         left = self._side(i, names)
         if isinstance(j, tuple):
             return self._dot(left, self._side(j, names), names)
-        rows = _rows(j, self.n)
-        index = np.arange(self.n)[rows] if isinstance(rows, slice) else rows
+        index = _index(j, self.n)
         return torch.cat([self._dot(left, self._side(index[s:s + chunk], names), names)
                           for s in range(0, max(len(index), 1), chunk)], 1)
 
@@ -501,14 +504,11 @@ class Epoch:
         names = self._names(names)
         common.check(self.store != "projection", f"{self.dir}: already projected; read its arrays with ep.array(name)")
         pf = projection_factors(self.shapes, k, seed, "cpu")
-        rows = _rows(idx, self.n)
-        index = np.arange(self.n)[rows] if isinstance(rows, slice) else rows
-        out = []
+        index, out = _index(idx, self.n), []
         for s in range(0, max(len(index), 1), chunk):
             part = index[s:s + chunk]
             if self.store == "factors":
-                a, b = self.factors(part)
-                out.append(sum(project_param(a, b, self.where, p, pf) for p in names))
+                out.append(project(*self.factors(part), self.where, names, pf))
             else:
                 total = 0
                 for p in names:
@@ -518,7 +518,8 @@ class Epoch:
         return torch.cat(out)
 
 
-# ----------------------------------------------------------------------------- k-means on the device
+# ============================================================================= 4. clusters
+# k-means on the device, its scores against the digits, t-SNE, and the analysis of a run (analysis.json).
 def sq_distances(x, x_sq, c) -> torch.Tensor:
     """Squared distances by GEMM (fast, slightly imprecise: used to assign, not for the final inertia)."""
     return (x_sq[:, None] - 2 * x @ c.T + c.square().sum(1)[None, :]).clamp_min_(0)
@@ -587,7 +588,6 @@ def cluster_scores(digits: np.ndarray, clusters: np.ndarray, digit_list: list[in
             "contingency": {"rows": "original digit", "cols": "cluster", "digits": digit_list, "table": table.tolist()}}
 
 
-# ----------------------------------------------------------------------------- analysis of saved gradients
 def load_array(path: Path, max_dim: int, seed: int) -> tuple[torch.Tensor, Optional[str]]:
     """A stored array as float32 [N, D] in memory; wider than max_dim, it is reduced chunk by chunk with a seeded
     CountSketch (each coordinate added with a random sign to one of max_dim buckets; inner products kept in expectation)."""
@@ -713,61 +713,26 @@ def analyze_run(run_dir: Path, args, device) -> dict:
 
 def _analyze_run(run_dir: Path, args, device) -> dict:
     t_all = time.time()
-    epochs = stored_epochs(run_dir)
-    common.check(len(epochs) > 0, f"{run_dir}: no gradients/epoch_<n>/ folders; is this a grad_collect run directory?")
+    epochs = stored_epochs(run_dir, required=True)
     chosen = epochs if args.analysis_epochs == "all" else epochs[-1:]
     result = {"views": VIEWS, "analysis_dim": args.analysis_dim, "torch_threads": 1, "epochs": {}, "seconds": {}}
     for epoch in chosen:
         t_epoch = time.time()
         ep = Epoch(run_dir, epoch)
         meta = ep.meta
-        digits = meta["digits"]
         digit = np.asarray(meta["digit"])
-        pred_digit = np.asarray(digits)[np.asarray(meta["prediction"])]
-        k = args.clusters or len(digits)
+        k = args.clusters or len(meta["digits"])
         common.check(k <= len(digit), f"--clusters {k}: more clusters than the {len(digit)} samples")
         norms = np.asarray(load_npy(ep.dir / meta["norms"]["file"], mmap=False), dtype=np.float64)
         total = np.sqrt(np.square(norms).sum(1, keepdims=True))
-        plot_norm_histograms(np.concatenate([norms, total], 1), meta["norms"]["columns"] + ["total"], digit, digits,
+        plot_norm_histograms(np.concatenate([norms, total], 1), meta["norms"]["columns"] + ["total"], digit, meta["digits"],
                              run_dir / f"grad_norms_epoch_{epoch}.png", epoch)
         shown = headline_array(ep)
         per_array = {}
         for name in (list(meta["arrays"]) if ep.store == "projection" else ep.params):
-            t0 = time.time()
-            x, how = analysis_vectors(ep, name, args.analysis_dim, args.seed)
-            x = x.to(device)
-            entry = {"dims": x.shape[1], "vectors": how, "seconds_vectors": time.time() - t0}
-            for view in VIEWS:
-                t0 = time.time()
-                xv = x if view == "plain" else x / x.norm(dim=1, keepdim=True).clamp_min(1e-30)
-                km = kmeans(xv, k, seed=args.seed, n_init=args.kmeans_init)
-                clusters = km["labels"].cpu().numpy()
-                e = {"k": k, "inertia": km["inertia"], "iterations": km["iterations"], **cluster_scores(digit, clusters, digits, k)}
-                if args.compare_sklearn:
-                    from sklearn.cluster import KMeans
-                    from threadpoolctl import threadpool_limits
-
-                    xn = xv.cpu().numpy()
-                    with threadpool_limits(1, user_api="openmp"):
-                        same = KMeans(k, init=km["init"].cpu().numpy(), n_init=1, algorithm="lloyd").fit(xn)
-                        own = KMeans(k, random_state=args.seed, algorithm="lloyd").fit(xn)
-                    e["sklearn"] = {"inertia_same_init": float(same.inertia_), "inertia_own_init": float(own.inertia_),
-                                    "ratio_same_init": km["inertia"] / float(same.inertia_), "ratio_own_init": km["inertia"] / float(own.inertia_)}
-                e["kmeans_seconds"] = time.time() - t0
-                if name == shown:
-                    t0 = time.time()
-                    sub = np.sort(np.random.default_rng(args.seed).choice(len(digit), min(len(digit), args.tsne_samples), replace=False))
-                    emb, dims = tsne(xv[torch.as_tensor(sub, device=xv.device)].cpu().numpy(), args.perplexity, args.seed)
-                    png = run_dir / f"tsne_{name}_epoch_{epoch}_{view}.png"
-                    legends = plot_tsne(emb, digit[sub], clusters[sub], pred_digit[sub], digits, png,
-                                        f"t-SNE of per-sample gradients '{name}', {view} ({VIEWS[view]}), epoch {epoch}\n"
-                                        f"{len(sub):,} samples, {how}, PCA {dims} dims | k-means ARI {e['ari']:.3f} NMI {e['nmi']:.3f}")
-                    e["tsne"] = {"file": png.name, "samples": len(sub), "pca_dims": dims, "perplexity": args.perplexity,
-                                 "legends": legends, "seconds": time.time() - t0}
-                entry[view] = e
-            per_array[name] = entry
+            entry = per_array[name] = analyze_array(ep, name, k, name == shown, args, device)
             if not args.quiet:
-                print(f"  epoch {epoch} {name:>14} ({how}): plain ARI {entry['plain']['ari']:.3f} NMI {entry['plain']['nmi']:.3f} | "
+                print(f"  epoch {epoch} {name:>14} ({entry['vectors']}): plain ARI {entry['plain']['ari']:.3f} NMI {entry['plain']['nmi']:.3f} | "
                       f"direction ARI {entry['direction']['ari']:.3f} NMI {entry['direction']['nmi']:.3f} purity {entry['direction']['purity']:.3f}")
         result["epochs"][str(epoch)] = per_array
         result["seconds"][str(epoch)] = time.time() - t_epoch
@@ -779,6 +744,51 @@ def _analyze_run(run_dir: Path, args, device) -> dict:
           f"(last epoch {result['seconds'][str(epochs[-1])]:.1f} s, of which t-SNE "
           f"{sum(result['epochs'][str(epochs[-1])][shown][v].get('tsne', {}).get('seconds', 0) for v in VIEWS):.1f} s)")
     return result
+
+
+def analyze_array(ep: Epoch, name: str, k: int, with_tsne: bool, args, device) -> dict:
+    """k-means of one parameter's (or stored array's) gradients in both views, scored against the digits; with_tsne:
+    also the t-SNE figure of each view (tsne_<name>_epoch_<n>_<view>.png)."""
+    digits, digit = ep.meta["digits"], np.asarray(ep.meta["digit"])
+    pred_digit = np.asarray(digits)[np.asarray(ep.meta["prediction"])]
+    t0 = time.time()
+    x, how = analysis_vectors(ep, name, args.analysis_dim, args.seed)
+    x = x.to(device)
+    entry = {"dims": x.shape[1], "vectors": how, "seconds_vectors": time.time() - t0}
+    for view in VIEWS:
+        t0 = time.time()
+        xv = x if view == "plain" else x / x.norm(dim=1, keepdim=True).clamp_min(1e-30)
+        km = kmeans(xv, k, seed=args.seed, n_init=args.kmeans_init)
+        clusters = km["labels"].cpu().numpy()
+        e = {"k": k, "inertia": km["inertia"], "iterations": km["iterations"], **cluster_scores(digit, clusters, digits, k)}
+        if args.compare_sklearn:
+            e["sklearn"] = sklearn_inertia(xv, km, k, args.seed)
+        e["kmeans_seconds"] = time.time() - t0
+        if with_tsne:
+            t0 = time.time()
+            sub = np.sort(np.random.default_rng(args.seed).choice(len(digit), min(len(digit), args.tsne_samples), replace=False))
+            emb, dims = tsne(xv[torch.as_tensor(sub, device=xv.device)].cpu().numpy(), args.perplexity, args.seed)
+            png = ep.run_dir / f"tsne_{name}_epoch_{ep.epoch}_{view}.png"
+            legends = plot_tsne(emb, digit[sub], clusters[sub], pred_digit[sub], digits, png,
+                                f"t-SNE of per-sample gradients '{name}', {view} ({VIEWS[view]}), epoch {ep.epoch}\n"
+                                f"{len(sub):,} samples, {how}, PCA {dims} dims | k-means ARI {e['ari']:.3f} NMI {e['nmi']:.3f}")
+            e["tsne"] = {"file": png.name, "samples": len(sub), "pca_dims": dims, "perplexity": args.perplexity,
+                         "legends": legends, "seconds": time.time() - t0}
+        entry[view] = e
+    return entry
+
+
+def sklearn_inertia(xv, km: dict, k: int, seed: int) -> dict:
+    """--compare-sklearn: scikit-learn's KMeans from our initial centres and from its own, against our inertia."""
+    from sklearn.cluster import KMeans
+    from threadpoolctl import threadpool_limits
+
+    xn = xv.cpu().numpy()
+    with threadpool_limits(1, user_api="openmp"):
+        same = KMeans(k, init=km["init"].cpu().numpy(), n_init=1, algorithm="lloyd").fit(xn)
+        own = KMeans(k, random_state=seed, algorithm="lloyd").fit(xn)
+    return {"inertia_same_init": float(same.inertia_), "inertia_own_init": float(own.inertia_),
+            "ratio_same_init": km["inertia"] / float(same.inertia_), "ratio_own_init": km["inertia"] / float(own.inertia_)}
 
 
 def headline(result: dict, name: str) -> dict:
@@ -793,22 +803,19 @@ def headline_text(h: dict) -> str:
             f"direction ARI {h['direction']['ari']:.3f}")
 
 
-# ----------------------------------------------------------------------------- influence (TracIn) and self-influence
+# ============================================================================= 5. influence
+# TracIn influence of every training sample on test images, and self-influence, from the stored factors.
 def run_model_and_data(run_dir: Path, data_dir, device):
-    """The run's config, its data split (rows in the stored arrays' order) and an MLP of its shape."""
+    """The run's config, its data split (rows in the stored arrays' order) and its final model in eval mode: best.pt
+    (a --from-run collection: the source run's best.pt), rebuilt by the run's own script (common.load_run_model)."""
     cfg = common.read_json(run_dir / "config.json")
     data = common.load_mnist(data_dir, device, cfg["digits"], cfg["val_fraction"], cfg["limit"], cfg["seed"])
     meta = Epoch(run_dir).meta
     common.check(meta["sample_index"] == data.train_index.tolist(),
                  f"{run_dir}: the training split loaded from {data_dir} is not the one collected; is --data-dir the run's MNIST?")
-    return cfg, data, train_mlp.build_model(cfg).to(device).eval()
-
-
-def final_model(run_dir: Path, model):
-    """The run's reported weights: its best.pt (a --from-run collection: the source run's best.pt)."""
-    path = Path(common.read_json(run_dir / "config.json").get("source_checkpoint") or run_dir / "best.pt")
-    model.load_state_dict(common.load_checkpoint(path, next(model.parameters()).device)["model"])
-    return model.eval()
+    source = cfg.get("source_checkpoint")  # as --from-run gave it: relative to where the collection ran
+    model, _, _ = common.load_run_model(run_dir, str(Path(source).absolute()) if source else "best.pt", device)
+    return cfg, data, model
 
 
 def self_influence(run_dir) -> np.ndarray:
@@ -824,7 +831,7 @@ def influence(run_dir, images: torch.Tensor, labels: torch.Tensor, model) -> np.
     """TracIn scores [T, N] of T test images (uint8 [T,28,28], remapped labels) against every training sample:
     sum over stored epochs of lr_e x <g_train, g_test>, each epoch's test gradients taken with that epoch's
     weights (weights.pt) and compared with the stored ones exactly from the factors (no gradient is formed).
-    model: an MLP of the run's shape (its weights are overwritten)."""
+    model: the run's model (run_model_and_data; its weights are overwritten)."""
     run_dir = Path(run_dir)
     device = next(model.parameters()).device
     total = 0
@@ -844,7 +851,6 @@ def self_influence_report(run_dir: Path, args, device, top: int = 25) -> dict:
     si = self_influence(run_dir)
     np.save(run_dir / "self_influence.npy", si.astype(np.float64))
     cfg, data, model = run_model_and_data(run_dir, args.data_dir, device)
-    final_model(run_dir, model)
     with torch.inference_mode():
         pred = torch.cat([model(x).argmax(1) for x, _ in common.Batches(data.train_x, data.train_y, 4000)]).cpu().numpy()
     label = data.train_y.cpu().numpy()
@@ -879,7 +885,6 @@ def influence_report(run_dir: Path, args, device) -> dict:
     t0 = time.time()
     cfg, data, model = run_model_and_data(run_dir, args.data_dir, device)
     idx = parse_indices(args.influence, len(data.test_y))
-    final_model(run_dir, model)
     with torch.inference_mode():
         test_pred = model(common.normalize(data.test_x[idx])).argmax(1).cpu().numpy()
     scores = influence(run_dir, data.test_x[idx].cpu(), data.test_y[idx].cpu(), model)
@@ -898,8 +903,8 @@ def influence_report(run_dir: Path, args, device) -> dict:
         common.plot_image_grid(images, titles, run_dir / f"influence_{i}.png", colors=colors, cols=9,
                                suptitle=f"TracIn influence on test image {i}: top row the 8 strongest proponents, bottom row the 8 strongest opponents")
         out[str(i)] = {"digit": true, "prediction": pred, "file": f"influence_{i}.png", "scores": f"influence_{i}.npy",
-                       "proponents": [{"row": int(j), "sample_index": int(data.train_index[j]), "label": digits[label[j]], "score": float(s[j])} for j in pro],
-                       "opponents": [{"row": int(j), "sample_index": int(data.train_index[j]), "label": digits[label[j]], "score": float(s[j])} for j in opp],
+                       **{side: [{"row": int(j), "sample_index": int(data.train_index[j]), "label": digits[label[j]], "score": float(s[j])}
+                                 for j in rows] for side, rows in (("proponents", pro), ("opponents", opp))},
                        "proponents_same_label": int(sum(digits[label[j]] == true for j in pro)),
                        "opponents_same_label": int(sum(digits[label[j]] == true for j in opp))}
     report = {"method": "TracIn: sum over stored epochs of lr_e x <g_train, g_test>, exact from the layer factors",
@@ -912,7 +917,7 @@ def influence_report(run_dir: Path, args, device) -> dict:
     return report
 
 
-# ----------------------------------------------------------------------------- command line
+# ============================================================================= 6. command line: one main, three modes
 ANALYSIS_OPTIONS = ("analysis", "influence", "clusters", "kmeans_init", "tsne_samples", "perplexity", "analysis_epochs", "analysis_dim", "compare_sklearn")
 
 
@@ -966,18 +971,86 @@ def main(
     """Train the MLP (or load a run) and collect, store and analyze per-sample gradients of every training sample."""
     args = common.args_from(locals())
     check_analysis_options(args)
-    if args.analyze:
-        run_dir = Path(args.analyze)
-        common.check(run_dir.is_dir(), f"--analyze {run_dir}: no such run directory")
-        if args.influence:
-            done = influence_report(run_dir, args, common.pick_device(args.device))
-            print(f"run {run_dir} | influence of {len(done['test_indices'])} test image(s): influence.json, influence_<i>.png")
-            return
-        h = analyze_run(run_dir, args, common.pick_device(args.device))["headline"]
-        print(f"run {run_dir} | {headline_text(h)}")
-        return
+    if args.analyze:  # a finished run's saved gradients: nothing is trained or collected
+        common.check(Path(args.analyze).is_dir(), f"--analyze {args.analyze}: no such run directory")
+        return (influence_only if args.influence else analyze_only)(Path(args.analyze), args)
     common.check(not (args.resume and args.from_run), "--resume and --from-run do not go together")
-    run = common.Run(ctx, args, "grad_collect", changeable=("epochs", "device", "quiet", "data_dir") + ANALYSIS_OPTIONS)
+    run = common.Run(ctx, args, __file__, changeable=("epochs", "device", "quiet", "data_dir") + ANALYSIS_OPTIONS)
+    return (collect_from_run if run.args.from_run else train_and_collect)(run)
+
+
+def train_and_collect(run) -> None:
+    """The default mode: train with train_mlp.py's loop (train_mlp.train decides, visibly, when best.pt is written,
+    when training stops early and when last.pt is written) and collect every sample's gradients after each epoch,
+    before last.pt records it (a kill redoes both); then the final report and the analysis."""
+    args = run.args
+    if args.lr_schedule == "cosine":
+        run.fix_length("its cosine learning rate decays to 0 at the last planned step")
+    device, data, model, plan, factors = prepare(run)
+    opt = make_optimizer(model, args.optimizer, args.lr, args.weight_decay, args.momentum)
+    batches = common.Batches(data.train_x, data.train_y, args.batch_size, shuffle=True, seed=common.seed_for(args.seed, "shuffle"))
+    if not run.resumed:
+        check_size(model, plan, len(data.train_y), args.dtype, args.epochs if args.every_epoch else 1, args.max_gb, args.out_dir)
+    run.save_config(device=str(device), n_parameters=common.count_parameters(model), arrays=plan, **data.describe())
+    if not args.quiet:
+        print(common.parameter_table(model))
+    print(f"device {device} | train {len(data.train_y)} val {len(data.val_y)} test {len(data.test_y)} | digits {data.digits} | "
+          f"{common.count_parameters(model):,} parameters | gradients {', '.join(a['name'] + ':' + a['kind'] for a in plan)} "
+          f"{epoch_bytes(model, plan, len(data.train_y), args.dtype) / 1e6:,.1f} MB per epoch | run {run.dir}")
+    run.restore(device, model=model, optimizer=opt, generator=batches.generator)
+    if run.resumed:
+        check_size(model, plan, len(data.train_y), args.dtype, (args.epochs - run.epoch) if args.every_epoch else 1, args.max_gb, args.out_dir)
+    collect_epoch = lambda epoch: write_epoch(run, model, data, epoch, plan, factors, epoch_lr(args, epoch, len(batches)))  # noqa: E731
+
+    def after_epoch(epoch, record):
+        if args.every_epoch:
+            record["collect_time_s"] = collect_epoch(epoch)["collect_seconds"]
+
+    train(run, model, opt, batches, data, after_epoch)
+    if not (run.dir / "gradients" / f"epoch_{run.epoch}").is_dir():  # --no-every-epoch: the last epoch's weights
+        run.history[-1]["collect_time_s"] = collect_epoch(run.epoch)["collect_seconds"]
+    finish(run, report(run, model, data, device), data, device)
+
+
+def collect_from_run(run) -> None:
+    """--from-run RUN: no training; one collection, of that train_mlp run's best.pt, with its model and data split."""
+    args = run.args
+    device, data, model, plan, factors = prepare(run)
+    check_size(model, plan, len(data.train_y), args.dtype, 1, args.max_gb, args.out_dir)
+    ckpt = common.load_checkpoint(Path(args.from_run) / "best.pt", device)
+    try:
+        model.load_state_dict(ckpt["model"])
+    except RuntimeError as e:
+        raise common.UserError(f"--from-run {args.from_run}: best.pt does not fit its config ({str(e).splitlines()[0]})") from None
+    run.save_config(device=str(device), n_parameters=common.count_parameters(model), arrays=plan,
+                    source_checkpoint=str(Path(args.from_run) / "best.pt"), **data.describe())
+    print(f"device {device} | {len(data.train_y):,} training samples | digits {data.digits} | "
+          f"{args.from_run}/best.pt (epoch {ckpt['epoch']}) | run {run.dir}")
+    write_epoch(run, model, data, ckpt["epoch"], plan, factors, args.lr)  # one checkpoint: TracIn's lr_e is the run's --lr
+    test_loss, test_acc, _, _ = evaluate(model, data.test_x, data.test_y)
+    finish(run, {"test_loss": test_loss, "test_acc": test_acc, "epoch": ckpt["epoch"]}, data, device)
+
+
+def analyze_only(run_dir: Path, args) -> None:
+    """--analyze RUN: the clusters and self-influence of a run's saved gradients, again (analysis.json, the PNGs)."""
+    h = analyze_run(run_dir, args, common.pick_device(args.device))["headline"]
+    print(f"run {run_dir} | {headline_text(h)}")
+
+
+def influence_only(run_dir: Path, args) -> None:
+    """--analyze RUN --influence I,J: only the TracIn influence on those test images (influence.json, influence_<i>.*)."""
+    done = influence_report(run_dir, args, common.pick_device(args.device))
+    print(f"run {run_dir} | influence of {len(done['test_indices'])} test image(s): influence.json, influence_<i>.png")
+
+
+def build_model(config: dict) -> nn.Module:
+    """The model a run's config.json describes: train_mlp's MLP without BatchNorm (common.load_run_model calls this)."""
+    return MLP(config["hidden"], config["num_classes"], config["dropout"])
+
+
+def prepare(run):
+    """What both collecting modes need: the options checked, the data, the model (initialized as train_mlp.py does:
+    the same seed, the same model), the arrays to store and the projection's factors."""
     args = run.args
     if args.from_run:
         take_model_and_split_of(args)
@@ -985,55 +1058,10 @@ def main(
     device = common.pick_device(args.device)
     data = common.load_mnist(args.data_dir, device, args.digits, args.val_fraction, args.limit, args.seed)
     common.seed_everything(common.seed_for(args.seed, "init"))
-    model = MLP(args.hidden, data.num_classes, args.dropout).to(device)  # as train_mlp.py: the same seed, the same run
+    model = build_model({**vars(args), **data.describe()}).to(device)
     plan = plan_arrays(model, chosen_params(model, args.params), args.store, args.project_dim, args.project_scope)
     factors = projection_factors(model, args.project_dim, args.project_seed, device) if args.store == "projection" else None
-    itemsize, n_names, n_params = np.dtype(args.dtype).itemsize, len(param_names(model)), common.count_parameters(model)
-    samples = (f"the training split: the {len(data.train_y):,} training samples left after taking the validation split "
-               f"(val_fraction {args.val_fraction}, seed {args.seed}) from MNIST's 60,000 training images"
-               f" filtered to digits {data.digits}" + (f" and limited to the first {args.limit}" if args.limit else ""))
-    steps = math.ceil(len(data.train_y) / args.batch_size)
-    collect_epoch = lambda epoch, lr: write_epoch(model, data, run.dir, epoch, plan, args, factors, samples, lr)  # noqa: E731
-
-    if args.from_run:  # ---- gradients of an existing run's best weights
-        check_size(len(data.train_y), plan, itemsize, n_names, 1, args.max_gb, args.out_dir, n_params)
-        ckpt = common.load_checkpoint(Path(args.from_run) / "best.pt", device)
-        try:
-            model.load_state_dict(ckpt["model"])
-        except RuntimeError as e:
-            raise common.UserError(f"--from-run {args.from_run}: best.pt does not fit its config ({str(e).splitlines()[0]})") from None
-        run.save_config(device=str(device), n_parameters=common.count_parameters(model), arrays=plan,
-                        source_checkpoint=str(Path(args.from_run) / "best.pt"), **data.describe())
-        print(f"device {device} | {len(data.train_y):,} training samples | digits {data.digits} | "
-              f"{args.from_run}/best.pt (epoch {ckpt['epoch']}) | run {run.dir}")
-        collect_epoch(ckpt["epoch"], args.lr)  # one checkpoint: TracIn's lr_e is the run's --lr
-        test_loss, test_acc, _, _ = evaluate(model, data.test_x, data.test_y)
-        return finish(run, {"test_loss": test_loss, "test_acc": test_acc, "epoch": ckpt["epoch"]}, data, device)
-
-    # ---- train with train_mlp.py's loop, collecting after each epoch (before last.pt records it)
-    opt = make_optimizer(model, args.optimizer, args.lr, args.weight_decay, args.momentum)
-    batches = common.Batches(data.train_x, data.train_y, args.batch_size, shuffle=True, seed=common.seed_for(args.seed, "shuffle"))
-    if not run.resumed:
-        check_size(len(data.train_y), plan, itemsize, n_names, args.epochs if args.every_epoch else 1, args.max_gb, args.out_dir, n_params)
-    run.save_config(device=str(device), n_parameters=n_params, arrays=plan, **data.describe())
-    if not args.quiet:
-        print(common.parameter_table(model))
-    print(f"device {device} | train {len(data.train_y)} val {len(data.val_y)} test {len(data.test_y)} | digits {data.digits} | "
-          f"{n_params:,} parameters | gradients {', '.join(a['name'] + ':' + a['kind'] for a in plan)} "
-          f"{estimate_bytes(len(data.train_y), plan, itemsize, n_names, n_params) / 1e6:,.1f} MB per epoch | run {run.dir}")
-    run.restore(device, model=model, optimizer=opt, generator=batches.generator)
-    if run.resumed:
-        check_size(len(data.train_y), plan, itemsize, n_names, (args.epochs - run.epoch) if args.every_epoch else 1, args.max_gb, args.out_dir, n_params)
-
-    def after_epoch(epoch, record):
-        if args.every_epoch:
-            record["collect_time_s"] = collect_epoch(epoch, epoch_lr(args, epoch, steps))["collect_seconds"]
-
-    train(run, model, opt, batches, data, after_epoch)
-    if not (run.dir / "gradients" / f"epoch_{run.epoch}").is_dir():  # --no-every-epoch: the last epoch's weights
-        run.history[-1]["collect_time_s"] = collect_epoch(run.epoch, epoch_lr(args, run.epoch, steps))["collect_seconds"]
-    final = report(run, model, data, device)
-    finish(run, final, data, device)
+    return device, data, model, plan, factors
 
 
 def check_analysis_options(args) -> None:

@@ -5,6 +5,8 @@ guard, damaged files and end-to-end runs."""
 
 import json
 import math
+import shutil
+from types import SimpleNamespace
 
 import numpy as np
 from sklearn.metrics import adjusted_rand_score, normalized_mutual_info_score
@@ -218,10 +220,10 @@ def test_default_store_fits_the_disk_budget_and_raw_does_not(tmp_path):
     names = gc.param_names(model)
     plan = gc.plan_arrays(model, names, "factors")
     assert [(a["name"], a["shape"]) for a in plan] == [("a_net.1", [784]), ("b_net.1", [512]), ("a_net.3", [512]), ("b_net.3", [10])]
-    total = gc.check_size(54000, plan, 4, len(names), 5, 4.0, tmp_path, gc.common.count_parameters(model))
+    total = gc.check_size(model, plan, 54000, "float32", 5, 4.0, tmp_path)
     assert 1.9e9 < total < 2.1e9  # 1,818 floats + 4 norms per sample and epoch, plus the weights
     with pytest.raises(gc.common.UserError, match="--store factors"):
-        gc.check_size(54000, gc.plan_arrays(model, names, "raw"), 4, len(names), 5, 4.0, tmp_path)
+        gc.check_size(model, gc.plan_arrays(model, names, "raw"), 54000, "float32", 5, 4.0, tmp_path)
 
 
 def test_size_guard_stops_before_training(tiny_mnist, tmp_path):
@@ -290,7 +292,7 @@ def digits012_run(tiny_mnist, tmp_path_factory):
 PARAMS3 = ["net.1.weight", "net.1.bias", "net.3.weight", "net.3.bias", "net.5.weight", "net.5.bias"]
 
 
-def test_end_to_end_factors_both_views_and_influence(digits012_run, tiny_mnist):
+def test_end_to_end_factors_both_views_and_influence(digits012_run, tiny_mnist, tmp_path):
     proc, run_dir = digits012_run
     last = proc.stdout.strip().splitlines()[-1]
     assert str(run_dir) in last and "plain ARI" in last and "direction ARI" in last and "net.5.weight" in last
@@ -308,7 +310,27 @@ def test_end_to_end_factors_both_views_and_influence(digits012_run, tiny_mnist):
     si = np.load(run_dir / "self_influence.npy")
     top = analysis["self_influence"]["top"]
     assert len(top) == 25 and [t["row"] for t in top] == list(np.argsort(-si)[:25])
-    assert 0 <= analysis["self_influence"]["misclassified_in_top"] <= 25
+    # how many of them the final model gets wrong, recomputed here from best.pt and the run's split; the trained model
+    # makes no mistakes on these easy digits, so a copy of the run gets an untrained best.pt that makes many
+    import common
+
+    config = json.loads((run_dir / "config.json").read_text())
+    data = common.load_mnist(tiny_mnist, "cpu", config["digits"], config["val_fraction"], config["limit"], config["seed"])
+    label, rows = data.train_y.numpy(), np.argsort(-si)[:25]
+    copy = tmp_path / "run"
+    shutil.copytree(run_dir, copy)
+    torch.manual_seed(1)
+    untrained = MLP(config["hidden"], config["num_classes"], config["dropout"]).eval()
+    torch.save({"model": untrained.state_dict(), "epoch": 0, "score": None}, copy / "best.pt")
+    for folder, summary in ((run_dir, analysis["self_influence"]), (copy, gc.self_influence_report(copy, SimpleNamespace(data_dir=tiny_mnist), "cpu"))):
+        model = MLP(config["hidden"], config["num_classes"], config["dropout"]).eval()
+        model.load_state_dict(common.load_checkpoint(folder / "best.pt")["model"])
+        with torch.no_grad():
+            wrong = model(common.normalize(data.train_x)).argmax(1).numpy() != label
+        assert summary["misclassified_in_top"] == int(wrong[rows].sum()) and (folder == run_dir or 0 < wrong[rows].sum() < 25)
+        assert summary["base_rate_misclassified"] == pytest.approx(float(wrong.mean()), abs=1e-12)
+        assert [t["row"] for t in summary["top"]] == list(rows)
+        assert [t["prediction"] != t["label"] for t in summary["top"]] == list(wrong[rows])
     # influence: files for each test index; a training sample's influence on itself is its self-influence
     report = json.loads((run_dir / "influence.json").read_text())
     assert report["test_indices"] == [0, 5]
@@ -340,8 +362,6 @@ def test_analyze_on_its_own_and_influence_only(digits012_run, tiny_mnist):
 
 
 def test_truncated_npy_is_one_clear_line(digits012_run, tiny_mnist, tmp_path):
-    import shutil
-
     _, run_dir = digits012_run
     copy = tmp_path / "run"
     shutil.copytree(run_dir, copy)
