@@ -1,4 +1,4 @@
-"""fgsm_attack.py: input gradients and (iterative) FGSM attacks on a trained train_mlp, train_cnn or train_allcnn model.
+"""fgsm_attack.py: input gradients and (iterative) FGSM attacks on a trained MNIST or CIFAR-10 model.
 
 Reproduces the course project's attack section: the gradient of the loss with respect to the input image, drawn for
 correctly and incorrectly classified test images; the 1-step signed-gradient attack (FGSM: x + eps sign(dL/dx)) on
@@ -7,8 +7,10 @@ the eps-ball around the image and to valid pixels). eps is in pixel units (0..25
 the model's own per-channel normalization (training mean/std) sits inside the attacked function.
 Defaults: CIFAR-10 eps 2,4,8 (8 is the usual CIFAR budget); MNIST eps 16,32,64 (64 = 0.25 of the range, the FGSM
 paper's MNIST setting: MNIST pixels are nearly binary and small budgets barely move a trained model).
-    python fgsm_attack.py runs/train_cnn/RUN                 # MNIST CNN: clean ~99%, FGSM accuracy per eps
-    python fgsm_attack.py runs/train_allcnn/RUN --eps 8 --steps 10
+    python fgsm_attack.py runs/SCRIPT/RUN                 # an MNIST CNN: clean ~99%, FGSM accuracy per eps
+    python fgsm_attack.py runs/SCRIPT/RUN --eps 8 --steps 10
+The attacked run's own script rebuilds its model (build_model(config), so a copied script's runs work too) and its
+config.json names the dataset (runs from before it did: the input shape the model accepts).
 Writes runs/fgsm_attack/<timestamp>[-tag]/: config.json (naming the attacked run), metrics.json (clean, 1-step and
 iterative accuracy per eps, mean loss per step), grad_visuals_correct.png, grad_visuals_incorrect.png,
 attack_loss_curve.png, attack_image_progression_example0.png, fgsm_accuracy_vs_eps.png; one line in runs/results.jsonl.
@@ -27,43 +29,48 @@ import typer
 import common
 
 app = typer.Typer(add_completion=False, pretty_exceptions_enable=False, help=__doc__.split("\n")[0])
-SUPPORTED = ("train_mlp", "train_cnn", "train_allcnn")
 DEFAULT_EPS = {"mnist": "16,32,64", "cifar10": "2,4,8"}
 
 
 # ----------------------------------------------------------------------------- the attacked run
 def load_attacked_run(run_dir: Path, device, data_dir: Optional[Path]):
-    """(model on pixels in [0, 1], test images in [0, 1], labels, class names, dataset name, config)."""
-    common.check(run_dir.is_dir(), f"{run_dir}: no such run directory")
-    common.check((run_dir / "config.json").is_file(), f"{run_dir}: config.json not found; is this a run directory?")
-    config = common.read_json(run_dir / "config.json")
-    script = config.get("script")
-    common.check(script in SUPPORTED, f"{run_dir}: a run of {script!r}; fgsm_attack.py attacks runs of {', '.join(SUPPORTED)}")
-    trainer = __import__(script)
-    try:
-        model = trainer.build_model(config)
-        model.load_state_dict(common.load_checkpoint(run_dir / "best.pt")["model"])
-    except (KeyError, RuntimeError) as e:
-        raise common.UserError(f"{run_dir}: config.json and best.pt do not describe the same model "
-                               f"({type(e).__name__}: {str(e).splitlines()[0][:120]})") from None
-    model = model.float().to(device).eval()
+    """(model on pixels in [0, 1], test images in [0, 1], labels, class names, dataset name, config). The run's own
+    script rebuilds the model (common.load_run_model); its config.json says the dataset and the input scaling."""
+    model, config, _ = common.load_run_model(run_dir, "best.pt", device)
+    model = model.float()
     for p in model.parameters():
         p.requires_grad_(False)
+    dataset = config.get("dataset") or dataset_of_model(model, device)  # runs from before "dataset" was recorded
+    common.check(dataset in DEFAULT_EPS, f"{run_dir}: a run on {dataset!r}; fgsm_attack.py attacks MNIST and CIFAR-10 runs")
     data_dir = data_dir or Path(config["data_dir"])
-    if script == "train_allcnn":
+    if dataset == "cifar10":
         data = common.load_cifar10(data_dir, device, config["val_fraction"], config.get("limit"), config["seed"])
-        images, names, dataset = data.test_x.float() / 255, common.CIFAR_CLASSES, "cifar10"
+        images, names = data.test_x.float() / 255, common.CIFAR_CLASSES
         mean = torch.tensor(common.CIFAR_MEAN, device=device).view(1, 3, 1, 1)
         std = torch.tensor(common.CIFAR_STD, device=device).view(1, 3, 1, 1)
     else:
         data = common.load_mnist(data_dir, device, config.get("digits"), config["val_fraction"], config.get("limit"), config["seed"])
-        images, names, dataset = data.test_x.float().unsqueeze(1) / 255, [str(d) for d in data.digits], "mnist"
+        images, names = data.test_x.float().unsqueeze(1) / 255, [str(d) for d in data.digits]
         mean, std = common.MNIST_MEAN, common.MNIST_STD
+    if config.get("input_scale") == "unit":  # a run trained on raw pixels in [0, 1]
+        mean, std = 0.0, 1.0
 
     def on_pixels(x):  # the normalization with the training statistics is part of the attacked function
         return model((x - mean) / std)
 
     return on_pixels, images, data.test_y, names, dataset, config
+
+
+def dataset_of_model(model, device) -> str:
+    """"mnist" when the model accepts a [1,1,28,28] image, else "cifar10" (which must take [1,3,32,32])."""
+    for dataset, shape in (("mnist", (1, 1, 28, 28)), ("cifar10", (1, 3, 32, 32))):
+        try:
+            with torch.no_grad():
+                model(torch.zeros(shape, device=device))
+            return dataset
+        except RuntimeError:
+            pass
+    return "unknown"
 
 
 # ----------------------------------------------------------------------------- gradients and attacks, whole batches
@@ -185,7 +192,7 @@ def parse_eps(text: str) -> list[float]:
 @app.command()
 def main(
     ctx: typer.Context,
-    run_dir: Annotated[Path, typer.Argument(help="A run directory of train_mlp.py, train_cnn.py or train_allcnn.py.", show_default=False)],
+    run_dir: Annotated[Path, typer.Argument(help="A run directory of an MNIST or CIFAR-10 training script (any script with build_model, copies too).", show_default=False)],
     eps: Annotated[Optional[str], typer.Option(help="Attack budget(s) in pixel units 0..255, e.g. 8 or 2,4,8,16 (default: CIFAR 2,4,8; MNIST 16,32,64).")] = None,
     steps: Annotated[int, typer.Option(help="Steps of the iterative attack (each eps/steps).")] = 5,
     examples: Annotated[int, typer.Option(help="Correct and incorrect test images drawn with their input gradients.")] = 8,
@@ -198,7 +205,7 @@ def main(
     quiet: common.Quiet = False,
 ):
     """Attack a trained model: input gradients, FGSM accuracy per eps, iterative FGSM."""
-    run = common.Run(ctx, common.args_from(locals()), "fgsm_attack")
+    run = common.Run(ctx, common.args_from(locals()), __file__)
     args = run.args
     common.check(args.steps >= 1, f"--steps {args.steps}: must be at least 1")
     common.check(args.examples >= 1, f"--examples {args.examples}: must be at least 1")

@@ -1,14 +1,15 @@
-"""predict.py: classify your own digit images with a trained run (train_cnn.py or train_mlp.py).
+"""predict.py: classify your own digit images with a trained MNIST run (of any training script with build_model).
 
-    python predict.py runs/train_cnn/20261123-120000 my_seven.png photo_of_a_3.jpg
+    python predict.py runs/<script>/20261123-120000 my_seven.png photo_of_a_3.jpg
     python predict.py RUN_DIR *.png --json          # one JSON document on stdout
 
 Each image (PNG/JPG/..., any size, color or gray, dark digit on light paper or the reverse) is prepared the way
 MNIST was: grayscale, inverted when the background is light (judged by the border pixels), cropped to the digit,
 scaled so its longer side is 20 pixels, and placed in a 28x28 field with its centre of mass at pixel (14, 14).
-The model is rebuilt from the run's config.json and loaded from its best.pt (--checkpoint last.pt for the latest).
-Prints the predicted digit and the top-3 probabilities per file. Missing run or image, or a file that is not an
-image: one line on stderr, exit code 2.
+The run's own script rebuilds the model from its config.json (build_model), loaded from its best.pt (--checkpoint
+last.pt for the latest); a copy of a training script works as well as the original.
+Prints the predicted digit and the top-3 probabilities per file. Missing run or image, a file that is not an image,
+a run that is not MNIST or whose script cannot rebuild its model: one line on stderr, exit code 2.
 """
 
 from __future__ import annotations
@@ -27,25 +28,27 @@ app = typer.Typer(add_completion=False, pretty_exceptions_enable=False, help=__d
 
 
 def load_run(run_dir: Path, checkpoint: str = "best.pt"):
-    """(model in eval mode on the CPU, list mapping class index -> original digit) for a run directory."""
-    common.check(run_dir.is_dir(), f"{run_dir}: no such run directory")
-    config = common.read_json(run_dir / "config.json")
-    script = config.get("script")
-    if script == "train_cnn":
-        import train_cnn as trainer
-    elif script == "train_mlp":
-        import train_mlp as trainer
-    else:
-        raise common.UserError(f"{run_dir}: a run of {script!r}; predict.py reads runs of train_cnn.py and train_mlp.py")
-    try:
-        model = trainer.build_model(config)
-        model.load_state_dict(common.load_checkpoint(run_dir / checkpoint)["model"])
-    except (KeyError, RuntimeError) as e:
-        raise common.UserError(f"{run_dir}: config.json and {checkpoint} do not describe the same model "
-                               f"({type(e).__name__}: {str(e).splitlines()[0][:120]})") from None
+    """(the run's model on the CPU taking pixels in [0, 1] [B,1,28,28], list mapping class index -> original digit).
+    The run's own script rebuilds the model (common.load_run_model), so a copied script's runs work too."""
+    model, config, _ = common.load_run_model(run_dir, checkpoint)
+    model = model.float()
+    dataset = config.get("dataset") or ("mnist" if takes_mnist_images(model) else "non-MNIST")  # older runs
+    common.check(dataset == "mnist", f"{run_dir}: a {dataset} run; predict.py classifies digit images with MNIST runs")
+    # the inputs the run trained on: MNIST mean/std, or raw pixels in [0, 1] (--input-scale unit)
+    mean, std = (0.0, 1.0) if config.get("input_scale") == "unit" else (common.MNIST_MEAN, common.MNIST_STD)
     digit_map = config.get("digit_map", {str(d): d for d in range(10)})
     digits = [int(d) for d, _ in sorted(digit_map.items(), key=lambda item: item[1])]
-    return model.float().eval(), digits
+    return (lambda x: model((x - mean) / std)), digits
+
+
+def takes_mnist_images(model) -> bool:
+    """Whether the model accepts a [1,1,28,28] image (runs from before config.json recorded "dataset")."""
+    try:
+        with torch.inference_mode():
+            model(torch.zeros(1, 1, 28, 28))
+        return True
+    except RuntimeError:
+        return False
 
 
 def read_image(path: Path) -> np.ndarray:
@@ -95,8 +98,8 @@ def mnist_style(gray: np.ndarray) -> np.ndarray:
 
 
 def to_tensor(field: np.ndarray) -> torch.Tensor:
-    """[28,28] in [0,1] -> [1,1,28,28] normalized the way training batches are."""
-    return ((torch.from_numpy(field).float() - common.MNIST_MEAN) / common.MNIST_STD)[None, None]
+    """[28,28] in [0,1] -> [1,1,28,28] (load_run's model normalizes it the way the run's training batches were)."""
+    return torch.from_numpy(field).float()[None, None]
 
 
 @torch.inference_mode()
@@ -109,7 +112,7 @@ def classify(model, digits: list[int], x: torch.Tensor, k: int = 3) -> dict:
 
 @app.command()
 def main(
-    run_dir: Annotated[Path, typer.Argument(help="A run directory of train_cnn.py or train_mlp.py.", show_default=False)],
+    run_dir: Annotated[Path, typer.Argument(help="A run directory of an MNIST training script (any script with build_model, copies too).", show_default=False)],
     images: Annotated[list[Path], typer.Argument(help="Image files (PNG, JPG, ...) of single digits.", show_default=False)],
     json_: Annotated[bool, typer.Option("--json", help="Print one JSON document instead of text.")] = False,
     checkpoint: Annotated[str, typer.Option(help="Which checkpoint of the run: best.pt or last.pt.")] = "best.pt",

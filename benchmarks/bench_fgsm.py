@@ -1,6 +1,6 @@
 """bench_fgsm.py: 1-step FGSM over the 10,000 MNIST test images in batches (fgsm_attack.py's way) against a per-sample
 loop (one forward/backward per image, timed on --loop-samples images and scaled to 10,000), in one process, on
-train_cnn.py's default model (a trained run's best.pt with --run RUN_DIR, else freshly initialized weights: the
+train_cnn.py's default model (a trained MNIST run's best.pt with --run RUN_DIR, else freshly initialized weights: the
 timing is the same).
 
     python benchmarks/bench_fgsm.py --data-dir ../shared/data [--run runs/train_cnn/RUN]
@@ -28,9 +28,8 @@ app = typer.Typer(add_completion=False, pretty_exceptions_enable=False)
 def main(data_dir: Path = typer.Option(Path("./data"), envvar="DATA_DIR"), run: Optional[Path] = None,
          eps: float = 64, batch_size: int = 1000, loop_samples: int = 300):
     data = common.load_mnist(data_dir, "cpu")
-    if run is not None:
-        model = train_cnn.build_model(common.read_json(run / "config.json"))
-        model.load_state_dict(common.load_checkpoint(run / "best.pt")["model"])
+    if run is not None:  # rebuilt by the run's own script (a copy of train_cnn.py too)
+        model, _, _ = common.load_run_model(run)
     else:
         torch.manual_seed(0)
         model = train_cnn.CNN("fast")
@@ -66,4 +65,4 @@ def main(data_dir: Path = typer.Option(Path("./data"), envvar="DATA_DIR"), run: 
 
 
 if __name__ == "__main__":
-    app()
+    common.main(app)

@@ -1,5 +1,6 @@
 """fgsm_attack.py: adversarial images stay in the eps-ball and the pixel range, the iterative loss rises, adversarial
-accuracy is at most clean accuracy, end-to-end attacks on an MLP (MNIST) and an All-CNN-T (CIFAR) run, bad input."""
+accuracy is at most clean accuracy, end-to-end attacks on an MLP (MNIST), a copied script's run and an All-CNN-T
+(CIFAR) run, the dataset of runs that do not record it, bad input."""
 
 import json
 import pickle
@@ -10,7 +11,9 @@ import torch.nn as nn
 
 import common
 import fgsm_attack
-from conftest import assert_user_error, run_cli
+import train_allcnn
+import train_mlp
+from conftest import ROOT, assert_user_error, run_cli
 from test_allcnn import write_cifar
 
 ONE_THREAD = {"OMP_NUM_THREADS": "1"}
@@ -79,6 +82,37 @@ def test_attack_a_cifar_allcnn_end_to_end(tmp_path):
     assert all(r["fgsm_acc"] <= r["clean_acc"] for r in final["per_eps"].values())
 
 
+def test_attack_a_copied_scripts_run(tiny_mnist, tmp_path):
+    """cp train_mlp.py my_mlp.py with hidden layers twice as wide, train it: fgsm_attack.py rebuilds the copy's model."""
+    source = (ROOT / "train_mlp.py").read_text()
+    assert source.count("nn.Linear(width, h)") == source.count("width = h\n") == 1
+    copy = tmp_path / "my_mlp.py"
+    copy.write_text(source.replace("nn.Linear(width, h)", "nn.Linear(width, 2 * h)").replace("width = h\n", "width = 2 * h\n"))
+    proc = run_cli(copy, "--data-dir", tiny_mnist, "--out-dir", tmp_path / "runs", "--epochs", 3, "--hidden", 64,
+                   "--device", "cpu", "--quiet", env={**ONE_THREAD, "PYTHONPATH": str(ROOT)})
+    assert proc.returncode == 0, proc.stderr
+    (run_dir,) = (tmp_path / "runs" / "my_mlp").iterdir()
+    weights = common.load_checkpoint(run_dir / "best.pt")["model"]
+    with pytest.raises(RuntimeError):  # the original's model cannot hold the copy's weights
+        train_mlp.build_model(json.loads((run_dir / "config.json").read_text())).load_state_dict(weights)
+    proc = run_cli("fgsm_attack.py", run_dir, "--out-dir", tmp_path / "attacks", "--eps", 32, "--steps", 2,
+                   "--examples", 2, "--quiet", env=ONE_THREAD)
+    assert proc.returncode == 0, proc.stderr
+    (attack_dir,) = (tmp_path / "attacks" / "fgsm_attack").iterdir()
+    config = json.loads((attack_dir / "config.json").read_text())
+    assert config["attacked_script"] == "my_mlp" and config["dataset"] == "mnist"
+    final = json.loads((attack_dir / "metrics.json").read_text())["final"]
+    assert final["clean_acc"] > 0.5 and final["fgsm_acc"] < final["clean_acc"]  # a trained model, then attacked
+
+
+def test_the_dataset_of_a_run_without_it_in_config_json():
+    """Runs from before config.json recorded "dataset": the input shape the model accepts decides."""
+    mlp = train_mlp.build_model({"hidden": [16], "num_classes": 10, "dropout": 0.0}).eval()
+    allcnn = train_allcnn.build_model({"model": "allcnn", "c1": 8, "c2": 8, "norm": "bn", "dropout": 0.0}).eval()
+    assert fgsm_attack.dataset_of_model(mlp, "cpu") == "mnist"
+    assert fgsm_attack.dataset_of_model(allcnn, "cpu") == "cifar10"
+
+
 class Payload:
     def __reduce__(self):
         import os
@@ -86,7 +120,9 @@ class Payload:
 
 
 @pytest.mark.parametrize("case, words", [
-    ("glonet_run", ["train_glonet", "attacks runs of"]),
+    ("no_build_model", ["no_model.py", "build_model"]),
+    ("script_gone", ["gone.py", "not at"]),
+    ("other_dataset", ["svhn", "MNIST and CIFAR-10"]),
     ("missing_checkpoint", ["best.pt", "not found"]),
     ("poisoned_checkpoint", ["best.pt", "unreadable"]),
     ("negative_eps", ["--eps"]),
@@ -96,8 +132,14 @@ def test_bad_input_exits_2(mlp_run, tmp_path, case, words):
     run_dir.mkdir()
     config = json.loads((mlp_run / "config.json").read_text())
     args = []
-    if case == "glonet_run":
-        config["script"] = "train_glonet"
+    if case == "no_build_model":
+        (tmp_path / "no_model.py").write_text('"""A script without build_model."""\n')
+        config.update(script="no_model", script_path=str(tmp_path / "no_model.py"))
+    elif case == "script_gone":
+        config.update(script="gone", script_path=str(tmp_path / "gone.py"))
+    elif case == "other_dataset":
+        config["dataset"] = "svhn"
+        (run_dir / "best.pt").write_bytes((mlp_run / "best.pt").read_bytes())
     elif case == "poisoned_checkpoint":
         (run_dir / "best.pt").write_bytes(pickle.dumps({"model": Payload()}))
     elif case == "negative_eps":

@@ -23,7 +23,7 @@ RUN_FILES = ["config.json", "metrics.json", "best.pt", "last.pt", "mnist_samples
 # ----------------------------------------------------------------------------- the CLI, end to end
 def test_cli_run_writes_every_output(tiny_mnist, tmp_path):
     proc = run_cli("train_mlp.py", "--data-dir", tiny_mnist, "--out-dir", tmp_path, "--epochs", 3,
-                   "--patience", 5, "--tag", "e2e", "--quiet")
+                   "--patience", 5, "--tag", "e2e", "--device", "cpu", "--quiet")
     assert proc.returncode == 0, proc.stderr
     (run_dir,) = (tmp_path / "train_mlp").iterdir()
     assert run_dir.name.endswith("-e2e")
@@ -105,6 +105,8 @@ def test_ctrl_c_then_resume_matches_an_uninterrupted_run(tiny_mnist, tmp_path):
     assert_user_error(again, "--epochs")
     changed = run_cli("train_mlp.py", "--resume", run_dir, "--lr", "0.5", "--quiet")
     assert_user_error(changed, "--lr")
+    longer = run_cli("train_mlp.py", "--resume", run_dir, "--epochs", 7, "--quiet")  # the cosine schedule spans 5 epochs
+    assert_user_error(longer, "--epochs 7", "planned 5", "cosine")
 
 
 # ----------------------------------------------------------------------------- bad input
@@ -145,7 +147,9 @@ def test_truncated_idx_file(tiny_mnist, tmp_path):
 
 def test_resume_of_missing_or_damaged_run(tiny_mnist, tmp_path):
     assert_user_error(run_cli("train_mlp.py", "--resume", tmp_path / "nope"), "--resume")
-    proc = run_cli("train_mlp.py", "--data-dir", tiny_mnist, "--out-dir", tmp_path, "--epochs", 1, "--quiet")
+    # a step schedule may be trained further (--epochs 2); a cosine one refuses a new length before reading last.pt
+    proc = run_cli("train_mlp.py", "--data-dir", tiny_mnist, "--out-dir", tmp_path, "--epochs", 1, "--lr-schedule", "step",
+                   "--quiet")
     assert proc.returncode == 0, proc.stderr
     (run_dir,) = (tmp_path / "train_mlp").iterdir()
     (run_dir / "last.pt").write_bytes(b"garbage")
@@ -181,8 +185,8 @@ def test_ablation_options_run_and_are_recorded(tiny_mnist, tmp_path, args):
     assert config["batch_norm"] is ("--batch-norm" in args) and config["gamma"] == 0.7
     weights = common.load_checkpoint(run_dir / "best.pt")["model"]
     assert ("net.2.running_mean" in weights) is ("--batch-norm" in args)  # Linear, BatchNorm1d, ReLU
-    model = train_mlp.build_model(config)  # predict.py and fgsm_attack.py rebuild it from config.json
-    model.load_state_dict(weights)
+    model, _, _ = common.load_run_model(run_dir)  # as predict.py and fgsm_attack.py rebuild it from config.json
+    assert torch.equal(model.state_dict()["net.1.weight"], weights["net.1.weight"])
     (result,) = [json.loads(line) for line in (tmp_path / "results.jsonl").read_text().splitlines()]
     assert result["init"] == config["init"] and result["batch_norm"] == config["batch_norm"]
 
