@@ -481,7 +481,8 @@ def load_run_model(run_dir, checkpoint: str = "best.pt", map_location="cpu"):
                                           f"it cannot rebuild the run's model")
     try:
         model = module.build_model(config)
-        model.load_state_dict(load_checkpoint(run_dir / checkpoint, map_location)["model"])
+        state = load_checkpoint(run_dir / checkpoint, map_location)  # best.pt: {"model"}; last.pt: {"objects": {"model"}}
+        model.load_state_dict(state["model"] if "model" in state else state["objects"]["model"])
     except (KeyError, RuntimeError) as e:
         raise UserError(f"{run_dir}: config.json and {checkpoint} do not describe the same model "
                         f"({type(e).__name__}: {str(e).splitlines()[0][:120] if str(e) else ''})") from None

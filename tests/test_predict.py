@@ -69,8 +69,6 @@ def test_predicts_what_the_model_predicts_for_the_same_tensor(mnist_run, real_mn
         assert r["digit"] == r["top"][0]["digit"]
 
 
-@pytest.mark.xfail(strict=True, reason="last.pt keeps the weights under objects.model and common.load_run_model reads "
-                                       "only 'model'; remove this mark once load_run_model reads both")
 def test_last_checkpoint(mnist_run, tmp_path):
     image = tmp_path / "blank.png"
     Image.fromarray(np.zeros((28, 28), dtype=np.uint8)).save(image)
