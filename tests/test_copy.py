@@ -7,6 +7,7 @@ import json
 import shutil
 
 import numpy as np
+import pytest
 from PIL import Image
 
 from conftest import ROOT, run_cli
@@ -54,7 +55,7 @@ def test_a_copied_script_is_a_new_experiment_end_to_end(tiny_mnist, tmp_path):
     (fgsm_dir,) = (out / "fgsm_attack").iterdir()
     fgsm_config = json.loads((fgsm_dir / "config.json").read_text())
     assert fgsm_config["attacked_script"] == "my_cnn"
-    assert json.loads((fgsm_dir / "metrics.json").read_text())["final"]["clean_acc"] == line["test_acc"]
+    assert json.loads((fgsm_dir / "metrics.json").read_text())["final"]["clean_acc"] == pytest.approx(line["test_acc"], abs=1e-6)
 
     table = run_cli("report.py", "--out-dir", out, "--by", "script", env=ONE_THREAD)
     assert table.returncode == 0, table.stderr
