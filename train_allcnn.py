@@ -229,9 +229,11 @@ def main(
 ):
     """Train All-CNN-T (or a ResNet) on CIFAR-10; report the best validation error and the test error."""
     rank, world, dev = distributed(device)
-    run = common.Run(ctx, common.args_from(locals()), "train_allcnn", main_process=rank == 0)
+    run = common.Run(ctx, common.args_from(locals()), __file__, main_process=rank == 0)  # rank 0 alone writes files
     args = run.args
     check_options(args)
+    run.fix_length({"step": "its step learning rate drops at 40% and 80% of the planned epochs",
+                    "cosine": "its cosine learning rate decays to 0 at the last planned step"}[args.lr_schedule])
     data = common.load_cifar10(args.data_dir, dev, args.val_fraction, args.limit, args.seed)
     common.seed_everything(common.seed_for(args.seed, "init"))  # the same initial weights on every rank
     config = {"model": args.model, "c1": args.c1, "c2": args.c2, "norm": args.norm, "dropout": args.dropout, "num_classes": 10}
@@ -242,6 +244,10 @@ def main(
     batches = ShardedBatches(data.train_x, data.train_y, args.batch_size, common.seed_for(args.seed, "shuffle"), rank, world, args.augment)
     counts = parameter_report(net, groups)
     run.save_config(device=str(dev), world_size=world, global_batch=args.batch_size * world, **counts, **data.describe())
+    if world > 1 and not run.resumed:  # the run directory rank 0 just made: every rank knows where the run lives
+        holder = [str(run.dir) if rank == 0 else None]
+        dist.broadcast_object_list(holder, src=0)
+        run.dir = Path(holder[0])
     if rank == 0:
         if not args.quiet:
             print(common.parameter_table(net))
@@ -254,7 +260,7 @@ def main(
     writer = run.tensorboard()
     steps_writer = run.tensorboard("steps", purge_step=run.epoch * len(batches) + 1)  # x axis: global step
     with run.guard():
-        for epoch in run.epochs():
+        for epoch in run.epochs(args.epochs):  # all --epochs: no early stopping (the schedule spans the planned epochs)
             t0 = time.time()
             train_loss, train_acc, step_stats = train_epoch(ddp, batches, opt, scaler, epoch, args, dev)
             step_error = torch.stack([step_stats[:, 0], 1 - step_stats[:, 1]], 1)  # under torchrun: rank 0's own batches
@@ -268,7 +274,9 @@ def main(
                 for key in ("train_loss", "val_loss", "train_error", "val_error"):
                     if record[key] is not None:
                         writer.add_scalar("{1}/{0}".format(*key.split("_")), record[key], epoch)
-            run.end_epoch(record, score=val_acc, loss=val_loss)
+            if run.improved(val_acc, epoch):  # best.pt: the weights of the best val accuracy (the last, without val)
+                run.save_best({"model": net.state_dict()})
+            run.save_last(record)  # last.pt (the resume point), then metrics.json: every epoch (rank 0 writes them)
             if rank == 0:
                 print(f"epoch {epoch:3d} | train loss {train_loss:.4f} error {1 - train_acc:.2%} | "
                       + (f"val loss {val_loss:.4f} error {1 - val_acc:.2%} | " if val_acc is not None else "")

@@ -1,9 +1,10 @@
 """train_allcnn.py and the CIFAR-10 binary reader: records written by the test, model shapes and parameter counts,
 the weight-decay groups, augmentation, a 2-process torchrun (gloo) run against one process with the doubled batch,
-and bad input."""
+a resume that would move the step schedule, and bad input."""
 
 import json
 import os
+import socket
 import subprocess
 import sys
 
@@ -17,6 +18,13 @@ import train_allcnn
 from conftest import OFFLINE_ENV, ROOT, assert_user_error, run_cli
 
 ONE_THREAD = {"OMP_NUM_THREADS": "1"}
+
+
+def free_port() -> int:
+    """A TCP port nobody listens on now (the OS picks it), for torchrun's rendezvous."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 def write_cifar(folder, n_train=96, n_test=32, seed=0):
@@ -111,7 +119,7 @@ def test_two_torchrun_processes_equal_one_process_with_the_doubled_batch(tiny_ci
     one = run_cli("train_allcnn.py", *common_args, "--batch-size", 16, "--out-dir", tmp_path / "one", env=ONE_THREAD)
     assert one.returncode == 0, one.stderr
     env = {**os.environ, **OFFLINE_ENV, **ONE_THREAD}
-    two = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port", "29517",
+    two = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port", str(free_port()),
                           str(ROOT / "train_allcnn.py"), *map(str, common_args), "--batch-size", "8", "--out-dir", str(tmp_path / "two")],
                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
     assert two.returncode == 0, two.stderr[-3000:]
@@ -133,6 +141,19 @@ def test_two_torchrun_processes_equal_one_process_with_the_doubled_batch(tiny_ci
         assert eb["train_loss"] == pytest.approx(ea["train_loss"], rel=1e-4)
         assert ea["train_loss"] == pytest.approx(np.mean(ea["step_loss"]), rel=1e-4)
         assert ea["train_error"] == pytest.approx(np.mean(ea["step_error"]), abs=1e-4)
+
+
+def test_finished_step_schedule_run_resumed_with_other_epochs_exits_2(tiny_cifar, tmp_path):
+    """The step schedule drops the lr at 40% and 80% of --epochs: a longer resume would jump it back up."""
+    proc = run_cli("train_allcnn.py", "--data-dir", tiny_cifar, "--out-dir", tmp_path, "--epochs", 2, "--c1", 8, "--c2", 16,
+                   "--batch-size", 32, "--quiet", env=ONE_THREAD)
+    assert proc.returncode == 0, proc.stderr
+    (run_dir,) = (tmp_path / "train_allcnn").iterdir()
+    before = {p.name: p.read_bytes() for p in run_dir.iterdir() if p.is_file()}
+    for epochs in (3, 1):
+        proc = run_cli("train_allcnn.py", "--resume", run_dir, "--epochs", epochs, "--data-dir", tiny_cifar, env=ONE_THREAD)
+        assert_user_error(proc, f"--epochs {epochs}", "planned 2", "step")
+    assert {p.name: p.read_bytes() for p in run_dir.iterdir() if p.is_file()} == before  # a refused resume changes nothing
 
 
 def test_truncated_cifar_file_exits_2(tiny_cifar, tmp_path):
