@@ -71,33 +71,35 @@ def parameter_groups(model: nn.Module, weight_decay: float) -> list[dict]:
 
 
 # ----------------------------------------------------------------------------- data: augmentation on the device, shards
-def augment(images: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+def augment(images: torch.Tensor, generator: torch.Generator, total: Optional[int] = None, first: int = 0) -> torch.Tensor:
     """uint8 [B,3,32,32] -> float in [0, 1]: random 32x32 crop of the 4-pixel reflect-padded image, horizontal flip,
-    brightness and contrast factors in [0.8, 1.2]; one set of tensor operations for the whole batch."""
-    b, dev = len(images), images.device
-    rand = lambda *shape: torch.rand(*shape, generator=generator).to(dev)  # noqa: E731  (CPU generator: reproducible)
+    brightness and contrast factors in [0.8, 1.2]; one set of tensor operations for the whole batch. The images are
+    rows first..first+B-1 of a batch of `total` (default B): the draws are made for all `total` and these rows kept."""
+    b, dev, total = len(images), images.device, total or len(images)
+    rand = lambda: torch.rand(total, generator=generator)[first:first + b].to(dev)  # noqa: E731  (CPU generator: reproducible)
     x = F.pad(images.float().div(255.0), (4, 4, 4, 4), mode="reflect")
-    dy, dx = (rand(b) * 9).long(), (rand(b) * 9).long()
+    dy, dx = (rand() * 9).long(), (rand() * 9).long()
     rows = (dy[:, None] + torch.arange(32, device=dev))[:, :, None]  # [B,32,1]
     cols = (dx[:, None] + torch.arange(32, device=dev))[:, None, :]  # [B,1,32]
     x = x[torch.arange(b, device=dev)[:, None, None], :, rows, cols].permute(0, 3, 1, 2)  # [B,3,32,32]
-    x = torch.where(rand(b)[:, None, None, None] < 0.5, x.flip(3), x)
-    x = x * (0.8 + 0.4 * rand(b))[:, None, None, None]
+    x = torch.where(rand()[:, None, None, None] < 0.5, x.flip(3), x)
+    x = x * (0.8 + 0.4 * rand())[:, None, None, None]
     gray = x.mean((1, 2, 3), keepdim=True)
-    x = (x - gray) * (0.8 + 0.4 * rand(b))[:, None, None, None] + gray
+    x = (x - gray) * (0.8 + 0.4 * rand())[:, None, None, None] + gray
     return x.clamp_(0, 1)
 
 
 class ShardedBatches:
     """The training set reshuffled every epoch (the same seeded permutation on every rank), cut into global batches
     of batch_size x world; rank r takes the r-th slice of each. The last incomplete global batch is dropped, so one
-    process with batch 2b sees exactly the samples two processes with batch b see together."""
+    process with batch 2b sees exactly the samples two processes with batch b see together, augmented alike: every
+    rank draws the whole global batch's augmentation from the same generator (so rank 0's last.pt resumes them all)."""
 
     def __init__(self, images, labels, batch_size: int, seed: int, rank: int = 0, world: int = 1, augmented: bool = True):
         self.images, self.labels, self.batch_size, self.rank, self.world = images, labels, batch_size, rank, world
         self.augmented = augmented
         self.generator = torch.Generator().manual_seed(seed)          # the permutation: identical on all ranks
-        self.aug_generator = torch.Generator().manual_seed(seed + 1 + rank)  # augmentation: each rank its own draws
+        self.aug_generator = torch.Generator().manual_seed(seed + 1)  # the augmentation draws: identical on all ranks
 
     def __len__(self) -> int:
         return len(self.labels) // (self.batch_size * self.world)
@@ -108,7 +110,7 @@ class ShardedBatches:
         for step in range(len(self)):
             idx = order[step * g + self.rank * self.batch_size: step * g + (self.rank + 1) * self.batch_size]
             x = self.images[idx]
-            x = augment(x, self.aug_generator) if self.augmented else x.float().div(255.0)
+            x = augment(x, self.aug_generator, g, self.rank * self.batch_size) if self.augmented else x.float().div(255.0)
             yield common.normalize_cifar(x), self.labels[idx]
 
     def state_dict(self) -> dict:
