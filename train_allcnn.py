@@ -71,33 +71,35 @@ def parameter_groups(model: nn.Module, weight_decay: float) -> list[dict]:
 
 
 # ----------------------------------------------------------------------------- data: augmentation on the device, shards
-def augment(images: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+def augment(images: torch.Tensor, generator: torch.Generator, total: Optional[int] = None, first: int = 0) -> torch.Tensor:
     """uint8 [B,3,32,32] -> float in [0, 1]: random 32x32 crop of the 4-pixel reflect-padded image, horizontal flip,
-    brightness and contrast factors in [0.8, 1.2]; one set of tensor operations for the whole batch."""
-    b, dev = len(images), images.device
-    rand = lambda *shape: torch.rand(*shape, generator=generator).to(dev)  # noqa: E731  (CPU generator: reproducible)
+    brightness and contrast factors in [0.8, 1.2]; one set of tensor operations for the whole batch. The images are
+    rows first..first+B-1 of a batch of `total` (default B): the draws are made for all `total` and these rows kept."""
+    b, dev, total = len(images), images.device, total or len(images)
+    rand = lambda: torch.rand(total, generator=generator)[first:first + b].to(dev)  # noqa: E731  (CPU generator: reproducible)
     x = F.pad(images.float().div(255.0), (4, 4, 4, 4), mode="reflect")
-    dy, dx = (rand(b) * 9).long(), (rand(b) * 9).long()
+    dy, dx = (rand() * 9).long(), (rand() * 9).long()
     rows = (dy[:, None] + torch.arange(32, device=dev))[:, :, None]  # [B,32,1]
     cols = (dx[:, None] + torch.arange(32, device=dev))[:, None, :]  # [B,1,32]
     x = x[torch.arange(b, device=dev)[:, None, None], :, rows, cols].permute(0, 3, 1, 2)  # [B,3,32,32]
-    x = torch.where(rand(b)[:, None, None, None] < 0.5, x.flip(3), x)
-    x = x * (0.8 + 0.4 * rand(b))[:, None, None, None]
+    x = torch.where(rand()[:, None, None, None] < 0.5, x.flip(3), x)
+    x = x * (0.8 + 0.4 * rand())[:, None, None, None]
     gray = x.mean((1, 2, 3), keepdim=True)
-    x = (x - gray) * (0.8 + 0.4 * rand(b))[:, None, None, None] + gray
+    x = (x - gray) * (0.8 + 0.4 * rand())[:, None, None, None] + gray
     return x.clamp_(0, 1)
 
 
 class ShardedBatches:
     """The training set reshuffled every epoch (the same seeded permutation on every rank), cut into global batches
     of batch_size x world; rank r takes the r-th slice of each. The last incomplete global batch is dropped, so one
-    process with batch 2b sees exactly the samples two processes with batch b see together."""
+    process with batch 2b sees exactly the samples two processes with batch b see together, augmented alike: every
+    rank draws the whole global batch's augmentation from the same generator (so rank 0's last.pt resumes them all)."""
 
     def __init__(self, images, labels, batch_size: int, seed: int, rank: int = 0, world: int = 1, augmented: bool = True):
         self.images, self.labels, self.batch_size, self.rank, self.world = images, labels, batch_size, rank, world
         self.augmented = augmented
         self.generator = torch.Generator().manual_seed(seed)          # the permutation: identical on all ranks
-        self.aug_generator = torch.Generator().manual_seed(seed + 1 + rank)  # augmentation: each rank its own draws
+        self.aug_generator = torch.Generator().manual_seed(seed + 1)  # the augmentation draws: identical on all ranks
 
     def __len__(self) -> int:
         return len(self.labels) // (self.batch_size * self.world)
@@ -108,7 +110,7 @@ class ShardedBatches:
         for step in range(len(self)):
             idx = order[step * g + self.rank * self.batch_size: step * g + (self.rank + 1) * self.batch_size]
             x = self.images[idx]
-            x = augment(x, self.aug_generator) if self.augmented else x.float().div(255.0)
+            x = augment(x, self.aug_generator, g, self.rank * self.batch_size) if self.augmented else x.float().div(255.0)
             yield common.normalize_cifar(x), self.labels[idx]
 
     def state_dict(self) -> dict:
@@ -229,9 +231,11 @@ def main(
 ):
     """Train All-CNN-T (or a ResNet) on CIFAR-10; report the best validation error and the test error."""
     rank, world, dev = distributed(device)
-    run = common.Run(ctx, common.args_from(locals()), "train_allcnn", main_process=rank == 0)
+    run = common.Run(ctx, common.args_from(locals()), __file__, main_process=rank == 0)  # rank 0 alone writes files
     args = run.args
     check_options(args)
+    run.fix_length({"step": "its step learning rate drops at 40% and 80% of the planned epochs",
+                    "cosine": "its cosine learning rate decays to 0 at the last planned step"}[args.lr_schedule])
     data = common.load_cifar10(args.data_dir, dev, args.val_fraction, args.limit, args.seed)
     common.seed_everything(common.seed_for(args.seed, "init"))  # the same initial weights on every rank
     config = {"model": args.model, "c1": args.c1, "c2": args.c2, "norm": args.norm, "dropout": args.dropout, "num_classes": 10}
@@ -242,6 +246,10 @@ def main(
     batches = ShardedBatches(data.train_x, data.train_y, args.batch_size, common.seed_for(args.seed, "shuffle"), rank, world, args.augment)
     counts = parameter_report(net, groups)
     run.save_config(device=str(dev), world_size=world, global_batch=args.batch_size * world, **counts, **data.describe())
+    if world > 1 and not run.resumed:  # the run directory rank 0 just made: every rank knows where the run lives
+        holder = [str(run.dir) if rank == 0 else None]
+        dist.broadcast_object_list(holder, src=0)
+        run.dir = Path(holder[0])
     if rank == 0:
         if not args.quiet:
             print(common.parameter_table(net))
@@ -254,7 +262,7 @@ def main(
     writer = run.tensorboard()
     steps_writer = run.tensorboard("steps", purge_step=run.epoch * len(batches) + 1)  # x axis: global step
     with run.guard():
-        for epoch in run.epochs():
+        for epoch in run.epochs(args.epochs):  # all --epochs: no early stopping (the schedule spans the planned epochs)
             t0 = time.time()
             train_loss, train_acc, step_stats = train_epoch(ddp, batches, opt, scaler, epoch, args, dev)
             step_error = torch.stack([step_stats[:, 0], 1 - step_stats[:, 1]], 1)  # under torchrun: rank 0's own batches
@@ -268,7 +276,9 @@ def main(
                 for key in ("train_loss", "val_loss", "train_error", "val_error"):
                     if record[key] is not None:
                         writer.add_scalar("{1}/{0}".format(*key.split("_")), record[key], epoch)
-            run.end_epoch(record, score=val_acc, loss=val_loss)
+            if run.improved(val_acc, epoch):  # best.pt: the weights of the best val accuracy (the last, without val)
+                run.save_best({"model": net.state_dict()})
+            run.save_last(record)  # last.pt (the resume point), then metrics.json: every epoch (rank 0 writes them)
             if rank == 0:
                 print(f"epoch {epoch:3d} | train loss {train_loss:.4f} error {1 - train_acc:.2%} | "
                       + (f"val loss {val_loss:.4f} error {1 - val_acc:.2%} | " if val_acc is not None else "")

@@ -293,8 +293,8 @@ def check_options(args) -> None:
 
 
 def train(run, net, opt, batches, data) -> None:
-    """The epochs still to run: train, evaluate val and test (with layer usage) every epoch, run.end_epoch.
-    A NaN/inf training loss stops the run with exit 1; last.pt keeps the last finite epoch."""
+    """The epochs still to run: train, evaluate val and test (with layer usage) every epoch, then best.pt and last.pt,
+    each decided here. A NaN/inf training loss stops the run with exit 1; last.pt keeps the last finite epoch."""
     args, writer = run.args, run.tensorboard()
     steps_writer = run.tensorboard("steps", purge_step=run.epoch * len(batches) + 1)  # x axis: global step
     total_steps = args.epochs * len(batches)
@@ -303,7 +303,7 @@ def train(run, net, opt, batches, data) -> None:
         return lr_at(args.lr_schedule, args.lr, step, total_steps)
 
     with run.guard():
-        for epoch in run.epochs():
+        for epoch in run.epochs(args.epochs):  # all --epochs: no early stopping (fixed epochs, as the source)
             t0 = time.time()
             train_loss, train_acc, step_stats = train_epoch(net, batches, opt, lr_of_step, (epoch - 1) * len(batches), args.quiet)
             train_time = time.time() - t0
@@ -326,7 +326,9 @@ def train(run, net, opt, batches, data) -> None:
                     writer.add_scalar(f"acc/{split}", record[f"{split}_acc"], epoch)
             for i, v in enumerate(record["output_l1"]):
                 writer.add_scalar(f"output_l1/layer{i + 1:03d}", v, epoch)
-            run.end_epoch(record, score=val["acc"])
+            if run.improved(val["acc"], epoch):  # best.pt: the weights of the best val accuracy (the last, without val)
+                run.save_best({"model": net.state_dict()})
+            run.save_last(record)  # last.pt (the resume point), then metrics.json: every epoch
             summary = usage_summary(record)
             print(f"epoch {epoch:3d} | train loss {train_loss:.4f} acc {train_acc:.2%} | "
                   + (f"val acc {val['acc']:.2%} | " if val["acc"] is not None else "")
@@ -381,9 +383,11 @@ def main(
     quiet: common.Quiet = False,
 ):
     """Train a GloNet, MLP or residual MLP of a given depth on MNIST; test accuracy and layer usage every epoch."""
-    run = common.Run(ctx, common.args_from(locals()), "train_glonet")
+    run = common.Run(ctx, common.args_from(locals()), __file__)  # named by this file: a copy is a new experiment
     args = run.args
     check_options(args)
+    if args.lr_schedule == "cosine":
+        run.fix_length("its cosine learning rate decays to 0 at the last planned step")
     device = common.pick_device(args.device)
     # Deep nets whose unused layers shrink toward 0 drive the CPU into denormal floats: a depth-200 MLP's steps went
     # from 0.2 s to 3.3 s within 16 steps; flushing them to zero keeps every step at 0.2 s (same loss to 7 digits).

@@ -9,6 +9,7 @@ the two processes share the cores the single process uses, so expect little or n
 """
 
 import os
+import socket
 import subprocess
 import sys
 import time
@@ -41,6 +42,13 @@ def steps_per_second(batch: int, steps: int, c1: int, c2: int, ddp: bool) -> flo
     return steps / (time.perf_counter() - t0)
 
 
+def free_port() -> int:
+    """A TCP port nobody listens on now (the OS picks it), for torchrun's rendezvous."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
 @app.command()
 def main(steps: int = 10, c1: int = 96, c2: int = 192, worker: bool = False):
     if worker:
@@ -54,7 +62,8 @@ def main(steps: int = 10, c1: int = 96, c2: int = 192, worker: bool = False):
     print(f"torch {torch.__version__}; {os.cpu_count()} CPUs; 1 process: {torch.get_num_threads()} threads")
     print(f"1 process, batch 128:            {one:7.1f} images/s")
     env = {**os.environ, "OMP_NUM_THREADS": str(max(1, torch.get_num_threads() // 2))}
-    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port", "29533",
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2",
+                           "--master-port", str(free_port()),
                            __file__, "--worker", "--steps", str(steps), "--c1", str(c1), "--c2", str(c2)],
                           env=env, capture_output=True, text=True)
     rates = [float(line.split()[1]) for line in proc.stdout.splitlines() if line.startswith("RATE")]

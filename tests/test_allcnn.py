@@ -1,9 +1,10 @@
 """train_allcnn.py and the CIFAR-10 binary reader: records written by the test, model shapes and parameter counts,
-the weight-decay groups, augmentation, a 2-process torchrun (gloo) run against one process with the doubled batch,
-and bad input."""
+the weight-decay groups, augmentation (checked on its output), a 2-process torchrun (gloo) run against one process
+with the doubled batch, a resume that would move the step schedule, and bad input."""
 
 import json
 import os
+import socket
 import subprocess
 import sys
 
@@ -17,6 +18,13 @@ import train_allcnn
 from conftest import OFFLINE_ENV, ROOT, assert_user_error, run_cli
 
 ONE_THREAD = {"OMP_NUM_THREADS": "1"}
+
+
+def free_port() -> int:
+    """A TCP port nobody listens on now (the OS picks it), for torchrun's rendezvous."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 def write_cifar(folder, n_train=96, n_test=32, seed=0):
@@ -90,33 +98,80 @@ def test_no_decay_group_holds_exactly_biases_and_norm_parameters():
         assert decay_names == set(by_id.values()) - no_decay_names and decay["weight_decay"] == 1e-3 and no_decay["weight_decay"] == 0
 
 
-def test_augmentation_keeps_range_and_content():
+def crop_fits(out: torch.Tensor, image: torch.Tensor) -> list[tuple]:
+    """Every (dy, dx, flipped, brightness, contrast) with out == (brightness * crop - gray) * contrast + gray (to 1e-4;
+    gray: the mean of brightness * crop), where crop is the 32x32 window at (dy, dx) of the 4-pixel reflect-padded
+    image in [0, 1], mirrored left-right if flipped: what a random crop, a flip and the jitter (unclamped) make of it."""
+    padded = torch.nn.functional.pad(image.double()[None] / 255, (4, 4, 4, 4), mode="reflect")[0]  # [3,40,40]
+    windows = padded.unfold(1, 32, 1).unfold(2, 32, 1).permute(1, 2, 0, 3, 4)  # [9,9,3,32,32]: window (dy, dx)
+    crops = torch.stack([windows, windows.flip(-1)]).reshape(2 * 81, -1)  # [flipped][dy][dx]
+    o, m = out.double().flatten(), crops.mean(1)
+    c = crops - m[:, None]
+    gain = (c * (o - o.mean())).sum(1) / c.square().sum(1)  # out = gain * crop + shift, by least squares
+    residual = (o - o.mean() - gain[:, None] * c).abs().amax(1)
+    brightness = (o.mean() - gain * m) / m + gain  # gain = b * contrast, shift = b * m * (1 - contrast)
+    return [(i % 81 // 9, i % 9, i >= 81, brightness[i].item(), (gain[i] / brightness[i]).item())
+            for i in torch.nonzero(residual < 1e-4).flatten().tolist()]
+
+
+def test_augment_crops_flips_and_jitters_the_padded_image():
     g = torch.Generator().manual_seed(0)
-    images = torch.randint(0, 256, (16, 3, 32, 32), dtype=torch.uint8)
+    # mid-gray pixels: brightness and contrast factors in [0.8, 1.2] never push them past [0, 1]
+    images = torch.randint(64, 192, (64, 3, 32, 32), dtype=torch.uint8, generator=torch.Generator().manual_seed(1))
     out = train_allcnn.augment(images, g)
-    assert out.shape == (16, 3, 32, 32) and out.min() >= 0 and out.max() <= 1
-    assert not torch.allclose(out, images.float() / 255)
-    # a crop offset of 4 with no flip and factors 1 is the identity: check the crop indexing on its own
-    padded = torch.nn.functional.pad(images.float(), (4, 4, 4, 4), mode="reflect")
-    assert torch.equal(padded[:, :, 4:36, 4:36], images.float())
+    assert out.shape == images.shape and out.dtype == torch.float32 and out.min() >= 0 and out.max() <= 1
+    fits = [crop_fits(o, image) for o, image in zip(out, images)]
+    assert all(len(f) == 1 for f in fits), [len(f) for f in fits]  # exactly one window (and mirror) explains each
+    dy, dx, flipped, brightness, contrast = zip(*[f[0] for f in fits])
+    assert 0 < sum(flipped) < len(flipped)  # some mirrored, some not (64 fair coins)
+    assert len(set(zip(dy, dx))) > 10  # the window moves (64 draws from 81 places)
+    for factors in (brightness, contrast):  # each drawn in [0.8, 1.2], per image
+        assert all(0.8 - 1e-6 <= f <= 1.2 + 1e-6 for f in factors) and max(factors) - min(factors) > 0.2, factors
+    torch.testing.assert_close(train_allcnn.augment(images, torch.Generator().manual_seed(0)), out, rtol=0, atol=0)
+    full_range = train_allcnn.augment(torch.randint(0, 256, (64, 3, 32, 32), dtype=torch.uint8, generator=g), g)
+    assert full_range.min() == 0 and full_range.max() == 1  # jitter past [0, 1] is clamped
+
+
+def test_sharded_batches_keep_each_label_with_its_own_augmented_image():
+    images = torch.randint(64, 192, (40, 3, 32, 32), dtype=torch.uint8, generator=torch.Generator().manual_seed(2))
+    labels = torch.arange(40) + 100  # each sample's label names it
+    batches = train_allcnn.ShardedBatches(images, labels, 8, seed=0)
+    mean, std = (torch.tensor(v).view(1, 3, 1, 1) for v in (common.CIFAR_MEAN, common.CIFAR_STD))
+    seen = []
+    for x, y in batches:
+        assert x.shape == (8, 3, 32, 32) and x.dtype == torch.float32 and y.dtype == labels.dtype
+        for o, label in zip(x * std + mean, y):  # undo the normalization: the augmented image in [0, 1]
+            assert len(crop_fits(o, images[label - 100])) == 1
+        seen += y.tolist()
+    assert sorted(seen) == labels.tolist()  # every sample once an epoch
 
 
 def test_lr_step_schedule():
     assert [train_allcnn.lr_at("step", 0.1, e, 100) for e in (0, 39.9, 40, 79.9, 80, 99)] == pytest.approx([0.1, 0.1, 0.01, 0.01, 0.001, 0.001])
 
 
-def test_two_torchrun_processes_equal_one_process_with_the_doubled_batch(tiny_cifar, tmp_path):
-    common_args = ["--data-dir", tiny_cifar, "--c1", 8, "--c2", 16, "--norm", "none", "--dropout", 0, "--no-augment",
+def test_two_torchrun_processes_killed_and_resumed_equal_one_process_with_the_doubled_batch(tiny_cifar, tmp_path):
+    """Augmentation on: every rank draws the global batch's crops, flips and factors, so the samples are augmented as
+    in one process. Killed mid-epoch 2 (both ranks), resumed under torchrun from rank 0's last.pt of epoch 1."""
+    common_args = ["--data-dir", tiny_cifar, "--c1", 8, "--c2", 16, "--norm", "none", "--dropout", 0,
                    "--epochs", 2, "--val-fraction", 0, "--lr", 0.05, "--quiet"]
     one = run_cli("train_allcnn.py", *common_args, "--batch-size", 16, "--out-dir", tmp_path / "one", env=ONE_THREAD)
     assert one.returncode == 0, one.stderr
-    env = {**os.environ, **OFFLINE_ENV, **ONE_THREAD}
-    two = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port", "29517",
-                          str(ROOT / "train_allcnn.py"), *map(str, common_args), "--batch-size", "8", "--out-dir", str(tmp_path / "two")],
-                         cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+
+    def torchrun(*args, **env):
+        return subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port",
+                               str(free_port()), str(ROOT / "train_allcnn.py"), *map(str, args)],
+                              cwd=ROOT, env={**os.environ, **OFFLINE_ENV, **ONE_THREAD, **env}, capture_output=True, text=True,
+                              timeout=300)
+
+    # 6 global steps an epoch: batch 9 is in epoch 2, after the all-reduces that follow rank 0's last.pt of epoch 1
+    killed = torchrun(*common_args, "--batch-size", 8, "--out-dir", tmp_path / "two", RUN_TEST_KILL_AT="batch:9")
+    assert killed.returncode != 0, killed.stderr[-3000:]
+    (dir_two,) = (tmp_path / "two" / "train_allcnn").iterdir()  # rank 0 alone made a run directory
+    assert common.load_checkpoint(dir_two / "last.pt")["run"]["epoch"] == 1
+    two = torchrun("--resume", dir_two, "--data-dir", tiny_cifar, "--quiet")
     assert two.returncode == 0, two.stderr[-3000:]
     (dir_one,) = (tmp_path / "one" / "train_allcnn").iterdir()
-    (dir_two,) = (tmp_path / "two" / "train_allcnn").iterdir()  # rank 0 alone made a run directory
     a = common.load_checkpoint(dir_one / "last.pt")["objects"]["model"]
     b = common.load_checkpoint(dir_two / "last.pt")["objects"]["model"]
     for key in a:
@@ -133,6 +188,19 @@ def test_two_torchrun_processes_equal_one_process_with_the_doubled_batch(tiny_ci
         assert eb["train_loss"] == pytest.approx(ea["train_loss"], rel=1e-4)
         assert ea["train_loss"] == pytest.approx(np.mean(ea["step_loss"]), rel=1e-4)
         assert ea["train_error"] == pytest.approx(np.mean(ea["step_error"]), abs=1e-4)
+
+
+def test_finished_step_schedule_run_resumed_with_other_epochs_exits_2(tiny_cifar, tmp_path):
+    """The step schedule drops the lr at 40% and 80% of --epochs: a longer resume would jump it back up."""
+    proc = run_cli("train_allcnn.py", "--data-dir", tiny_cifar, "--out-dir", tmp_path, "--epochs", 2, "--c1", 8, "--c2", 16,
+                   "--batch-size", 32, "--quiet", env=ONE_THREAD)
+    assert proc.returncode == 0, proc.stderr
+    (run_dir,) = (tmp_path / "train_allcnn").iterdir()
+    before = {p.name: p.read_bytes() for p in run_dir.iterdir() if p.is_file()}
+    for epochs in (3, 1):
+        proc = run_cli("train_allcnn.py", "--resume", run_dir, "--epochs", epochs, "--data-dir", tiny_cifar, env=ONE_THREAD)
+        assert_user_error(proc, f"--epochs {epochs}", "planned 2", "step")
+    assert {p.name: p.read_bytes() for p in run_dir.iterdir() if p.is_file()} == before  # a refused resume changes nothing
 
 
 def test_truncated_cifar_file_exits_2(tiny_cifar, tmp_path):

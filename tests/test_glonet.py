@@ -1,5 +1,6 @@
 """train_glonet.py: the GloNet head reads the sum of the hidden outputs (checked by hand on a tiny model),
-the usage vectors, depth 1 and depth 200, divergence handling, an end-to-end CLI run with resume, and bad input."""
+the usage vectors, depth 1 and depth 200, divergence handling, an end-to-end CLI run with resume, a resume that would
+move the cosine schedule, and bad input."""
 
 import json
 import math
@@ -206,8 +207,9 @@ def test_cli_run_writes_every_output_and_resumes(tiny_mnist, tmp_path):
     assert result["test_acc"] == final["test_acc"] and result["run_dir"] == str(run_dir)
     best = common.load_checkpoint(run_dir / "best.pt")
     assert best["epoch"] == final["best_epoch"] == 3  # no validation split: best.pt follows the last epoch
-    model = train_glonet.build_model(config)
-    model.load_state_dict(best["model"])
+    model, _, module = common.load_run_model(run_dir)  # what predict.py does: the run's own script rebuilds its model
+    assert module.__name__ == "train_glonet" and isinstance(model, module.DepthNet) and len(model.hidden) == 3
+    torch.testing.assert_close(model.state_dict(), best["model"])
 
     # 2 epochs, then --resume to 3: the same numbers as the straight run
     proc = run_cli("train_glonet.py", *args, "--epochs", 2, "--out-dir", tmp_path / "b", env=ONE_THREAD)
@@ -220,6 +222,18 @@ def test_cli_run_writes_every_output_and_resumes(tiny_mnist, tmp_path):
     timeless = lambda epochs: [{k: v for k, v in e.items() if not k.endswith("time_s")} for e in epochs]  # noqa: E731
     assert timeless(b["epochs"]) == timeless(metrics["epochs"])
     assert b["final"]["test_acc"] == final["test_acc"]
+
+
+def test_finished_cosine_run_resumed_with_other_epochs_exits_2(tiny_mnist, tmp_path):
+    """The default cosine schedule reaches 0 at the last planned step: a longer resume would jump the lr back up."""
+    args = ["--data-dir", tiny_mnist, "--layers", 3, "--features", 16, "--batch-size", 90, "--limit", 180, "--quiet"]
+    proc = run_cli("train_glonet.py", *args, "--epochs", 1, "--out-dir", tmp_path, env=ONE_THREAD)
+    assert proc.returncode == 0, proc.stderr
+    (run_dir,) = (tmp_path / "train_glonet").iterdir()
+    before = (run_dir / "config.json").read_text()
+    proc = run_cli("train_glonet.py", "--resume", run_dir, "--epochs", 2, "--data-dir", tiny_mnist, env=ONE_THREAD)
+    assert_user_error(proc, "--epochs 2", "planned 1", "cosine")
+    assert (run_dir / "config.json").read_text() == before
 
 
 def test_divergence_stops_with_a_clear_message_and_keeps_last_pt(tiny_mnist, tmp_path):
