@@ -514,6 +514,7 @@ class Run:
         self.args, self.objects, self._writers, self._pending_config = args, {}, {}, None
         self.epoch, self.history, self.best = 0, [], {"epoch": 0, "score": None}
         self.best_loss, self.bad_epochs, self.stopped_early, self.training_done = float("inf"), 0, False, False
+        self.fixed_length = None
 
     def _merge(self, ctx, args, changeable) -> SimpleNamespace:
         """The saved options; a `changeable` one typed on the command line wins, any other typed must be equal."""
@@ -539,6 +540,7 @@ class Run:
     def fix_length(self, why: str) -> None:
         """Refuse a resume that changes the planned length (--epochs): `why` it must not change, e.g. the lr schedule
         spans the planned epochs and would jump back up mid-run."""
+        self.fixed_length = why
         planned, now = (self.original or {}).get(self.length_option), getattr(self.args, self.length_option)
         flag = "--" + self.length_option.replace("_", "-")
         check(not self.resumed or planned is None or planned == now,
@@ -553,9 +555,9 @@ class Run:
     def best_path(self) -> Path:
         return self.dir / f"best{self.ext}"
 
-    def _save(self, path: Path, state: dict) -> None:
-        if self.main_process:
-            atomic_write(path, lambda tmp: self._save_file(state, tmp))
+    def _save(self, name: str, state: dict) -> None:
+        if self.main_process:  # other processes may not know the new run's directory (rank 0 makes it)
+            atomic_write(self.dir / f"{name}{self.ext}", lambda tmp: self._save_file(state, tmp))
 
     def _load(self, path: Path, map_location="cpu") -> dict:
         check(path.is_file(), f"{path} not found: the run has no such checkpoint")
@@ -594,7 +596,7 @@ class Run:
             if self.resumed:
                 print(f"{self.dir} has no {self.last_path.name} (stopped before its first checkpoint): starting from epoch 1")
                 write_json(self.dir / "config.json", self._pending_config) if self.main_process else None
-            self._save(self.last_path, self._checkpoint())
+            self._save("last", self._checkpoint())
             write_json(self.dir / "metrics.json", {"epochs": []}) if self.main_process else None
             return
         ckpt = self._load(self.last_path, map_location)
@@ -608,8 +610,8 @@ class Run:
                 else:
                     obj.load_state_dict(state)
             torch.set_rng_state(torch.as_tensor(ckpt["rng"]["torch"], dtype=torch.uint8))
-            if "cuda" in ckpt["rng"] and torch.cuda.is_available():
-                torch.cuda.set_rng_state_all(ckpt["rng"]["cuda"])
+            if "cuda" in ckpt["rng"] and self.map_location.type == "cuda":  # this process's own GPU
+                torch.cuda.set_rng_state(torch.as_tensor(ckpt["rng"]["cuda"], dtype=torch.uint8), self.map_location)
             r = ckpt["run"]
             self.epoch, self.history, self.best = int(r["epoch"]), list(r["history"]), dict(r["best"])
             self.best_loss, self.bad_epochs, self.stopped_early = float(r["best_loss"]), int(r["bad_epochs"]), bool(r["stopped_early"])
@@ -621,8 +623,9 @@ class Run:
         check(not (finished and self.stopped_early), f"--resume {self.dir}: that run stopped early at epoch {self.epoch} "
                                                       f"and is finished; start a new run")
         flag = "--" + self.length_option.replace("_", "-")
-        check(not (finished and self.training_done), f"--resume {self.dir}: it has trained all {self.epoch} epochs; pass "
-              f"{flag} N with N > {getattr(self.args, self.length_option)} to train further")
+        further = (f"start a new run to train longer ({self.fixed_length})" if self.fixed_length else
+                   f"pass {flag} N with N > {getattr(self.args, self.length_option)} to train further")
+        check(not (finished and self.training_done), f"--resume {self.dir}: it has trained all {self.epoch} epochs; {further}")
         if self.main_process:
             write_json(self.dir / "config.json", self._pending_config)
             for stale in self.dir.glob("*.tmp"):  # temporary files of a write that a kill interrupted
@@ -633,7 +636,7 @@ class Run:
     def _checkpoint(self) -> dict:
         rng = {"torch": torch.get_rng_state()}
         if getattr(self, "map_location", torch.device("cpu")).type == "cuda":
-            rng["cuda"] = torch.cuda.get_rng_state_all()
+            rng["cuda"] = torch.cuda.get_rng_state(self.map_location)
         state_of = lambda obj: obj.get_state() if isinstance(obj, torch.Generator) else obj.state_dict()  # noqa: E731
         return {"objects": {name: state_of(obj) for name, obj in self.objects.items()}, "rng": rng,
                 "run": {"epoch": self.epoch, "history": self.history, "best": self.best, "best_loss": self.best_loss,
@@ -657,7 +660,7 @@ class Run:
 
     def save_best(self, state: dict) -> None:
         """best.*: `state` (e.g. {"model": model.state_dict()}) with the best epoch and score."""
-        self._save(self.best_path, {**state, **self.best})
+        self._save("best", {**state, **self.best})
 
     def early_stop(self, loss: Optional[float], patience: Optional[int], min_delta: float = 0.0) -> bool:
         """True when `loss` has not improved by more than min_delta for `patience` epochs (never with patience None)."""
@@ -670,7 +673,7 @@ class Run:
         """Record the epoch: last.* (every registered object, the RNG, the history), then metrics.json."""
         self.epoch = int(record["epoch"])
         self.history.append(record)
-        self._save(self.last_path, self._checkpoint())
+        self._save("last", self._checkpoint())
         _test_kill_point("checkpoint", self.epoch)
         write_json(self.dir / "metrics.json", {"epochs": self.history}) if self.main_process else None
 

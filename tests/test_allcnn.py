@@ -27,24 +27,6 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def write_cifar(folder, n_train=96, n_test=32, seed=0):
-    """A tiny CIFAR-10 in the binary format: class c's images are a fixed colour pattern plus noise."""
-    folder.mkdir(parents=True, exist_ok=True)
-    rng = np.random.default_rng(seed)
-    patterns = rng.integers(0, 256, (10, 3, 32, 32))
-    for name, n in (("data_batch_1.bin", n_train), ("test_batch.bin", n_test)):
-        labels = np.arange(n) % 10
-        images = np.clip(patterns[labels] * 0.7 + rng.integers(0, 77, (n, 3, 32, 32)), 0, 255).astype(np.uint8)
-        records = np.concatenate([labels[:, None].astype(np.uint8), images.reshape(n, -1)], 1)
-        records.tofile(folder / name)
-    return folder.parent
-
-
-@pytest.fixture(scope="module")
-def tiny_cifar(tmp_path_factory):
-    return write_cifar(tmp_path_factory.mktemp("cifar") / "cifar-10-batches-bin")
-
-
 def test_binary_reader_labels_channel_order_and_shapes(tmp_path):
     record = np.zeros(common.CIFAR_RECORD, dtype=np.uint8)
     record[0] = 7
