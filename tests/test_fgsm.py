@@ -14,7 +14,7 @@ import fgsm_attack
 import train_allcnn
 import train_mlp
 from conftest import ROOT, assert_user_error, run_cli
-from test_allcnn import write_cifar
+from conftest import write_cifar
 
 ONE_THREAD = {"OMP_NUM_THREADS": "1"}
 
