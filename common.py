@@ -623,7 +623,7 @@ class Run:
         check(not (finished and self.stopped_early), f"--resume {self.dir}: that run stopped early at epoch {self.epoch} "
                                                       f"and is finished; start a new run")
         flag = "--" + self.length_option.replace("_", "-")
-        further = (f"start a new run to train longer ({self.fixed_length})" if self.fixed_length else
+        further = (f"to train longer, start a new run with a larger {flag} ({self.fixed_length})" if self.fixed_length else
                    f"pass {flag} N with N > {getattr(self.args, self.length_option)} to train further")
         check(not (finished and self.training_done), f"--resume {self.dir}: it has trained all {self.epoch} epochs; {further}")
         if self.main_process:
