@@ -10,8 +10,11 @@ Each trial is `python SCRIPT [--KEY V ...] [ARGS] --seed S --tag NAME-ID --quiet
 through (--grid data-dir=/data --grid epochs=2). Without --address or RAY_ADDRESS a local Ray is started with this
 machine's CPUs and stopped at the end. The same command again skips trials that finished OK and reruns failed ones.
 A trial that exits non-zero or whose worker dies is retried --retries times, then recorded failed with its stderr
-tail. Ctrl-C cancels running trials; trials.jsonl only ever gains whole lines. Only this driver writes the sweep
-files (tasks return config and final metrics), so no shared filesystem is needed.
+tail. Ctrl-C cancels running trials; trials.jsonl only ever gains whole lines. A rerun with nothing left to run
+does not start Ray. No shared filesystem is needed: a task on a node that cannot see this driver's OUT_DIR returns
+its run directory's files (up to --copy-limit-mb a trial, smallest first; bigger ones stay on the node, listed in
+trials.jsonl), and this driver writes them at the same place under its own OUT_DIR with the run's results.jsonl
+line; on shared storage (or this machine) nothing is copied. Only this driver writes the sweep files.
 Outputs in OUT_DIR/sweeps/NAME/: sweep.json, trials.jsonl, summary.md, summary.png (made by report.py).
 """
 
@@ -22,7 +25,9 @@ import itertools
 import json
 import os
 import platform
+import secrets
 import shlex
+import shutil
 import socket
 import subprocess
 import sys
@@ -148,9 +153,12 @@ def _die_with_parent() -> None:
     ctypes.CDLL(None).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
 
 
-def run_trial(cmd: list[str], cwd: str, threads: int) -> dict:
+def run_trial(cmd: list[str], cwd: str, threads: int, out_dir: Optional[str] = None, marker: Optional[str] = None,
+              copy_limit: int = 0) -> dict:
     """Run one training command; return exit status, node, wall time, stderr tail, and the run's config and
-    final metrics read on the node that ran it (the driver may not see that filesystem)."""
+    final metrics read on the node that ran it. With `out_dir` (the trial's --out-dir), a node that cannot see the
+    driver's `marker` file (no shared filesystem) also returns the run directory's files ("files", see collect_run)
+    and the run's results.jsonl line, for the driver to write (land_run)."""
     env = {**os.environ, "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads), "PYTHONUNBUFFERED": "1"}
     cwd = cwd if os.path.isdir(cwd) else os.path.expanduser("~")
     start = time.time()
@@ -162,20 +170,92 @@ def run_trial(cmd: list[str], cwd: str, threads: int) -> dict:
         proc.kill()
         proc.wait()
         raise
-    result = {"returncode": proc.returncode, "node": socket.gethostname(), "wall_s": round(time.time() - start, 3),
-              "stderr_tail": err[-2000:] if proc.returncode else "", "run_dir": None, "config": None, "final": None}
+    result = {"returncode": proc.returncode, "node": socket.gethostname(), "node_id": _ray_node_id(),
+              "wall_s": round(time.time() - start, 3), "stderr_tail": err[-2000:] if proc.returncode else "",
+              "run_dir": None, "config": None, "final": None, "copied": None}
     lines = [line for line in out.strip().splitlines() if line.startswith("run ")]
     if lines:  # the last printed line names the run directory: "run DIR | test accuracy ..."
         run_dir = Path(cwd) / lines[-1][4:].split(" | ")[0]
         result["run_dir"] = str(run_dir)
         result["config"] = common.read_json(run_dir / "config.json", default=None)
         result["final"] = common.read_json(run_dir / "metrics.json", default={}).get("final")
+        shared = marker is None or os.path.isfile(marker)
+        if out_dir is not None and not shared and run_dir.is_relative_to(out_dir) and result["final"] is not None:
+            result["run_rel"] = str(run_dir.relative_to(out_dir))
+            result["files"], left = collect_run(run_dir, copy_limit)
+            result["copied"] = {"files": len(result["files"]), "bytes": sum(len(f[3]) for f in result["files"])}
+            if left:
+                result["left_on_node"] = left
+            result["results_line"] = next((r for r in reversed(common.read_jsonl(Path(out_dir) / "results.jsonl"))
+                                           if r.get("run_dir") == str(run_dir)), None)
     if proc.returncode == 0 and result["final"] is None:
         result["returncode"], result["stderr_tail"] = -1, "exited 0 but left no metrics.json with a final block:\n" + out[-1000:]
     return result
 
 
+def _ray_node_id() -> Optional[str]:
+    """The Ray node this runs on (several nodes may share a host name); None outside Ray."""
+    try:
+        import ray
+
+        return ray.get_runtime_context().get_node_id() if ray.is_initialized() else None
+    except Exception:
+        return None
+
+
+def collect_run(run_dir: Path, limit: int) -> tuple[list, dict]:
+    """A run directory's files as [relative path, mode, mtime, bytes], smallest first while their total stays within
+    `limit` bytes; the files that do not fit ({relative path: size}) stay on the node. Temporary files (*.tmp) of an
+    interrupted write are skipped."""
+    found = sorted((p.stat().st_size, str(p.relative_to(run_dir)), p) for p in run_dir.rglob("*")
+                   if p.is_file() and not p.is_symlink() and not p.name.endswith(".tmp"))
+    files, left, total = [], {}, 0
+    for size, rel, path in found:
+        if total + size > limit:
+            left[rel] = size
+            continue
+        stat = path.stat()
+        files.append([rel, stat.st_mode & 0o777, stat.st_mtime, path.read_bytes()])
+        total += size
+    return files, left
+
+
 # ----------------------------------------------------------------------------- driver-side files
+def land_run(out_dir: Path, result: dict) -> None:
+    """Write a run directory a task shipped back (run_trial's "files") at its place under this driver's OUT_DIR
+    (OUT_DIR/<script>/<run>/, as on the node): into a hidden folder beside it, then renamed into place, so a run
+    directory on the driver is whole or absent. A directory of that name already holding the same files (shared
+    storage) is kept; one holding other files makes this run take the next free name (-2, -3...). Then the run's
+    results.jsonl line, naming the driver's copy. Sets result["run_dir"] to the driver's copy."""
+    files, line, target = result.pop("files"), result.pop("results_line", None), out_dir / result.pop("run_rel")
+    if not files:  # --copy-limit-mb 0: the run stays on its node; its results line (the metrics) still comes here
+        result["run_dir"] = str(target)
+        common.append_jsonl(out_dir / "results.jsonl", {**line, "run_dir": str(target)}, unique="run_dir") if line else None
+        return
+    target.parent.mkdir(parents=True, exist_ok=True)
+    same = lambda d: all((d / rel).is_file() and (d / rel).read_bytes() == data for rel, _, _, data in files)  # noqa: E731
+    base, n = target, 1
+    while target.exists() and not same(target):
+        n += 1
+        target = base.with_name(f"{base.name}-{n}")
+    if not target.exists():
+        incoming = target.with_name(f".{target.name}.incoming-{os.getpid()}")
+        shutil.rmtree(incoming, ignore_errors=True)
+        for rel, mode, mtime, data in files:
+            path = incoming / rel
+            path.parent.mkdir(parents=True, exist_ok=True)
+            with open(path, "wb") as f:
+                f.write(data)
+                f.flush()
+                os.fsync(f.fileno())
+            os.chmod(path, mode)
+            os.utime(path, (mtime, mtime))
+        os.rename(incoming, target)
+    result["run_dir"] = str(target)
+    if line is not None:
+        common.append_jsonl(out_dir / "results.jsonl", {**line, "run_dir": str(target)}, unique="run_dir")
+
+
 def trial_key(options: dict, seed: int) -> str:
     return json.dumps({"options": options, "seed": seed}, sort_keys=True)
 
@@ -218,6 +298,7 @@ def main(
     cpus_per_trial: Annotated[float, typer.Option(help="CPUs reserved per trial (OMP_NUM_THREADS is set to it).")] = 1.0,
     gpus_per_trial: Annotated[float, typer.Option(help="GPUs reserved per trial (fractions share a GPU).")] = 0.0,
     retries: Annotated[int, typer.Option(help="Reruns of a trial that exits non-zero or whose worker dies.")] = 1,
+    copy_limit_mb: Annotated[float, typer.Option(help="A trial on a node that cannot see OUT_DIR sends its run directory back to this driver, up to this many MB (smallest files first; the rest stay on the node, listed in trials.jsonl; 0: nothing).")] = 1024.0,
     name: Annotated[Optional[str], typer.Option(help="Sweep name: OUT_DIR/sweeps/NAME/ and trial tags NAME-ID (default: the script's name).")] = None,
     metric: Annotated[str, typer.Option(help="Key of the runs' final metrics plotted in the summary.")] = "test_acc",
     out_dir: common.OutDir = Path("runs"),
@@ -230,8 +311,8 @@ def main(
     seed_list = parse_seeds(seeds)
     name = name or script.stem
     common.check(all(c.isalnum() or c in "-_." for c in name), f"--name {name!r}: use letters, digits, '-', '_' or '.'")
-    common.check(cpus_per_trial > 0 and gpus_per_trial >= 0 and retries >= 0,
-                 "--cpus-per-trial must be > 0, --gpus-per-trial >= 0 and --retries >= 0")
+    common.check(cpus_per_trial > 0 and gpus_per_trial >= 0 and retries >= 0 and copy_limit_mb >= 0,
+                 "--cpus-per-trial must be > 0, --gpus-per-trial >= 0, --retries >= 0 and --copy-limit-mb >= 0")
     out_dir = out_dir.resolve()
     sweep_dir = out_dir / "sweeps" / name
     combos = [dict(zip(values, c)) for c in itertools.product(*values.values())]
@@ -250,6 +331,16 @@ def main(
     done = {trial_key(r["options"], r["seed"]) for r in common.read_jsonl(trials_path) if r.get("status") == "ok"}
     todo = [t for t in trials if trial_key(t["options"], t["seed"]) not in done]
 
+    if not todo:  # nothing to run: no Ray (importing and starting it costs seconds); sweep.json stays as it was
+        print(f"sweep {name}: {len(trials)} trials, all finished ({sweep_dir}); Ray not started")
+        summaries = [sweep_dir / "summary.md", sweep_dir / "summary.png"]
+        if not all(p.is_file() and p.stat().st_mtime >= trials_path.stat().st_mtime for p in summaries):
+            summarize(sweep_dir, values, metric)  # else the summary is up to date with trials.jsonl
+        if not quiet:
+            print(summaries[0].read_text())
+        print(f"sweep {sweep_dir} | nothing to run")
+        return 0
+
     import ray
 
     started_here = not ray.is_initialized()
@@ -261,11 +352,17 @@ def main(
         "script": str(script), "grid": values, "configs": configs, "seeds": seed_list, "name": name, "metric": metric,
         "address": address or "local", "cluster_resources": ray.cluster_resources(),
         "cpus_per_trial": cpus_per_trial, "gpus_per_trial": gpus_per_trial, "retries": retries,
-        "omp_num_threads": threads, "commands": [" ".join(t["cmd"]) for t in trials],
+        "copy_limit_mb": copy_limit_mb, "omp_num_threads": threads, "commands": [" ".join(t["cmd"]) for t in trials],
         "versions": {"python": platform.python_version(), "ray": ray.__version__, "typer": typer.__version__},
     })
     print(f"sweep {name}: {len(trials)} trials, {len(trials) - len(todo)} already finished, {len(todo)} to run "
           f"on {ray.cluster_resources().get('CPU', 0):g} CPUs ({sweep_dir})")
+    # a node that cannot see this file does not share OUT_DIR with this driver: its trials send their run directories
+    runs_parent = out_dir / common.script_name(script)
+    runs_parent.mkdir(parents=True, exist_ok=True)
+    marker = runs_parent / f".sweep-driver-{secrets.token_hex(8)}"
+    marker.write_text(f"sweep.py driver of {sweep_dir}, pid {os.getpid()}: visible to a trial = shared storage\n")
+    ship = (str(out_dir), str(marker), int(copy_limit_mb * 2**20))
     remote = ray.remote(run_trial).options(num_cpus=cpus_per_trial, num_gpus=gpus_per_trial, max_retries=0)
     cwd = os.getcwd()
     bar = common.progress(range(len(todo)), quiet=quiet, total=len(todo), desc="trials")
@@ -275,19 +372,28 @@ def main(
     try:
         for t in todo:
             t["attempts"] = 1
-            pending[remote.remote(t["cmd"], cwd, threads)] = t
+            pending[remote.remote(t["cmd"], cwd, threads, *ship)] = t
         while pending:
             ready, _ = ray.wait(list(pending), num_returns=1)
             t = pending.pop(ready[0])
             try:
                 result = ray.get(ready[0])
             except (ray.exceptions.RayError,) as e:  # the worker died, or the task raised
-                result = {"returncode": None, "node": None, "wall_s": None, "run_dir": None, "config": None, "final": None,
-                          "stderr_tail": f"{type(e).__name__}: {str(e)[-1500:]}"}
+                result = {"returncode": None, "node": None, "node_id": None, "wall_s": None, "run_dir": None, "config": None,
+                          "final": None, "copied": None, "stderr_tail": f"{type(e).__name__}: {str(e)[-1500:]}"}
             if result["returncode"] != 0 and t["attempts"] <= retries:
                 t["attempts"] += 1
-                pending[remote.remote(t["cmd"], cwd, threads)] = t
+                pending[remote.remote(t["cmd"], cwd, threads, *ship)] = t
                 continue
+            if "files" in result:  # the node does not share OUT_DIR: its run directory lands here
+                try:
+                    land_run(out_dir, result)
+                except OSError as e:
+                    result["returncode"], result["stderr_tail"] = -1, f"the driver could not write the run directory: {e}"
+            if result.get("left_on_node"):
+                print(f"trial {t['id']}: files over --copy-limit-mb {copy_limit_mb:g} stay on node {result['node']} "
+                      f"({result['node_id']}) in {result['run_dir']}: " + ", ".join(
+                          f"{rel} ({size / 2**20:.1f} MB)" for rel, size in result["left_on_node"].items()), file=sys.stderr)
             status = "ok" if result["returncode"] == 0 else "failed"
             counts[status] += 1
             common.append_jsonl(trials_path, {"id": t["id"], "options": t["options"], "seed": t["seed"], "status": status,
@@ -306,6 +412,7 @@ def main(
     finally:
         if bar is not None:
             bar.close()
+        marker.unlink(missing_ok=True)
     wall = time.time() - start
     if started_here:
         ray.shutdown()

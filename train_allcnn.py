@@ -8,6 +8,8 @@ epochs on a GPU. `--model resnet18|resnet34|resnet50` are torchvision's with a 3
     python train_allcnn.py                                   # All-CNN-T, 100 epochs (a GPU job: hours on a CPU)
     python train_allcnn.py --epochs 10 --limit 4000          # a CPU-sized run on the first 4,000 images
     torchrun --nproc-per-node 2 train_allcnn.py --epochs 10  # 2 processes (gloo on CPU, nccl on CUDA), one run dir
+    TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1 torchrun --nnodes 1:2 --nproc-per-node 2 --max-restarts 3 --rdzv-backend c10d \
+        --rdzv-endpoint HOST:29400 --rdzv-id cifar1 train_allcnn.py   # a restarted worker group goes on from last.pt
     python train_allcnn.py --model resnet18 --lr-schedule cosine --amp
 Writes runs/train_allcnn/<timestamp>[-tag]/: config.json (with the parameter table's totals), metrics.json,
 best.pt, last.pt, training_curves.png (loss and top-1 error: train per step, under torchrun rank 0's batches; val
@@ -199,6 +201,14 @@ def distributed(device_name: str):
     return rank, world, device
 
 
+def elastic_pointer(out_dir) -> Optional[Path]:
+    """Under torchrun --max-restarts N > 0: OUT_DIR/.<script>-torchelastic-<rdzv id>.json, where the first attempt's
+    rank 0 names the run directory it made, so that a worker group torchrun restarts continues that run from last.pt
+    (as --resume would) instead of starting a new one. None otherwise. Give each job its own --rdzv-id."""
+    run_id, restarts = os.environ.get("TORCHELASTIC_RUN_ID"), int(os.environ.get("TORCHELASTIC_MAX_RESTARTS") or 0)
+    return Path(out_dir) / f".{common.script_name(__file__)}-torchelastic-{run_id}.json" if run_id and restarts > 0 else None
+
+
 def parameter_report(model: nn.Module, groups: list[dict]) -> dict:
     return {"n_parameters": common.count_parameters(model),
             "n_decay": sum(p.numel() for p in groups[0]["params"]), "n_no_decay": sum(p.numel() for p in groups[1]["params"])}
@@ -230,6 +240,14 @@ def main(
     quiet: common.Quiet = False,
 ):
     """Train All-CNN-T (or a ResNet) on CIFAR-10; report the best validation error and the test error."""
+    _elastic = elastic_pointer(out_dir) if resume is None else None
+    if _elastic is not None and os.environ.get("TORCHELASTIC_RESTART_COUNT", "0") == "0" and os.environ.get("RANK") == "0":
+        _elastic.unlink(missing_ok=True)  # the first attempt: a pointer left by an earlier job names another run
+    elif _elastic is not None and os.environ.get("TORCHELASTIC_RESTART_COUNT", "0") != "0" and _elastic.is_file():
+        resume = Path(common.read_json(_elastic)["run_dir"])  # torchrun restarted the workers: the same run goes on
+        if "final" in common.read_json(resume / "metrics.json", default={}):
+            print(f"run {resume} | already finished before torchrun restarted the workers")
+            return
     rank, world, dev = distributed(device)
     run = common.Run(ctx, common.args_from(locals()), __file__, main_process=rank == 0)  # rank 0 alone writes files
     args = run.args
@@ -246,6 +264,8 @@ def main(
     batches = ShardedBatches(data.train_x, data.train_y, args.batch_size, common.seed_for(args.seed, "shuffle"), rank, world, args.augment)
     counts = parameter_report(net, groups)
     run.save_config(device=str(dev), world_size=world, global_batch=args.batch_size * world, **counts, **data.describe())
+    if _elastic is not None and rank == 0 and not run.resumed:  # where a restarted worker group finds this run
+        common.write_json(_elastic, {"run_dir": str(run.dir), "rdzv_id": os.environ["TORCHELASTIC_RUN_ID"]})
     if world > 1 and not run.resumed:  # the run directory rank 0 just made: every rank knows where the run lives
         holder = [str(run.dir) if rank == 0 else None]
         dist.broadcast_object_list(holder, src=0)

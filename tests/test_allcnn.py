@@ -132,13 +132,23 @@ def test_lr_step_schedule():
     assert [train_allcnn.lr_at("step", 0.1, e, 100) for e in (0, 39.9, 40, 79.9, 80, 99)] == pytest.approx([0.1, 0.1, 0.01, 0.01, 0.001, 0.001])
 
 
-def test_two_torchrun_processes_killed_and_resumed_equal_one_process_with_the_doubled_batch(tiny_cifar, tmp_path):
+SMALL_RUN = ["--c1", 8, "--c2", 16, "--norm", "none", "--dropout", 0, "--epochs", 2, "--val-fraction", 0, "--lr", 0.05, "--quiet"]
+
+
+@pytest.fixture(scope="module")
+def one_process_run(tiny_cifar, tmp_path_factory):
+    """The run directory of SMALL_RUN in one process with batch 16: what 2 processes with batch 8 must end with."""
+    out = tmp_path_factory.mktemp("one")
+    one = run_cli("train_allcnn.py", "--data-dir", tiny_cifar, *SMALL_RUN, "--batch-size", 16, "--out-dir", out, env=ONE_THREAD)
+    assert one.returncode == 0, one.stderr
+    (run_dir,) = (out / "train_allcnn").iterdir()
+    return run_dir
+
+
+def test_two_torchrun_processes_killed_and_resumed_equal_one_process_with_the_doubled_batch(tiny_cifar, one_process_run, tmp_path):
     """Augmentation on: every rank draws the global batch's crops, flips and factors, so the samples are augmented as
     in one process. Killed mid-epoch 2 (both ranks), resumed under torchrun from rank 0's last.pt of epoch 1."""
-    common_args = ["--data-dir", tiny_cifar, "--c1", 8, "--c2", 16, "--norm", "none", "--dropout", 0,
-                   "--epochs", 2, "--val-fraction", 0, "--lr", 0.05, "--quiet"]
-    one = run_cli("train_allcnn.py", *common_args, "--batch-size", 16, "--out-dir", tmp_path / "one", env=ONE_THREAD)
-    assert one.returncode == 0, one.stderr
+    common_args = ["--data-dir", tiny_cifar, *SMALL_RUN]
 
     def torchrun(*args, **env):
         return subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port",
@@ -153,7 +163,7 @@ def test_two_torchrun_processes_killed_and_resumed_equal_one_process_with_the_do
     assert common.load_checkpoint(dir_two / "last.pt")["run"]["epoch"] == 1
     two = torchrun("--resume", dir_two, "--data-dir", tiny_cifar, "--quiet")
     assert two.returncode == 0, two.stderr[-3000:]
-    (dir_one,) = (tmp_path / "one" / "train_allcnn").iterdir()
+    dir_one = one_process_run
     a = common.load_checkpoint(dir_one / "last.pt")["objects"]["model"]
     b = common.load_checkpoint(dir_two / "last.pt")["objects"]["model"]
     for key in a:
@@ -170,6 +180,42 @@ def test_two_torchrun_processes_killed_and_resumed_equal_one_process_with_the_do
         assert eb["train_loss"] == pytest.approx(ea["train_loss"], rel=1e-4)
         assert ea["train_loss"] == pytest.approx(np.mean(ea["step_loss"]), rel=1e-4)
         assert ea["train_error"] == pytest.approx(np.mean(ea["step_error"]), abs=1e-4)
+
+
+def test_torchrun_restarts_a_killed_worker_and_the_run_goes_on_from_last_pt(tiny_cifar, one_process_run, tmp_path):
+    """torchrun --nnodes 1:2 --max-restarts 1 (c10d rendezvous on localhost): rank 1 alone is SIGKILLed mid-epoch 2 in the
+    first attempt (a wrapper arms the failpoint for that rank and attempt only); torchrun restarts both workers with the
+    same command line, they continue the same run from rank 0's last.pt of epoch 1 and end with the weights of an
+    uninterrupted run (one process with the doubled batch: equal to 2 processes, see the test above)."""
+    wrapper = tmp_path / "kill_rank1_once.py"
+    wrapper.write_text(
+        "import os, runpy, sys\n"
+        "if os.environ['RANK'] == '1' and os.environ['TORCHELASTIC_RESTART_COUNT'] == '0':\n"
+        "    os.environ['RUN_TEST_KILL_AT'] = 'batch:9'  # rank 1's 3rd step of epoch 2, after rank 0's last.pt of epoch 1\n"
+        f"sys.path.insert(0, {str(ROOT)!r})\n"
+        f"sys.argv[0] = {str(ROOT / 'train_allcnn.py')!r}\n"
+        "runpy.run_path(sys.argv[0], run_name='__main__')\n")
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes", "1:2", "--nproc-per-node", "2", "--max-restarts", "1",
+           "--rdzv-backend", "c10d", "--rdzv-endpoint", f"localhost:{free_port()}", "--rdzv-id", "test-elastic",
+           "--rdzv-conf", "last_call_timeout=1", "--monitor-interval", "0.2",  # 1 s for a second node to join, not 30
+           str(wrapper), "--data-dir", str(tiny_cifar), *map(str, SMALL_RUN), "--batch-size", "8", "--out-dir", str(tmp_path / "two")]
+    # torch's own workaround (pytorch/pytorch#135712): with the rendezvous store shared, a restarted gloo group can
+    # read the dead worker's address left in it by the first attempt ("Gloo connectFullMesh failed ... refused")
+    env = {**os.environ, **OFFLINE_ENV, **ONE_THREAD, "TORCH_DISABLE_SHARE_RDZV_TCP_STORE": "1"}
+    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    assert "exitcode: -9" in proc.stderr, proc.stderr[-4000:]  # rank 1 was SIGKILLed; torchrun went on (exit 0)
+    (run_dir,) = (tmp_path / "two" / "train_allcnn").iterdir()  # the restart continued the run: no second directory
+    assert f"resuming {run_dir} after epoch 1" in proc.stdout, proc.stdout
+    config = json.loads((run_dir / "config.json").read_text())
+    assert config["world_size"] == 2 and len(config["resumes"]) == 1
+    a = common.load_checkpoint(one_process_run / "last.pt")["objects"]["model"]
+    b = common.load_checkpoint(run_dir / "last.pt")["objects"]["model"]
+    for key in a:
+        torch.testing.assert_close(b[key], a[key], atol=1e-5, rtol=1e-5)
+    assert [e["epoch"] for e in json.loads((run_dir / "metrics.json").read_text())["epochs"]] == [1, 2]
+    assert json.loads((tmp_path / "two" / ".train_allcnn-torchelastic-test-elastic.json").read_text())["run_dir"] == str(run_dir)
+    assert len((tmp_path / "two" / "results.jsonl").read_text().splitlines()) == 1
 
 
 def test_finished_step_schedule_run_resumed_with_other_epochs_exits_2(tiny_cifar, tmp_path):
