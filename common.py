@@ -196,6 +196,10 @@ class Data:
     digits: list[int] = field(default_factory=lambda: list(range(10)))
     train_index: Optional[torch.Tensor] = None  # each training sample's row in the original training set
     dataset: str = "mnist"
+    label_noise: float = 0.0  # share of the training split's labels flipped (load_mnist/split_and_place label_noise)
+    noise_seed: Optional[int] = None
+    flipped: Optional[torch.Tensor] = None  # rows of the training split whose label was flipped (sorted)
+    original_y: Optional[torch.Tensor] = None  # their labels before the flip (train_y holds the flipped ones)
 
     @property
     def num_classes(self) -> int:
@@ -206,14 +210,24 @@ class Data:
         return {str(d): i for i, d in enumerate(self.digits)}
 
     def describe(self) -> dict:
+        noise = {"label_noise_seed": self.noise_seed, "n_flipped": len(self.flipped)} if self.label_noise else {}
         return {"dataset": self.dataset, "digit_map": self.digit_map, "num_classes": self.num_classes,
-                "n_train": len(self.train_y), "n_val": len(self.val_y), "n_test": len(self.test_y)}
+                "n_train": len(self.train_y), "n_val": len(self.val_y), "n_test": len(self.test_y), **noise}
+
+    def noise_record(self) -> dict:
+        """The injected label noise, for a run's label_noise.json: the flipped training rows, their rows in the
+        original training set, and their original and given (flipped) labels (0..k-1; `digits[label]` the class)."""
+        rows = self.flipped.cpu()
+        return {"label_noise": self.label_noise, "seed": self.noise_seed, "digits": self.digits, "rows": rows.tolist(),
+                "sample_index": self.train_index[rows].tolist(), "original_label": self.original_y.cpu().tolist(),
+                "given_label": self.train_y.cpu()[rows].tolist()}
 
 
 def load_mnist(data_dir, device, digits: Optional[str] = None, val_fraction: float = 0.1,
-               limit: Optional[int] = None, seed: int = 0) -> Data:
+               limit: Optional[int] = None, seed: int = 0, label_noise: float = 0.0) -> Data:
     """MNIST on `device`: only `digits` (labels remapped 0..k-1 in sorted digit order), the first `limit` training
-    samples, `val_fraction` of them split off for validation (see split_and_place)."""
+    samples, `val_fraction` of them split off for validation, `label_noise` of the training split's labels flipped
+    (see split_and_place)."""
     digit_list = parse_digits(digits)
     lookup = torch.full((10,), -1, dtype=torch.long)
     lookup[digit_list] = torch.arange(len(digit_list))
@@ -224,14 +238,18 @@ def load_mnist(data_dir, device, digits: Optional[str] = None, val_fraction: flo
 
     train_x, train_y, train_index = select(*read_mnist(data_dir, train=True))
     test_x, test_y, _ = select(*read_mnist(data_dir, train=False))
-    return split_and_place(train_x, train_y, train_index, test_x, test_y, digit_list, device, val_fraction, limit, seed)
+    return split_and_place(train_x, train_y, train_index, test_x, test_y, digit_list, device, val_fraction, limit, seed,
+                           label_noise=label_noise)
 
 
 def split_and_place(train_x, train_y, train_index, test_x, test_y, classes, device, val_fraction, limit, seed,
-                    dataset: str = "mnist") -> Data:
+                    dataset: str = "mnist", label_noise: float = 0.0) -> Data:
     """Keep the first `limit` training samples, split off `val_fraction` by a permutation seeded with
-    seed_for(seed, "split") (0: no validation split), and move every split to `device`."""
+    seed_for(seed, "split") (0: no validation split), and move every split to `device`. label_noise P: round(P x n)
+    rows of the training split (never val or test), drawn with seed_for(seed, "label_noise"), get a label drawn
+    uniformly from the other classes; Data records the rows and their original labels."""
     check(0.0 <= val_fraction < 1.0, f"--val-fraction {val_fraction}: must be in [0, 1) (0: no validation split)")
+    check(0.0 <= label_noise < 1.0, f"--label-noise {label_noise}: must be in [0, 1) (the share of training labels flipped)")
     check(limit is None or limit >= 2, f"--limit {limit}: need at least 2 samples")
     if limit is not None:
         train_x, train_y, train_index = train_x[:limit], train_y[:limit], train_index[:limit]
@@ -239,9 +257,14 @@ def split_and_place(train_x, train_y, train_index, test_x, test_y, classes, devi
     n_val = 0 if val_fraction == 0 else min(max(1, round(n * val_fraction)), n - 1)
     perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed_for(seed, "split")))
     val_idx, tr_idx = perm[:n_val], perm[n_val:]
+    y, noise_seed = train_y[tr_idx].clone(), seed_for(seed, "label_noise")
+    g = torch.Generator().manual_seed(noise_seed)
+    flipped = torch.randperm(len(y), generator=g)[:round(label_noise * len(y))].sort().values
+    original = y[flipped].clone()
+    y[flipped] = (original + torch.randint(1, len(classes), (len(flipped),), generator=g)) % len(classes)
     to = lambda t: t.to(device)  # noqa: E731
-    return Data(to(train_x[tr_idx]), to(train_y[tr_idx]), to(train_x[val_idx]), to(train_y[val_idx]),
-                to(test_x), to(test_y), classes, train_index[tr_idx], dataset)
+    return Data(to(train_x[tr_idx]), to(y), to(train_x[val_idx]), to(train_y[val_idx]), to(test_x), to(test_y), classes,
+                train_index[tr_idx], dataset, label_noise, noise_seed if label_noise else None, flipped, original)
 
 
 CIFAR_MEAN = (0.4914, 0.4822, 0.4465)  # per channel, of the 50,000 training images in [0, 1]

@@ -31,6 +31,9 @@ app = typer.Typer(add_completion=False, pretty_exceptions_enable=False, help=__d
 
 
 INITS, SCHEDULES = ("default", "xavier", "kaiming"), ("cosine", "step", "none")
+LabelNoise = Annotated[float, typer.Option(help="Flip this share of the training split's labels (val and test untouched), "
+                                                "each to another class drawn uniformly, seeded from --seed; the run's "
+                                                "label_noise.json lists the rows and their original labels.")]
 
 
 class MLP(nn.Module):
@@ -164,6 +167,12 @@ def train(run, model, optimizer, batches, data, after_epoch=None) -> None:
                 break
 
 
+def save_label_noise(run, data) -> None:
+    """--label-noise: label_noise.json, the flipped training rows and their original labels (data.noise_record())."""
+    if data.label_noise:
+        common.write_json(run.dir / "label_noise.json", data.noise_record())
+
+
 def report(run, model, data, device) -> dict:
     """The final report: the best weights on the test set, metrics.json's final, TensorBoard's test point, plots."""
     model.load_state_dict(run.load_best(device)["model"])
@@ -198,6 +207,7 @@ def main(
     batch_norm: Annotated[bool, typer.Option("--batch-norm/--no-batch-norm", help="BatchNorm1d after each hidden Linear, before the ReLU.")] = False,
     patience: Annotated[Optional[int], typer.Option(help="Stop after this many epochs without val-loss improvement (off unless given).")] = None,
     min_delta: Annotated[float, typer.Option(help="Smallest val-loss decrease that counts as improvement.")] = 0.0,
+    label_noise: LabelNoise = 0.0,
     val_fraction: common.ValFraction = 0.1,
     data_dir: common.DataDir = Path("./data"),
     out_dir: common.OutDir = Path("runs"),
@@ -219,13 +229,14 @@ def main(
     if args.lr_schedule == "cosine":
         run.fix_length("its cosine learning rate decays to 0 at the last planned step")
     device = common.pick_device(args.device)
-    data = common.load_mnist(args.data_dir, device, args.digits, args.val_fraction, args.limit, args.seed)
+    data = common.load_mnist(args.data_dir, device, args.digits, args.val_fraction, args.limit, args.seed, args.label_noise)
     common.seed_everything(common.seed_for(args.seed, "init"))
     model = MLP(args.hidden, data.num_classes, args.dropout, args.init, args.batch_norm).to(device)
     opt = make_optimizer(model, args.optimizer, args.lr, args.weight_decay, args.momentum)
     batches = common.Batches(data.train_x, data.train_y, args.batch_size, shuffle=True, seed=common.seed_for(args.seed, "shuffle"))
     n_params = common.count_parameters(model)
     run.save_config(device=str(device), n_parameters=n_params, **data.describe())
+    save_label_noise(run, data)
     if not args.quiet:
         print(common.parameter_table(model))
     print(f"device {device} | train {len(data.train_y)} val {len(data.val_y)} test {len(data.test_y)} | "
