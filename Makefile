@@ -1,9 +1,11 @@
 # make test: create .venv, install requirements, run the test suite (offline; uses DATA_DIR for real MNIST).
-# make demo: the same set-up, then a 2-epoch MLP run; prints where its plots are.
+# make demo: the same set-up, then the collection's headline experiment at a small size (about a minute on 2 cores):
+#   grad_collect.py on 10,000 images with 10% of the labels flipped; prints where its plots are.
 # make ablations: train_mlp's ablations (init, dropout, lr schedule, batch norm) x 3 seeds as one sweep, then the
 #   table and which differences exceed the seed noise (report.py ablations; a few minutes on 2 cores).
 # make reproduce-quick / make reproduce: every source's headline claim measured -> REPRODUCE.md (report.py reproduce;
-#   quick: CPU settings, under 30 minutes on 2 cores; full: the sources' settings, hours).
+#   quick: CPU settings, about 10 minutes on 2 cores (10.5 on 2026-11-30, REPRODUCE.md's first line); full: the sources'
+#   settings, hours).
 PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
@@ -24,8 +26,8 @@ test: $(VENV)/.installed
 	OMP_NUM_THREADS=1 $(PY) -m pytest -q -n $(TEST_WORKERS)
 
 demo: $(VENV)/.installed
-	$(PY) train_mlp.py --epochs 2 --tag demo
-	@echo "plots: $$(ls -d runs/train_mlp/*-demo* | tail -n 1)/*.png"
+	$(PY) grad_collect.py --limit 10000 --label-noise 0.1 --epochs 3 --tsne-samples 500 --tag demo --quiet
+	@echo "plots: $$(ls -d runs/grad_collect/*-demo* | tail -n 1)/*.png"
 
 ablations: $(VENV)/.installed
 	$(PY) report.py ablations --data-dir $(DATA_DIR)
