@@ -6,23 +6,15 @@ every sample's gradient each epoch with a Python loop and pickled it. Here, for 
 gradient is b_i a_i^T (a_i its input, b_i its output gradient): --store factors (default) keeps a_i and b_i,
 1,818 floats per sample instead of 407,050, exact (Epoch rebuilds gradients, dot products, norms, projections).
 
-    python grad_collect.py                        # all digits, 5 epochs: 98.2% test, 394 MB of factors per epoch
+    python grad_collect.py                        # all digits, 5 epochs: 98.28% test, 394 MB of factors per epoch
     python grad_collect.py --digits 3,5           # last-layer clusters: plain ARI 0.00, directions ARI 1.00
     python grad_collect.py --analyze runs/grad_collect/RUN --influence 0,247   # TracIn proponents/opponents
-    python grad_collect.py --store projection --project-dim 1024    # or --store raw --params net.3.weight
     python grad_collect.py --label-noise 0.1 --compare-cleanlab      # flip 10% of the labels: who finds them?
     python grad_collect.py --analyze runs/grad_collect/RUN --audit test   # suspect test labels
-
-Writes runs/grad_collect/<timestamp>[-tag]/: config.json, metrics.json, best.pt, last.pt, training_curves.png,
-predictions.png, confusion_matrix.png, gradients/epoch_<n>/{a_<layer>.npy, b_<layer>.npy, norms.npy, weights.pt,
-metadata.json, stats.json}, analysis.json, tsne_<param>_epoch_<n>_{plain,direction}.png, grad_norms_epoch_<n>.png,
-self_influence.npy, self_influence_top.png, influence_<i>.png/.npy, influence.json, suspects.csv, mislabel.json,
-mislabel_top.png, mislabel_found.png (with --label-noise), audit_<split>.csv/.json/_top.png (--audit), label_noise.json
-and TensorBoard events.
-
-Sections: 1. factor math, 2. collection, 3. the Epoch reader, 4. clusters, 5. influence, 6. mislabeled data, 7. command
-line (main dispatches to one function per mode: train_and_collect, collect_from_run, analyze_only, influence_only,
-audit_only).
+Writes runs/grad_collect/<timestamp>[-tag]/: the run files of train_mlp.py, gradients/epoch_<n>/ (a_*.npy, b_*.npy,
+norms.npy, weights.pt, metadata.json, stats.json), analysis.json, t-SNE and norm plots, self-influence, influence,
+suspects.csv, mislabel.json and plots, audit files; docs/grad_collect.md lists them. Sections: 1. factor math,
+2. collection, 3. the Epoch reader, 4. clusters, 5. influence, 6. mislabeled data, 7. command line.
 """
 
 from __future__ import annotations
@@ -698,7 +690,7 @@ VIEWS = {"plain": "the per-sample gradients as they are",
 
 
 def headline_array(ep: Epoch) -> str:
-    """The last layer's weight when collected (the figures in the README), else the first analyzed array."""
+    """The last layer's weight when collected (the figures in docs/grad_collect.md), else the first analyzed array."""
     names = list(ep.meta["arrays"]) if ep.store == "projection" else ep.params
     last_weight = [n for n in ep.shapes if n.endswith("weight")][-1]
     return last_weight if last_weight in names else names[0]
@@ -1248,7 +1240,7 @@ def main(
     analysis_dim: Annotated[int, typer.Option(help="Parameters with more values are projected to this many dims (from the factors) for k-means and t-SNE.")] = 256,
     compare_sklearn: Annotated[bool, typer.Option(help="Also run scikit-learn's KMeans on the t-SNE epochs and record its inertia.")] = False,
     rank_by: Annotated[str, typer.Option(help="The gradient ranking of suspect (mislabeled) rows: PART@WEIGHTS, PART all, last, output "
-                                              "or fisher, WEIGHTS lr (TracIn), final or excess (see README).")] = DEFAULT_RANKING,
+                                              "or fisher, WEIGHTS lr (TracIn), final or excess (see docs/grad_collect.md).")] = DEFAULT_RANKING,
     compare_cleanlab: Annotated[bool, typer.Option(help="Also rank the training rows with cleanlab on K-fold out-of-sample "
                                                         "probabilities of the same MLP (trains K more models).")] = False,
     cleanlab_folds: Annotated[int, typer.Option(help="K of --compare-cleanlab.")] = 5,

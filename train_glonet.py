@@ -5,7 +5,7 @@ connected nets on the 784 pixels, `--layers N` = N-1 hidden Dense layers of 256 
 glonet: the head reads the SUM of all hidden outputs (Dense -> ReLU each); mlp: only the last one; resmlp:
 pre-activation residual blocks h + W relu(LayerNorm(h)). Defaults: the source's setting (pixels in [0, 1], Flax's
 LeCun-normal init, all 60,000 training images, test accuracy after every epoch, Adam, batch 256, 10 epochs) at
-lr 1e-3 with a per-step cosine decay; README.md has the depth table and why these defaults.
+lr 1e-3 with a per-step cosine decay; docs/train_glonet.md has the depth table and why these defaults.
     python train_glonet.py --layers 50                   # GloNet: expect ~98% (98.2-98.4% at depths 6-200)
     python train_glonet.py --model mlp --layers 50       # the plain MLP at that depth: chance (11.35%)
     for d in 6 10 24 50 100 200; do python train_glonet.py --layers $d; python train_glonet.py --model mlp --layers $d; done
