@@ -7,10 +7,16 @@ the way pytorch/examples mnist/main.py does it, all measured in the same run on 
 
 Ours: `python train_cnn.py --seed S --quiet`; the recipe: `python benchmarks/fast_recipe.py --seed S`. Each seed
 runs both as separate processes, alternating (ours first for even seeds, the recipe first for odd ones), so that
-drifts in machine load fall on both. Two times per process: from the start of main() to the test accuracy
-(data loading included; ours from metrics.json's time_to_test_acc_s), and the whole process's wall time (imports,
-and for ours the plots, checkpoints and TensorBoard events after the test accuracy). Accuracies are reported
-per seed and as mean, min and how many seeds reach 99.0%, because the 99.0% line sits inside seed noise.
+drifts in machine load fall on both. Times per process: the whole process's wall time (imports, and for ours the
+plots, checkpoints and TensorBoard events after the test accuracy), from the start of main() to the test accuracy
+(data loading included; ours from metrics.json's time_to_test_acc_s), and for the recipe also from model init to
+the test accuracy (train_test_s: the span its notebook timed, one-time imports paid before it). Three ratios:
+whole process against whole process; our whole process against the recipe's in-process time (the stricter one),
+from the start of its main and from its model init (the strictest); each as the ratio of the means and as the
+median of the per-seed ratios (a pair runs back to back, so that one is robust to load that drifts between
+pairs). Accuracies are reported per seed and as mean, min and how many seeds reach 99.0%, because the 99.0% line
+sits inside seed noise. The header gives the CPU (train_cnn.describe_machine), the instruction set ATen's kernels
+use (AVX2, AVX512...; ATEN_CPU_CAPABILITY=avx2 forces AVX2 on a bigger CPU) and the load average.
 
 pytorch/examples reference: torchvision MNIST through a DataLoader with ToTensor/Normalize, batch 64 (no shuffling
 and no workers, as the example does on a CPU), the `classic` net, Adadelta lr 1.0, StepLR gamma 0.7, a full test
@@ -131,10 +137,17 @@ def load() -> str:
 def summary(name: str, results: list[dict]) -> dict:
     accs = [r["test_acc"] for r in results]
     out = {"acc": statistics.mean(accs), "min": min(accs), "reached": sum(a >= 0.99 for a in accs), "n": len(accs),
-           "to_test_s": statistics.mean(r["to_test_s"] for r in results), "wall_s": statistics.mean(r["wall_s"] for r in results)}
+           **{key: statistics.mean(r[key] for r in results) for key in ("to_test_s", "train_test_s", "wall_s") if key in results[0]}}
     print(f"{name}: test accuracy mean {out['acc']:.2%}, min {out['min']:.2%}, {out['reached']}/{out['n']} seeds >= 99.0% | "
-          f"mean {out['to_test_s']:.2f}s start of main to test accuracy, {out['wall_s']:.2f}s whole process")
+          f"mean {out['wall_s']:.2f}s whole process, {out['to_test_s']:.2f}s start of main to test accuracy"
+          + (f", {out['train_test_s']:.2f}s model init to test accuracy" if "train_test_s" in out else ""))
     return out
+
+
+def ratio(ours: list[dict], recipe: list[dict], mine: str, theirs: str, a: dict, b: dict) -> str:
+    """Ratio of the means, and the median of the per-seed ratios (each pair ran back to back)."""
+    per_seed = [o[mine] / r[theirs] for o, r in zip(ours, recipe)]
+    return f"{a[mine] / b[theirs]:.2f}x (median of {len(per_seed)} seed pairs {statistics.median(per_seed):.2f}x)"
 
 
 @app.command()
@@ -149,7 +162,8 @@ def main(
     """Time to 99% test accuracy: train_cnn.py defaults vs the fast recipe vs the pytorch/examples mnist recipe."""
     common.read_mnist(data_dir, train=False)  # a clear error now rather than inside a subprocess
     seed_list = [int(s) for s in seeds.split(",")]
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads | {train_cnn.describe_machine()} | {load()}")
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, ATen CPU capability "
+          f"{torch.backends.cpu.get_cpu_capability()} | {train_cnn.describe_machine()} | {load()}")
     devices = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
     ours, recipe = {d: [] for d in devices}, {d: [] for d in devices}
     with tempfile.TemporaryDirectory() as tmp:
@@ -160,13 +174,21 @@ def main(
                 for name, fn in pair if seed % 2 == 0 else pair[::-1]:
                     r = fn()
                     (ours if name == "ours" else recipe)[device].append(r)
-                    print(f"{name:6s} ({device}) seed {seed}: test accuracy {r['test_acc']:.2%} | start of main to test accuracy "
-                          f"{r['to_test_s']:.2f}s | whole process {r['wall_s']:.2f}s | {load()}", flush=True)
+                    print(f"{name:6s} ({device}) seed {seed}: test accuracy {r['test_acc']:.2%} | whole process {r['wall_s']:.2f}s | "
+                          f"start of main to test accuracy {r['to_test_s']:.2f}s"
+                          + (f" | model init to test accuracy {r['train_test_s']:.2f}s" if "train_test_s" in r else "")
+                          + f" | {load()}", flush=True)
     for device in devices:
         a = summary(f"ours   ({device}), seeds {seeds}", ours[device])
         b = summary(f"recipe ({device}), seeds {seeds}", recipe[device])
-        print(f"ours / recipe time ({device}): {a['to_test_s'] / b['to_test_s']:.2f}x start of main to test accuracy, "
-              f"{a['wall_s'] / b['wall_s']:.2f}x whole process (target < 1; accuracy target: mean >= 99.0%, >= 4 of 5 seeds)")
+        o, r = ours[device], recipe[device]
+        print(f"ours / recipe ({device}), accuracy target: mean >= 99.1%, >= 4 of 5 seeds >= 99.0%:\n"
+              f"  whole process / whole process: {ratio(o, r, 'wall_s', 'wall_s', a, b)}; aim 0.6x\n"
+              f"  our whole process / the recipe in-process from the start of its main (data loading included; the stricter "
+              f"one): {ratio(o, r, 'wall_s', 'to_test_s', a, b)}; floor 1.0x, aim 0.8x\n"
+              f"  our whole process / the recipe in-process from its model init (its notebook's span; the strictest): "
+              f"{ratio(o, r, 'wall_s', 'train_test_s', a, b)}\n"
+              f"  in-process / in-process, start of main to test accuracy: {ratio(o, r, 'to_test_s', 'to_test_s', a, b)}")
         if device == "cuda":
             print(f"GPU: ours {a['to_test_s']:.2f}s, recipe {b['to_test_s']:.2f}s start of main to test accuracy; "
                   f"public record 0.76 s (laptop GTX 1660 Ti, training and test only)")

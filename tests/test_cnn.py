@@ -1,4 +1,4 @@
-"""train_cnn.py: every arch's shapes and sizes, the one-cycle schedule against torch's, augmentation,
+"""train_cnn.py: every arch's shapes and sizes, the one-cycle schedule and Adam against torch's, augmentation,
 an end-to-end CLI run writing every output, resume matching an uninterrupted run, a longer resume of a one-cycle
 run refused, and bad input."""
 
@@ -10,6 +10,7 @@ import torch
 
 import train_cnn
 from conftest import assert_user_error, run_cli
+from test_common import run_in_process
 
 RUN_FILES = ["config.json", "metrics.json", "best.pt", "last.pt", "mnist_samples.png", "training_curves.png",
              "predictions.png", "confusion_matrix.png", "failures.png", "filters.png", "feature_maps.png"]
@@ -55,6 +56,36 @@ def test_onecycle_without_momentum_cycling_matches_torch():
         sched.step()
 
 
+def test_adam_steps_and_saves_as_torchs_fused_adam():
+    """train_cnn.Adam (no torch.optim, so no torch._dynamo import): bitwise the parameters and state of
+    torch.optim.Adam(fused=True) after steps with weight decay and an lr and beta1 changed each step (set_lr), and
+    state_dicts that load into each other."""
+    torch.manual_seed(0)
+    ours, theirs = train_cnn.CNN("fast"), train_cnn.CNN("fast")
+    theirs.load_state_dict(ours.state_dict())
+    ours, theirs = (m.to(memory_format=torch.channels_last) for m in (ours, theirs))
+    opts = [train_cnn.Adam(ours.parameters(), lr=0.01, betas=(0.7, 0.9), weight_decay=1e-4),
+            torch.optim.Adam(theirs.parameters(), lr=0.01, betas=(0.7, 0.9), weight_decay=1e-4, fused=True)]
+    for step in range(6):
+        x, y = torch.randn(16, 1, 28, 28).contiguous(memory_format=torch.channels_last), torch.randint(0, 10, (16,))
+        for model, opt in zip((ours, theirs), opts):
+            train_cnn.set_lr(opt, *train_cnn.schedule("onecycle", step, 6, 6, 0.01, 0.7))
+            opt.zero_grad(set_to_none=True)
+            torch.nn.functional.cross_entropy(model(x), y).backward()
+            opt.step()
+    assert all(torch.equal(p, q) for p, q in zip(ours.parameters(), theirs.parameters()))
+    mine, torchs = (opt.state_dict() for opt in opts)
+    assert mine["param_groups"] == torchs["param_groups"] and mine["state"].keys() == torchs["state"].keys()
+    assert all(torch.equal(mine["state"][i][k], torchs["state"][i][k]) for i in mine["state"] for k in ("step", "exp_avg", "exp_avg_sq"))
+    loaded = train_cnn.Adam(train_cnn.CNN("fast").parameters())
+    loaded.load_state_dict(torchs)
+    assert loaded.param_groups[0]["betas"] == opts[1].param_groups[0]["betas"]
+    assert all(torch.equal(loaded.state_dict()["state"][i]["exp_avg"], torchs["state"][i]["exp_avg"]) for i in torchs["state"])
+    opts[1].load_state_dict(mine)  # and torch's reads ours
+    with pytest.raises(ValueError):
+        train_cnn.Adam(train_cnn.CNN("small").parameters()).load_state_dict(mine)
+
+
 def test_step_and_cosine_schedules():
     assert train_cnn.schedule("step", 25, 100, 10, 1.0, 0.7)[0] == pytest.approx(0.49)
     assert train_cnn.schedule("cosine", 50, 100, 10, 1.0, 0.7)[0] == pytest.approx(0.5)
@@ -76,8 +107,9 @@ def test_augment_moves_pixels_but_keeps_the_image():
 def two_epoch_run(tiny_mnist, tmp_path_factory):
     out = tmp_path_factory.mktemp("cnn_runs")
     proc = run_cli("train_cnn.py", "--data-dir", tiny_mnist, "--out-dir", out, "--arch", "small", "--epochs", 2,
-                   "--augment", "--lr-schedule", "step", "--patience", 3, "--tag", "e2e", "--quiet")
-    assert proc.returncode == 0, proc.stderr
+                   "--augment", "--lr-schedule", "step", "--patience", 3, "--tag", "e2e", "--quiet",
+                   env={"PYTHONPROFILEIMPORTTIME": "1"})  # every module the process imports, on stderr
+    assert proc.returncode == 0, proc.stderr[-3000:]
     (run_dir,) = (out / "train_cnn").iterdir()
     return run_dir, proc
 
@@ -94,6 +126,12 @@ def test_cli_run_writes_every_output(two_epoch_run):
     assert metrics["final"]["test_acc"] >= 0.6  # chance is 0.1; measured 76.5-79.5% for seeds 0-2
     config = json.loads((run_dir / "config.json").read_text())
     assert config["arch"] == "small" and config["augment"] and config["lr"] == 0.01 and config["n_parameters"] == PARAMETERS["small"]
+    assert config["versions"]["cpu_capability"] == torch.backends.cpu.get_cpu_capability()  # e.g. AVX2, AVX512
+    imported = {line.rsplit("|", 1)[-1].strip() for line in proc.stderr.splitlines() if line.startswith("import time:")}
+    assert "matplotlib.pyplot" in imported and "torch.utils.tensorboard" in imported
+    # nothing the run does not use: torch.optim would import the compiler (2-4 s); torchvision only downloads
+    unused = imported & {"torch._dynamo", "torchvision", "scipy", "sklearn", "ray"}
+    assert not unused, unused
     steps = math.ceil(config["n_train"] / config["batch_size"])  # per-step training values for the curves
     assert [(len(e["step_loss"]), len(e["step_acc"])) for e in metrics["epochs"]] == [(steps, steps)] * 2
     assert any(p.name.startswith("events.out.tfevents") for p in (run_dir / "steps").iterdir())
@@ -104,8 +142,9 @@ def test_cli_run_writes_every_output(two_epoch_run):
 
 
 def test_resume_continues_like_an_uninterrupted_run(two_epoch_run, tiny_mnist, tmp_path):
-    first = run_cli("train_cnn.py", "--data-dir", tiny_mnist, "--out-dir", tmp_path, "--arch", "small", "--epochs", 1,
-                    "--augment", "--lr-schedule", "step", "--patience", 3, "--quiet")
+    # the first epoch in this process, the resume a process of its own, as a user's would be
+    first = run_in_process(train_cnn, "--data-dir", tiny_mnist, "--out-dir", tmp_path, "--arch", "small", "--epochs", 1,
+                           "--augment", "--lr-schedule", "step", "--patience", 3, "--quiet")
     assert first.returncode == 0, first.stderr
     (run_dir,) = (tmp_path / "train_cnn").iterdir()
     resumed = run_cli("train_cnn.py", "--resume", run_dir, "--epochs", 2, "--quiet")
@@ -123,18 +162,21 @@ def test_resume_continues_like_an_uninterrupted_run(two_epoch_run, tiny_mnist, t
 def test_longer_resume_of_a_onecycle_run_is_refused_and_changes_nothing(tiny_mnist, tmp_path):
     """The one-cycle schedule spans the planned --epochs (run.fix_length): a finished run resumed with more epochs
     would restart its warm-up mid-run, so one line, exit 2, and the run directory as it was. (A step schedule
-    trains on: test_resume_continues_like_an_uninterrupted_run.)"""
-    proc = run_cli("train_cnn.py", "--data-dir", tiny_mnist, "--out-dir", tmp_path, "--arch", "small", "--epochs", 1,
-                   "--limit", 200, "--quiet")
+    trains on: test_resume_continues_like_an_uninterrupted_run.) Both in this process: the refusal is main()'s own
+    check, and common.main's exit path is covered by a real process in test_missing_data_exits_2."""
+    proc = run_in_process(train_cnn, "--data-dir", tiny_mnist, "--out-dir", tmp_path, "--arch", "small", "--epochs", 1,
+                          "--limit", 200, "--quiet")
     assert proc.returncode == 0, proc.stderr
     (run_dir,) = (tmp_path / "train_cnn").iterdir()
     before = {p.name: p.read_bytes() for p in run_dir.iterdir() if p.is_file()}
-    resumed = run_cli("train_cnn.py", "--resume", run_dir, "--epochs", 2, "--quiet")
+    resumed = run_in_process(train_cnn, "--resume", run_dir, "--epochs", 2, "--quiet")  # refused before any training
     assert_user_error(resumed, "--epochs 2", "onecycle", "new run")
     assert {p.name: p.read_bytes() for p in run_dir.iterdir() if p.is_file()} == before
 
 
 # ----------------------------------------------------------------------------- bad input: one line, exit 2
+# In this process (common.main, as a script runs it; no torch import per case); the missing data case below is a
+# real process, so the whole path, exit code and stderr of a process included, stays covered.
 @pytest.mark.parametrize("args, words", [
     (["--arch", "resnet"], ["--arch resnet", "fast"]),
     (["--optimizer", "rmsprop"], ["--optimizer", "adadelta"]),
@@ -144,7 +186,8 @@ def test_longer_resume_of_a_onecycle_run_is_refused_and_changes_nothing(tiny_mni
     (["--resume", "/nonexistent/run"], ["no such run directory"]),
 ])
 def test_bad_options_exit_2(tiny_mnist, tmp_path, args, words):
-    assert_user_error(run_cli("train_cnn.py", "--data-dir", tiny_mnist, "--out-dir", tmp_path, *args), *words)
+    assert_user_error(run_in_process(train_cnn, "--data-dir", tiny_mnist, "--out-dir", tmp_path, *args), *words)
+    assert not (tmp_path / "train_cnn").exists()  # refused before a run directory is made
 
 
 def test_missing_data_exits_2(tmp_path):

@@ -1,13 +1,39 @@
 """common.py: MNIST loading through torchvision's real IDX path, digit filtering, splits, batching,
 run directories and checkpoint I/O."""
 
+import contextlib
+import io
 import json
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 import torch
 
 import common
+from conftest import OFFLINE_ENV
+
+
+def run_in_process(module, *args, env: dict | None = None) -> subprocess.CompletedProcess:
+    """`python SCRIPT ARGS` in this process: the script module's Typer app through common.main (the scripts' entry
+    point), with sys.argv, the environment (downloads blocked, as conftest.run_cli does, plus `env`) and
+    stdout/stderr swapped in, the exit code taken from its SystemExit; an unexpected exception propagates. Each
+    saves a process start (torch's import, seconds), for runs whose checks do not need a fresh process."""
+    argv, out, err = [f"{module.__name__}.py", *map(str, args)], io.StringIO(), io.StringIO()
+    saved_argv, saved_env = sys.argv, dict(os.environ)
+    sys.argv = argv
+    os.environ.update({**OFFLINE_ENV, **(env or {})})
+    try:
+        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err), pytest.raises(SystemExit) as exit_:
+            common.main(module.app)  # always ends in sys.exit
+    finally:
+        sys.argv = saved_argv
+        os.environ.clear()
+        os.environ.update(saved_env)
+    code = exit_.value.code
+    return subprocess.CompletedProcess(argv, code if isinstance(code, int) else int(code is not None), out.getvalue(), err.getvalue())
 
 
 def test_load_mnist_shapes_split_and_normalization(tiny_mnist):
@@ -144,10 +170,11 @@ def test_device_choice():
 
 
 def test_resume_keeps_the_runs_data_dir_over_DATA_DIR(tiny_mnist, tmp_path):
-    """make test exports DATA_DIR; a resumed run must still read the data it was started on."""
+    """make test exports DATA_DIR; a resumed run (a process of its own) must still read the data it was started on."""
     from conftest import run_cli
-    proc = run_cli("train_mlp.py", "--data-dir", tiny_mnist, "--out-dir", tmp_path, "--epochs", 1, "--hidden", 16,
-                   "--lr-schedule", "none", "--quiet")
+    import train_mlp
+    proc = run_in_process(train_mlp, "--data-dir", tiny_mnist, "--out-dir", tmp_path, "--epochs", 1, "--hidden", 16,
+                          "--lr-schedule", "none", "--quiet")
     assert proc.returncode == 0, proc.stderr
     (run_dir,) = (tmp_path / "train_mlp").iterdir()
     resumed = run_cli("train_mlp.py", "--resume", run_dir, "--epochs", 2, "--quiet", env={"DATA_DIR": str(tmp_path / "elsewhere")})

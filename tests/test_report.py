@@ -14,7 +14,7 @@ from typer.testing import CliRunner
 import common
 import report
 import sweep
-from conftest import ROOT, run_cli
+from conftest import ROOT
 
 ACC = {("glonet", 6): [0.981, 0.983, 0.979], ("glonet", 24): [0.984, 0.982, 0.986], ("mlp", 6): [0.98, 0.978, 0.976],
        ("mlp", 24): [0.893]}
@@ -102,8 +102,7 @@ def test_ablation_noise_rule():
 
 
 def test_reproduce_dry_run_lists_commands_and_every_option_exists(tmp_path):
-    proc = run_cli("report.py", "reproduce", "--quick", "--dry-run", "--data-dir", tmp_path / "data", "--out-dir", tmp_path / "runs")
-    assert proc.returncode == 0, proc.stderr
+    proc = invoke("reproduce", "--quick", "--dry-run", "--data-dir", tmp_path / "data", "--out-dir", tmp_path / "runs")
     listed = [line for line in proc.stdout.splitlines() if line.startswith("python ")]
     plan = report.reproduce_plan(True, tmp_path / "data", tmp_path / "runs")
     assert listed == ["python " + shlex.join(j["cmd"]) for j in plan] and len(listed) >= 10

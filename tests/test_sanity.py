@@ -100,9 +100,10 @@ def test_random_labels_are_fitted_but_not_learned(kind):
     assert losses[-1] < 0.85 * losses[0], losses  # it fits the noise...
     held_out = net.accuracy(x[400:], shuffled[400:])  # ...and learns nothing that carries over (chance 0.1)
     assert held_out <= 0.2, held_out
-    # the same model and budget on the true labels does generalize: the check above is not vacuous
+    # the same model on the true labels, with at most the same budget (it stops once it fits its training set: 3-5
+    # epochs here), does generalize: the check above is not vacuous
     control = make(kind)
-    fit(control, x[:400], y[:400], epochs=16)
+    fit(control, x[:400], y[:400], epochs=16, stop_at_acc=1.0)
     assert control.accuracy(x[400:], y[400:]) >= 0.7
 
 
