@@ -426,4 +426,4 @@ def main(
 
 
 if __name__ == "__main__":
-    common.main(app)
+    common.main(app, fast_exit=False)  # Ray shuts down at exit

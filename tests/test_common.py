@@ -27,7 +27,7 @@ def run_in_process(module, *args, env: dict | None = None) -> subprocess.Complet
     os.environ.update({**OFFLINE_ENV, **(env or {})})
     try:
         with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err), pytest.raises(SystemExit) as exit_:
-            common.main(module.app)  # always ends in sys.exit
+            common.main(module.app, fast_exit=False)  # ends in sys.exit
     finally:
         sys.argv = saved_argv
         os.environ.clear()
