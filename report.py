@@ -232,6 +232,12 @@ def _shown(value) -> str:
 
 
 def _number(value) -> Optional[float]:
+    """A finite number, also one written as a string (a sweep's trials.jsonl holds its options as the strings typed)."""
+    if isinstance(value, str):
+        try:
+            value = float(value)
+        except ValueError:
+            return None
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
         return None
     return float(value)

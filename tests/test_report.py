@@ -146,7 +146,8 @@ def test_claim_verdicts_are_computed_from_the_measurements():
     def runs(rows):  # [(fields, final)] -> the records a job leaves
         return {"records": [report.Record("t", "s", f"/r{i}", dict(f), final=dict(m)) for i, (f, m) in enumerate(rows)]}
 
-    depth = [({"model": m, "layers": d, "seed": 0}, {"test_acc": a, **({"layers_for_acc": k} if m == "glonet" else {})})
+    # a sweep's records hold their options as the strings typed (trials.jsonl: "layers": "6")
+    depth = [({"model": m, "layers": str(d), "seed": 0}, {"test_acc": a, **({"layers_for_acc": k} if m == "glonet" else {})})
              for m, d, a, k in (("glonet", 6, 0.983, 5), ("glonet", 24, 0.984, 6), ("glonet", 50, 0.9825, 9),
                                 ("mlp", 6, 0.9818, 0), ("mlp", 24, 0.893, 0), ("mlp", 50, 0.1135, 0))]
     done = {"mlp": runs([({"seed": s}, {"test_acc": a}) for s, a in enumerate((0.9828, 0.9815, 0.9829))]),
