@@ -102,19 +102,31 @@ def run_cli(script: str, *args, cwd=None, timeout: float = 600, env: dict | None
 
     The process is forked from a zygote (tests/zygote.py: an interpreter that has already imported torch & co.,
     a separate process per pytest worker) when it can be made the same as a fresh `python SCRIPT ARGS` for what the
-    scripts can see; else, or with TESTS_NO_FORKSERVER=1, it is a fresh interpreter started by subprocess.run."""
+    scripts can see; else, or with TESTS_NO_FORKSERVER=1, it is a fresh interpreter started by subprocess.run
+    (TESTS_FORKSERVER_LOG=FILE: one line a call in FILE, which way it ran)."""
     full_env = {**os.environ, **OFFLINE_ENV, "PYTHONUNBUFFERED": "1", **(env or {})}
     cmd = [sys.executable, str(ROOT / script), *map(str, args)]
     cwd = str(cwd or ROOT)
-    if _forkable(full_env) and _ZYGOTE_LOCK.acquire(blocking=False):
+    why_fresh = _forkable(full_env)
+    if not why_fresh and _ZYGOTE_LOCK.acquire(blocking=False):
         try:
             zygote = _zygote(full_env)
             proc = _run_forked(zygote, cmd, cwd, full_env, timeout) if zygote else None
         finally:
             _ZYGOTE_LOCK.release()
+        why_fresh = "" if proc is not None else "no zygote" if zygote is None else "a module would be found elsewhere"
         if proc is not None:
+            _log("forked", cmd)
             return proc
+    _log(f"fresh ({why_fresh or 'another run_cli in progress'})", cmd)
     return subprocess.run(cmd, cwd=cwd, env=full_env, capture_output=True, text=True, timeout=timeout)
+
+
+def _log(how: str, cmd: list) -> None:
+    """With TESTS_FORKSERVER_LOG=FILE: one line a run_cli call, how it ran."""
+    if os.environ.get("TESTS_FORKSERVER_LOG"):
+        with open(os.environ["TESTS_FORKSERVER_LOG"], "a") as f:
+            f.write(f"{how} {os.environ.get('PYTEST_CURRENT_TEST', '').split(' ')[0]} {Path(cmd[1]).name}\n")
 
 
 # ----------------------------------------------------------------------------- run_cli's zygotes (tests/zygote.py)
@@ -127,10 +139,13 @@ _ZYGOTES: dict = {}  # start-up environment -> _Zygote, or None where one refuse
 _ZYGOTE_LOCK = threading.Lock()
 
 
-def _forkable(env: dict) -> bool:
-    if os.environ.get("TESTS_NO_FORKSERVER") == "1" or not hasattr(os, "fork") or not hasattr(socket, "send_fds"):
-        return False
-    return all(k in RUNTIME_ONLY or k in STARTUP_SAME for k in env if k.startswith("PYTHON"))
+def _forkable(env: dict) -> str:
+    """'' if a zygote can run a process with this environment, else why not."""
+    if os.environ.get("TESTS_NO_FORKSERVER") == "1":
+        return "TESTS_NO_FORKSERVER=1"
+    if not hasattr(os, "fork") or not hasattr(socket, "send_fds"):
+        return "no fork"
+    return ", ".join(k for k in env if k.startswith("PYTHON") and k not in RUNTIME_ONLY | STARTUP_SAME)
 
 
 class _Zygote:
