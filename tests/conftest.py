@@ -1,10 +1,18 @@
 """Shared test fixtures: a tiny MNIST written in the real IDX layout (so tests go through
 torchvision's loading path with no network), the shared real MNIST, and a CLI runner."""
 
+import atexit
+import json
+import locale
 import os
+import selectors
+import signal
+import socket
 import struct
 import subprocess
 import sys
+import threading
+import time
 from pathlib import Path
 
 import numpy as np
@@ -90,10 +98,150 @@ def real_mnist() -> Path:
 
 
 def run_cli(script: str, *args, cwd=None, timeout: float = 600, env: dict | None = None) -> subprocess.CompletedProcess:
-    """Run `python SCRIPT ARGS...` from the repo root with downloads blocked; returns the finished process."""
+    """Run `python SCRIPT ARGS...` from the repo root with downloads blocked; returns the finished process.
+
+    The process is forked from a zygote (tests/zygote.py: an interpreter that has already imported torch & co.,
+    a separate process per pytest worker) when it can be made the same as a fresh `python SCRIPT ARGS` for what the
+    scripts can see; else, or with TESTS_NO_FORKSERVER=1, it is a fresh interpreter started by subprocess.run
+    (TESTS_FORKSERVER_LOG=FILE: one line a call in FILE, which way it ran)."""
     full_env = {**os.environ, **OFFLINE_ENV, "PYTHONUNBUFFERED": "1", **(env or {})}
     cmd = [sys.executable, str(ROOT / script), *map(str, args)]
-    return subprocess.run(cmd, cwd=cwd or ROOT, env=full_env, capture_output=True, text=True, timeout=timeout)
+    cwd = str(cwd or ROOT)
+    why_fresh = _forkable(full_env)
+    if not why_fresh and _ZYGOTE_LOCK.acquire(blocking=False):
+        try:
+            zygote = _zygote(full_env)
+            proc = _run_forked(zygote, cmd, cwd, full_env, timeout) if zygote else None
+        finally:
+            _ZYGOTE_LOCK.release()
+        why_fresh = "" if proc is not None else "no zygote" if zygote is None else "a module would be found elsewhere"
+        if proc is not None:
+            _log("forked", cmd)
+            return proc
+    _log(f"fresh ({why_fresh or 'another run_cli in progress'})", cmd)
+    return subprocess.run(cmd, cwd=cwd, env=full_env, capture_output=True, text=True, timeout=timeout)
+
+
+def _log(how: str, cmd: list) -> None:
+    """With TESTS_FORKSERVER_LOG=FILE: one line a run_cli call, how it ran."""
+    if os.environ.get("TESTS_FORKSERVER_LOG"):
+        with open(os.environ["TESTS_FORKSERVER_LOG"], "a") as f:
+            f.write(f"{how} {os.environ.get('PYTEST_CURRENT_TEST', '').split(' ')[0]} {Path(cmd[1]).name}\n")
+
+
+# ----------------------------------------------------------------------------- run_cli's zygotes (tests/zygote.py)
+# Variables only read while a script runs (not while torch & co. are imported): a zygote serves any values of them.
+RUNTIME_ONLY = {"RUN_TEST_KILL_AT", "DATA_DIR", "PYTHONPATH", "PYTEST_CURRENT_TEST"}
+# Interpreter start-up variables a zygote started with the same value reproduces; any other PYTHON* one (e.g.
+# PYTHONPROFILEIMPORTTIME, PYTHONVERBOSE: they show during the imports) gets a fresh interpreter.
+STARTUP_SAME = {"PYTHONUNBUFFERED", "PYTHONHASHSEED", "PYTHONDONTWRITEBYTECODE", "PYTHONIOENCODING", "PYTHONUTF8"}
+_ZYGOTES: dict = {}  # start-up environment -> _Zygote, or None where one refused to serve
+_ZYGOTE_LOCK = threading.Lock()
+
+
+def _forkable(env: dict) -> str:
+    """'' if a zygote can run a process with this environment, else why not."""
+    if os.environ.get("TESTS_NO_FORKSERVER") == "1":
+        return "TESTS_NO_FORKSERVER=1"
+    if not hasattr(os, "fork") or not hasattr(socket, "send_fds"):
+        return "no fork"
+    return ", ".join(k for k in env if k.startswith("PYTHON") and k not in RUNTIME_ONLY | STARTUP_SAME)
+
+
+class _Zygote:
+    def __init__(self, env: dict):
+        ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        self.proc = subprocess.Popen([sys.executable, str(ROOT / "tests" / "zygote.py"), str(theirs.fileno())],
+                                     cwd=ROOT, env=env, pass_fds=[theirs.fileno()])
+        theirs.close()
+        self.sock = ours
+        self.sock.settimeout(300)
+        hello = self.receive()
+        if "ready" not in hello:
+            self.close()
+            raise RuntimeError(f"the zygote does not serve: {hello}")
+
+    def receive(self) -> dict:
+        msg = self.sock.recv(1 << 20)
+        if not msg:
+            raise ConnectionError("the zygote ended")
+        return json.loads(msg)
+
+    def close(self) -> None:
+        self.sock.close()  # EOF: the zygote exits
+        try:
+            self.proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait()
+
+
+def _zygote(env: dict):
+    key = tuple(sorted((k, v) for k, v in env.items() if k not in RUNTIME_ONLY))
+    if key not in _ZYGOTES:
+        try:
+            _ZYGOTES[key] = _Zygote(dict(key))
+        except (OSError, RuntimeError, ValueError) as e:
+            print(f"run_cli: no zygote ({e}); fresh interpreters instead", file=sys.stderr)
+            _ZYGOTES[key] = None
+    return _ZYGOTES[key]
+
+
+@atexit.register
+def _close_zygotes() -> None:
+    for zygote in _ZYGOTES.values():
+        if zygote is not None:
+            zygote.close()
+
+
+def chunks_open(sel) -> set:
+    return {key.fd for key in sel.get_map().values()}
+
+
+def _run_forked(zygote: _Zygote, cmd: list, cwd: str, env: dict, timeout: float):
+    """cmd in a child of the zygote; the CompletedProcess subprocess.run would give, or None if it is to be run
+    in a fresh interpreter after all (nothing of it ran)."""
+    out_r, out_w = os.pipe()
+    err_r, err_w = os.pipe()
+    try:
+        request = json.dumps({"argv": cmd[1:], "env": env, "cwd": cwd}).encode()
+        socket.send_fds(zygote.sock, [request], [0, out_w, err_w])
+    finally:
+        os.close(out_w)
+        os.close(err_w)
+    chunks = {out_r: [], err_r: []}
+    status, deadline, killed = {}, time.monotonic() + timeout, False
+    with selectors.DefaultSelector() as sel:
+        for fileobj in (out_r, err_r, zygote.sock):
+            sel.register(fileobj, selectors.EVENT_READ)
+        # until the exit status has come and (unless killed for the timeout) stdout and stderr are closed
+        while "rc" not in status or (not killed and (out_r in chunks_open(sel) or err_r in chunks_open(sel))):
+            if not killed and time.monotonic() >= deadline:
+                killed = True
+            if killed and "pid" in status and "rc" not in status and not status.get("kill_sent"):
+                os.kill(status["pid"], signal.SIGKILL)  # as subprocess.run does on a timeout
+                status["kill_sent"] = True
+            wait = 60 if killed else max(deadline - time.monotonic(), 0.01)
+            events = sel.select(timeout=wait)
+            if not events and killed and time.monotonic() > deadline + 120:
+                raise RuntimeError("the zygote did not report the exit of a killed child")
+            for key, _ in events:
+                if key.fileobj is zygote.sock:
+                    status.update(zygote.receive())
+                    if "rc" in status:
+                        sel.unregister(zygote.sock)
+                else:
+                    data = os.read(key.fd, 1 << 16)
+                    chunks[key.fd].append(data) if data else sel.unregister(key.fd)
+    os.close(out_r)
+    os.close(err_r)
+    if "fallback" in status:
+        return None
+    encoding = locale.getpreferredencoding(False)
+    out, err = (b"".join(chunks[fd]).decode(encoding).replace("\r\n", "\n").replace("\r", "\n") for fd in (out_r, err_r))
+    if killed:
+        raise subprocess.TimeoutExpired(cmd, timeout, output=out, stderr=err)
+    return subprocess.CompletedProcess(cmd, status["rc"], out, err)
 
 
 def assert_user_error(proc: subprocess.CompletedProcess, *words: str) -> None:
