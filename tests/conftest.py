@@ -64,6 +64,18 @@ def make_tiny_mnist(root: Path, n_train: int = 600, n_test: int = 200) -> Path:
     return root
 
 
+# The modules whose tests take longest (Ray, torchrun, real Ctrl-C and SIGKILL cycles) first, in this order, the rest
+# as collected: `-n 2` hands tests out in collection order, so the two workers end together on short tests instead
+# of one waiting for the other's last long module.
+SLOW_MODULES_FIRST = ["test_sweep.py", "test_allcnn.py", "test_kill.py", "test_mlp.py", "test_grad_collect.py",
+                      "test_glonet.py", "test_cnn.py", "test_copy.py"]
+
+
+def pytest_collection_modifyitems(items):
+    rank = {name: i for i, name in enumerate(SLOW_MODULES_FIRST)}
+    items.sort(key=lambda item: rank.get(item.path.name, len(rank)))  # stable: a module's tests keep their order
+
+
 @pytest.fixture(scope="session")
 def tiny_mnist(tmp_path_factory) -> Path:
     """A data dir holding a 600/200-sample synthetic MNIST in torchvision's raw layout."""
@@ -131,7 +143,8 @@ def _log(how: str, cmd: list) -> None:
 
 # ----------------------------------------------------------------------------- run_cli's zygotes (tests/zygote.py)
 # Variables only read while a script runs (not while torch & co. are imported): a zygote serves any values of them.
-RUNTIME_ONLY = {"RUN_TEST_KILL_AT", "DATA_DIR", "PYTHONPATH", "PYTEST_CURRENT_TEST"}
+# (PYTHONBREAKPOINT: read by each breakpoint() call; ray.init sets it in this process, tests/test_sweep.py)
+RUNTIME_ONLY = {"RUN_TEST_KILL_AT", "DATA_DIR", "PYTHONPATH", "PYTEST_CURRENT_TEST", "PYTHONBREAKPOINT"}
 # Interpreter start-up variables a zygote started with the same value reproduces; any other PYTHON* one (e.g.
 # PYTHONPROFILEIMPORTTIME, PYTHONVERBOSE: they show during the imports) gets a fresh interpreter.
 STARTUP_SAME = {"PYTHONUNBUFFERED", "PYTHONHASHSEED", "PYTHONDONTWRITEBYTECODE", "PYTHONIOENCODING", "PYTHONUTF8"}
