@@ -302,8 +302,11 @@ def left_out(records: list[Record], metric: str) -> Optional[str]:
 
 # ----------------------------------------------------------------------------- Markdown and plots
 def is_fraction(metric: str) -> bool:
-    """Accuracies and error rates are stored as fractions and shown in percent."""
+    """Accuracies and error rates are stored as fractions and shown in percent; counts named after one
+    (train_glonet's layers_for_acc: how many layers reach the accuracy) are not."""
     m = metric.lower()
+    if "_for_" in m:
+        return False
     return m.endswith(("acc", "accuracy", "error")) or "_acc_" in m or m.startswith("acc")
 
 

@@ -165,6 +165,7 @@ def test_claim_verdicts_are_computed_from_the_measurements():
     assert not any(name.startswith("GloNet depth 100") for name in claims)  # a depth quick mode does not run is not listed
     assert verdict("the plain MLP degrades") is True and verdict("GloNet does not degrade") is True
     assert verdict("GloNet: only the first") is False  # k = 9 at depth 50
+    assert "values 6, 9" in claims["GloNet: only the first 4-8 layers matter, depth >= 24 (GloNets paper)"]["measured"]  # a count, not %
     assert verdict("Gabor") is True and verdict("FGSM") is True and verdict("per-sample-gradient clusters") is False
     assert verdict("FC 784-256-128-10") is None and verdict("All-CNN-T") is None  # not measured / not run
     assert claims["FC 784-256-128-10, dropout 0.2, early stopping (the production-pipeline project)"]["measured"] == "not measured"
