@@ -7,7 +7,7 @@ the eps-ball around the image and to valid pixels). eps is in pixel units (0..25
 the model's own per-channel normalization (training mean/std) sits inside the attacked function.
 Defaults: CIFAR-10 eps 2,4,8 (8 is the usual CIFAR budget); MNIST eps 16,32,64 (64 = 0.25 of the range, the FGSM
 paper's MNIST setting: MNIST pixels are nearly binary and small budgets barely move a trained model).
-    python fgsm_attack.py runs/SCRIPT/RUN                 # default CNN: 99.22% clean, 33.27% FGSM at eps 64
+    python fgsm_attack.py runs/SCRIPT/RUN                 # default CNN: 99.22% clean, 34.87% FGSM at eps 64
     python fgsm_attack.py runs/SCRIPT/RUN --eps 8 --steps 10
 The attacked run's own script rebuilds its model (build_model(config), so a copied script's runs work too) and its
 config.json names the dataset (runs from before it did: the input shape the model accepts).

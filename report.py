@@ -707,7 +707,7 @@ def machine() -> str:
 
 @app.command()
 def reproduce(
-    quick: Annotated[bool, typer.Option("--quick/--full", help="quick: CPU settings, about 10 minutes on 2 cores; full: the sources' settings (hours; All-CNN-T only with a GPU).")] = False,
+    quick: Annotated[bool, typer.Option("--quick/--full", help="quick: CPU settings, 10-25 minutes on 2 cores; full: the sources' settings (hours; All-CNN-T only with a GPU).")] = False,
     dry_run: Annotated[bool, typer.Option(help="List the commands without running them.")] = False,
     only: Annotated[Optional[str], typer.Option(help="Run only these jobs, comma-separated (see --dry-run); the other claims are marked not run.")] = None,
     out: Annotated[Path, typer.Option(help="The report to write; its figures go beside it.")] = Path("REPRODUCE.md"),
