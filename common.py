@@ -227,14 +227,6 @@ class Data:
         return {"dataset": self.dataset, "digit_map": self.digit_map, "num_classes": self.num_classes,
                 "n_train": len(self.train_y), "n_val": len(self.val_y), "n_test": len(self.test_y), **noise}
 
-    def noise_record(self) -> dict:
-        """The injected label noise, for a run's label_noise.json: the flipped training rows, their rows in the
-        original training set, and their original and given (flipped) labels (0..k-1; `digits[label]` the class)."""
-        rows = self.flipped.cpu()
-        return {"label_noise": self.label_noise, "seed": self.noise_seed, "digits": self.digits, "rows": rows.tolist(),
-                "sample_index": self.train_index[rows].tolist(), "original_label": self.original_y.cpu().tolist(),
-                "given_label": self.train_y.cpu()[rows].tolist()}
-
 
 def load_mnist(data_dir, device, digits: Optional[str] = None, val_fraction: float = 0.1,
                limit: Optional[int] = None, seed: int = 0, label_noise: float = 0.0) -> Data:

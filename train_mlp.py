@@ -167,10 +167,20 @@ def train(run, model, optimizer, batches, data, after_epoch=None) -> None:
                 break
 
 
+def label_noise_record(data) -> dict:
+    """The injected label noise (common.load_mnist's label_noise), for a run's label_noise.json: the flipped training
+    rows, their rows in the original training set, and their original and given (flipped) labels (0..k-1;
+    `digits[label]` the class)."""
+    rows = data.flipped.cpu()
+    return {"label_noise": data.label_noise, "seed": data.noise_seed, "digits": data.digits, "rows": rows.tolist(),
+            "sample_index": data.train_index[rows].tolist(), "original_label": data.original_y.cpu().tolist(),
+            "given_label": data.train_y.cpu()[rows].tolist()}
+
+
 def save_label_noise(run, data) -> None:
-    """--label-noise: label_noise.json, the flipped training rows and their original labels (data.noise_record())."""
+    """--label-noise: label_noise.json (label_noise_record)."""
     if data.label_noise:
-        common.write_json(run.dir / "label_noise.json", data.noise_record())
+        common.write_json(run.dir / "label_noise.json", label_noise_record(data))
 
 
 def report(run, model, data, device) -> dict:

@@ -12,6 +12,7 @@ import torch
 
 import common
 import grad_collect as gc
+import train_mlp
 from conftest import assert_user_error, run_cli
 
 ONE_THREAD = {"OMP_NUM_THREADS": "1"}
@@ -26,7 +27,7 @@ def test_label_noise_flips_only_training_rows_and_records_them(tiny_mnist):
     changed = torch.nonzero(noisy.train_y != clean.train_y).squeeze(1)
     assert torch.equal(changed, noisy.flipped) and len(changed) == round(0.2 * 540)
     assert torch.equal(noisy.original_y, clean.train_y[noisy.flipped])
-    record = noisy.noise_record()
+    record = train_mlp.label_noise_record(noisy)
     assert record["rows"] == changed.tolist() and record["original_label"] == clean.train_y[changed].tolist()
     assert record["given_label"] == noisy.train_y[changed].tolist() and record["sample_index"] == clean.train_index[changed].tolist()
     assert noisy.describe()["n_flipped"] == 108 and noisy.describe()["label_noise_seed"] == common.seed_for(3, "label_noise")
