@@ -80,6 +80,19 @@ def bf16_cpu_flags() -> list[str]:
                             ("amx", torch.cpu._is_amx_tile_supported())) if ok]
 
 
+def isa_limits() -> list[str]:
+    """The environment's caps on the instruction sets torch's kernels use, where they exclude native bf16:
+    ATEN_CPU_CAPABILITY below avx512 (ATen's kernels) and ONEDNN_MAX_CPU_ISA below AVX512_CORE_BF16 (oneDNN's
+    convolutions and matmuls). Both at avx2 make an AVX-512 machine compute like an AVX2-only one."""
+    limits = []
+    if torch.backends.cpu.get_cpu_capability() not in ("AVX512",):
+        limits.append(f"ATen CPU capability {torch.backends.cpu.get_cpu_capability()}")
+    onednn = os.environ.get("ONEDNN_MAX_CPU_ISA", os.environ.get("DNNL_MAX_CPU_ISA", "ALL")).upper()
+    if onednn not in ("ALL", "DEFAULT") and not any(key in onednn for key in ("BF16", "FP16", "AMX", "AVX10")):
+        limits.append(f"ONEDNN_MAX_CPU_ISA={onednn}")
+    return limits
+
+
 def describe_machine() -> str:
     """CPU model, cores, native-bf16 instructions and GPU, for benchmark and report headers."""
     cpu = platform.processor() or platform.machine()
@@ -88,9 +101,10 @@ def describe_machine() -> str:
                    if line.startswith("model name"))
     except (OSError, StopIteration):
         pass
-    flags = bf16_cpu_flags()
+    flags, limits = bf16_cpu_flags(), isa_limits()
+    bf16 = " + ".join(flags) if flags else "no native bf16"
     gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "no GPU"
-    return f"{cpu}, {os.cpu_count()} cores, {' + '.join(flags) if flags else 'no native bf16'}, {gpu}"
+    return f"{cpu}, {os.cpu_count()} cores, {bf16}{' (limited: ' + ', '.join(limits) + ')' if limits else ''}, {gpu}"
 
 
 def pick_precision(name: str, device: torch.device) -> tuple[str, str]:
@@ -104,7 +118,9 @@ def pick_precision(name: str, device: torch.device) -> tuple[str, str]:
         native = torch.cuda.is_bf16_supported(including_emulation=False)
         return ("bf16", "the GPU computes bf16 natively") if native else ("fp32", "the GPU has no native bf16")
     if device.type == "cpu":
-        flags = bf16_cpu_flags()
+        flags, limits = bf16_cpu_flags(), isa_limits()
+        if flags and limits:
+            return "fp32", f"the CPU has {' and '.join(flags)}, but torch may not use them ({', '.join(limits)})"
         if flags:
             return "bf16", f"the CPU has {' and '.join(flags)} (native bf16)"
         return "fp32", "the CPU has neither avx512_bf16 nor amx: bf16 would be emulated, slower than fp32"
@@ -472,7 +488,7 @@ def main(
     batches = common.Batches(data.train_x, data.train_y, args.batch_size, shuffle=True,
                              seed=common.seed_for(args.seed, "shuffle"), transform=make_transform(device, args.augment))
     n_params = common.count_parameters(model)
-    run.save_config(device=str(device), precision_reason=precision_reason, n_parameters=n_params,
+    run.save_config(device=str(device), cpu=describe_machine(), precision_reason=precision_reason, n_parameters=n_params,
                     threads=torch.get_num_threads(), **data.describe())
     if not args.quiet:
         print(common.parameter_table(model))

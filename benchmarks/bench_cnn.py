@@ -4,6 +4,7 @@ the way pytorch/examples mnist/main.py does it, all measured in the same run on 
 
     python benchmarks/bench_cnn.py --data-dir ../shared/data                 # about 3 minutes on 2 cores
     python benchmarks/bench_cnn.py --data-dir ../shared/data --full-reference  # the pytorch/examples reference for real (~10 min)
+    python benchmarks/bench_cnn.py --data-dir ../shared/data --cpu-isa avx2    # as on an AVX2-only CPU
 
 Ours: `python train_cnn.py --seed S --quiet`; the recipe: `python benchmarks/fast_recipe.py --seed S`. Each seed
 runs both as separate processes, alternating (ours first for even seeds, the recipe first for odd ones), so that
@@ -15,8 +16,9 @@ whole process against whole process; our whole process against the recipe's in-p
 from the start of its main and from its model init (the strictest); each as the ratio of the means and as the
 median of the per-seed ratios (a pair runs back to back, so that one is robust to load that drifts between
 pairs). Accuracies are reported per seed and as mean, min and how many seeds reach 99.0%, because the 99.0% line
-sits inside seed noise. The header gives the CPU (train_cnn.describe_machine), the instruction set ATen's kernels
-use (AVX2, AVX512...; ATEN_CPU_CAPABILITY=avx2 forces AVX2 on a bigger CPU) and the load average.
+sits inside seed noise. The header gives the CPU (train_cnn.describe_machine, with any cap on the instruction
+sets), the instruction set ATen's kernels use (AVX2, AVX512...) and the load average. `--cpu-isa avx2` runs
+everything as on an AVX2-only CPU (ATEN_CPU_CAPABILITY=avx2 and ONEDNN_MAX_CPU_ISA=AVX2: no AVX-512, no native bf16).
 
 pytorch/examples reference: torchvision MNIST through a DataLoader with ToTensor/Normalize, batch 64 (no shuffling
 and no workers, as the example does on a CPU), the `classic` net, Adadelta lr 1.0, StepLR gamma 0.7, a full test
@@ -158,8 +160,13 @@ def main(
     ref_epochs: Annotated[int, typer.Option(help="Epochs the reference needs to reach 99.0% (6 here, seed 1).")] = 6,
     full_reference: Annotated[bool, typer.Option(help="Train the pytorch/examples reference until it reaches 99.0% instead of extrapolating.")] = False,
     skip_reference: Annotated[bool, typer.Option(help="Leave out the pytorch/examples reference.")] = False,
+    cpu_isa: Annotated[str, typer.Option(help="native, or avx2: every process with ATEN_CPU_CAPABILITY=avx2 and ONEDNN_MAX_CPU_ISA=AVX2, as on an AVX2-only CPU (train_cnn's --precision auto then picks fp32).")] = "native",
 ):
     """Time to 99% test accuracy: train_cnn.py defaults vs the fast recipe vs the pytorch/examples mnist recipe."""
+    common.check(cpu_isa in ("native", "avx2"), f"--cpu-isa {cpu_isa}: use native or avx2")
+    if cpu_isa == "avx2" and os.environ.get("ATEN_CPU_CAPABILITY") != "avx2":  # both caps are read at torch's import:
+        env = {**os.environ, "ATEN_CPU_CAPABILITY": "avx2", "ONEDNN_MAX_CPU_ISA": "AVX2"}  # start again with them
+        os.execve(sys.executable, [sys.executable, *sys.argv], env)
     common.read_mnist(data_dir, train=False)  # a clear error now rather than inside a subprocess
     seed_list = [int(s) for s in seeds.split(",")]
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, ATen CPU capability "
