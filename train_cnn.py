@@ -231,75 +231,11 @@ def train_epoch(model, batches, optimizer, lr_at, first_step: int, precision: st
     return loss_mean, acc_mean, step_stats
 
 
-class Adam:
-    """torch.optim.Adam(fused=True) (L2 weight decay, no amsgrad) without torch.optim, whose first use imports
-    torch._dynamo: 2-4 s a process on 2 cores, nearly as long as importing torch, for a compiler this script never
-    runs. The same call of the same fused kernel (one pass over all the parameters; bitwise equal to torch's, see
-    tests/test_cnn.py) and the same state_dict, so a checkpoint loads into either. One parameter group; set_lr
-    changes its lr and betas."""
-
-    FLAGS = {"amsgrad": False, "maximize": False, "foreach": None, "capturable": False, "differentiable": False,
-             "fused": True, "decoupled_weight_decay": False}  # torch.optim.Adam's other settings, as it saves them
-
-    def __init__(self, params, lr: float = 1e-3, betas=(0.9, 0.999), eps: float = 1e-8, weight_decay: float = 0.0):
-        self.params = list(params)
-        self.param_groups = [{"lr": lr, "betas": tuple(betas), "eps": eps, "weight_decay": weight_decay, **self.FLAGS,
-                              "params": self.params}]
-        self.state: dict = {}  # parameter -> {"step": float32 tensor, "exp_avg": tensor, "exp_avg_sq": tensor}
-
-    def zero_grad(self, set_to_none: bool = True) -> None:
-        for p in self.params:
-            if p.grad is not None:
-                p.grad = None if set_to_none else p.grad.zero_()
-
-    @torch.no_grad()
-    def step(self) -> None:
-        group = self.param_groups[0]
-        params = [p for p in self.params if p.grad is not None]
-        if not params:
-            return
-        for p in params:
-            if p not in self.state:
-                self.state[p] = {"step": torch.zeros((), dtype=torch.float32, device=p.device),
-                                 "exp_avg": torch.zeros_like(p, memory_format=torch.preserve_format),
-                                 "exp_avg_sq": torch.zeros_like(p, memory_format=torch.preserve_format)}
-        states = [self.state[p] for p in params]
-        steps = [s["step"] for s in states]
-        torch._foreach_add_(steps, 1)
-        beta1, beta2 = group["betas"]
-        torch._fused_adam_(params, [p.grad for p in params], [s["exp_avg"] for s in states], [s["exp_avg_sq"] for s in states],
-                           [], steps, lr=group["lr"], beta1=beta1, beta2=beta2, weight_decay=group["weight_decay"],
-                           eps=group["eps"], amsgrad=False, maximize=False)
-
-    def state_dict(self) -> dict:
-        index = {p: i for i, p in enumerate(self.params)}
-        return {"state": {index[p]: dict(s) for p, s in self.state.items()},
-                "param_groups": [{**{k: v for k, v in self.param_groups[0].items() if k != "params"},
-                                  "params": list(range(len(self.params)))}]}
-
-    def load_state_dict(self, state_dict: dict) -> None:
-        """This class's or torch.optim.Adam's state_dict (one parameter group of as many parameters)."""
-        (saved,) = state_dict["param_groups"]
-        if len(saved["params"]) != len(self.params):
-            raise ValueError(f"the saved optimizer has {len(saved['params'])} parameters, the model {len(self.params)}")
-        param_of = dict(zip(saved["params"], self.params))
-        state = {}
-        for i, s in state_dict["state"].items():
-            p = param_of[i]
-            if s["exp_avg"].shape != p.shape or s["exp_avg_sq"].shape != p.shape:
-                raise ValueError(f"optimizer state of shape {tuple(s['exp_avg'].shape)} for a parameter of shape {tuple(p.shape)}")
-            state[p] = {"step": torch.as_tensor(s["step"], dtype=torch.float32).to(p.device),
-                        "exp_avg": s["exp_avg"].to(device=p.device, dtype=p.dtype),
-                        "exp_avg_sq": s["exp_avg_sq"].to(device=p.device, dtype=p.dtype)}
-        self.state = state
-        self.param_groups[0].update({k: v for k, v in saved.items() if k not in ("params", *self.FLAGS)})
-
-
 def make_optimizer(name: str, model, lr: float, momentum: float, weight_decay: float):
     if name == "adam":
         # tuomaso/train_mnist_fast's betas; with --cycle-momentum, onecycle cycles beta1 0.95-0.85 instead.
         fused = next(model.parameters()).device.type in ("cpu", "cuda")  # where torch has the fused kernel
-        return (Adam if fused else torch.optim.Adam)(model.parameters(), lr=lr, betas=(0.7, 0.9), weight_decay=weight_decay)
+        return (common.Adam if fused else torch.optim.Adam)(model.parameters(), lr=lr, betas=(0.7, 0.9), weight_decay=weight_decay)
     if name == "sgd":
         return torch.optim.SGD(model.parameters(), lr=lr, momentum=momentum, nesterov=True, weight_decay=weight_decay)
     return torch.optim.Adadelta(model.parameters(), lr=lr, weight_decay=weight_decay)

@@ -8,6 +8,7 @@ import math
 import pytest
 import torch
 
+import common
 import train_cnn
 from conftest import assert_user_error, run_cli
 from test_common import run_in_process
@@ -57,14 +58,14 @@ def test_onecycle_without_momentum_cycling_matches_torch():
 
 
 def test_adam_steps_and_saves_as_torchs_fused_adam():
-    """train_cnn.Adam (no torch.optim, so no torch._dynamo import): bitwise the parameters and state of
+    """common.Adam (no torch.optim, so no torch._dynamo import): bitwise the parameters and state of
     torch.optim.Adam(fused=True) after steps with weight decay and an lr and beta1 changed each step (set_lr), and
     state_dicts that load into each other."""
     torch.manual_seed(0)
     ours, theirs = train_cnn.CNN("fast"), train_cnn.CNN("fast")
     theirs.load_state_dict(ours.state_dict())
     ours, theirs = (m.to(memory_format=torch.channels_last) for m in (ours, theirs))
-    opts = [train_cnn.Adam(ours.parameters(), lr=0.01, betas=(0.7, 0.9), weight_decay=1e-4),
+    opts = [common.Adam(ours.parameters(), lr=0.01, betas=(0.7, 0.9), weight_decay=1e-4),
             torch.optim.Adam(theirs.parameters(), lr=0.01, betas=(0.7, 0.9), weight_decay=1e-4, fused=True)]
     for step in range(6):
         x, y = torch.randn(16, 1, 28, 28).contiguous(memory_format=torch.channels_last), torch.randint(0, 10, (16,))
@@ -77,13 +78,13 @@ def test_adam_steps_and_saves_as_torchs_fused_adam():
     mine, torchs = (opt.state_dict() for opt in opts)
     assert mine["param_groups"] == torchs["param_groups"] and mine["state"].keys() == torchs["state"].keys()
     assert all(torch.equal(mine["state"][i][k], torchs["state"][i][k]) for i in mine["state"] for k in ("step", "exp_avg", "exp_avg_sq"))
-    loaded = train_cnn.Adam(train_cnn.CNN("fast").parameters())
+    loaded = common.Adam(train_cnn.CNN("fast").parameters())
     loaded.load_state_dict(torchs)
     assert loaded.param_groups[0]["betas"] == opts[1].param_groups[0]["betas"]
     assert all(torch.equal(loaded.state_dict()["state"][i]["exp_avg"], torchs["state"][i]["exp_avg"]) for i in torchs["state"])
     opts[1].load_state_dict(mine)  # and torch's reads ours
     with pytest.raises(ValueError):
-        train_cnn.Adam(train_cnn.CNN("small").parameters()).load_state_dict(mine)
+        common.Adam(train_cnn.CNN("small").parameters()).load_state_dict(mine)
 
 
 def test_auto_precision_is_fp32_where_the_environment_caps_the_instruction_set(monkeypatch):

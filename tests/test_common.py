@@ -13,7 +13,7 @@ import pytest
 import torch
 
 import common
-from conftest import OFFLINE_ENV
+from conftest import OFFLINE_ENV, ROOT
 
 
 def run_in_process(module, *args, env: dict | None = None) -> subprocess.CompletedProcess:
@@ -226,3 +226,21 @@ def test_step_values_and_smooth():
     assert values == {"step_loss": [0.12346, 1.0], "step_error": [0.5, 1.0]}
     assert common.smooth([0, 3, 6, 9], 3).tolist() == [1.5, 3.0, 6.0, 7.5]  # narrower at the ends
     assert common.smooth([1, 2], 1).tolist() == [1.0, 2.0]
+
+
+def test_adam_training_imports_no_compiler(tiny_mnist, tmp_path):
+    """train_mlp's, train_glonet's and train_cnn's default Adam is common.Adam: a fresh process that trains each for an
+    epoch never imports torch._dynamo (torch.optim's first step would: 1-2 s a process, see docs/benchmarks.md)."""
+    code = ("import sys, common, train_mlp, train_glonet, train_cnn\n"
+            f"for module, extra in ((train_mlp, []), (train_glonet, ['--layers', '3']), (train_cnn, [])):\n"
+            f"    sys.argv = [module.__name__ + '.py', '--data-dir', {str(tiny_mnist)!r}, '--out-dir', {str(tmp_path)!r},\n"
+            "                '--epochs', '1', '--quiet', *extra]\n"
+            "    try:\n"
+            "        common.main(module.app, fast_exit=False)\n"
+            "    except SystemExit as e:\n"
+            "        assert e.code == 0, (module.__name__, e.code)\n"
+            "print('torch._dynamo' in sys.modules)\n")
+    proc = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=300,
+                          env={**os.environ, **OFFLINE_ENV, "PYTHONPATH": str(ROOT)})
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert proc.stdout.strip().splitlines()[-1] == "False"
