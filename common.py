@@ -104,8 +104,33 @@ def args_from(options: dict) -> SimpleNamespace:
 
 
 # ----------------------------------------------------------------------------- device and seeding
+def keep_freed_memory() -> str:
+    """Let the process reuse the memory it frees instead of handing it back to the OS. glibc's malloc returns every
+    freed block above its mmap threshold (128 KiB, rising to 32 MiB) and the heap's top above its trim threshold;
+    a training step frees and allocates the same activations and gradients every step, and each page the OS hands
+    back is zeroed on first touch: 650-1,750 page faults a step for train_cnn's batch here, 1.5-3 ms of system time.
+    The fix PyTorch's CPU tuning guide gets from preloading jemalloc or tcmalloc, with glibc's own mallopt: mmap
+    threshold 32 MiB (its maximum), trim threshold 2 GiB, top pad 64 MiB (train_cnn's default run 9.5-11.1 s ->
+    7.5-10.0 s here, docs/train_cnn.md). Returns what it set, for config.json; elsewhere than glibc it sets nothing."""
+    global MALLOC
+    if MALLOC is None:
+        MALLOC = "the C library's defaults"
+        with contextlib.suppress(OSError, AttributeError):
+            import ctypes
+
+            mallopt = ctypes.CDLL("libc.so.6").mallopt  # M_MMAP_THRESHOLD -3, M_TRIM_THRESHOLD -1, M_TOP_PAD -2
+            if all(mallopt(option, value) == 1 for option, value in ((-3, 32 << 20), (-1, 2**31 - 1), (-2, 64 << 20))):
+                MALLOC = "glibc mallopt: mmap threshold 32 MiB, trim threshold 2 GiB, top pad 64 MiB"
+    return MALLOC
+
+
+MALLOC = None  # keep_freed_memory's setting, once made
+
+
 def pick_device(name: str = "auto") -> torch.device:
-    """auto = CUDA, then MPS, then CPU. Asking for a device that is not there is a UserError."""
+    """auto = CUDA, then MPS, then CPU. Asking for a device that is not there is a UserError. Called before any
+    data is loaded, it also makes the process keep the memory it frees (keep_freed_memory)."""
+    keep_freed_memory()
     name = name.lower()
     has_mps = getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available()
     if name == "auto":
@@ -538,7 +563,8 @@ def versions() -> dict:
     except PackageNotFoundError:
         torchvision_version = None
     return {"python": platform.python_version(), "torch": torch.__version__, "torchvision": torchvision_version,
-            "numpy": np.__version__, "platform": platform.platform(), "cpu_capability": torch.backends.cpu.get_cpu_capability()}
+            "numpy": np.__version__, "platform": platform.platform(), "cpu_capability": torch.backends.cpu.get_cpu_capability(),
+            "malloc": MALLOC or "the C library's defaults"}
 
 
 # ----------------------------------------------------------------------------- a script's identity: its file
