@@ -5,6 +5,7 @@ import contextlib
 import io
 import json
 import os
+import platform
 import subprocess
 import sys
 from pathlib import Path
@@ -244,3 +245,32 @@ def test_adam_training_imports_no_compiler(tiny_mnist, tmp_path):
                           env={**os.environ, **OFFLINE_ENV, "PYTHONPATH": str(ROOT)})
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert proc.stdout.strip().splitlines()[-1] == "False"
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux") or platform.libc_ver()[0] != "glibc", reason="glibc's mallopt")
+def test_keep_freed_memory_stops_the_page_faults_of_each_training_step():
+    """Training steps of train_cnn's model, in two fresh processes: with common.keep_freed_memory (as pick_device calls
+    it), the memory a step frees serves the next step, without the OS zeroing new pages (measured here: 1 page fault
+    a step against 650-1,750)."""
+    code = ("import resource, sys, torch, torch.nn.functional as F, common, train_cnn\n"
+            "setting = common.keep_freed_memory() if sys.argv[1] == 'keep' else None\n"
+            "torch.manual_seed(0)\n"
+            "model = train_cnn.CNN('fast').to(memory_format=torch.channels_last)\n"
+            "opt = common.Adam(model.parameters(), lr=1e-3)\n"
+            "x, y = torch.randn(256, 1, 28, 28).contiguous(memory_format=torch.channels_last), torch.randint(0, 10, (256,))\n"
+            "def step():\n"
+            "    opt.zero_grad()\n"
+            "    F.cross_entropy(model(x), y).backward()\n"
+            "    opt.step()\n"
+            "for _ in range(3): step()\n"
+            "before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt\n"
+            "for _ in range(10): step()\n"
+            "print(setting, (resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before) / 10)\n")
+    faults = {}
+    for mode in ("keep", "default"):
+        proc = subprocess.run([sys.executable, "-c", code, mode], cwd=ROOT, capture_output=True, text=True, timeout=120,
+                              env={**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"})
+        assert proc.returncode == 0, proc.stderr[-2000:]
+        faults[mode] = float(proc.stdout.split()[-1])
+    assert common.keep_freed_memory().startswith("glibc mallopt")
+    assert faults["keep"] * 10 < faults["default"], faults
