@@ -110,8 +110,9 @@ def keep_freed_memory() -> str:
     a training step frees and allocates the same activations and gradients every step, and each page the OS hands
     back is zeroed on first touch: 650-1,750 page faults a step for train_cnn's batch here, 1.5-3 ms of system time.
     The fix PyTorch's CPU tuning guide gets from preloading jemalloc or tcmalloc, with glibc's own mallopt: mmap
-    threshold 32 MiB (its maximum), trim threshold 2 GiB, top pad 64 MiB (train_cnn's default run 9.5-11.1 s ->
-    7.5-10.0 s here, docs/train_cnn.md). Returns what it set, for config.json; elsewhere than glibc it sets nothing."""
+    threshold 32 MiB (its maximum), trim threshold 2 GiB, top pad 64 MiB (train_cnn's default run as on an AVX2
+    CPU: 11.0-13.9 s -> 9.2-10.6 s here, docs/train_cnn.md). Returns what it set, for config.json; where the C
+    library is not glibc it sets nothing."""
     global MALLOC
     if MALLOC is None:
         MALLOC = "the C library's defaults"
@@ -393,7 +394,7 @@ class Adam:
     """torch.optim.Adam(fused=True) (L2 weight decay, no amsgrad) without torch.optim, whose first step imports
     torch._dynamo: 1.2-2.5 s a process on 2 cores (nearly as long as importing torch) for a compiler no script here
     runs. The same call of the same fused kernel (one pass over all the parameters; bitwise equal to torch's, see
-    tests/test_common.py) and the same state_dict, so a checkpoint loads into either. One parameter group; a script
+    tests/test_cnn.py) and the same state_dict, so a checkpoint loads into either. One parameter group; a script
     changes its lr (and betas) in param_groups[0] as with torch's. Only where torch has the fused kernel (CPU, CUDA):
     elsewhere use torch.optim.Adam."""
 
@@ -452,7 +453,6 @@ class Adam:
                         "exp_avg_sq": s["exp_avg_sq"].to(device=p.device, dtype=p.dtype)}
         self.state = state
         self.param_groups[0].update({k: v for k, v in saved.items() if k not in ("params", *self.FLAGS)})
-
 
 
 # ----------------------------------------------------------------------------- durable files
