@@ -257,7 +257,10 @@ def land_run(out_dir: Path, result: dict) -> None:
 
 
 def trial_key(options: dict, seed: int) -> str:
-    return json.dumps({"options": options, "seed": seed}, sort_keys=True)
+    """A trial's identity: its options and seed, with folders (`*-dir` options) resolved from the working directory,
+    so `data-dir=../shared/data` and the same folder's absolute path (as REPRODUCE.md shows and runs them) are one."""
+    same = {k: str(Path(v).resolve()) if k.endswith("-dir") and isinstance(v, str) else v for k, v in options.items()}
+    return json.dumps({"options": same, "seed": seed}, sort_keys=True)
 
 
 def summarize(sweep_dir: Path, grid: dict[str, list[str]], metric: str) -> list[dict]:

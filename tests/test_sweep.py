@@ -106,7 +106,9 @@ def test_named_configurations_and_a_finished_rerun_without_ray(local_ray, tiny_m
     summary = (sweep_dir / "summary.md").read_text()
     assert "| base | 1 | 0 |" in summary and "| bn | 1 | 0 |" in summary, summary
 
-    # the same command again, with every trial finished: Ray is never imported (an import of it fails here)
+    # the same command again, with every trial finished: Ray is never imported (an import of it fails here); the
+    # data folder named by a relative path this time: the same folder, the same trials
+    args[args.index(f"data-dir={tiny_mnist}")] = f"data-dir={os.path.relpath(tiny_mnist, ROOT)}"
     poison = tmp_path / "no_ray"
     (poison / "ray").mkdir(parents=True)
     (poison / "ray" / "__init__.py").write_text("raise ImportError('a finished sweep imported ray')\n")
