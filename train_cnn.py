@@ -83,10 +83,11 @@ def bf16_cpu_flags() -> list[str]:
 def isa_limits() -> list[str]:
     """The environment's caps on the instruction sets torch's kernels use, where they exclude native bf16:
     ATEN_CPU_CAPABILITY below avx512 (ATen's kernels) and ONEDNN_MAX_CPU_ISA below AVX512_CORE_BF16 (oneDNN's
-    convolutions and matmuls). Both at avx2 make an AVX-512 machine compute like an AVX2-only one."""
+    convolutions and matmuls). Both at avx2 make an AVX-512 machine compute like an AVX2-only one. Empty where
+    neither is set: a CPU without AVX-512 is not capped, it has no native bf16 to cap."""
     limits = []
-    if torch.backends.cpu.get_cpu_capability() not in ("AVX512",):
-        limits.append(f"ATen CPU capability {torch.backends.cpu.get_cpu_capability()}")
+    if os.environ.get("ATEN_CPU_CAPABILITY") and torch.backends.cpu.get_cpu_capability() != "AVX512":
+        limits.append(f"ATEN_CPU_CAPABILITY={os.environ['ATEN_CPU_CAPABILITY']}")
     onednn = os.environ.get("ONEDNN_MAX_CPU_ISA", os.environ.get("DNNL_MAX_CPU_ISA", "ALL")).upper()
     if onednn not in ("ALL", "DEFAULT") and not any(key in onednn for key in ("BF16", "FP16", "AMX", "AVX10")):
         limits.append(f"ONEDNN_MAX_CPU_ISA={onednn}")

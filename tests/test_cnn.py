@@ -104,7 +104,10 @@ def test_auto_precision_is_fp32_where_the_environment_caps_the_instruction_set(m
     assert "limited: ONEDNN_MAX_CPU_ISA=AVX2" in train_cnn.describe_machine()
     monkeypatch.delenv("ONEDNN_MAX_CPU_ISA")
     monkeypatch.setattr(torch.backends.cpu, "get_cpu_capability", lambda: "AVX2")
-    assert train_cnn.pick_precision("auto", cpu) == ("fp32", "the CPU has avx512_bf16, but torch may not use them (ATen CPU capability AVX2)")
+    monkeypatch.delenv("ATEN_CPU_CAPABILITY", raising=False)
+    assert train_cnn.isa_limits() == []  # an AVX2-only CPU: nothing capped
+    monkeypatch.setenv("ATEN_CPU_CAPABILITY", "avx2")
+    assert train_cnn.pick_precision("auto", cpu) == ("fp32", "the CPU has avx512_bf16, but torch may not use them (ATEN_CPU_CAPABILITY=avx2)")
     assert train_cnn.pick_precision("bf16", cpu)[0] == "bf16"  # asked for: always honoured
     monkeypatch.setattr(train_cnn, "bf16_cpu_flags", lambda: [])
     assert train_cnn.pick_precision("auto", cpu)[0] == "fp32"
