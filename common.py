@@ -104,6 +104,9 @@ def args_from(options: dict) -> SimpleNamespace:
 
 
 # ----------------------------------------------------------------------------- device and seeding
+MALLOC = None  # keep_freed_memory's setting, once made
+
+
 def keep_freed_memory() -> str:
     """Let the process reuse the memory it frees instead of handing it back to the OS. glibc's malloc returns every
     freed block above its mmap threshold (128 KiB, rising to 32 MiB) and the heap's top above its trim threshold;
@@ -123,9 +126,6 @@ def keep_freed_memory() -> str:
             if all(mallopt(option, value) == 1 for option, value in ((-3, 32 << 20), (-1, 2**31 - 1), (-2, 64 << 20))):
                 MALLOC = "glibc mallopt: mmap threshold 32 MiB, trim threshold 2 GiB, top pad 64 MiB"
     return MALLOC
-
-
-MALLOC = None  # keep_freed_memory's setting, once made
 
 
 def pick_device(name: str = "auto") -> torch.device:
@@ -396,7 +396,7 @@ class Adam:
     runs. The same call of the same fused kernel (one pass over all the parameters; bitwise equal to torch's, see
     tests/test_cnn.py) and the same state_dict, so a checkpoint loads into either. One parameter group; a script
     changes its lr (and betas) in param_groups[0] as with torch's. Only where torch has the fused kernel (CPU, CUDA):
-    elsewhere use torch.optim.Adam."""
+    elsewhere torch.optim.Adam (common.adam picks)."""
 
     FLAGS = {"amsgrad": False, "maximize": False, "foreach": None, "capturable": False, "differentiable": False,
              "fused": True, "decoupled_weight_decay": False}  # torch.optim.Adam's other settings, as it saves them
@@ -453,6 +453,14 @@ class Adam:
                         "exp_avg_sq": s["exp_avg_sq"].to(device=p.device, dtype=p.dtype)}
         self.state = state
         self.param_groups[0].update({k: v for k, v in saved.items() if k not in ("params", *self.FLAGS)})
+
+
+def adam(params, lr: float = 1e-3, betas=(0.9, 0.999), weight_decay: float = 0.0):
+    """Adam for these parameters: common.Adam on the devices with torch's fused kernel (CPU, CUDA), torch.optim.Adam
+    elsewhere (MPS)."""
+    params = list(params)
+    fused = params[0].device.type in ("cpu", "cuda")
+    return (Adam if fused else torch.optim.Adam)(params, lr=lr, betas=betas, weight_decay=weight_decay)
 
 
 # ----------------------------------------------------------------------------- durable files

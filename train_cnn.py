@@ -236,8 +236,7 @@ def train_epoch(model, batches, optimizer, lr_at, first_step: int, precision: st
 def make_optimizer(name: str, model, lr: float, momentum: float, weight_decay: float):
     if name == "adam":
         # tuomaso/train_mnist_fast's betas; with --cycle-momentum, onecycle cycles beta1 0.95-0.85 instead.
-        fused = next(model.parameters()).device.type in ("cpu", "cuda")  # where torch has the fused kernel
-        return (common.Adam if fused else torch.optim.Adam)(model.parameters(), lr=lr, betas=(0.7, 0.9), weight_decay=weight_decay)
+        return common.adam(model.parameters(), lr=lr, betas=(0.7, 0.9), weight_decay=weight_decay)
     if name == "sgd":
         return torch.optim.SGD(model.parameters(), lr=lr, momentum=momentum, nesterov=True, weight_decay=weight_decay)
     return torch.optim.Adadelta(model.parameters(), lr=lr, weight_decay=weight_decay)
