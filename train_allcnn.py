@@ -76,19 +76,34 @@ def parameter_groups(model: nn.Module, weight_decay: float) -> list[dict]:
 def augment(images: torch.Tensor, generator: torch.Generator, total: Optional[int] = None, first: int = 0) -> torch.Tensor:
     """uint8 [B,3,32,32] -> float in [0, 1]: random 32x32 crop of the 4-pixel reflect-padded image, horizontal flip,
     brightness and contrast factors in [0.8, 1.2]; one set of tensor operations for the whole batch. The images are
-    rows first..first+B-1 of a batch of `total` (default B): the draws are made for all `total` and these rows kept."""
+    rows first..first+B-1 of a batch of `total` (default B): the draws are made for all `total` and these rows kept.
+    `generator` lives on the images' device: the five random factors of each image are one draw there, no host copy
+    and no synchronisation."""
     b, dev, total = len(images), images.device, total or len(images)
-    rand = lambda: torch.rand(total, generator=generator)[first:first + b].to(dev)  # noqa: E731  (CPU generator: reproducible)
+    u = torch.rand(5, total, generator=generator, device=dev)[:, first:first + b]  # shift y, shift x, flip, brightness, contrast
     x = F.pad(images.float().div(255.0), (4, 4, 4, 4), mode="reflect")
-    dy, dx = (rand() * 9).long(), (rand() * 9).long()
+    dy, dx = (u[0] * 9).long(), (u[1] * 9).long()
     rows = (dy[:, None] + torch.arange(32, device=dev))[:, :, None]  # [B,32,1]
     cols = (dx[:, None] + torch.arange(32, device=dev))[:, None, :]  # [B,1,32]
     x = x[torch.arange(b, device=dev)[:, None, None], :, rows, cols].permute(0, 3, 1, 2)  # [B,3,32,32]
-    x = torch.where(rand()[:, None, None, None] < 0.5, x.flip(3), x)
-    x = x * (0.8 + 0.4 * rand())[:, None, None, None]
+    x = torch.where(u[2][:, None, None, None] < 0.5, x.flip(3), x)
+    x = x * (0.8 + 0.4 * u[3])[:, None, None, None]
     gray = x.mean((1, 2, 3), keepdim=True)
-    x = (x - gray) * (0.8 + 0.4 * rand())[:, None, None, None] + gray
+    x = (x - gray) * (0.8 + 0.4 * u[4])[:, None, None, None] + gray
     return x.clamp_(0, 1)
+
+
+class NormalizeCIFAR:
+    """uint8 [B,3,32,32] (or float in [0, 1]) -> float normalized per channel with CIFAR-10's mean and std, held on
+    the device once (not rebuilt from Python lists every batch)."""
+
+    def __init__(self, device: torch.device):
+        self.mean = torch.tensor(common.CIFAR_MEAN, device=device).view(1, 3, 1, 1)
+        self.inv_std = 1 / torch.tensor(common.CIFAR_STD, device=device).view(1, 3, 1, 1)
+
+    def __call__(self, images: torch.Tensor) -> torch.Tensor:
+        x = images.float().div(255.0) if images.dtype == torch.uint8 else images
+        return (x - self.mean) * self.inv_std
 
 
 class ShardedBatches:
@@ -99,9 +114,9 @@ class ShardedBatches:
 
     def __init__(self, images, labels, batch_size: int, seed: int, rank: int = 0, world: int = 1, augmented: bool = True):
         self.images, self.labels, self.batch_size, self.rank, self.world = images, labels, batch_size, rank, world
-        self.augmented = augmented
-        self.generator = torch.Generator().manual_seed(seed)          # the permutation: identical on all ranks
-        self.aug_generator = torch.Generator().manual_seed(seed + 1)  # the augmentation draws: identical on all ranks
+        self.augmented, self.normalize = augmented, NormalizeCIFAR(images.device)
+        self.generator = torch.Generator().manual_seed(seed)  # the permutation (on the CPU): identical on all ranks
+        self.aug_generator = torch.Generator(images.device).manual_seed(seed + 1)  # augmentation draws, on the device
 
     def __len__(self) -> int:
         return len(self.labels) // (self.batch_size * self.world)
@@ -113,7 +128,7 @@ class ShardedBatches:
             idx = order[step * g + self.rank * self.batch_size: step * g + (self.rank + 1) * self.batch_size]
             x = self.images[idx]
             x = augment(x, self.aug_generator, g, self.rank * self.batch_size) if self.augmented else x.float().div(255.0)
-            yield common.normalize_cifar(x), self.labels[idx]
+            yield self.normalize(x), self.labels[idx]
 
     def state_dict(self) -> dict:
         return {"order": self.generator.get_state(), "augment": self.aug_generator.get_state()}
@@ -131,18 +146,32 @@ def lr_at(schedule: str, lr: float, epoch_float: float, epochs: int) -> float:
     return lr * (0.1 ** ((epoch_float >= 0.4 * epochs) + (epoch_float >= 0.8 * epochs)))
 
 
+def amp_dtype(device: torch.device, amp: bool) -> Optional[torch.dtype]:
+    """--amp's autocast type: bf16 on a GPU that computes it natively (Ampere or newer), else fp16 (with a
+    GradScaler: V100, T4); None (fp32) without --amp or off CUDA."""
+    if not amp or device.type != "cuda":
+        return None
+    return torch.bfloat16 if torch.cuda.is_bf16_supported(including_emulation=False) else torch.float16
+
+
 def autocast(device: torch.device, amp: bool):
-    dtype = torch.bfloat16 if device.type == "cuda" and torch.cuda.is_bf16_supported() else torch.float16
-    return torch.autocast(device.type, dtype=dtype, enabled=amp and device.type == "cuda")
+    dtype = amp_dtype(device, amp)
+    return torch.autocast(device.type, dtype=dtype or torch.float32, enabled=dtype is not None)
+
+
+def memory_format(device: torch.device):
+    """channels_last where it makes convolutions faster (oneDNN on the CPU, cuDNN on CUDA); MPS keeps the default."""
+    return torch.channels_last if device.type in ("cpu", "cuda") else torch.contiguous_format
 
 
 @torch.inference_mode()
 def evaluate(model, images, labels, device, amp: bool = False, batch_size: int = 500):
     """(mean loss, top-1 accuracy) over a split (every rank evaluates the whole split: the models are identical)."""
     model.eval()
+    normalize = NormalizeCIFAR(device)
     loss_sum, correct = torch.zeros((), device=device), torch.zeros((), device=device, dtype=torch.long)
     for s in range(0, len(labels), batch_size):
-        x, y = common.normalize_cifar(images[s:s + batch_size]), labels[s:s + batch_size]
+        x, y = normalize(images[s:s + batch_size]), labels[s:s + batch_size]
         with autocast(device, amp):
             logits = model(x).float()
         loss_sum += F.cross_entropy(logits, y, reduction="sum")
@@ -189,11 +218,16 @@ def check_options(args) -> None:
 
 
 def distributed(device_name: str):
-    """(rank, world, device): under torchrun, join the process group (nccl on CUDA, gloo on CPU)."""
+    """(rank, world, device): under torchrun, join the process group (nccl on CUDA, gloo on CPU). DDP does not run
+    on Apple's MPS: there, torchrun's processes compute on the CPU, and say so."""
     if "RANK" not in os.environ:
         return 0, 1, common.pick_device(device_name)
     rank, world, local = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"]), int(os.environ.get("LOCAL_RANK", 0))
     device = common.pick_device(device_name)
+    if device.type == "mps" and world > 1:
+        if rank == 0:
+            print("torchrun: DistributedDataParallel does not run on MPS; the processes compute on the CPU (gloo)")
+        device = torch.device("cpu")
     if device.type == "cuda":
         torch.cuda.set_device(local)
         device = torch.device("cuda", local)
@@ -225,7 +259,7 @@ def main(
     augment: Annotated[bool, typer.Option("--augment/--no-augment", help="Random crop, flip, brightness/contrast jitter.")] = True,
     weight_decay: Annotated[float, typer.Option(help="Weight decay on conv/linear weights (none on biases and BatchNorm).")] = 1e-3,
     lr_schedule: Annotated[str, typer.Option(help="step (lr, /10 at 40% and /100 at 80% of the epochs) or cosine.")] = "step",
-    amp: Annotated[bool, typer.Option(help="bf16 (or fp16) autocast on CUDA; ignored on the CPU.")] = False,
+    amp: Annotated[bool, typer.Option(help="Autocast on CUDA: bf16 where the GPU has it natively, else fp16 with a GradScaler; ignored elsewhere.")] = False,
     val_fraction: common.ValFraction = 0.1,
     data_dir: common.DataDir = Path("./data"),
     out_dir: common.OutDir = Path("runs"),
@@ -257,13 +291,15 @@ def main(
     data = common.load_cifar10(args.data_dir, dev, args.val_fraction, args.limit, args.seed)
     common.seed_everything(common.seed_for(args.seed, "init"))  # the same initial weights on every rank
     config = {"model": args.model, "c1": args.c1, "c2": args.c2, "norm": args.norm, "dropout": args.dropout, "num_classes": 10}
-    net = build_model(config).to(dev, memory_format=torch.channels_last)
+    net = build_model(config).to(dev, memory_format=memory_format(dev))
     groups = parameter_groups(net, args.weight_decay)
     opt = torch.optim.SGD(groups, lr=args.lr, momentum=0.9, nesterov=True)
-    scaler = torch.amp.GradScaler(dev.type, enabled=args.amp and dev.type == "cuda" and not torch.cuda.is_bf16_supported())
+    scaler = torch.amp.GradScaler(dev.type, enabled=amp_dtype(dev, args.amp) == torch.float16)  # fp16 needs loss scaling
     batches = ShardedBatches(data.train_x, data.train_y, args.batch_size, common.seed_for(args.seed, "shuffle"), rank, world, args.augment)
     counts = parameter_report(net, groups)
-    run.save_config(device=str(dev), world_size=world, global_batch=args.batch_size * world, **counts, **data.describe())
+    precision = {None: "fp32", torch.bfloat16: "bf16 autocast", torch.float16: "fp16 autocast + GradScaler"}[amp_dtype(dev, args.amp)]
+    run.save_config(device=str(dev), precision=precision, world_size=world, global_batch=args.batch_size * world, **counts,
+                    **data.describe())
     if _elastic is not None and rank == 0 and not run.resumed:  # where a restarted worker group finds this run
         common.write_json(_elastic, {"run_dir": str(run.dir), "rdzv_id": os.environ["TORCHELASTIC_RUN_ID"]})
     if world > 1 and not run.resumed:  # the run directory rank 0 just made: every rank knows where the run lives
@@ -276,7 +312,7 @@ def main(
         print(f"{args.model} | {counts['n_parameters']:,} parameters ({counts['n_decay']:,} with weight decay, "
               f"{counts['n_no_decay']:,} without) | {world} process(es) on {dev} | train {len(data.train_y)} "
               f"val {len(data.val_y)} test {len(data.test_y)} | run {run.dir}")
-    run.restore(dev, model=net, optimizer=opt, batches=batches)
+    run.restore(dev, model=net, optimizer=opt, scaler=scaler, batches=batches)
     ddp = nn.parallel.DistributedDataParallel(net) if world > 1 else net
 
     writer = run.tensorboard()
@@ -307,17 +343,17 @@ def main(
     if rank != 0:  # rank 0 alone reports and writes
         dist.destroy_process_group()
         return
-    net.load_state_dict(run.load_best(dev)["model"])
+    net.load_state_dict(run.load_best()["model"])
     test_loss, test_acc = evaluate(net, data.test_x, data.test_y, dev, args.amp)
     final = {"test_loss": test_loss, "test_acc": test_acc, "test_error": 1 - test_acc, "best_epoch": run.best["epoch"],
              "best_val_error": None if run.best["score"] is None else 1 - run.best["score"], "epochs_run": run.epoch,
              "mean_epoch_time_s": sum(h["epoch_time_s"] for h in run.history) / max(len(run.history), 1), **counts}
     common.plot_curves(run.history, run.dir / "training_curves.png", keys=("loss", "error"))
     run.finish(final, {"model": args.model, "epochs": run.epoch, "world_size": world, "test_acc": test_acc,
-                       "best_val_error": final["best_val_error"]})
-    print(f"run {run.dir} | test error {1 - test_acc:.2%}, best val error "
-          + (f"{final['best_val_error']:.2%}" if final["best_val_error"] is not None else "n/a")
-          + f" (epoch {final['best_epoch']})")
+                       "best_val_error": final["best_val_error"]},
+               summary=f"run {run.dir} | test error {1 - test_acc:.2%}, best val error "
+               + (f"{final['best_val_error']:.2%}" if final["best_val_error"] is not None else "n/a")
+               + f" (epoch {final['best_epoch']})")
     if dist.is_initialized():
         dist.destroy_process_group()
 
