@@ -23,6 +23,7 @@ Errors the user can fix are raised as `UserError("what is wrong: what to do")`; 
 
 from __future__ import annotations
 
+import atexit
 import contextlib
 import importlib.util
 import io
@@ -54,10 +55,12 @@ class UserError(Exception):
 
 def main(app: typer.Typer, fast_exit: bool = True) -> None:
     """Run a Typer app; bad input of any kind ends with one line on stderr and exit code 2. With fast_exit the
-    process then ends with os._exit: the interpreter's teardown of torch's modules and libraries takes about 1 s a
-    process (measured here: `python -c "import torch"` 4.2 s, with os._exit 3.0 s) and has nothing left to do,
-    because every file is written atomically and fsynced and Run.finish and Ctrl-C close the TensorBoard writers.
-    A script whose libraries clean up at exit (Ray) or a caller in the same process passes fast_exit=False."""
+    process then ends with os._exit, after the atexit handlers have run (a copy's wandb, coverage or profiler keeps
+    its data): the interpreter's teardown of torch's modules and libraries takes about 1 s a process (measured here:
+    `python -c "import torch"` 4.2 s, with os._exit 3.0 s) and has nothing left to do, because every file is written
+    atomically and fsynced and Run.finish and Ctrl-C close the TensorBoard writers. Where this Python has no
+    atexit._run_exitfuncs (a private function, probed), the normal exit. A script whose libraries clean up at exit
+    (Ray) or a caller in the same process passes fast_exit=False."""
     try:
         result = app(standalone_mode=False)
         code = result if isinstance(result, int) else 0
@@ -70,7 +73,9 @@ def main(app: typer.Typer, fast_exit: bool = True) -> None:
         code = e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
         if not isinstance(e.code, int) and e.code is not None:
             print(e.code, file=sys.stderr)
-    if fast_exit:
+    run_exit_handlers = getattr(atexit, "_run_exitfuncs", None)
+    if fast_exit and callable(run_exit_handlers):
+        run_exit_handlers()  # what the interpreter's exit would run first; each handler once (it unregisters them)
         sys.stdout.flush()
         sys.stderr.flush()
         os._exit(code)
@@ -128,20 +133,47 @@ def keep_freed_memory() -> str:
     return MALLOC
 
 
-def pick_device(name: str = "auto") -> torch.device:
+def pick_device(name: str = "auto", tf32: bool = True) -> torch.device:
     """auto = CUDA, then MPS, then CPU. Asking for a device that is not there is a UserError. Called before any
-    data is loaded, it also makes the process keep the memory it frees (keep_freed_memory)."""
+    data is loaded, it also makes the process keep the memory it frees (keep_freed_memory), lets float32 matmuls use
+    TF32 on an Ampere or newer GPU (tf32=False keeps them exact: recorded in config.json's versions), and arms the
+    float64 guard when a test asks for it (float64_guard)."""
     keep_freed_memory()
     name = name.lower()
     has_mps = getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available()
     if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "mps" if has_mps else "cpu")
+        name = "cuda" if torch.cuda.is_available() else "mps" if has_mps else "cpu"
     if name == "cuda" and not torch.cuda.is_available():
         raise UserError("--device cuda: no CUDA device is available on this machine; use --device auto or cpu")
     if name == "mps" and not has_mps:
         raise UserError("--device mps: Apple MPS is not available on this machine; use --device auto or cpu")
     check(name in ("cpu", "cuda", "mps"), f"--device {name}: unknown device; use auto, cpu, cuda or mps")
-    return torch.device(name)
+    device = torch.device(name)
+    if device.type == "cuda" and torch.cuda.get_device_capability()[0] >= 8:  # Ampere or newer: TF32 tensor cores
+        torch.set_float32_matmul_precision("high" if tf32 else "highest")
+    float64_guard(device)
+    return device
+
+
+def float64_guard(device: torch.device) -> None:
+    """A failpoint-style check armed only by tests (RUN_TEST_NO_FLOAT64=1): from here on, any torch operation that
+    makes a float64 tensor on `device` raises, as the first such operation would on Apple's MPS, which has no
+    float64. On a CPU run the device is the host, so the guard holds host code to the same rule: float64 math is
+    done in NumPy (after .cpu()), never in torch tensors a copy moved to the GPU would compute on."""
+    if os.environ.get("RUN_TEST_NO_FLOAT64") != "1":
+        return
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class NoFloat64(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            out = func(*args, **(kwargs or {}))
+            for t in out if isinstance(out, (tuple, list)) else (out,):
+                if isinstance(t, torch.Tensor) and t.dtype == torch.float64 and t.device.type == device.type:
+                    raise RuntimeError(f"RUN_TEST_NO_FLOAT64: {func} made a float64 tensor on {device.type} "
+                                       f"(MPS has no float64: accumulate in float32, or in NumPy after .cpu())")
+            return out
+
+    NoFloat64().__enter__()  # for the rest of the process
 
 
 def seed_everything(seed: int) -> None:
@@ -455,12 +487,37 @@ class Adam:
         self.param_groups[0].update({k: v for k, v in saved.items() if k not in ("params", *self.FLAGS)})
 
 
+FUSED_ADAM: dict = {}  # device type -> whether common.Adam's fused kernel works there (fused_adam_works)
+
+
+def fused_adam_works(device: torch.device) -> bool:
+    """Probe, once per device type: does common.Adam (torch's private _fused_adam_ kernel) exist on this torch and
+    give Adam's update on this device? Two steps on a 3-element parameter against the textbook formula; any error
+    or mismatch (an older or newer torch, a device without the kernel) means no."""
+    kind = torch.device(device).type
+    if kind not in FUSED_ADAM:
+        try:
+            p = torch.tensor([1.0, -2.0, 3.0], device=device, requires_grad=True)
+            opt, lr, (b1, b2), eps = Adam([p], lr=0.1), 0.1, (0.9, 0.999), 1e-8
+            expected, m, v = [1.0, -2.0, 3.0], [0.0] * 3, [0.0] * 3
+            for t, g in ((1, [0.5, -1.0, 2.0]), (2, [-0.25, 0.75, 1.0])):
+                p.grad = torch.tensor(g, device=device)
+                opt.step()
+                m = [b1 * mi + (1 - b1) * gi for mi, gi in zip(m, g)]
+                v = [b2 * vi + (1 - b2) * gi * gi for vi, gi in zip(v, g)]
+                expected = [e - lr * (mi / (1 - b1**t)) / ((vi / (1 - b2**t)) ** 0.5 + eps) for e, mi, vi in zip(expected, m, v)]
+            FUSED_ADAM[kind] = bool(torch.allclose(p.detach().cpu(), torch.tensor(expected), rtol=1e-5, atol=1e-6))
+        except Exception:  # AttributeError (no such kernel), RuntimeError (not on this device), TypeError (new arguments)
+            FUSED_ADAM[kind] = False
+    return FUSED_ADAM[kind]
+
+
 def adam(params, lr: float = 1e-3, betas=(0.9, 0.999), weight_decay: float = 0.0):
-    """Adam for these parameters: common.Adam on the devices with torch's fused kernel (CPU, CUDA), torch.optim.Adam
-    elsewhere (MPS)."""
+    """Adam for these parameters: common.Adam where the probe shows torch's fused kernel works on this torch and
+    device (fused_adam_works: CPU and CUDA with today's torch), torch.optim.Adam elsewhere (MPS, another torch)."""
     params = list(params)
-    fused = params[0].device.type in ("cpu", "cuda")
-    return (Adam if fused else torch.optim.Adam)(params, lr=lr, betas=betas, weight_decay=weight_decay)
+    fast = fused_adam_works(params[0].device)
+    return (Adam if fast else torch.optim.Adam)(params, lr=lr, betas=betas, weight_decay=weight_decay)
 
 
 # ----------------------------------------------------------------------------- durable files
@@ -572,7 +629,7 @@ def versions() -> dict:
         torchvision_version = None
     return {"python": platform.python_version(), "torch": torch.__version__, "torchvision": torchvision_version,
             "numpy": np.__version__, "platform": platform.platform(), "cpu_capability": torch.backends.cpu.get_cpu_capability(),
-            "malloc": MALLOC or "the C library's defaults"}
+            "malloc": MALLOC or "the C library's defaults", "float32_matmul_precision": torch.get_float32_matmul_precision()}
 
 
 # ----------------------------------------------------------------------------- a script's identity: its file
@@ -599,7 +656,7 @@ def import_script(config: dict, run_dir):
     return module
 
 
-def load_run_model(run_dir, checkpoint: str = "best.pt", map_location="cpu"):
+def load_run_model(run_dir, checkpoint: str = "best.pt", device="cpu"):
     """(model with the run's weights, in eval mode; config.json; the script's module), rebuilt by the run's own
     script's build_model(config): a copied script's runs come back with the copy's architecture."""
     run_dir = Path(run_dir)
@@ -610,12 +667,12 @@ def load_run_model(run_dir, checkpoint: str = "best.pt", map_location="cpu"):
                                           f"it cannot rebuild the run's model")
     try:
         model = module.build_model(config)
-        state = load_checkpoint(run_dir / checkpoint, map_location)  # best.pt: {"model"}; last.pt: {"objects": {"model"}}
+        state = load_checkpoint(run_dir / checkpoint)  # to the CPU; best.pt: {"model"}; last.pt: {"objects": {"model"}}
         model.load_state_dict(state["model"] if "model" in state else state["objects"]["model"])
     except (KeyError, RuntimeError) as e:
         raise UserError(f"{run_dir}: config.json and {checkpoint} do not describe the same model "
                         f"({type(e).__name__}: {str(e).splitlines()[0][:120] if str(e) else ''})") from None
-    return model.to(map_location).eval(), config, module
+    return model.to(device).eval(), config, module
 
 
 # ----------------------------------------------------------------------------- a run: the one bookkeeping path
@@ -640,10 +697,20 @@ class Run:
             check(self.original.get("script") == self.script,
                   f"--resume {self.dir}: that is a {self.original.get('script')} run, not {self.script}")
             args = self._merge(ctx, args, changeable)
+            self._end_if_finished(args)
         self.args, self.objects, self._writers, self._pending_config = args, {}, {}, None
         self.epoch, self.history, self.best = 0, [], {"epoch": 0, "score": None}
         self.best_loss, self.bad_epochs, self.stopped_early, self.training_done = float("inf"), 0, False, False
         self.fixed_length = None
+
+    def _end_if_finished(self, args) -> None:
+        """A finished run resumed with the same length (a requeued cluster job: `python SCRIPT --resume RUN` after a
+        preemption that came just after the end): print the run's own last line and exit 0, touching no file."""
+        metrics = read_json(self.dir / "metrics.json", {})
+        saved_length = self._saved.get(self.length_option)
+        if "final" in metrics and getattr(args, self.length_option, None) == saved_length:
+            print(metrics.get("summary") or f"run {self.dir} | finished; its results are in {self.dir / 'metrics.json'}")
+            raise SystemExit(0)
 
     def _merge(self, ctx, args, changeable) -> SimpleNamespace:
         """The saved options; a `changeable` one typed on the command line wins, any other typed must be equal."""
@@ -664,6 +731,7 @@ class Run:
                 raise UserError(f"--{name.replace('_', '-')} cannot change when resuming ({saved[name]!r} in {self.dir}); "
                                 f"start a new run instead")
             merged[name] = saved[name]
+        self._saved = saved  # the options as the run last had them (earlier resumes' changes applied)
         return SimpleNamespace(**{**merged, "resume": str(self.dir)})
 
     def fix_length(self, why: str) -> None:
@@ -688,10 +756,10 @@ class Run:
         if self.main_process:  # other processes may not know the new run's directory (rank 0 makes it)
             atomic_write(self.dir / f"{name}{self.ext}", lambda tmp: self._save_file(state, tmp))
 
-    def _load(self, path: Path, map_location="cpu") -> dict:
+    def _load(self, path: Path) -> dict:
         check(path.is_file(), f"{path} not found: the run has no such checkpoint")
         try:
-            return self._load_file(path, map_location)
+            return self._load_file(path, "cpu")
         except UserError:
             raise
         except Exception as e:
@@ -716,10 +784,13 @@ class Run:
             _test_kill_point("config")
         return config
 
-    def restore(self, map_location="cpu", planned: Optional[int] = None, **objects) -> None:
+    def restore(self, device="cpu", planned: Optional[int] = None, **objects) -> None:
         """Register the objects kept in last.* (Generators, or state_dict/load_state_dict) and restore them with the RNG
-        and history if there is a last.*, else write it at epoch 0. `planned`: epochs to train (default --epochs)."""
-        self.objects, self.map_location = objects, torch.device(map_location)
+        and history if there is a last.*, else write it at epoch 0. `device`: where the run computes (its RNG is saved
+        with the CPU's). last.* is read to the CPU whatever the device: weights and optimizer state reach the model's
+        device through load_state_dict, and RNG states are CPU byte tensors on every device (CUDA's, MPS's and
+        device Generators' set_state take nothing else). `planned`: epochs to train (default --epochs)."""
+        self.objects, self.device = objects, torch.device(device)
         planned = getattr(self.args, "epochs", None) if planned is None else planned
         if not (self.resumed and self.last_path.is_file()):
             if self.resumed:
@@ -728,7 +799,7 @@ class Run:
             self._save("last", self._checkpoint())
             write_json(self.dir / "metrics.json", {"epochs": []}) if self.main_process else None
             return
-        ckpt = self._load(self.last_path, map_location)
+        ckpt = self._load(self.last_path)
         try:
             for name, obj in objects.items():
                 state = ckpt["objects"][name]
@@ -738,9 +809,12 @@ class Run:
                     obj.load_state_dict({k: torch.as_tensor(v) for k, v in state.items()})
                 else:
                     obj.load_state_dict(state)
-            torch.set_rng_state(torch.as_tensor(ckpt["rng"]["torch"], dtype=torch.uint8))
-            if "cuda" in ckpt["rng"] and self.map_location.type == "cuda":  # this process's own GPU
-                torch.cuda.set_rng_state(torch.as_tensor(ckpt["rng"]["cuda"], dtype=torch.uint8), self.map_location)
+            rng = {name: torch.as_tensor(state, dtype=torch.uint8).cpu() for name, state in ckpt["rng"].items()}
+            torch.set_rng_state(rng["torch"])
+            if "cuda" in rng and self.device.type == "cuda":  # this process's own GPU
+                torch.cuda.set_rng_state(rng["cuda"], self.device)
+            if "mps" in rng and self.device.type == "mps":
+                torch.mps.set_rng_state(rng["mps"])
             r = ckpt["run"]
             self.epoch, self.history, self.best = int(r["epoch"]), list(r["history"]), dict(r["best"])
             self.best_loss, self.bad_epochs, self.stopped_early = float(r["best_loss"]), int(r["bad_epochs"]), bool(r["stopped_early"])
@@ -763,9 +837,11 @@ class Run:
         print(f"resuming {self.dir} after epoch {self.epoch}" + (" (training finished: redoing the final report)" if self.training_done else ""))
 
     def _checkpoint(self) -> dict:
-        rng = {"torch": torch.get_rng_state()}
-        if getattr(self, "map_location", torch.device("cpu")).type == "cuda":
-            rng["cuda"] = torch.cuda.get_rng_state(self.map_location)
+        rng, device = {"torch": torch.get_rng_state()}, getattr(self, "device", torch.device("cpu"))
+        if device.type == "cuda":
+            rng["cuda"] = torch.cuda.get_rng_state(device)
+        elif device.type == "mps":
+            rng["mps"] = torch.mps.get_rng_state()
         state_of = lambda obj: obj.get_state() if isinstance(obj, torch.Generator) else obj.state_dict()  # noqa: E731
         return {"objects": {name: state_of(obj) for name, obj in self.objects.items()}, "rng": rng,
                 "run": {"epoch": self.epoch, "history": self.history, "best": self.best, "best_loss": self.best_loss,
@@ -806,8 +882,9 @@ class Run:
         _test_kill_point("checkpoint", self.epoch)
         write_json(self.dir / "metrics.json", {"epochs": self.history}) if self.main_process else None
 
-    def load_best(self, map_location="cpu") -> dict:
-        return self._load(self.best_path, map_location)
+    def load_best(self) -> dict:
+        """best.* read to the CPU (model.load_state_dict copies the weights to the model's device)."""
+        return self._load(self.best_path)
 
     def tensorboard(self, folder: Optional[str] = None, purge_step: Optional[int] = None):
         """A SummaryWriter on the run directory (or `folder` in it: values on another x axis) that drops the events a
@@ -832,16 +909,18 @@ class Run:
                       f"resume with: python {self.script}.py --resume {self.dir}", file=sys.stderr)
             sys.exit(130)
 
-    def finish(self, final: dict, result: dict) -> None:
-        """One line in OUT_DIR/results.jsonl (once per run directory), then metrics.json with `final`, which marks the
-        run finished. Killed before this, a resume redoes the final report."""
+    def finish(self, final: dict, result: dict, summary: str) -> None:
+        """One line in OUT_DIR/results.jsonl (once per run directory), then metrics.json with `final` (which marks the
+        run finished) and `summary`, the run's last line, printed here and again by a resume of the finished run.
+        Killed before this, a resume redoes the final report."""
         for writer in self._writers.values():
             writer.close()
         if self.main_process:
             _test_kill_point("final")
             append_jsonl(Path(self.args.out_dir) / "results.jsonl", {"time": time.strftime("%Y-%m-%dT%H:%M:%S"), "script": self.script,
                          "run_dir": str(self.dir), "tag": self.args.tag, "seed": self.args.seed, **result}, unique="run_dir")
-            write_json(self.dir / "metrics.json", {"epochs": self.history, "final": final})
+            write_json(self.dir / "metrics.json", {"epochs": self.history, "final": final, "summary": summary})
+            print(summary)
 
 
 def make_run_dir(out_dir, script: str, tag: Optional[str] = None) -> Path:

@@ -243,9 +243,9 @@ def main(
     final = {"per_eps": results, "clean_acc": top["clean_acc"], "eps": eps_list[-1], "fgsm_acc": top["fgsm_acc"],
              "iterative_acc": top["iterative_acc"], "attack_time_s": attack_s}
     run.finish(final, {"attacked_run": str(args.run_dir), "dataset": dataset, "eps": eps_list[-1], "clean_acc": top["clean_acc"],
-                       "fgsm_acc": top["fgsm_acc"], "iterative_acc": top["iterative_acc"]})
-    print(f"run {run.dir} | eps {eps_list[-1]:g}/255: clean {top['clean_acc']:.2%}, FGSM {top['fgsm_acc']:.2%}, "
-          f"{args.steps}-step {top['iterative_acc']:.2%}")
+                       "fgsm_acc": top["fgsm_acc"], "iterative_acc": top["iterative_acc"]},
+               summary=f"run {run.dir} | eps {eps_list[-1]:g}/255: clean {top['clean_acc']:.2%}, FGSM "
+               f"{top['fgsm_acc']:.2%}, {args.steps}-step {top['iterative_acc']:.2%}")
 
 
 if __name__ == "__main__":

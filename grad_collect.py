@@ -257,10 +257,10 @@ def collect(model, images, labels, epoch_dir: Path, plan: list[dict], dtype: str
 
 
 def summarize(values: torch.Tensor) -> dict:
-    v = values.double()
-    q = torch.quantile(v, torch.tensor([0.5, 0.9, 0.99], dtype=torch.float64)) if len(v) else [float("nan")] * 3
-    return {"n": len(v), "mean": v.mean().item(), "std": v.std().item() if len(v) > 1 else 0.0, "min": v.min().item(),
-            "median": float(q[0]), "p90": float(q[1]), "p99": float(q[2]), "max": v.max().item()}
+    v = values.detach().cpu().numpy().astype(np.float64)  # float64 on the host, in NumPy
+    q = np.quantile(v, [0.5, 0.9, 0.99]) if len(v) else [float("nan")] * 3
+    return {"n": len(v), "mean": float(v.mean()), "std": float(v.std(ddof=1)) if len(v) > 1 else 0.0, "min": float(v.min()),
+            "median": float(q[0]), "p90": float(q[1]), "p99": float(q[2]), "max": float(v.max())}
 
 
 PROJECTION_METHOD = ("structured Gaussian sketch: row k is u_k v_k^T / sqrt(K) on each weight [out,in] and w_k / sqrt(K) on "
@@ -481,8 +481,8 @@ class Epoch:
         """[B] exact gradient norms (over `names`, default every stored parameter), from norms.npy."""
         names = self._names(names)
         cols = [self.meta["norms"]["columns"].index(p) for p in names]
-        n = torch.from_numpy(np.asarray(load_npy(self.dir / self.meta["norms"]["file"])[_rows(idx, self.n)], dtype=np.float64))
-        return n.reshape(-1, len(self.meta["norms"]["columns"]))[:, cols].square().sum(1).sqrt()
+        n = np.asarray(load_npy(self.dir / self.meta["norms"]["file"])[_rows(idx, self.n)], dtype=np.float64)  # host float64
+        return torch.from_numpy(np.sqrt(np.square(n.reshape(-1, len(self.meta["norms"]["columns"]))[:, cols]).sum(1)).astype(np.float32))
 
     def cosine(self, i=None, j=None, names=None) -> torch.Tensor:
         """Cosine similarities of gradients, [len(i), len(j)]."""
@@ -530,10 +530,10 @@ def kmeans_pp(x, x_sq, k: int, g: torch.Generator) -> torch.Tensor:
     first = int(torch.randint(n, (1,), generator=g))
     centres = [x[first]]
     closest = sq_distances(x, x_sq, x[first:first + 1])[:, 0]
-    for _ in range(1, k):
-        pot = closest.sum()
-        r = torch.rand(trials, generator=g, dtype=torch.float64).to(x.device) * pot.double()
-        cand = torch.searchsorted(closest.double().cumsum(0), r).clamp_max_(n - 1)
+    for _ in range(1, k):  # the candidates are drawn on the host in float64 (NumPy): MPS has no float64
+        cumulative = closest.cpu().numpy().astype(np.float64).cumsum()
+        r = torch.randint(2**53, (trials,), generator=g).numpy() / 2**53 * cumulative[-1]  # uniform in [0, potential)
+        cand = torch.from_numpy(np.searchsorted(cumulative, r).clip(max=n - 1)).to(x.device)
         d = torch.minimum(closest[None, :], sq_distances(x, x_sq, x[cand]).T)
         best = int(d.sum(1).argmin())
         closest = d[best]
@@ -542,7 +542,10 @@ def kmeans_pp(x, x_sq, k: int, g: torch.Generator) -> torch.Tensor:
 
 
 def exact_inertia(x, c, labels, chunk: int = 8192) -> float:
-    return sum(float((x[s:s + chunk] - c[labels[s:s + chunk]]).double().square().sum()) for s in range(0, len(x), chunk))
+    """The sum of squared distances to the assigned centres: per row in float32 on the device, summed in float64 on
+    the host."""
+    rows = torch.cat([(x[s:s + chunk] - c[labels[s:s + chunk]]).square().sum(1) for s in range(0, len(x), chunk)])
+    return float(rows.cpu().numpy().astype(np.float64).sum())
 
 
 def lloyd(x, x_sq, centres, max_iter: int, tol_abs: float):
@@ -842,8 +845,8 @@ def influence(run_dir, images: torch.Tensor, labels: torch.Tensor, model) -> np.
         common.check(path.is_file(), f"{path} is missing: influence needs each epoch's weights (collected by this version of grad_collect.py)")
         model.load_state_dict(common.load_checkpoint(path, device))
         a, b, _, _ = layer_factors(model.eval(), common.normalize(images.to(device)), labels.to(device))
-        total = total + (ep.lr if ep.lr is not None else 1.0) * ep.dot(([t.cpu() for t in a], [t.cpu() for t in b]), None).double()
-    return total.numpy()
+        total = total + (ep.lr if ep.lr is not None else 1.0) * ep.dot(([t.cpu() for t in a], [t.cpu() for t in b]), None).numpy().astype(np.float64)
+    return total
 
 
 def self_influence_report(run_dir: Path, args, device, top: int = 25) -> dict:
@@ -1164,15 +1167,15 @@ def audit_report(run_dir: Path, args, device, top: int = 25) -> dict:
         sq, b_out, loss, pred = [], [], [], []
         for x, y in common.Batches(images, labels, 1000):
             a, b, logits, l = layer_factors(model.eval(), x, y)
-            sq.append(squared_norms(a, b, model, names).double().cpu())
-            b_out.append(b[-1].double().cpu())
+            sq.append(squared_norms(a, b, model, names).cpu().numpy().astype(np.float64))  # float64 on the host only
+            b_out.append(b[-1].cpu().numpy().astype(np.float64))
             loss.append(l.cpu())
             pred.append(logits.argmax(1).cpu())
-        parts = gradient_parts(torch.cat(sq).numpy(), names, torch.cat(b_out).numpy(), None if b_train is None else inverse_fisher(b_train))
+        parts = gradient_parts(np.concatenate(sq), names, np.concatenate(b_out), None if b_train is None else inverse_fisher(b_train))
         for name in scores:
             part, scheme = name.split("@")
             scores[name] = scores[name] + weights[scheme][e] * parts[part]
-    scores["loss"], pred = torch.cat(loss).double().numpy(), torch.cat(pred).numpy()
+    scores["loss"], pred = torch.cat(loss).numpy().astype(np.float64), torch.cat(pred).numpy()
     label, pred = np.asarray(data.digits)[labels.cpu().numpy()], np.asarray(data.digits)[pred]
     order = np.argsort(-scores[rank_by], kind="stable")
     split = args.audit
@@ -1452,8 +1455,7 @@ def finish(run, final: dict, data, device) -> None:
             influence_report(run.dir, args, device)
         if args.audit:
             audit_report(run.dir, args, device)
-    run.finish(final, record)
-    print(line)
+    run.finish(final, record, summary=line)
 
 
 if __name__ == "__main__":

@@ -493,9 +493,9 @@ def main(
         plot_compare(run.history, run.dir)
     common.plot_curves(run.history, run.dir / "training_curves.png", xlabel=f"evaluations (every {args.eval_every} updates)")
     run.finish(final, {"arch": args.arch, "updates": args.updates, "test_acc": test_acc,
-                       **({"torch_test_acc": final["torch_test_acc"]} if twin is not None else {})})
-    print(f"run {run.dir} | test accuracy {test_acc:.2%} (best at update {final['best_updates']})"
-          + (f" | PyTorch twin {final['torch_test_acc']:.2%}" if twin is not None else ""))
+                       **({"torch_test_acc": final["torch_test_acc"]} if twin is not None else {})},
+               summary=f"run {run.dir} | test accuracy {test_acc:.2%} (best at update {final['best_updates']})"
+               + (f" | PyTorch twin {final['torch_test_acc']:.2%}" if twin is not None else ""))
 
 
 if __name__ == "__main__":

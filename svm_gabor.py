@@ -203,9 +203,9 @@ def main(
         final[f"{name}_per_class_acc"] = {str(d): float(r["cm"][i, i] / max(r["cm"][i].sum(), 1)) for i, d in enumerate(data.digits)}
         final.update({f"{name}_{k}": r[k] for k in ("fit_s", "predict_s", "n_features", "n_support")})
     run.finish(final, {"kernel": args.kernel, "train_images": n, "raw_test_acc": final["raw_test_acc"],
-                       "gabor_test_acc": final["gabor_test_acc"]})
-    print(f"run {run.dir} | test accuracy: Gabor {final['gabor_test_acc']:.2%} vs raw pixels {final['raw_test_acc']:.2%} "
-          f"({final['total_time_s']:.0f}s)")
+                       "gabor_test_acc": final["gabor_test_acc"]},
+               summary=f"run {run.dir} | test accuracy: Gabor {final['gabor_test_acc']:.2%} vs raw pixels "
+               f"{final['raw_test_acc']:.2%} ({final['total_time_s']:.0f}s)")
 
 
 if __name__ == "__main__":

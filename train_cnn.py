@@ -20,6 +20,7 @@ activations for one test image) and TensorBoard events. Classify your own images
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 import platform
@@ -75,9 +76,18 @@ def build_model(config: dict) -> CNN:
 
 # ----------------------------------------------------------------------------- speed: precision, memory layout, augmentation
 def bf16_cpu_flags() -> list[str]:
-    """The CPU's native-bf16 instruction sets torch sees: a subset of ["avx512_bf16", "amx"]."""
-    return [f for f, ok in (("avx512_bf16", torch.cpu._is_avx512_bf16_supported()),
-                            ("amx", torch.cpu._is_amx_tile_supported())) if ok]
+    """The CPU's native-bf16 instruction sets: a subset of ["avx512_bf16", "amx"], as torch sees them (its private
+    torch.cpu._is_avx512_bf16_supported / _is_amx_tile_supported), else where this torch lacks those functions as
+    /proc/cpuinfo lists them (Linux), else none."""
+    probes = [getattr(torch.cpu, name, None) for name in ("_is_avx512_bf16_supported", "_is_amx_tile_supported")]
+    if all(callable(probe) for probe in probes):
+        with contextlib.suppress(Exception):
+            return [f for f, probe in zip(("avx512_bf16", "amx"), probes) if probe()]
+    try:
+        words = set(Path("/proc/cpuinfo").read_text().split())
+    except OSError:
+        return []
+    return [f for f, word in (("avx512_bf16", "avx512_bf16"), ("amx", "amx_tile")) if word in words]
 
 
 def isa_limits() -> list[str]:
@@ -344,7 +354,7 @@ def train(run, model, optimizer, batches, data, plain) -> None:
 def report(run, model, data, plain, started: float) -> dict:
     """Best weights on the test set (the timed part ends here), then metrics, TensorBoard and the plots."""
     args = run.args
-    model.load_state_dict(run.load_best(data.test_y.device)["model"])
+    model.load_state_dict(run.load_best()["model"])
     test_loss, test_acc, preds, probs = evaluate(model, data.test_x, data.test_y, plain, args.precision)
     time_to_test = time.time() - started
     cm = common.confusion_matrix(data.test_y, preds, data.num_classes)
@@ -436,8 +446,8 @@ def main(
     train(run, model, opt, batches, data, plain)
     final = report(run, model, data, plain, started)
     run.finish(final, {"arch": args.arch, "digits": data.digits, "epochs": run.epoch, "test_acc": final["test_acc"],
-                       "time_to_test_acc_s": final["time_to_test_acc_s"]})
-    print(f"run {run.dir} | test accuracy {final['test_acc']:.2%} (best epoch {final['best_epoch']})")
+                       "time_to_test_acc_s": final["time_to_test_acc_s"]},
+               summary=f"run {run.dir} | test accuracy {final['test_acc']:.2%} (best epoch {final['best_epoch']})")
 
 
 if __name__ == "__main__":

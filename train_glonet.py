@@ -101,7 +101,7 @@ def evaluate(model, images, labels, usage: bool = False, batch_size: int = 2000,
     prefix_acc[k]: the head's accuracy on the sum of only the first k+1 hidden outputs."""
     model.eval()
     n_hidden, dev = len(model.hidden), labels.device
-    loss_sum = torch.zeros((), device=dev, dtype=torch.float64)  # accumulated on the device: no sync per batch
+    loss_sum = torch.zeros((), device=dev)  # float32 sums of whole batches, on the device: no sync per batch
     correct = torch.zeros((), device=dev, dtype=torch.long)
     l1, prefix_correct = torch.zeros(n_hidden, device=dev), torch.zeros(n_hidden, device=dev)
     # per layer and unit: sums of (o - shift) and its square, shift = the first batch's mean (accurate in float32)
@@ -418,9 +418,9 @@ def main(
     run.finish(final, {"model": args.model, "layers": args.layers, "features": args.features, "activation": args.activation,
                        "init": args.init, "input_scale": args.input_scale, "optimizer": args.optimizer, "lr": args.lr,
                        "lr_schedule": args.lr_schedule, "epochs": run.epoch,
-                       "test_acc": final["test_acc"], **usage_summary(run.history[-1])})
-    print(f"run {run.dir} | test accuracy {final['test_acc']:.2%} after {run.epoch} epochs "
-          f"({args.model}, depth {args.layers})")
+                       "test_acc": final["test_acc"], **usage_summary(run.history[-1])},
+               summary=f"run {run.dir} | test accuracy {final['test_acc']:.2%} after {run.epoch} epochs "
+               f"({args.model}, depth {args.layers})")
 
 
 if __name__ == "__main__":

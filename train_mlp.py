@@ -186,7 +186,7 @@ def save_label_noise(run, data) -> None:
 
 def report(run, model, data, device) -> dict:
     """The final report: the best weights on the test set, metrics.json's final, TensorBoard's test point, plots."""
-    model.load_state_dict(run.load_best(device)["model"])
+    model.load_state_dict(run.load_best()["model"])
     test_loss, test_acc, preds, _ = evaluate(model, data.test_x, data.test_y)
     cm = common.confusion_matrix(data.test_y, preds, data.num_classes)
     per_class = {str(d): float(cm[i, i] / max(cm[i].sum(), 1)) for i, d in enumerate(data.digits)}
@@ -259,8 +259,8 @@ def main(
     train(run, model, opt, batches, data)
     final = report(run, model, data, device)
     run.finish(final, {"hidden": args.hidden, "dropout": args.dropout, "init": args.init, "batch_norm": args.batch_norm,
-                       "lr_schedule": args.lr_schedule, "digits": data.digits, "epochs": run.epoch, "test_acc": final["test_acc"]})
-    print(f"run {run.dir} | test accuracy {final['test_acc']:.2%} (best epoch {final['best_epoch']})")
+                       "lr_schedule": args.lr_schedule, "digits": data.digits, "epochs": run.epoch, "test_acc": final["test_acc"]},
+               summary=f"run {run.dir} | test accuracy {final['test_acc']:.2%} (best epoch {final['best_epoch']})")
 
 
 if __name__ == "__main__":

@@ -109,6 +109,11 @@ def real_mnist() -> Path:
     return SHARED_DATA
 
 
+# Every script a test runs computes under common.float64_guard: a torch float64 tensor on its device (the host, here)
+# fails the run, as it would fail on Apple's MPS. A test may pass env={"RUN_TEST_NO_FLOAT64": "0"}.
+FLOAT64_GUARD = {"RUN_TEST_NO_FLOAT64": "1"}
+
+
 def run_cli(script: str, *args, cwd=None, timeout: float = 600, env: dict | None = None) -> subprocess.CompletedProcess:
     """Run `python SCRIPT ARGS...` from the repo root with downloads blocked; returns the finished process.
 
@@ -116,7 +121,7 @@ def run_cli(script: str, *args, cwd=None, timeout: float = 600, env: dict | None
     a separate process per pytest worker) when it can be made the same as a fresh `python SCRIPT ARGS` for what the
     scripts can see; else, or with TESTS_NO_FORKSERVER=1, it is a fresh interpreter started by subprocess.run
     (TESTS_FORKSERVER_LOG=FILE: one line a call in FILE, which way it ran)."""
-    full_env = {**os.environ, **OFFLINE_ENV, "PYTHONUNBUFFERED": "1", **(env or {})}
+    full_env = {**os.environ, **OFFLINE_ENV, "PYTHONUNBUFFERED": "1", **FLOAT64_GUARD, **(env or {})}
     cmd = [sys.executable, str(ROOT / script), *map(str, args)]
     cwd = str(cwd or ROOT)
     why_fresh = _forkable(full_env)
@@ -144,7 +149,7 @@ def _log(how: str, cmd: list) -> None:
 # ----------------------------------------------------------------------------- run_cli's zygotes (tests/zygote.py)
 # Variables only read while a script runs (not while torch & co. are imported): a zygote serves any values of them.
 # (PYTHONBREAKPOINT: read by each breakpoint() call; ray.init sets it in this process, tests/test_sweep.py)
-RUNTIME_ONLY = {"RUN_TEST_KILL_AT", "DATA_DIR", "PYTHONPATH", "PYTEST_CURRENT_TEST", "PYTHONBREAKPOINT"}
+RUNTIME_ONLY = {"RUN_TEST_KILL_AT", "RUN_TEST_NO_FLOAT64", "DATA_DIR", "PYTHONPATH", "PYTEST_CURRENT_TEST", "PYTHONBREAKPOINT"}
 # Interpreter start-up variables a zygote started with the same value reproduces; any other PYTHON* one (e.g.
 # PYTHONPROFILEIMPORTTIME, PYTHONVERBOSE: they show during the imports) gets a fresh interpreter.
 STARTUP_SAME = {"PYTHONUNBUFFERED", "PYTHONHASHSEED", "PYTHONDONTWRITEBYTECODE", "PYTHONIOENCODING", "PYTHONUTF8"}

@@ -135,7 +135,7 @@ def two_epoch_run(tiny_mnist, tmp_path_factory):
     out = tmp_path_factory.mktemp("cnn_runs")
     proc = run_cli("train_cnn.py", "--data-dir", tiny_mnist, "--out-dir", out, "--arch", "small", "--epochs", 2,
                    "--augment", "--lr-schedule", "step", "--patience", 3, "--tag", "e2e", "--quiet",
-                   env={"PYTHONPROFILEIMPORTTIME": "1"})  # every module the process imports, on stderr
+                   env={"PYTHONPROFILEIMPORTTIME": "1", "RUN_TEST_NO_FLOAT64": "0"})  # every import on stderr (the float64 guard off: it imports torch._dynamo)
     assert proc.returncode == 0, proc.stderr[-3000:]
     (run_dir,) = (out / "train_cnn").iterdir()
     return run_dir, proc

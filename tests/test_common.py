@@ -157,6 +157,7 @@ def test_a_script_is_named_by_its_file():
 @pytest.mark.parametrize("cuda, mps, want", [(True, True, "cuda"), (False, True, "mps"), (False, False, "cpu")])
 def test_auto_device_prefers_cuda_then_mps_then_cpu(monkeypatch, cuda, mps, want):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: cuda)
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (7, 5))  # a T4: no TF32 to set
     monkeypatch.setattr(torch.backends.mps, "is_available", lambda: mps)
     assert common.pick_device("auto").type == want
 

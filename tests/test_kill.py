@@ -96,7 +96,8 @@ def test_killed_at_every_moment_then_resumed_ends_like_an_uninterrupted_run(scri
     a = json.loads((straight_dir / "metrics.json").read_text())
     b = json.loads((run_dir / "metrics.json").read_text())
     assert [e["epoch"] for e in b["epochs"]] == [1, 2] and "final" in b
-    assert_close(timeless(b), timeless(a))
+    assert b["summary"] == a["summary"].replace(str(straight_dir), str(run_dir)) == proc.stdout.splitlines()[-1]
+    assert_close(timeless({**b, "summary": None}), timeless({**a, "summary": None}))
     results = [json.loads(line) for line in (out / "results.jsonl").read_text().splitlines()]
     assert [r["run_dir"] for r in results] == [str(run_dir)]  # the report killed once still adds one line
     config = json.loads((run_dir / "config.json").read_text())
@@ -157,3 +158,22 @@ def test_a_longer_resume_then_a_kill_then_a_plain_resume_trains_to_the_longer_en
     metrics = json.loads((run_dir / "metrics.json").read_text())
     assert [e["epoch"] for e in metrics["epochs"]] == [1, 2, 3] and metrics["final"]["epochs_run"] == 3
     assert json.loads((run_dir / "config.json").read_text())["epochs"] == 1  # the original stays, changes beside it
+
+
+def test_a_finished_run_resumed_unchanged_prints_its_result_and_touches_nothing(tiny_mnist, tmp_path):
+    """A requeued cluster job (`python SCRIPT --resume RUN` after the run finished): exit 0, the run's own last line,
+    no file written; a resume that asks for what cannot be done (another model, a shorter run) still exits 2."""
+    from conftest import assert_user_error
+    proc = run_cli("train_mlp.py", "--data-dir", tiny_mnist, "--out-dir", tmp_path, "--epochs", 2, "--hidden", 8,
+                   "--quiet", env=ONE_THREAD)
+    assert proc.returncode == 0, proc.stderr
+    (run_dir,) = (tmp_path / "train_mlp").iterdir()
+    files = {p: (p.stat().st_mtime_ns, p.read_bytes()) for p in sorted(tmp_path.rglob("*")) if p.is_file()}
+    for extra in ([], ["--epochs", 2, "--data-dir", tiny_mnist]):
+        again = run_cli("train_mlp.py", "--resume", run_dir, "--quiet", *extra, env=ONE_THREAD)
+        assert again.returncode == 0, again.stderr
+        assert again.stdout.splitlines() == [proc.stdout.splitlines()[-1]]
+        assert {p: (p.stat().st_mtime_ns, p.read_bytes()) for p in sorted(tmp_path.rglob("*")) if p.is_file()} == files
+    assert_user_error(run_cli("train_mlp.py", "--resume", run_dir, "--hidden", 32, env=ONE_THREAD), "--hidden", "new run")
+    assert_user_error(run_cli("train_mlp.py", "--resume", run_dir, "--epochs", 1, env=ONE_THREAD), "--epochs 1", "new run")
+    assert {p: (p.stat().st_mtime_ns, p.read_bytes()) for p in sorted(tmp_path.rglob("*")) if p.is_file()} == files

@@ -130,7 +130,7 @@ def test_npz_checkpoints_round_trip_without_pickle(tmp_path):
 
 def test_a_finished_run_resumed_with_more_updates_trains_only_the_missing_ones(tiny_mnist, tmp_path):
     """--updates 150 (evaluations at 100 and 150), then --resume --updates 250: one more block of 100 updates, the
-    same SGD steps as one uninterrupted 250-update run; the same --updates again is one line, exit 2."""
+    same SGD steps as one uninterrupted 250-update run; the same --updates again prints the run's last line and exits 0; fewer is one line, exit 2."""
     base = ["--data-dir", tiny_mnist, "--eval-every", 100, "--quiet", "--hidden", 16, "--arch", "mlp"]
     straight = run_cli("numpy_nn.py", *base, "--updates", 250, "--out-dir", tmp_path / "straight", env=ONE_THREAD)
     short = run_cli("numpy_nn.py", *base, "--updates", 150, "--out-dir", tmp_path / "extended", env=ONE_THREAD)
@@ -145,8 +145,9 @@ def test_a_finished_run_resumed_with_more_updates_trains_only_the_missing_ones(t
     weights = [numpy_nn.load_npz(d / "last.npz")["objects"]["model"] for d in (straight_dir, run_dir)]
     assert all(np.array_equal(weights[0][k], weights[1][k]) for k in weights[0])  # the same last weights
     assert json.loads((run_dir / "config.json").read_text())["resumes"][-1]["changed"]["updates"] == [150, 250]
-    again = run_cli("numpy_nn.py", "--resume", run_dir, "--updates", 250, env=ONE_THREAD)
-    assert_user_error(again, "--updates", "trained all")
+    again = run_cli("numpy_nn.py", "--resume", run_dir, "--updates", 250, env=ONE_THREAD)  # finished: its last line, exit 0
+    assert again.returncode == 0 and again.stdout == longer.stdout.splitlines()[-1] + "\n", (again.stdout, again.stderr)
+    assert_user_error(run_cli("numpy_nn.py", "--resume", run_dir, "--updates", 200, env=ONE_THREAD), "--updates", "trained all")
 
 
 def test_grad_check_cli_passes(tiny_mnist, tmp_path):
