@@ -275,3 +275,75 @@ def test_keep_freed_memory_stops_the_page_faults_of_each_training_step():
         faults[mode] = float(proc.stdout.split()[-1])
     assert common.keep_freed_memory().startswith("glibc mallopt")
     assert faults["keep"] * 10 < faults["default"], faults
+
+
+def test_float64_guard_refuses_float64_on_the_device_only_when_armed():
+    """common.float64_guard, armed by RUN_TEST_NO_FLOAT64=1 (run_cli arms it for every script a test runs): the first
+    torch op making a float64 tensor on the device raises, as MPS would; float32 and NumPy float64 pass."""
+    code = ("import numpy as np, torch, common\n"
+            "device = common.pick_device('cpu')\n"
+            "x = float(torch.ones(3, device=device).sum()) + np.ones(3).sum()  # float32 in torch; float64 in NumPy\n"
+            "try:\n"
+            "    torch.zeros((), device=device, dtype=torch.float64)\n"
+            "    print('allowed')\n"
+            "except RuntimeError as e:\n"
+            "    print('refused' if 'RUN_TEST_NO_FLOAT64' in str(e) else e)\n")
+    for armed, want in (("1", "refused"), ("0", "allowed")):
+        proc = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120,
+                              env={**os.environ, "PYTHONPATH": str(ROOT), "RUN_TEST_NO_FLOAT64": armed})
+        assert proc.returncode == 0 and proc.stdout.split() == [want], (armed, proc.stdout, proc.stderr[-2000:])
+
+
+def test_adam_is_the_fused_kernel_only_where_the_probe_says_it_works(monkeypatch):
+    """common.adam: common.Adam where fused_adam_works (here: this torch on the CPU), torch.optim.Adam where the
+    probe fails (an older or newer torch without the private kernel); both train, and either's state loads into the
+    other."""
+    monkeypatch.setattr(common, "FUSED_ADAM", {})
+    assert common.fused_adam_works(torch.device("cpu")) and type(common.adam([torch.zeros(2, requires_grad=True)])) is common.Adam
+    monkeypatch.setattr(common, "FUSED_ADAM", {})
+    monkeypatch.delattr(torch, "_fused_adam_")
+    assert not common.fused_adam_works(torch.device("cpu"))
+    results = []
+    for kind in (common.Adam, torch.optim.Adam):
+        torch.manual_seed(0)
+        model = torch.nn.Linear(4, 2)
+        opt = common.adam(model.parameters(), lr=0.1)
+        assert type(opt) is torch.optim.Adam  # the fallback, whatever kind was asked for in the loop
+        for _ in range(3):
+            opt.zero_grad()
+            model(torch.ones(5, 4)).square().sum().backward()
+            opt.step()
+        results.append(model.weight.detach().clone())
+        other = common.Adam(list(model.parameters()), lr=0.1)
+        other.load_state_dict(opt.state_dict())  # the fallback's checkpoint resumes with the fused one
+        assert other.state_dict()["state"][0]["exp_avg"].equal(opt.state_dict()["state"][0]["exp_avg"])
+    assert results[0].equal(results[1])
+
+
+def test_bf16_flags_fall_back_to_cpuinfo_without_torchs_private_functions(monkeypatch):
+    import train_cnn
+
+    seen = train_cnn.bf16_cpu_flags()
+    assert set(seen) <= {"avx512_bf16", "amx"}
+    monkeypatch.delattr(torch.cpu, "_is_avx512_bf16_supported", raising=False)
+    fallback = train_cnn.bf16_cpu_flags()  # /proc/cpuinfo: the same answer on Linux
+    if Path("/proc/cpuinfo").is_file():
+        assert fallback == seen
+    assert train_cnn.pick_precision("auto", torch.device("cpu"))[0] in ("bf16", "fp32")
+
+
+@pytest.mark.parametrize("probe", ["kept", "removed"])
+def test_atexit_handlers_of_a_copied_script_run_before_the_fast_exit(tiny_mnist, tmp_path, probe):
+    """A copy that registers an atexit handler (wandb, coverage, a profiler do) keeps what it writes: common.main
+    runs the handlers before os._exit, or exits normally where atexit._run_exitfuncs is missing."""
+    source = (ROOT / "train_mlp.py").read_text()
+    marker = tmp_path / "atexit.txt"
+    hook = (f"import atexit, pathlib\natexit.register(lambda: pathlib.Path({str(marker)!r}).write_text('ran'))\n"
+            + ("del atexit._run_exitfuncs\n" if probe == "removed" else ""))
+    (tmp_path / "my_mlp.py").write_text(source.replace("\nimport common\n", "\nimport common\n" + hook, 1))
+    proc = subprocess.run([sys.executable, str(tmp_path / "my_mlp.py"), "--data-dir", str(tiny_mnist), "--out-dir",
+                           str(tmp_path / "runs"), "--epochs", "1", "--hidden", "8", "--quiet"], cwd=tmp_path,
+                          capture_output=True, text=True, timeout=300,
+                          env={**os.environ, **OFFLINE_ENV, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"})
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert marker.read_text() == "ran"
