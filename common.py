@@ -608,7 +608,8 @@ def append_jsonl(path, record: dict, unique: Optional[str] = None) -> None:
 
 
 def load_checkpoint(path, map_location="cpu") -> dict:
-    """A torch checkpoint of tensors and plain values only (weights_only=True: no pickled objects)."""
+    """A torch checkpoint of tensors and plain values only (weights_only=True: no pickled objects), read to the CPU
+    unless told otherwise: a checkpoint written on a GPU loads anywhere, and load_state_dict copies to the device."""
     path = Path(path)
     check(path.is_file(), f"{path} not found: the run has no such checkpoint")
     try:

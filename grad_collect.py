@@ -843,7 +843,7 @@ def influence(run_dir, images: torch.Tensor, labels: torch.Tensor, model) -> np.
         ep = Epoch(run_dir, epoch)
         path = ep.dir / ep.meta.get("weights", "weights.pt")
         common.check(path.is_file(), f"{path} is missing: influence needs each epoch's weights (collected by this version of grad_collect.py)")
-        model.load_state_dict(common.load_checkpoint(path, device))
+        model.load_state_dict(common.load_checkpoint(path))
         a, b, _, _ = layer_factors(model.eval(), common.normalize(images.to(device)), labels.to(device))
         total = total + (ep.lr if ep.lr is not None else 1.0) * ep.dot(([t.cpu() for t in a], [t.cpu() for t in b]), None).numpy().astype(np.float64)
     return total
@@ -1162,7 +1162,7 @@ def audit_report(run_dir: Path, args, device, top: int = 25) -> dict:
     scores = {rank_by: 0.0, "all@lr": 0.0}
     for e in epochs:
         ep = Epoch(run_dir, e)
-        model.load_state_dict(common.load_checkpoint(ep.dir / ep.meta.get("weights", "weights.pt"), device))
+        model.load_state_dict(common.load_checkpoint(ep.dir / ep.meta.get("weights", "weights.pt")))
         b_train = logit_grads(ep)
         sq, b_out, loss, pred = [], [], [], []
         for x, y in common.Batches(images, labels, 1000):
@@ -1332,7 +1332,7 @@ def collect_from_run(run) -> None:
     args = run.args
     device, data, model, plan, factors = prepare(run)
     check_size(model, plan, len(data.train_y), args.dtype, 1, args.max_gb, args.out_dir)
-    ckpt = common.load_checkpoint(Path(args.from_run) / "best.pt", device)
+    ckpt = common.load_checkpoint(Path(args.from_run) / "best.pt")
     try:
         model.load_state_dict(ckpt["model"])
     except RuntimeError as e:
