@@ -190,6 +190,93 @@ def seed_for(seed: int, purpose: str) -> int:
     return int.from_bytes(hashlib.sha256(f"{int(seed)}:{purpose}".encode()).digest()[:8], "little") >> 1
 
 
+# ----------------------------------------------------------------------------- precision: chosen per machine
+PRECISIONS = ("auto", "fp32", "bf16", "fp16")
+PrecisionOption = Annotated[str, typer.Option(help="auto (bf16 autocast where the hardware computes bf16 natively: CUDA GPUs "
+                                              "from Ampere on, CPUs with AVX512_BF16 or AMX; fp16 with a GradScaler on "
+                                              "older GPUs; fp32 elsewhere), fp32, bf16 or fp16 (GPUs).")]
+
+
+def bf16_cpu_flags() -> list[str]:
+    """The CPU's native-bf16 instruction sets: a subset of ["avx512_bf16", "amx"], as torch sees them (its private
+    torch.cpu._is_avx512_bf16_supported / _is_amx_tile_supported), else where this torch lacks those functions as
+    /proc/cpuinfo lists them (Linux), else none."""
+    probes = [getattr(torch.cpu, name, None) for name in ("_is_avx512_bf16_supported", "_is_amx_tile_supported")]
+    if all(callable(probe) for probe in probes):
+        with contextlib.suppress(Exception):
+            return [f for f, probe in zip(("avx512_bf16", "amx"), probes) if probe()]
+    try:
+        words = set(Path("/proc/cpuinfo").read_text().split())
+    except OSError:
+        return []
+    return [f for f, word in (("avx512_bf16", "avx512_bf16"), ("amx", "amx_tile")) if word in words]
+
+
+def isa_limits() -> list[str]:
+    """The environment's caps on the instruction sets torch's kernels use, where they exclude native bf16:
+    ATEN_CPU_CAPABILITY below avx512 (ATen's kernels) and ONEDNN_MAX_CPU_ISA below AVX512_CORE_BF16 (oneDNN's
+    convolutions and matmuls). Both at avx2 make an AVX-512 machine compute like an AVX2-only one. Empty where
+    neither is set: a CPU without AVX-512 is not capped, it has no native bf16 to cap."""
+    limits = []
+    if os.environ.get("ATEN_CPU_CAPABILITY") and torch.backends.cpu.get_cpu_capability() != "AVX512":
+        limits.append(f"ATEN_CPU_CAPABILITY={os.environ['ATEN_CPU_CAPABILITY']}")
+    onednn = os.environ.get("ONEDNN_MAX_CPU_ISA", os.environ.get("DNNL_MAX_CPU_ISA", "ALL")).upper()
+    if onednn not in ("ALL", "DEFAULT") and not any(key in onednn for key in ("BF16", "FP16", "AMX", "AVX10")):
+        limits.append(f"ONEDNN_MAX_CPU_ISA={onednn}")
+    return limits
+
+
+def describe_machine() -> str:
+    """CPU model, cores, native-bf16 instructions (with any cap) and GPU, for config.json and benchmark headers."""
+    cpu = platform.processor() or platform.machine()
+    try:
+        cpu = next(line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
+                   if line.startswith("model name"))
+    except (OSError, StopIteration):
+        pass
+    flags, limits = bf16_cpu_flags(), isa_limits()
+    bf16 = " + ".join(flags) if flags else "no native bf16"
+    gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "no GPU"
+    return f"{cpu}, {os.cpu_count()} cores, {bf16}{' (limited: ' + ', '.join(limits) + ')' if limits else ''}, {gpu}"
+
+
+def pick_precision(name: str, device: torch.device) -> tuple[str, str]:
+    """(precision, reason) for --precision NAME on `device`. auto = bf16 autocast only where the hardware computes
+    bf16 natively: CUDA GPUs with native bf16 (Ampere on), CPUs with AVX512_BF16 or AMX (oneDNN emulates bf16 on
+    other AVX-512 CPUs, slower than fp32); fp16 autocast with a GradScaler on older CUDA GPUs (V100, T4); fp32
+    elsewhere. An explicit choice is honoured (fp16 on GPUs only)."""
+    check(name in PRECISIONS, f"--precision {name}: use {', '.join(PRECISIONS)}")
+    if name != "auto":
+        check(name != "fp16" or device.type in ("cuda", "mps"), f"--precision fp16: autocast in fp16 is for GPUs; "
+                                                                f"on {device.type} use bf16 or fp32")
+        return name, "asked for on the command line"
+    if device.type == "cuda":
+        if torch.cuda.is_bf16_supported(including_emulation=False):
+            return "bf16", "the GPU computes bf16 natively"
+        return "fp16", "the GPU has no native bf16: fp16 autocast with a GradScaler"
+    if device.type == "cpu":
+        flags, limits = bf16_cpu_flags(), isa_limits()
+        if flags and limits:
+            return "fp32", f"the CPU has {' and '.join(flags)}, but torch may not use them ({', '.join(limits)})"
+        if flags:
+            return "bf16", f"the CPU has {' and '.join(flags)} (native bf16)"
+        return "fp32", "the CPU has neither avx512_bf16 nor amx: bf16 would be emulated, slower than fp32"
+    return "fp32", f"bf16 autocast is not used on {device.type}"
+
+
+def autocast(device: torch.device, precision: str):
+    """The training step's autocast context for a pick_precision choice (off for fp32): matmuls and convolutions in
+    bf16/fp16, reductions and the loss in fp32, weights and optimizer state fp32."""
+    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision)
+    return torch.autocast(device.type, dtype=dtype or torch.bfloat16, enabled=dtype is not None)
+
+
+def grad_scaler(device: torch.device, precision: str):
+    """A GradScaler, enabled for fp16 only (its small range underflows small gradients without loss scaling); for
+    the other precisions scale/step/update pass straight through. Its state goes into last.pt like an optimizer's."""
+    return torch.amp.GradScaler(device.type, enabled=precision == "fp16")
+
+
 # ----------------------------------------------------------------------------- MNIST and CIFAR-10 held on the device
 MNIST_FILES = ["train-images-idx3-ubyte", "train-labels-idx1-ubyte", "t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte"]
 

@@ -1249,6 +1249,7 @@ def main(
     cleanlab_folds: Annotated[int, typer.Option(help="K of --compare-cleanlab.")] = 5,
     audit: Annotated[Optional[str], typer.Option(help="test or val: rank that split's images as suspects with the training "
                                                       "checkpoints (audit_<split>.csv/.json/_top.png).")] = None,
+    precision: common.PrecisionOption = "auto",
     val_fraction: common.ValFraction = 0.1,
     data_dir: common.DataDir = Path("./data"),
     out_dir: common.OutDir = Path("runs"),
@@ -1283,19 +1284,22 @@ def train_and_collect(run) -> None:
     if args.lr_schedule == "cosine":
         run.fix_length("its cosine learning rate decays to 0 at the last planned step")
     device, data, model, plan, factors = prepare(run)
+    precision, precision_reason = common.pick_precision(args.precision, device)  # of the training steps only
     opt = make_optimizer(model, args.optimizer, args.lr, args.weight_decay, args.momentum)
+    scaler = common.grad_scaler(device, precision)
     batches = common.Batches(data.train_x, data.train_y, args.batch_size, shuffle=True, seed=common.seed_for(args.seed, "shuffle"))
     schedule = collect_schedule(args)
     if not run.resumed:
         check_size(model, plan, len(data.train_y), args.dtype, len(schedule), args.max_gb, args.out_dir)
-    run.save_config(device=str(device), n_parameters=common.count_parameters(model), arrays=plan, **data.describe())
+    run.save_config(device=str(device), precision_used=precision, precision_reason=precision_reason, n_parameters=common.count_parameters(model),
+                    arrays=plan, **data.describe())
     train_mlp.save_label_noise(run, data)
     if not args.quiet:
         print(common.parameter_table(model))
     print(f"device {device} | train {len(data.train_y)} val {len(data.val_y)} test {len(data.test_y)} | digits {data.digits} | "
           f"{common.count_parameters(model):,} parameters | gradients {', '.join(a['name'] + ':' + a['kind'] for a in plan)} "
           f"{epoch_bytes(model, plan, len(data.train_y), args.dtype) / 1e6:,.1f} MB per epoch | run {run.dir}")
-    run.restore(device, model=model, optimizer=opt, generator=batches.generator)
+    run.restore(device, model=model, optimizer=opt, scaler=scaler, generator=batches.generator)
     if run.resumed:
         check_size(model, plan, len(data.train_y), args.dtype, len([e for e in schedule if e > run.epoch]), args.max_gb, args.out_dir)
     collect_epoch = lambda epoch: write_epoch(run, model, data, epoch, plan, factors, epoch_lr(args, epoch, len(batches)))  # noqa: E731
@@ -1304,7 +1308,7 @@ def train_and_collect(run) -> None:
         if epoch in schedule:
             record["collect_time_s"] = collect_epoch(epoch)["collect_seconds"]
 
-    train(run, model, opt, batches, data, after_epoch)
+    train(run, model, opt, batches, data, after_epoch, precision, scaler)  # factors: fp32, from the fp32 weights
     if not (run.dir / "gradients" / f"epoch_{run.epoch}").is_dir():  # stopped early, or not collected: the last epoch's weights
         run.history[-1]["collect_time_s"] = collect_epoch(run.epoch)["collect_seconds"]
     finish(run, report(run, model, data, device), data, device)
@@ -1376,7 +1380,7 @@ def prepare(run):
     if args.from_run:
         take_model_and_split_of(args)
     check_options(args)
-    device = common.pick_device(args.device)
+    device = common.pick_device(args.device, tf32=False)  # exact fp32 matmuls: the stored factors are exact
     data = common.load_mnist(args.data_dir, device, args.digits, args.val_fraction, args.limit, args.seed, args.label_noise)
     common.seed_everything(common.seed_for(args.seed, "init"))
     model = build_model({**vars(args), **data.describe()}).to(device)

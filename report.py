@@ -698,10 +698,9 @@ def _rel(path) -> str:
 
 def machine() -> str:
     import torch
-    from train_cnn import describe_machine  # CPU, cores, native bf16, GPU: train_cnn's precision choice depends on them
 
     load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
-    return (f"{platform.node()}: {describe_machine()}; Python {platform.python_version()}, torch {torch.__version__}; "
+    return (f"{platform.node()}: {common.describe_machine()}; Python {platform.python_version()}, torch {torch.__version__}; "
             f"load average {load:.1f} at the start")
 
 

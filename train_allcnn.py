@@ -10,7 +10,7 @@ epochs on a GPU. `--model resnet18|resnet34|resnet50` are torchvision's with a 3
     torchrun --nproc-per-node 2 train_allcnn.py --epochs 10  # 2 processes (gloo on CPU, nccl on CUDA), one run dir
     TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1 torchrun --nnodes 1:2 --nproc-per-node 2 --max-restarts 3 --rdzv-backend c10d \
         --rdzv-endpoint HOST:29400 --rdzv-id cifar1 train_allcnn.py   # a restarted worker group goes on from last.pt
-    python train_allcnn.py --model resnet18 --lr-schedule cosine --amp
+    python train_allcnn.py --model resnet18 --lr-schedule cosine --precision bf16
 Writes runs/train_allcnn/<timestamp>[-tag]/: config.json (with the parameter table's totals), metrics.json,
 best.pt, last.pt, training_curves.png (loss and top-1 error: train per step, under torchrun rank 0's batches; val
 per epoch) and TensorBoard events; one line in runs/results.jsonl. Attack a trained model with fgsm_attack.py RUN_DIR.
@@ -146,33 +146,20 @@ def lr_at(schedule: str, lr: float, epoch_float: float, epochs: int) -> float:
     return lr * (0.1 ** ((epoch_float >= 0.4 * epochs) + (epoch_float >= 0.8 * epochs)))
 
 
-def amp_dtype(device: torch.device, amp: bool) -> Optional[torch.dtype]:
-    """--amp's autocast type: bf16 on a GPU that computes it natively (Ampere or newer), else fp16 (with a
-    GradScaler: V100, T4); None (fp32) without --amp or off CUDA."""
-    if not amp or device.type != "cuda":
-        return None
-    return torch.bfloat16 if torch.cuda.is_bf16_supported(including_emulation=False) else torch.float16
-
-
-def autocast(device: torch.device, amp: bool):
-    dtype = amp_dtype(device, amp)
-    return torch.autocast(device.type, dtype=dtype or torch.float32, enabled=dtype is not None)
-
-
 def memory_format(device: torch.device):
     """channels_last where it makes convolutions faster (oneDNN on the CPU, cuDNN on CUDA); MPS keeps the default."""
     return torch.channels_last if device.type in ("cpu", "cuda") else torch.contiguous_format
 
 
 @torch.inference_mode()
-def evaluate(model, images, labels, device, amp: bool = False, batch_size: int = 500):
+def evaluate(model, images, labels, device, precision: str = "fp32", batch_size: int = 500):
     """(mean loss, top-1 accuracy) over a split (every rank evaluates the whole split: the models are identical)."""
     model.eval()
     normalize = NormalizeCIFAR(device)
     loss_sum, correct = torch.zeros((), device=device), torch.zeros((), device=device, dtype=torch.long)
     for s in range(0, len(labels), batch_size):
         x, y = normalize(images[s:s + batch_size]), labels[s:s + batch_size]
-        with autocast(device, amp):
+        with common.autocast(device, precision):
             logits = model(x).float()
         loss_sum += F.cross_entropy(logits, y, reduction="sum")
         correct += (logits.argmax(1) == y).sum()
@@ -189,7 +176,7 @@ def train_epoch(model, batches, optimizer, scaler, epoch: int, args, device):
     for i, (x, y) in enumerate(common.progress(batches, args.quiet or batches.rank != 0, desc="train")):
         for group in optimizer.param_groups:
             group["lr"] = lr_at(args.lr_schedule, args.lr, epoch - 1 + i / len(batches), args.epochs)
-        with autocast(device, args.amp):
+        with common.autocast(device, args.precision):
             logits = model(x)
             loss = F.cross_entropy(logits.float(), y)
         optimizer.zero_grad(set_to_none=True)
@@ -259,7 +246,7 @@ def main(
     augment: Annotated[bool, typer.Option("--augment/--no-augment", help="Random crop, flip, brightness/contrast jitter.")] = True,
     weight_decay: Annotated[float, typer.Option(help="Weight decay on conv/linear weights (none on biases and BatchNorm).")] = 1e-3,
     lr_schedule: Annotated[str, typer.Option(help="step (lr, /10 at 40% and /100 at 80% of the epochs) or cosine.")] = "step",
-    amp: Annotated[bool, typer.Option(help="Autocast on CUDA: bf16 where the GPU has it natively, else fp16 with a GradScaler; ignored elsewhere.")] = False,
+    precision: common.PrecisionOption = "auto",
     val_fraction: common.ValFraction = 0.1,
     data_dir: common.DataDir = Path("./data"),
     out_dir: common.OutDir = Path("runs"),
@@ -294,11 +281,11 @@ def main(
     net = build_model(config).to(dev, memory_format=memory_format(dev))
     groups = parameter_groups(net, args.weight_decay)
     opt = torch.optim.SGD(groups, lr=args.lr, momentum=0.9, nesterov=True)
-    scaler = torch.amp.GradScaler(dev.type, enabled=amp_dtype(dev, args.amp) == torch.float16)  # fp16 needs loss scaling
+    args.precision, precision_reason = common.pick_precision(args.precision, dev)
+    scaler = common.grad_scaler(dev, args.precision)  # loss scaling for fp16 (GPUs without native bf16) only
     batches = ShardedBatches(data.train_x, data.train_y, args.batch_size, common.seed_for(args.seed, "shuffle"), rank, world, args.augment)
     counts = parameter_report(net, groups)
-    precision = {None: "fp32", torch.bfloat16: "bf16 autocast", torch.float16: "fp16 autocast + GradScaler"}[amp_dtype(dev, args.amp)]
-    run.save_config(device=str(dev), precision=precision, world_size=world, global_batch=args.batch_size * world, **counts,
+    run.save_config(device=str(dev), precision_reason=precision_reason, cpu=common.describe_machine(), world_size=world, global_batch=args.batch_size * world, **counts,
                     **data.describe())
     if _elastic is not None and rank == 0 and not run.resumed:  # where a restarted worker group finds this run
         common.write_json(_elastic, {"run_dir": str(run.dir), "rdzv_id": os.environ["TORCHELASTIC_RUN_ID"]})
@@ -310,7 +297,7 @@ def main(
         if not args.quiet:
             print(common.parameter_table(net))
         print(f"{args.model} | {counts['n_parameters']:,} parameters ({counts['n_decay']:,} with weight decay, "
-              f"{counts['n_no_decay']:,} without) | {world} process(es) on {dev} | train {len(data.train_y)} "
+              f"{counts['n_no_decay']:,} without) | {world} process(es) on {dev}, {args.precision} ({precision_reason}) | train {len(data.train_y)} "
               f"val {len(data.val_y)} test {len(data.test_y)} | run {run.dir}")
     run.restore(dev, model=net, optimizer=opt, scaler=scaler, batches=batches)
     ddp = nn.parallel.DistributedDataParallel(net) if world > 1 else net
@@ -322,7 +309,7 @@ def main(
             t0 = time.time()
             train_loss, train_acc, step_stats = train_epoch(ddp, batches, opt, scaler, epoch, args, dev)
             step_error = torch.stack([step_stats[:, 0], 1 - step_stats[:, 1]], 1)  # under torchrun: rank 0's own batches
-            val_loss, val_acc = evaluate(net, data.val_x, data.val_y, dev, args.amp) if len(data.val_y) else (None, None)
+            val_loss, val_acc = evaluate(net, data.val_x, data.val_y, dev, args.precision) if len(data.val_y) else (None, None)
             record = {"epoch": epoch, "train_loss": train_loss, "train_acc": train_acc, "val_loss": val_loss, "val_acc": val_acc,
                       "train_error": 1 - train_acc, "val_error": None if val_acc is None else 1 - val_acc,
                       "lr_end": lr_at(args.lr_schedule, args.lr, epoch - 1e-9, args.epochs), "epoch_time_s": time.time() - t0,
@@ -344,7 +331,7 @@ def main(
         dist.destroy_process_group()
         return
     net.load_state_dict(run.load_best()["model"])
-    test_loss, test_acc = evaluate(net, data.test_x, data.test_y, dev, args.amp)
+    test_loss, test_acc = evaluate(net, data.test_x, data.test_y, dev, args.precision)
     final = {"test_loss": test_loss, "test_acc": test_acc, "test_error": 1 - test_acc, "best_epoch": run.best["epoch"],
              "best_val_error": None if run.best["score"] is None else 1 - run.best["score"], "epochs_run": run.epoch,
              "mean_epoch_time_s": sum(h["epoch_time_s"] for h in run.history) / max(len(run.history), 1), **counts}

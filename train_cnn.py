@@ -75,73 +75,6 @@ def build_model(config: dict) -> CNN:
 
 
 # ----------------------------------------------------------------------------- speed: precision, memory layout, augmentation
-def bf16_cpu_flags() -> list[str]:
-    """The CPU's native-bf16 instruction sets: a subset of ["avx512_bf16", "amx"], as torch sees them (its private
-    torch.cpu._is_avx512_bf16_supported / _is_amx_tile_supported), else where this torch lacks those functions as
-    /proc/cpuinfo lists them (Linux), else none."""
-    probes = [getattr(torch.cpu, name, None) for name in ("_is_avx512_bf16_supported", "_is_amx_tile_supported")]
-    if all(callable(probe) for probe in probes):
-        with contextlib.suppress(Exception):
-            return [f for f, probe in zip(("avx512_bf16", "amx"), probes) if probe()]
-    try:
-        words = set(Path("/proc/cpuinfo").read_text().split())
-    except OSError:
-        return []
-    return [f for f, word in (("avx512_bf16", "avx512_bf16"), ("amx", "amx_tile")) if word in words]
-
-
-def isa_limits() -> list[str]:
-    """The environment's caps on the instruction sets torch's kernels use, where they exclude native bf16:
-    ATEN_CPU_CAPABILITY below avx512 (ATen's kernels) and ONEDNN_MAX_CPU_ISA below AVX512_CORE_BF16 (oneDNN's
-    convolutions and matmuls). Both at avx2 make an AVX-512 machine compute like an AVX2-only one. Empty where
-    neither is set: a CPU without AVX-512 is not capped, it has no native bf16 to cap."""
-    limits = []
-    if os.environ.get("ATEN_CPU_CAPABILITY") and torch.backends.cpu.get_cpu_capability() != "AVX512":
-        limits.append(f"ATEN_CPU_CAPABILITY={os.environ['ATEN_CPU_CAPABILITY']}")
-    onednn = os.environ.get("ONEDNN_MAX_CPU_ISA", os.environ.get("DNNL_MAX_CPU_ISA", "ALL")).upper()
-    if onednn not in ("ALL", "DEFAULT") and not any(key in onednn for key in ("BF16", "FP16", "AMX", "AVX10")):
-        limits.append(f"ONEDNN_MAX_CPU_ISA={onednn}")
-    return limits
-
-
-def describe_machine() -> str:
-    """CPU model, cores, native-bf16 instructions and GPU, for benchmark and report headers."""
-    cpu = platform.processor() or platform.machine()
-    try:
-        cpu = next(line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
-                   if line.startswith("model name"))
-    except (OSError, StopIteration):
-        pass
-    flags, limits = bf16_cpu_flags(), isa_limits()
-    bf16 = " + ".join(flags) if flags else "no native bf16"
-    gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "no GPU"
-    return f"{cpu}, {os.cpu_count()} cores, {bf16}{' (limited: ' + ', '.join(limits) + ')' if limits else ''}, {gpu}"
-
-
-def pick_precision(name: str, device: torch.device) -> tuple[str, str]:
-    """(precision, reason). auto = bf16 autocast only where the hardware computes bf16 natively: CUDA GPUs with
-    native bf16, CPUs with AVX512_BF16 or AMX (oneDNN emulates bf16 on other AVX512 CPUs, slower than fp32);
-    fp32 elsewhere."""
-    common.check(name in ("auto", "fp32", "bf16"), f"--precision {name}: use auto, fp32 or bf16")
-    if name != "auto":
-        return name, "asked for on the command line"
-    if device.type == "cuda":
-        native = torch.cuda.is_bf16_supported(including_emulation=False)
-        return ("bf16", "the GPU computes bf16 natively") if native else ("fp32", "the GPU has no native bf16")
-    if device.type == "cpu":
-        flags, limits = bf16_cpu_flags(), isa_limits()
-        if flags and limits:
-            return "fp32", f"the CPU has {' and '.join(flags)}, but torch may not use them ({', '.join(limits)})"
-        if flags:
-            return "bf16", f"the CPU has {' and '.join(flags)} (native bf16)"
-        return "fp32", "the CPU has neither avx512_bf16 nor amx: bf16 would be emulated, slower than fp32"
-    return "fp32", f"bf16 autocast is not used on {device.type}"
-
-
-def autocast(device: torch.device, precision: str):
-    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=precision == "bf16")
-
-
 def memory_format(device: torch.device):
     """channels_last makes oneDNN / cuDNN convolutions faster; MPS keeps the default layout."""
     return torch.channels_last if device.type in ("cpu", "cuda") else torch.contiguous_format
@@ -212,30 +145,33 @@ def evaluate(model, images, labels, transform, precision="fp32", batch_size: int
     Zen 4 EPYC, AVX-512 or AVX2 alike (docs/train_cnn.md)."""
     model.eval()
     device = labels.device
-    with autocast(device, precision):
+    with common.autocast(device, precision):
         logits = torch.cat([model(x) for x, _ in common.Batches(images, labels, batch_size, transform=transform)]).float()
     loss = F.cross_entropy(logits, labels).item()
     preds = logits.argmax(1)
     return loss, (preds == labels).float().mean().item(), preds, logits.softmax(1)
 
 
-def train_epoch(model, batches, optimizer, lr_at, first_step: int, precision: str, label_smoothing: float, quiet: bool):
+def train_epoch(model, batches, optimizer, lr_at, first_step: int, precision: str, label_smoothing: float, quiet: bool,
+                scaler=None):
     """One pass over the training batches; lr_at(step) gives (lr, momentum) of each global step. Returns the
     epoch's mean loss (plain cross-entropy, comparable with val loss, also when training with label smoothing)
     and accuracy, and the per-step values as a [steps, 2] tensor, written on the device during the epoch and
     read once at its end (no per-step synchronisation)."""
     model.train()
     device = batches.labels.device
+    scaler = scaler or common.grad_scaler(device, "fp32")  # loss scaling for fp16 only; else it passes straight through
     step_stats = torch.zeros(len(batches), 2, device=device)  # loss, accuracy of each step
     sizes = torch.zeros(len(batches), device=device)
     for i, (x, y) in enumerate(common.progress(batches, quiet, desc="train")):
         set_lr(optimizer, *lr_at(first_step + i))
-        with autocast(device, precision):
+        with common.autocast(device, precision):
             logits = model(x)
             loss = F.cross_entropy(logits, y, label_smoothing=label_smoothing)
         optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
+        scaler.scale(loss).backward()
+        scaler.step(optimizer)
+        scaler.update()
         step_stats[i, 0] = F.cross_entropy(logits.detach().float(), y) if label_smoothing else loss.detach().float()
         step_stats[i, 1] = (logits.detach().argmax(1) == y).float().mean()
         sizes[i] = len(y)
@@ -316,7 +252,7 @@ def check_options(args) -> None:
     common.check(args.patience is None or args.patience >= 1, f"--patience {args.patience}: must be at least 1")
 
 
-def train(run, model, optimizer, batches, data, plain) -> None:
+def train(run, model, optimizer, batches, data, plain, scaler=None) -> None:
     """The epochs still to run: train with the per-step schedule, validate, then best.pt, early stopping and
     last.pt, each decided here."""
     args, writer = run.args, run.tensorboard()
@@ -330,7 +266,7 @@ def train(run, model, optimizer, batches, data, plain) -> None:
         for epoch in run.epochs(args.epochs):
             t0 = time.time()
             train_loss, train_acc, step_stats = train_epoch(model, batches, optimizer, lr_at, (epoch - 1) * len(batches),
-                                                            args.precision, args.label_smoothing, args.quiet)
+                                                            args.precision, args.label_smoothing, args.quiet, scaler)
             val_loss, val_acc = evaluate(model, data.val_x, data.val_y, plain, args.precision)[:2] if len(data.val_y) else (None, None)
             record = {"epoch": epoch, "train_loss": train_loss, "train_acc": train_acc, "val_loss": val_loss,
                       "val_acc": val_acc, "lr_end": lr_at(epoch * len(batches) - 1)[0], "epoch_time_s": time.time() - t0,
@@ -399,7 +335,7 @@ def main(
     cycle_momentum: Annotated[bool, typer.Option(help="With onecycle, cycle SGD's momentum or Adam's beta1 0.95-0.85-0.95 (torch's default; the fast recipe keeps beta1 at 0.7: 99.03% vs 98.93% mean after one epoch here).")] = False,
     weight_decay: Annotated[float, typer.Option(help="L2 weight decay.")] = 0.0,
     label_smoothing: Annotated[float, typer.Option(help="Label smoothing of the training loss (0.1: +0.2% test accuracy after one epoch here).")] = 0.1,
-    precision: Annotated[str, typer.Option(help="auto (bf16 autocast only where the hardware computes bf16 natively: CUDA with bf16, CPUs with AVX512_BF16 or AMX), fp32 or bf16.")] = "auto",
+    precision: common.PrecisionOption = "auto",
     patience: Annotated[Optional[int], typer.Option(help="Stop after this many epochs without val-loss improvement (off unless given).")] = None,
     min_delta: Annotated[float, typer.Option(help="Smallest val-loss decrease that counts as improvement.")] = 0.0,
     val_fraction: common.ValFraction = 0.1,
@@ -426,7 +362,7 @@ def main(
     if args.lr is None:
         args.lr = DEFAULT_LR[args.optimizer]
     device = common.pick_device(args.device)
-    args.precision, precision_reason = pick_precision(args.precision, device)
+    args.precision, precision_reason = common.pick_precision(args.precision, device)
     data = common.load_mnist(args.data_dir, device, args.digits, args.val_fraction, args.limit, args.seed)
     common.seed_everything(common.seed_for(args.seed, "init"))
     model = CNN(args.arch, data.num_classes).to(device, memory_format=memory_format(device))
@@ -435,15 +371,16 @@ def main(
     batches = common.Batches(data.train_x, data.train_y, args.batch_size, shuffle=True,
                              seed=common.seed_for(args.seed, "shuffle"), transform=make_transform(device, args.augment))
     n_params = common.count_parameters(model)
-    run.save_config(device=str(device), cpu=describe_machine(), precision_reason=precision_reason, n_parameters=n_params,
+    run.save_config(device=str(device), cpu=common.describe_machine(), precision_reason=precision_reason, n_parameters=n_params,
                     threads=torch.get_num_threads(), **data.describe())
     if not args.quiet:
         print(common.parameter_table(model))
     print(f"device {device} ({args.precision}: {precision_reason}) | arch {args.arch} | train {len(data.train_y)} "
           f"val {len(data.val_y)} test {len(data.test_y)} | digits {data.digits} | {n_params:,} parameters | run {run.dir}")
-    run.restore(device, model=model, optimizer=opt, generator=batches.generator)
+    scaler = common.grad_scaler(device, args.precision)  # loss scaling for fp16 (GPUs without native bf16) only
+    run.restore(device, model=model, optimizer=opt, scaler=scaler, generator=batches.generator)
 
-    train(run, model, opt, batches, data, plain)
+    train(run, model, opt, batches, data, plain, scaler)
     final = report(run, model, data, plain, started)
     run.finish(final, {"arch": args.arch, "digits": data.digits, "epochs": run.epoch, "test_acc": final["test_acc"],
                        "time_to_test_acc_s": final["time_to_test_acc_s"]},

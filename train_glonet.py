@@ -145,23 +145,28 @@ def lr_at(schedule: str, lr: float, step: int, total_steps: int) -> float:
     return lr if schedule == "none" else lr * 0.5 * (1 + math.cos(math.pi * step / total_steps))
 
 
-def train_epoch(model, batches, optimizer, lr_of_step=None, first_step: int = 0, quiet: bool = True):
-    """One pass over the training batches, lr_of_step(global step) giving each step's rate. Returns the epoch's
-    mean loss and accuracy, and the per-step values as a [steps, 2] tensor, written on the device during the
-    epoch and read once at its end (no per-step synchronisation)."""
+def train_epoch(model, batches, optimizer, lr_of_step=None, first_step: int = 0, quiet: bool = True, precision: str = "fp32",
+                scaler=None):
+    """One pass over the training batches, lr_of_step(global step) giving each step's rate; the forward pass under
+    common.autocast(precision) (bf16 matmuls where the hardware has them natively), the loss in fp32, the backward
+    through `scaler` (fp16: loss scaling). Returns the epoch's mean loss and accuracy, and the per-step values as a
+    [steps, 2] tensor, written on the device during the epoch and read once at its end (no per-step sync)."""
     model.train()
     device = batches.labels.device
+    scaler = scaler or common.grad_scaler(device, "fp32")  # fp32: passes straight through
     step_stats = torch.zeros(len(batches), 2, device=device)  # loss, accuracy of each step
     sizes = torch.zeros(len(batches), device=device)
     for i, (x, y) in enumerate(common.progress(batches, quiet, desc="train")):
         if lr_of_step is not None:
             for group in optimizer.param_groups:
                 group["lr"] = lr_of_step(first_step + i)
-        logits = model(x)
-        loss = F.cross_entropy(logits, y)
+        with common.autocast(device, precision):
+            logits = model(x)
+        loss = F.cross_entropy(logits.float(), y)
         optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
+        scaler.scale(loss).backward()
+        scaler.step(optimizer)
+        scaler.update()
         step_stats[i, 0] = loss.detach()
         step_stats[i, 1] = (logits.detach().argmax(1) == y).float().mean()
         sizes[i] = len(y)
@@ -292,9 +297,9 @@ def check_options(args) -> None:
     common.check(args.input_scale in INPUT_SCALES, f"--input-scale {args.input_scale}: use unit or standard")
 
 
-def train(run, net, opt, batches, data) -> None:
-    """The epochs still to run: train, evaluate val and test (with layer usage) every epoch, then best.pt and last.pt,
-    each decided here. A NaN/inf training loss stops the run with exit 1; last.pt keeps the last finite epoch."""
+def train(run, net, opt, batches, data, precision: str = "fp32", scaler=None) -> None:
+    """The epochs still to run: train (in `precision`), evaluate val and test (with layer usage; fp32) every epoch,
+    then best.pt and last.pt, each decided here. A NaN/inf training loss stops the run with exit 1; last.pt keeps the last finite epoch."""
     args, writer = run.args, run.tensorboard()
     steps_writer = run.tensorboard("steps", purge_step=run.epoch * len(batches) + 1)  # x axis: global step
     total_steps = args.epochs * len(batches)
@@ -305,7 +310,8 @@ def train(run, net, opt, batches, data) -> None:
     with run.guard():
         for epoch in run.epochs(args.epochs):  # all --epochs: no early stopping (fixed epochs, as the source)
             t0 = time.time()
-            train_loss, train_acc, step_stats = train_epoch(net, batches, opt, lr_of_step, (epoch - 1) * len(batches), args.quiet)
+            train_loss, train_acc, step_stats = train_epoch(net, batches, opt, lr_of_step, (epoch - 1) * len(batches), args.quiet,
+                                                            precision, scaler)
             train_time = time.time() - t0
             if not math.isfinite(train_loss):
                 writer.close()
@@ -368,6 +374,7 @@ def main(
     lr_schedule: Annotated[str, typer.Option(help="cosine (per step, from --lr down to 0 at the last step) or none (constant, the source's).")] = "cosine",
     optimizer: Annotated[str, typer.Option(help="adam or sgd (with momentum).")] = "adam",
     momentum: Annotated[float, typer.Option(help="SGD momentum.")] = 0.9,
+    precision: common.PrecisionOption = "auto",
     val_fraction: common.ValFraction = 0.0,
     data_dir: common.DataDir = Path("./data"),
     out_dir: common.OutDir = Path("runs"),
@@ -389,6 +396,7 @@ def main(
     if args.lr_schedule == "cosine":
         run.fix_length("its cosine learning rate decays to 0 at the last planned step")
     device = common.pick_device(args.device)
+    precision, precision_reason = common.pick_precision(args.precision, device)  # auto: bf16 where native, else fp32
     # Deep nets whose unused layers shrink toward 0 drive the CPU into denormal floats: a depth-200 MLP's steps went
     # from 0.2 s to 3.3 s within 16 steps; flushing them to zero keeps every step at 0.2 s (same loss to 7 digits).
     flush_denormal = device.type == "cpu" and torch.set_flush_denormal(True)
@@ -399,19 +407,22 @@ def main(
         opt = common.adam(net.parameters(), lr=args.lr)  # torch's fused kernel (~15% faster), without torch.optim
     else:
         opt = torch.optim.SGD(net.parameters(), lr=args.lr, momentum=args.momentum)
+    scaler = common.grad_scaler(device, precision)  # loss scaling for fp16 only
     batches = common.Batches(data.train_x, data.train_y, args.batch_size, shuffle=True, seed=common.seed_for(args.seed, "shuffle"),
                              transform=unit_scale if args.input_scale == "unit" else common.normalize)
     n_params = common.count_parameters(net)
-    config = run.save_config(device=str(device), flush_denormal=flush_denormal, n_parameters=n_params,
+    config = run.save_config(device=str(device), precision_used=precision, precision_reason=precision_reason,
+                             cpu=common.describe_machine(), flush_denormal=flush_denormal, n_parameters=n_params,
                              n_hidden=len(net.hidden), **data.describe())
     table = common.parameter_table(net)
     if not args.quiet and args.layers <= 12:
         print(table)
     print(f"{args.model} depth {args.layers} ({len(net.hidden)} hidden x {args.features}) | device {device} | "
-          f"train {len(data.train_y)} val {len(data.val_y)} test {len(data.test_y)} | {n_params:,} parameters | run {run.dir}")
-    run.restore(device, model=net, optimizer=opt, generator=batches.generator)
+          f"{precision} ({precision_reason}) | train {len(data.train_y)} val {len(data.val_y)} test {len(data.test_y)} | "
+          f"{n_params:,} parameters | run {run.dir}")
+    run.restore(device, model=net, optimizer=opt, scaler=scaler, generator=batches.generator)
 
-    train(run, net, opt, batches, data)
+    train(run, net, opt, batches, data, precision, scaler)
     title = f"{args.model}, depth {args.layers}, width {args.features}, {args.activation}, {args.init} init, " \
             f"{args.input_scale} inputs, {args.optimizer} lr {args.lr} ({args.lr_schedule})"
     final = report(run, config, table, title)

@@ -89,10 +89,12 @@ def evaluate(model, images, labels, batch_size: int = 2000):
     return loss, (preds == labels).float().mean().item(), preds, logits.softmax(1)
 
 
-def train_epoch(model, batches, optimizer, lr_at, first_step: int, quiet: bool):
-    """One pass over the training batches; lr_at(step) gives the learning rate of each global step. Returns the
-    epoch's mean loss and accuracy, and the per-step values as a [steps, 2] tensor, written on the device during
+def train_epoch(model, batches, optimizer, lr_at, first_step: int, quiet: bool, precision: str = "fp32", scaler=None):
+    """One pass over the training batches; lr_at(step) gives the learning rate of each global step; the forward pass
+    under common.autocast(precision), the loss in fp32, the backward through `scaler` (fp16: loss scaling). Returns
+    the epoch's mean loss and accuracy, and the per-step values as a [steps, 2] tensor, written on the device during
     the epoch and read once at its end (no per-step synchronisation)."""
+    scaler = scaler or common.grad_scaler(batches.labels.device, "fp32")  # fp32: passes straight through
     model.train()
     device = batches.labels.device
     step_stats = torch.zeros(len(batches), 2, device=device)  # loss, accuracy of each step
@@ -100,11 +102,13 @@ def train_epoch(model, batches, optimizer, lr_at, first_step: int, quiet: bool):
     for i, (x, y) in enumerate(common.progress(batches, quiet, desc="train")):
         for group in optimizer.param_groups:
             group["lr"] = lr_at(first_step + i)
-        logits = model(x)
-        loss = F.cross_entropy(logits, y)
+        with common.autocast(device, precision):
+            logits = model(x)
+        loss = F.cross_entropy(logits.float(), y)
         optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
+        scaler.scale(loss).backward()
+        scaler.step(optimizer)
+        scaler.update()
         step_stats[i, 0] = loss.detach()
         step_stats[i, 1] = (logits.detach().argmax(1) == y).float().mean()
         sizes[i] = len(y)
@@ -135,9 +139,10 @@ def check_options(args) -> None:
     common.check(args.patience is None or args.patience >= 1, f"--patience {args.patience}: must be at least 1")
 
 
-def train(run, model, optimizer, batches, data, after_epoch=None) -> None:
-    """The epochs still to run: train, validate, then best.pt, early stopping and last.pt, each decided here.
-    after_epoch(epoch, record) runs before the epoch is recorded (grad_collect.py collects gradients there)."""
+def train(run, model, optimizer, batches, data, after_epoch=None, precision: str = "fp32", scaler=None) -> None:
+    """The epochs still to run: train (in `precision`), validate (fp32), then best.pt, early stopping and last.pt, each
+    decided here. after_epoch(epoch, record) runs before the epoch is recorded (grad_collect.py collects gradients
+    there, in fp32 from the fp32 weights whatever the training precision)."""
     args, writer = run.args, run.tensorboard()
     steps = len(batches)
     steps_writer = run.tensorboard("steps", purge_step=run.epoch * len(batches) + 1)  # x axis: global step
@@ -146,7 +151,7 @@ def train(run, model, optimizer, batches, data, after_epoch=None) -> None:
         for epoch in run.epochs(args.epochs):
             t0 = time.time()
             train_loss, train_acc, step_stats = train_epoch(model, batches, optimizer, lambda s: lr_at(args, s, steps),
-                                                            (epoch - 1) * len(batches), args.quiet)
+                                                            (epoch - 1) * len(batches), args.quiet, precision, scaler)
             val_loss, val_acc, _, _ = evaluate(model, data.val_x, data.val_y) if len(data.val_y) else (None, None, None, None)
             record = {"epoch": epoch, "train_loss": train_loss, "train_acc": train_acc, "val_loss": val_loss,
                       "val_acc": val_acc, "epoch_time_s": time.time() - t0, **common.step_values(step_stats)}
@@ -219,6 +224,7 @@ def main(
     patience: Annotated[Optional[int], typer.Option(help="Stop after this many epochs without val-loss improvement (off unless given).")] = None,
     min_delta: Annotated[float, typer.Option(help="Smallest val-loss decrease that counts as improvement.")] = 0.0,
     label_noise: LabelNoise = 0.0,
+    precision: common.PrecisionOption = "auto",
     val_fraction: common.ValFraction = 0.1,
     data_dir: common.DataDir = Path("./data"),
     out_dir: common.OutDir = Path("runs"),
@@ -240,23 +246,26 @@ def main(
     if args.lr_schedule == "cosine":
         run.fix_length("its cosine learning rate decays to 0 at the last planned step")
     device = common.pick_device(args.device)
+    precision, precision_reason = common.pick_precision(args.precision, device)  # auto: bf16 where native, else fp32
     data = common.load_mnist(args.data_dir, device, args.digits, args.val_fraction, args.limit, args.seed, args.label_noise)
     common.seed_everything(common.seed_for(args.seed, "init"))
     model = MLP(args.hidden, data.num_classes, args.dropout, args.init, args.batch_norm).to(device)
     opt = make_optimizer(model, args.optimizer, args.lr, args.weight_decay, args.momentum)
+    scaler = common.grad_scaler(device, precision)  # loss scaling for fp16 only
     batches = common.Batches(data.train_x, data.train_y, args.batch_size, shuffle=True, seed=common.seed_for(args.seed, "shuffle"))
     n_params = common.count_parameters(model)
-    run.save_config(device=str(device), n_parameters=n_params, **data.describe())
+    run.save_config(device=str(device), precision_used=precision, precision_reason=precision_reason, cpu=common.describe_machine(),
+                    n_parameters=n_params, **data.describe())
     save_label_noise(run, data)
     if not args.quiet:
         print(common.parameter_table(model))
-    print(f"device {device} | train {len(data.train_y)} val {len(data.val_y)} test {len(data.test_y)} | "
-          f"digits {data.digits} | {n_params:,} parameters | run {run.dir}")
-    run.restore(device, model=model, optimizer=opt, generator=batches.generator)
+    print(f"device {device} ({precision}: {precision_reason}) | train {len(data.train_y)} val {len(data.val_y)} "
+          f"test {len(data.test_y)} | digits {data.digits} | {n_params:,} parameters | run {run.dir}")
+    run.restore(device, model=model, optimizer=opt, scaler=scaler, generator=batches.generator)
     if run.epoch == 0:
         common.plot_samples(data.train_x[:32].cpu(), [data.digits[y] for y in data.train_y[:32].tolist()], run.dir / "mnist_samples.png")
 
-    train(run, model, opt, batches, data)
+    train(run, model, opt, batches, data, precision=precision, scaler=scaler)
     final = report(run, model, data, device)
     run.finish(final, {"hidden": args.hidden, "dropout": args.dropout, "init": args.init, "batch_norm": args.batch_norm,
                        "lr_schedule": args.lr_schedule, "digits": data.digits, "epochs": run.epoch, "test_acc": final["test_acc"]},

@@ -16,7 +16,7 @@ whole process against whole process; our whole process against the recipe's in-p
 from the start of its main and from its model init (the strictest); each as the ratio of the means and as the
 median of the per-seed ratios (a pair runs back to back, so that one is robust to load that drifts between
 pairs). Accuracies are reported per seed and as mean, min and how many seeds reach 99.0%, because the 99.0% line
-sits inside seed noise. The header gives the CPU (train_cnn.describe_machine, with any cap on the instruction
+sits inside seed noise. The header gives the CPU (common.describe_machine, with any cap on the instruction
 sets), the instruction set ATen's kernels use (AVX2, AVX512...) and the load average. `--cpu-isa avx2` runs
 everything as on an AVX2-only CPU (ATEN_CPU_CAPABILITY=avx2 and ONEDNN_MAX_CPU_ISA=AVX2: no AVX-512, no native bf16).
 
@@ -170,7 +170,7 @@ def main(
     common.read_mnist(data_dir, train=False)  # a clear error now rather than inside a subprocess
     seed_list = [int(s) for s in seeds.split(",")]
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, ATen CPU capability "
-          f"{torch.backends.cpu.get_cpu_capability()} | {train_cnn.describe_machine()} | {load()}")
+          f"{torch.backends.cpu.get_cpu_capability()} | {common.describe_machine()} | {load()}")
     devices = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
     ours, recipe = {d: [] for d in devices}, {d: [] for d in devices}
     with tempfile.TemporaryDirectory() as tmp:

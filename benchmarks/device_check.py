@@ -4,7 +4,8 @@ For each training script: a short run, the same run SIGKILLed right after its fi
 RUN_TEST_KILL_AT=checkpoint:1) and resumed, whose metrics must end equal to the uninterrupted run's (bitwise
 on the CPU: within 1e-4 relative elsewhere, where cuDNN/MPS kernels need not be deterministic), then a resume of
 the finished run (exit 0, its own last line, no file touched); predict.py (on the CPU) and fgsm_attack.py on the
-device for the MNIST runs; train_allcnn with --amp; grad_collect's collection with its analysis.
+device for the MNIST runs; train_allcnn in the precision --precision auto does not pick (fp32, or bf16 where auto
+is fp32), so both paths run; grad_collect's collection with its analysis.
     python benchmarks/device_check.py                     # --device auto: CUDA, then MPS, then the CPU
     python benchmarks/device_check.py --device cuda --scripts train_cnn,train_allcnn
 Prints one table (script x check: pass/FAIL, seconds) and writes it to OUT_DIR/device_check.json; exit code 1 if
@@ -122,10 +123,10 @@ def check_script(script: str, device: str, data_dir: Path, out: Path, tolerance:
         proc, t = run("fgsm_attack.py", straight_dir, "--eps", 64, "--steps", 2, "--examples", 2, "--device", device,
                       "--out-dir", out / "attacks", "--quiet")
         row["fgsm_attack"] = (proc.returncode == 0, t, "" if proc.returncode == 0 else why(proc))
-    if script == "train_allcnn":
-        proc, t = run(f"{script}.py", *base, "--amp", "--out-dir", out / "amp")
-        ok = proc.returncode == 0
-        row["--amp"] = (ok, t, common.read_json(the_run_dir(out / "amp", script) / "config.json")["precision"] if ok else why(proc))
+    if script == "train_allcnn":  # the run above used --precision auto; now the other path
+        other = "fp32" if common.pick_precision("auto", common.pick_device(device))[0] != "fp32" else "bf16"
+        proc, t = run(f"{script}.py", *base, "--precision", other, "--out-dir", out / "precision")
+        row["other precision"] = (proc.returncode == 0, t, other if proc.returncode == 0 else why(proc))
     if script == "grad_collect":
         analysis = straight_dir / "analysis.json"
         row["collect+analysis"] = (analysis.is_file() and (straight_dir / "gradients").is_dir(), row["run"][1],
@@ -149,9 +150,7 @@ def main(
     out.mkdir(parents=True)
     tolerance = 1e-6 if dev.type == "cpu" else 1e-4
     import torch
-    from train_cnn import describe_machine
-
-    machine = describe_machine() if dev.type != "mps" else f"{describe_machine()}, Apple MPS"
+    machine = common.describe_machine() + (", Apple MPS" if dev.type == "mps" else "")
     print(f"device_check on {dev} | {machine} | torch {torch.__version__} | runs in {out}")
     rows, t0 = {}, time.time()
     for script in chosen:

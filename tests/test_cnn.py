@@ -91,26 +91,26 @@ def test_auto_precision_is_fp32_where_the_environment_caps_the_instruction_set(m
     """A CPU with avx512_bf16 runs bf16 autocast, unless ONEDNN_MAX_CPU_ISA keeps oneDNN below AVX512_CORE_BF16 (as
     bench_cnn.py --cpu-isa avx2 does): then bf16 would be emulated, and auto picks fp32 and says why."""
     cpu = torch.device("cpu")
-    monkeypatch.setattr(train_cnn, "bf16_cpu_flags", lambda: ["avx512_bf16"])
+    monkeypatch.setattr(common, "bf16_cpu_flags", lambda: ["avx512_bf16"])
     monkeypatch.setattr(torch.backends.cpu, "get_cpu_capability", lambda: "AVX512")
     monkeypatch.delenv("ONEDNN_MAX_CPU_ISA", raising=False)
     monkeypatch.delenv("DNNL_MAX_CPU_ISA", raising=False)
-    assert train_cnn.pick_precision("auto", cpu)[0] == "bf16"
+    assert common.pick_precision("auto", cpu)[0] == "bf16"
     monkeypatch.setenv("ONEDNN_MAX_CPU_ISA", "AVX512_CORE_BF16")
-    assert train_cnn.pick_precision("auto", cpu)[0] == "bf16"
+    assert common.pick_precision("auto", cpu)[0] == "bf16"
     monkeypatch.setenv("ONEDNN_MAX_CPU_ISA", "AVX2")
-    precision, reason = train_cnn.pick_precision("auto", cpu)
+    precision, reason = common.pick_precision("auto", cpu)
     assert precision == "fp32" and "ONEDNN_MAX_CPU_ISA=AVX2" in reason
-    assert "limited: ONEDNN_MAX_CPU_ISA=AVX2" in train_cnn.describe_machine()
+    assert "limited: ONEDNN_MAX_CPU_ISA=AVX2" in common.describe_machine()
     monkeypatch.delenv("ONEDNN_MAX_CPU_ISA")
     monkeypatch.setattr(torch.backends.cpu, "get_cpu_capability", lambda: "AVX2")
     monkeypatch.delenv("ATEN_CPU_CAPABILITY", raising=False)
-    assert train_cnn.isa_limits() == []  # an AVX2-only CPU: nothing capped
+    assert common.isa_limits() == []  # an AVX2-only CPU: nothing capped
     monkeypatch.setenv("ATEN_CPU_CAPABILITY", "avx2")
-    assert train_cnn.pick_precision("auto", cpu) == ("fp32", "the CPU has avx512_bf16, but torch may not use them (ATEN_CPU_CAPABILITY=avx2)")
-    assert train_cnn.pick_precision("bf16", cpu)[0] == "bf16"  # asked for: always honoured
-    monkeypatch.setattr(train_cnn, "bf16_cpu_flags", lambda: [])
-    assert train_cnn.pick_precision("auto", cpu)[0] == "fp32"
+    assert common.pick_precision("auto", cpu) == ("fp32", "the CPU has avx512_bf16, but torch may not use them (ATEN_CPU_CAPABILITY=avx2)")
+    assert common.pick_precision("bf16", cpu)[0] == "bf16"  # asked for: always honoured
+    monkeypatch.setattr(common, "bf16_cpu_flags", lambda: [])
+    assert common.pick_precision("auto", cpu)[0] == "fp32"
 
 
 def test_step_and_cosine_schedules():

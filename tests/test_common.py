@@ -321,15 +321,13 @@ def test_adam_is_the_fused_kernel_only_where_the_probe_says_it_works(monkeypatch
 
 
 def test_bf16_flags_fall_back_to_cpuinfo_without_torchs_private_functions(monkeypatch):
-    import train_cnn
-
-    seen = train_cnn.bf16_cpu_flags()
+    seen = common.bf16_cpu_flags()
     assert set(seen) <= {"avx512_bf16", "amx"}
     monkeypatch.delattr(torch.cpu, "_is_avx512_bf16_supported", raising=False)
-    fallback = train_cnn.bf16_cpu_flags()  # /proc/cpuinfo: the same answer on Linux
+    fallback = common.bf16_cpu_flags()  # /proc/cpuinfo: the same answer on Linux
     if Path("/proc/cpuinfo").is_file():
         assert fallback == seen
-    assert train_cnn.pick_precision("auto", torch.device("cpu"))[0] in ("bf16", "fp32")
+    assert common.pick_precision("auto", torch.device("cpu"))[0] in ("bf16", "fp32")
 
 
 @pytest.mark.parametrize("probe", ["kept", "removed"])

@@ -15,6 +15,6 @@ def test_device_check_passes_on_the_cpu_and_writes_its_table(tmp_path):
     (report,) = (tmp_path / "out").glob("*/device_check.json")
     checks = json.loads(report.read_text())["checks"]
     assert set(checks["train_mlp"]) == {"run", "kill+resume", "finished resume", "predict", "fgsm_attack"}
-    assert set(checks["train_allcnn"]) == {"run", "kill+resume", "finished resume", "--amp"}
+    assert set(checks["train_allcnn"]) == {"run", "kill+resume", "finished resume", "other precision"}
     assert all(c["ok"] for row in checks.values() for c in row.values()), checks
     assert "0 failed" in proc.stdout.splitlines()[-1]

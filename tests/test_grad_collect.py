@@ -393,3 +393,20 @@ def test_from_train_mlp_run_raw_last_layer_with_other_digits(tiny_mnist, tmp_pat
     assert ep.meta["sample_index"] == data.train_index.tolist() and ep.store == "raw" and ep.params == ["net.3.weight", "net.3.bias"]
     want = gc.per_sample_grads(model.eval(), common.normalize(data.train_x), data.train_y, ["net.3.weight"])["net.3.weight"]
     np.testing.assert_allclose(ep.grad("net.3.weight").numpy(), want.numpy().astype(np.float16).astype(np.float32), rtol=1e-3, atol=1e-4)
+
+
+def test_factors_stay_exact_fp32_when_the_training_steps_run_in_bf16(tiny_mnist, tmp_path):
+    """--precision bf16 trains under bf16 autocast; the collection runs outside it, in fp32 from the fp32 weights
+    (weights.pt of the epoch), so the stored factors still rebuild exactly what plain fp32 autograd gives."""
+    proc = run_cli("grad_collect.py", "--data-dir", tiny_mnist, "--out-dir", tmp_path, "--epochs", 1, "--hidden", 16,
+                   "--precision", "bf16", "--no-analysis", "--quiet", env=ONE_THREAD)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    (run_dir,) = (tmp_path / "grad_collect").iterdir()
+    assert json.loads((run_dir / "config.json").read_text())["precision_used"] == "bf16"
+    _, data, model = gc.run_model_and_data(run_dir, tiny_mnist, "cpu")
+    ep = gc.Epoch(run_dir, 1)
+    model.load_state_dict(gc.common.load_checkpoint(ep.dir / ep.meta.get("weights", "weights.pt")))
+    rows = [0, 5, 17, len(data.train_y) - 1]
+    want = loop_grads(model, gc.common.normalize(data.train_x[rows]), data.train_y[rows])
+    for name in want:
+        torch.testing.assert_close(ep.grad(name, rows), want[name], atol=1e-5, rtol=0)
