@@ -3,9 +3,10 @@
 backward GEMMs, on preallocated tensors, same shapes, same number of steps), measured in the same process.
 
     OMP_NUM_THREADS=1 python benchmarks/bench_glonet.py                  # a full 54,000-sample epoch per depth
-    python benchmarks/bench_glonet.py --steps 50 --depth 50 --depth 200 --model mlp
+    python benchmarks/bench_glonet.py --steps 50 --depth 50 --depth 200 --model mlp --precision bf16
 
-Prints, per depth: the epoch time, the matmul-only time, their ratio (target <= 2x), the achieved GFLOP/s,
+Prints, per depth and precision (fp32; bf16: train_glonet's --precision bf16 autocast against bf16 GEMMs of the same
+shapes): the epoch time, the matmul-only time, their ratio (target <= 2x; bf16 aim 1.5x), the achieved GFLOP/s,
 and the evaluation time of an epoch (val + test with layer usage). Model and matmuls are timed --repeats times,
 alternating, and the best of each is kept, so that a burst of load from other processes hits neither alone. The images are random uint8 (the cost does
 not depend on the pixels), so it needs no MNIST. With --steps N the times are for N steps, scaled to an epoch.
@@ -35,11 +36,13 @@ def flops_per_sample(model) -> int:
     return 2 * fwd + sum(2 * m.in_features * m.out_features for m in linears[1:])
 
 
-def matmul_buffers(model, batch_size: int) -> list:
-    """Per Linear, its own input, weight, output gradient and result tensors (the model's shapes and memory)."""
-    return [{"x": torch.randn(batch_size, m.in_features), "w": torch.randn(m.out_features, m.in_features),
-             "g": torch.randn(batch_size, m.out_features), "y": torch.empty(batch_size, m.out_features),
-             "dw": torch.empty(m.out_features, m.in_features), "dx": torch.empty(batch_size, m.in_features)}
+def matmul_buffers(model, batch_size: int, dtype=torch.float32) -> list:
+    """Per Linear, its own input, weight, output gradient and result tensors (the model's shapes and memory), in
+    `dtype` (bf16: what autocast hands the GEMMs)."""
+    make = lambda *shape: torch.randn(*shape).to(dtype)  # noqa: E731
+    return [{"x": make(batch_size, m.in_features), "w": make(m.out_features, m.in_features),
+             "g": make(batch_size, m.out_features), "y": make(batch_size, m.out_features),
+             "dw": make(m.out_features, m.in_features), "dx": make(batch_size, m.in_features)}
             for m in list(model.hidden) + [model.head]]
 
 
@@ -68,6 +71,7 @@ def main(
     steps: Annotated[int, typer.Option(help="Time this many steps and scale to an epoch (0 = the whole epoch).")] = 0,
     threads: Annotated[int, typer.Option(help="torch threads (0 = torch's default).")] = 0,
     repeats: Annotated[int, typer.Option(help="Time model and matmuls this many times each, alternating; keep the best.")] = 3,
+    precision: Annotated[list[str], typer.Option(help="fp32 and/or bf16 (autocast, against bf16 matmuls); repeat the option.")] = ["fp32", "bf16"],
     seed: common.Seed = 0,
 ):
     common.check(model in train_glonet.MODELS, f"--model {model}: use glonet, mlp or resmlp")
@@ -86,27 +90,31 @@ def main(
     test_x, test_y = torch.randint(0, 256, (10000, 28, 28), dtype=torch.uint8, generator=gen), torch.randint(0, 10, (10000,), generator=gen)
     print(f"{model}, width {features}, batch {batch_size}, {run_steps} of {epoch_steps} steps an epoch"
           f"{' (times scaled to an epoch)' if scale != 1 else ''}, threads {torch.get_num_threads()}, best of {repeats}, torch {torch.__version__}")
-    print(f"{'depth':>5}  {'params':>10}  {'epoch s':>8}  {'matmul s':>8}  {'ratio':>6}  {'GFLOP/s':>7}  {'matmul GFLOP/s':>14}  {'eval s':>6}")
-    for d in depth:
+    print(f"{'depth':>5}  {'precision':>9}  {'params':>10}  {'epoch s':>8}  {'matmul s':>8}  {'ratio':>6}  {'GFLOP/s':>7}  "
+          f"{'matmul GFLOP/s':>14}  {'eval s':>6}")
+    torch.set_flush_denormal(True)  # as train_glonet does on the CPU
+    for d, prec in [(d, p) for d in depth for p in precision]:
+        common.check(prec in ("fp32", "bf16"), f"--precision {prec}: use fp32 or bf16")
         torch.manual_seed(seed)
         net = train_glonet.DepthNet(model, d, features)
-        opt = torch.optim.Adam(net.parameters(), lr=0.01, fused=True)
-        buffers = matmul_buffers(net, batch_size)
-        warm = common.Batches(images[:2 * batch_size], labels[:2 * batch_size], batch_size)
-        train_glonet.train_epoch(net, warm, opt)  # warm-up: allocator, Adam state
+        opt = common.adam(net.parameters(), lr=1e-3)
+        buffers = matmul_buffers(net, batch_size, torch.bfloat16 if prec == "bf16" else torch.float32)
+        warm = common.Batches(images[:2 * batch_size], labels[:2 * batch_size], batch_size, transform=train_glonet.unit_scale)
+        train_glonet.train_epoch(net, warm, opt, precision=prec)  # warm-up: allocator, Adam state
         matmuls_only(buffers, sizes[:2])
         epoch = base = float("inf")
         for _ in range(repeats):  # alternating, best of each: a burst of load on a shared machine hits both alike
             base = min(base, matmuls_only(buffers, sizes))
             start = time.perf_counter()
-            train_glonet.train_epoch(net, common.Batches(images, labels, batch_size, shuffle=True, seed=seed), opt)
+            train_glonet.train_epoch(net, common.Batches(images, labels, batch_size, shuffle=True, seed=seed,
+                                                         transform=train_glonet.unit_scale), opt, precision=prec)
             epoch = min(epoch, time.perf_counter() - start)
         start = time.perf_counter()
         train_glonet.evaluate(net, test_x[:6000], test_y[:6000])
         train_glonet.evaluate(net, test_x, test_y, usage=True)
         eval_time = time.perf_counter() - start
         flops = flops_per_sample(net) * n
-        print(f"{d:>5}  {common.count_parameters(net):>10,}  {epoch * scale:>8.2f}  {base * scale:>8.2f}  {epoch / base:>5.2f}x  "
+        print(f"{d:>5}  {prec:>9}  {common.count_parameters(net):>10,}  {epoch * scale:>8.2f}  {base * scale:>8.2f}  {epoch / base:>5.2f}x  "
               f"{flops / epoch / 1e9:>7.1f}  {flops / base / 1e9:>14.1f}  {eval_time:>6.2f}")
         del buffers, net, opt
 
