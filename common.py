@@ -33,6 +33,7 @@ import platform
 import random
 import sys
 import tempfile
+import threading
 import time
 import warnings
 from dataclasses import dataclass, field
@@ -45,6 +46,7 @@ import torch
 import typer
 
 MNIST_MEAN, MNIST_STD = 0.1307, 0.3081
+INTERRUPTED = "INTERRUPTED.txt"  # Run.guard's note in an interrupted run's directory: how to resume it
 
 
 # ----------------------------------------------------------------------------- errors, entry point, shared options
@@ -57,24 +59,60 @@ def main(app: typer.Typer, fast_exit: bool = True) -> None:
     process then ends with os._exit: the interpreter's teardown of torch's modules and libraries takes about 1 s a
     process (measured here: `python -c "import torch"` 4.2 s, with os._exit 3.0 s) and has nothing left to do,
     because every file is written atomically and fsynced and Run.finish and Ctrl-C close the TensorBoard writers.
-    A script whose libraries clean up at exit (Ray) or a caller in the same process passes fast_exit=False."""
+    A script whose libraries clean up at exit (Ray) or a caller in the same process passes fast_exit=False.
+    Ctrl-C (SIGINT) or SIGTERM, inside Run.guard or anywhere else, ends the process *by that signal* (die_of), the
+    Unix convention a shell loop, make or a job runner reads as "stop": an exit code of 130 would let them go on."""
+    signum = None
     try:
         result = app(standalone_mode=False)
         code = result if isinstance(result, int) else 0
     except (UserError, typer.TyperException) as e:
         print(f"error: {e.format_message() if isinstance(e, typer.TyperException) else e}", file=sys.stderr)
         code = 2
-    except typer.Abort:
-        code = 130
-    except SystemExit as e:  # Run.guard's exit 130 after Ctrl-C, a script's own sys.exit
+    except typer.Abort:  # click's form of a KeyboardInterrupt outside Run.guard
+        code, signum = 130, 2
+    except Interrupted as e:  # Run.guard's end after Ctrl-C or SIGTERM
+        code, signum = e.code, e.signum
+    except SystemExit as e:  # a script's own sys.exit
         code = e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
         if not isinstance(e.code, int) and e.code is not None:
             print(e.code, file=sys.stderr)
+    if signum is not None:
+        die_of(signum)
     if fast_exit:
         sys.stdout.flush()
         sys.stderr.flush()
         os._exit(code)
     sys.exit(code)
+
+
+class Interrupted(SystemExit):
+    """How Run.guard ends after Ctrl-C (SIGINT) or SIGTERM: exit code 128 + signal for a caller in the same process;
+    common.main turns it into death by the signal (die_of)."""
+
+    def __init__(self, signum: int):
+        super().__init__(128 + signum)
+        self.signum = signum
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM (what schedulers send before a kill) inside Run.guard, raised like a Ctrl-C."""
+
+
+def die_of(signum: int) -> None:
+    """End the process by `signum` with its default action, after the atexit handlers and flushed output (a closed
+    pipe, e.g. `| tee` killed by the same Ctrl-C, is ignored): the parent sees "killed by SIGINT", not an exit code."""
+    import atexit
+    import signal
+
+    atexit._run_exitfuncs()
+    for stream in (sys.stdout, sys.stderr):
+        with contextlib.suppress(Exception):
+            stream.flush()
+    signal.signal(signum, signal.SIG_DFL)
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, [signum])
+    os.kill(os.getpid(), signum)
+    os._exit(128 + signum)  # not reached: the signal's default action ends the process
 
 
 def check(condition: bool, message: str) -> None:
@@ -805,6 +843,7 @@ class Run:
         self._save("last", self._checkpoint())
         _test_kill_point("checkpoint", self.epoch)
         write_json(self.dir / "metrics.json", {"epochs": self.history}) if self.main_process else None
+        _test_kill_point("epoch_end", self.epoch)
 
     def load_best(self, map_location="cpu") -> dict:
         return self._load(self.best_path, map_location)
@@ -821,16 +860,45 @@ class Run:
 
     @contextlib.contextmanager
     def guard(self):
-        """Ctrl-C inside: last.* already holds the last finished epoch; print how to resume and exit 130."""
+        """Ctrl-C (SIGINT) or SIGTERM inside: last.* already holds the last finished epoch (every write is atomic).
+        With both signals ignored meanwhile (a second Ctrl-C cannot cut it short), close the TensorBoard writers and
+        write the resume command to INTERRUPTED.txt in the run directory, then to stderr; then raise Interrupted, which
+        common.main turns into death by the same signal, so a shell loop of runs stops."""
+        import signal
+
+        def on_term(signum, frame):
+            raise Terminated()
+
+        main_thread = threading.current_thread() is threading.main_thread()
+        previous = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)} if main_thread else {}
+        if main_thread:
+            signal.signal(signal.SIGTERM, on_term)
+        if self.main_process and self.dir is not None:
+            (self.dir / INTERRUPTED).unlink(missing_ok=True)  # an earlier interruption's note: this run goes on now
         try:
             yield
-        except KeyboardInterrupt:
+        except KeyboardInterrupt as e:
+            signum = signal.SIGTERM if isinstance(e, Terminated) else signal.SIGINT
+            for s in previous:
+                signal.signal(s, signal.SIG_IGN)
+            _test_kill_point("interrupted")
             for writer in self._writers.values():
                 writer.close()
             if self.main_process:
-                print(f"\ninterrupted in epoch {self.epoch + 1}; {self.last_path.name} holds epoch {self.epoch}.\n"
-                      f"resume with: python {self.script}.py --resume {self.dir}", file=sys.stderr)
-            sys.exit(130)
+                note = (f"interrupted ({signal.Signals(signum).name}) in epoch {self.epoch + 1}; {self.last_path.name} "
+                        f"holds epoch {self.epoch}.\nresume with: {self.resume_command()}\n")
+                atomic_write(self.dir / INTERRUPTED, lambda tmp: Path(tmp).write_text(note))
+                with contextlib.suppress(OSError):  # stderr may be a pipe whose reader (tee) the Ctrl-C also ended
+                    print("\n" + note, end="", file=sys.stderr, flush=True)
+            raise Interrupted(signum) from None
+        finally:
+            for s, handler in previous.items():
+                signal.signal(s, handler if handler is not None else signal.SIG_DFL)
+
+    def resume_command(self) -> str:
+        """`python SCRIPT --resume RUN_DIR`, the script's path as typed from the working directory."""
+        path = os.path.relpath(self.script_path)
+        return f"python {path if not path.startswith('..') else self.script_path} --resume {self.dir}"
 
     def finish(self, final: dict, result: dict) -> None:
         """One line in OUT_DIR/results.jsonl (once per run directory), then metrics.json with `final`, which marks the
@@ -871,12 +939,19 @@ def _count_batches(iterable, event: str):
 def _test_kill_point(event: str, epoch: Optional[int] = None) -> None:
     """SIGKILL this process at a chosen point, as fail-rs/gofail failpoints do; off unless a test sets RUN_TEST_KILL_AT:
     config (config.json written, no checkpoint yet), checkpoint:2 (right after epoch 2's last.*), final (inside the
-    final report, before results.jsonl and metrics.json's final), batch:N or DESC:N (see progress)."""
+    final report, before results.jsonl and metrics.json's final), batch:N or DESC:N (see progress), epoch_end:2 (after
+    epoch 2's metrics.json), interrupted (in Run.guard's Ctrl-C handling). RUN_TEST_PAUSE_AT=POINT[,POINT...] instead sleeps there
+    RUN_TEST_PAUSE_S seconds (default 60) after a line on stderr, for a test to send a signal at a known moment."""
+    here = event if epoch is None else f"{event}:{epoch}"
     want = os.environ.get("RUN_TEST_KILL_AT")
-    if want and want == (event if epoch is None else f"{event}:{epoch}"):
+    if want and want == here:
         import signal
 
         os.kill(os.getpid(), signal.SIGKILL)
+    if here in os.environ.get("RUN_TEST_PAUSE_AT", "").split(","):  # e.g. epoch_end:1,interrupted: wait for a signal
+        with contextlib.suppress(OSError):
+            print(f"test pause at {here}", file=sys.stderr, flush=True)
+        time.sleep(float(os.environ.get("RUN_TEST_PAUSE_S", "60")))
 
 
 # ----------------------------------------------------------------------------- plots (matplotlib, Agg)

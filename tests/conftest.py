@@ -144,7 +144,7 @@ def _log(how: str, cmd: list) -> None:
 # ----------------------------------------------------------------------------- run_cli's zygotes (tests/zygote.py)
 # Variables only read while a script runs (not while torch & co. are imported): a zygote serves any values of them.
 # (PYTHONBREAKPOINT: read by each breakpoint() call; ray.init sets it in this process, tests/test_sweep.py)
-RUNTIME_ONLY = {"RUN_TEST_KILL_AT", "DATA_DIR", "PYTHONPATH", "PYTEST_CURRENT_TEST", "PYTHONBREAKPOINT"}
+RUNTIME_ONLY = {"RUN_TEST_KILL_AT", "RUN_TEST_PAUSE_AT", "RUN_TEST_PAUSE_S", "DATA_DIR", "PYTHONPATH", "PYTEST_CURRENT_TEST", "PYTHONBREAKPOINT"}
 # Interpreter start-up variables a zygote started with the same value reproduces; any other PYTHON* one (e.g.
 # PYTHONPROFILEIMPORTTIME, PYTHONVERBOSE: they show during the imports) gets a fresh interpreter.
 STARTUP_SAME = {"PYTHONUNBUFFERED", "PYTHONHASHSEED", "PYTHONDONTWRITEBYTECODE", "PYTHONIOENCODING", "PYTHONUTF8"}
