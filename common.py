@@ -32,7 +32,6 @@ import os
 import platform
 import random
 import sys
-import tempfile
 import threading
 import time
 import warnings
@@ -504,10 +503,16 @@ def adam(params, lr: float = 1e-3, betas=(0.9, 0.999), weight_decay: float = 0.0
 # ----------------------------------------------------------------------------- durable files
 def atomic_write(path, write) -> None:
     """write(tmp_path) into a temporary file beside `path`, fsync it, rename it over `path`, fsync the folder:
-    a reader (or a resume after SIGKILL) sees the old file or the new one, never half of one."""
+    a reader (or a resume after SIGKILL) sees the old file or the new one, never half of one. The file gets the
+    modes any new file gets (0666 less the umask: 0644 under umask 022), as the plots do; mkstemp's are 0600."""
     path = Path(path)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
-    os.close(fd)
+    for _ in range(100):
+        tmp = str(path.parent / f"{path.name}.{os.urandom(4).hex()}.tmp")
+        with contextlib.suppress(FileExistsError):
+            os.close(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666))
+            break
+    else:
+        raise FileExistsError(f"no free temporary name beside {path}")
     try:
         write(tmp)
         with open(tmp, "rb") as f:
