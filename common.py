@@ -62,6 +62,7 @@ def main(app: typer.Typer, fast_exit: bool = True) -> None:
     Ctrl-C (SIGINT) or SIGTERM, inside Run.guard or anywhere else, ends the process *by that signal* (die_of), the
     Unix convention a shell loop, make or a job runner reads as "stop": an exit code of 130 would let them go on."""
     signum = None
+    label_copy(app, getattr(sys.modules.get("__main__"), "__file__", None))
     try:
         result = app(standalone_mode=False)
         code = result if isinstance(result, int) else 0
@@ -624,6 +625,61 @@ def script_name(script_file) -> str:
     return Path(script_file).stem
 
 
+def copy_of(script_file) -> Optional[str]:
+    """The script a file was copied from, where its docstring's first line names another file ("train_cnn.py: ..." in
+    my_cnn.py gives "train_cnn"); None when it names itself (or no file)."""
+    import re
+
+    with contextlib.suppress(OSError, UnicodeDecodeError):
+        named = re.match(r'\s*[rRuU]?"""\s*([\w.-]+)\.py:', Path(script_file).read_text())
+        if named and named.group(1) != script_name(script_file):
+            return named.group(1)
+    return None
+
+
+def label_copy(app: typer.Typer, script_file) -> None:
+    """In a copy (copy_of), --help begins with what the file is a copy of: "my_cnn.py, a copy of train_cnn.py (edit
+    the first docstring line to say what your experiment is): ..." (common.main calls it)."""
+    import inspect
+
+    original = copy_of(script_file) if script_file else None
+    if original is None:
+        return
+    prefix = f"{Path(script_file).name}, a copy of {original}.py (edit its docstring's first line to say what your experiment is): "
+    for command in app.registered_commands:
+        command.help = prefix + (command.help or inspect.getdoc(command.callback) or "")
+    app.info.help = prefix + (app.info.help if isinstance(app.info.help, str) else "")
+
+
+def code_version(script_file) -> dict:
+    """The code that ran, for config.json: {"script_sha256": the script file's, "common_sha256": this file's, "git":
+    {"commit", "dirty" (uncommitted changes anywhere in the tree), "root"} when the script is in a git work tree, else
+    None, "copy_of": the script it was copied from (copy_of)}. Two runs of a script edited in between differ here;
+    report.py can group by script_sha256, git_commit or git_dirty."""
+    import hashlib
+    import subprocess
+
+    sha = lambda f: hashlib.sha256(Path(f).read_bytes()).hexdigest()  # noqa: E731
+    folder = Path(script_file).resolve().parent
+    git = None
+    with contextlib.suppress(OSError, subprocess.SubprocessError):
+        run = lambda *a: subprocess.run(["git", "-C", str(folder), *a], capture_output=True, text=True, timeout=10)  # noqa: E731
+        head = run("rev-parse", "HEAD", "--show-toplevel")
+        if head.returncode == 0:
+            commit, root = head.stdout.split()[:2]
+            tree = run("status", "--porcelain", "--untracked-files=no")  # changed tracked files
+            script = run("status", "--porcelain", "--untracked-files=all", "--", str(Path(script_file).resolve()))
+            dirty = bool(tree.stdout.strip() or script.stdout.strip()) if tree.returncode == script.returncode == 0 else None
+            git = {"commit": commit, "dirty": dirty, "root": root}  # dirty: also when the script itself is not committed
+    return {"script_sha256": sha(script_file), "common_sha256": sha(__file__), "git": git, "copy_of": copy_of(script_file)}
+
+
+def typed_on_command_line(ctx, name: str) -> bool:
+    """Whether the user gave option `name` on the command line (not its default, nor an environment variable)."""
+    source = ctx.get_parameter_source(name) if ctx is not None else None
+    return source is not None and source.name == "COMMANDLINE"
+
+
 def import_script(config: dict, run_dir):
     """The module of the script that made a run (config.json "script" and "script_path"): its recorded file, else
     <script>.py beside common.py or on sys.path."""
@@ -674,6 +730,7 @@ class Run:
         self.ext, self._save_file, self._load_file = checkpoint_format or (".pt", torch.save, load_checkpoint)
         self.length_option, self.main_process = length_option, main_process
         self.resumed, self.original, self.dir = bool(getattr(args, "resume", None)), None, None
+        self.typed = {name for name in vars(args) if typed_on_command_line(ctx, name)}  # what the user asked for
         if self.resumed:
             self.dir = Path(args.resume)
             check(self.dir.is_dir(), f"--resume {self.dir}: no such run directory")
@@ -699,8 +756,7 @@ class Run:
         for name in vars(args):
             if name in ("resume", "tag") or name not in saved:
                 continue
-            source = ctx.get_parameter_source(name)
-            typed = source is not None and source.name == "COMMANDLINE"
+            typed = name in self.typed
             if typed and name in changeable:
                 continue
             if typed and saved[name] != getattr(args, name):
@@ -742,17 +798,26 @@ class Run:
 
     def save_config(self, **derived) -> dict:
         """New run: OUT_DIR/<script>/<time>[-tag]/config.json (options, derived facts, versions). Resumed: the original
-        stays and what changed goes to config["resumes"], written once last.* has loaded (a failed resume changes nothing)."""
+        stays and config["resumes"] gains {"time", "changed": the options the user typed with a new value [old, new],
+        "environment": the derived facts and versions that differ now [old, new] (another device, an edited script)},
+        written once last.* has loaded (a failed resume changes nothing)."""
         if self.resumed:
             config = dict(self.original)
-            now = {**vars(self.args), **derived, "versions": versions()}
-            changed = {k: [config.get(k), v] for k, v in now.items()
-                       if k not in ("resume", "created") and json.loads(json.dumps(v, default=to_json)) != config.get(k)}
-            config["resumes"] = config.get("resumes", []) + [{"time": time.strftime("%Y-%m-%dT%H:%M:%S"), "changed": changed}]
+            current = dict(config)  # as the run stood before this resume: earlier resumes' changes applied
+            for record in config.get("resumes", []):
+                for group in ("changed", "environment"):
+                    current.update({k: v[1] for k, v in record.get(group, {}).items()})
+            plain = lambda v: json.loads(json.dumps(v, default=to_json))  # noqa: E731
+            changed = {k: [current.get(k), plain(v)] for k, v in vars(self.args).items()
+                       if k in self.typed and k not in ("resume", "tag") and plain(v) != current.get(k)}
+            facts = {**derived, "versions": versions(), **code_version(self.script_path)}
+            environment = {k: [current.get(k), plain(v)] for k, v in facts.items() if plain(v) != current.get(k)}
+            config["resumes"] = config.get("resumes", []) + [{"time": time.strftime("%Y-%m-%dT%H:%M:%S"), "changed": changed,
+                                                              "environment": environment}]
             self._pending_config = config
-            return {**config, **{k: v[1] for k, v in changed.items()}}
+            return {**current, **plain(vars(self.args)), **plain(facts)}
         config = {"script": self.script, "script_path": self.script_path, **vars(self.args), **derived,
-                  "versions": versions(), "created": time.strftime("%Y-%m-%dT%H:%M:%S")}
+                  "versions": versions(), **code_version(self.script_path), "created": time.strftime("%Y-%m-%dT%H:%M:%S")}
         if self.main_process:
             self.dir = make_run_dir(self.args.out_dir, self.script, self.args.tag)
             write_json(self.dir / "config.json", config)

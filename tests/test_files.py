@@ -1,6 +1,7 @@
 """What a run leaves on disk and what it records: file modes from the umask, the code version in config.json, a
 --data-dir that holds nothing, and list options taken the same way everywhere."""
 
+import hashlib
 import json
 import os
 import stat
@@ -39,3 +40,63 @@ def test_atomic_write_follows_the_umask_in_process(tmp_path):
         os.umask(old)
     assert stat.S_IMODE((tmp_path / "a.json").stat().st_mode) == 0o640
     assert [p.name for p in tmp_path.iterdir()] == ["a.json"]  # no temporary file left
+
+
+def test_config_records_the_code_and_a_copy_says_what_it_copies(tiny_mnist, tmp_path):
+    """A copied script run before and after an edit: two script_sha256 values (report.py groups by them), the copy's
+    path and original in config.json and --help; a resume after the edit records the new hash as an environment
+    change and, as a change the user made, only the option typed."""
+    copy = tmp_path / "my_mlp.py"
+    copy.write_text((ROOT / "train_mlp.py").read_text())
+    env, out = {"OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}, tmp_path / "runs"
+    args = ["--data-dir", tiny_mnist, "--epochs", 1, "--hidden", 16, "--batch-size", 90, "--lr-schedule", "none",
+            "--quiet", "--out-dir", out]
+    first = run_cli(str(copy), *args, env=env, cwd=tmp_path)
+    assert first.returncode == 0, first.stderr
+    copy.write_text(copy.read_text() + "# an edit\n")
+    second = run_cli(str(copy), *args, "--tag", "edited", env=env, cwd=tmp_path)
+    assert second.returncode == 0, second.stderr
+    a, b = sorted((out / "my_mlp").iterdir())
+    ca, cb = (json.loads((d / "config.json").read_text()) for d in (a, b))
+    assert ca["script_sha256"] != cb["script_sha256"] == hashlib.sha256(copy.read_bytes()).hexdigest()
+    assert ca["script_path"] == cb["script_path"] == str(copy) and ca["copy_of"] == "train_mlp" and ca["git"] is None
+    assert ca["common_sha256"] == hashlib.sha256((ROOT / "common.py").read_bytes()).hexdigest()
+
+    table = run_cli("report.py", "--out-dir", out, "--by", "script_sha256", env=env)
+    assert table.returncode == 0, table.stderr
+    for sha in (ca["script_sha256"], cb["script_sha256"]):
+        assert f"| {sha} | 1 |" in table.stdout, table.stdout
+
+    helped = run_cli(str(copy), "--help", env=env, cwd=tmp_path)
+    assert "my_mlp.py, a copy of train_mlp.py" in " ".join(helped.stdout.split()), helped.stdout
+
+    resumed = run_cli(str(copy), "--resume", a, "--epochs", 2, "--quiet", env=env, cwd=tmp_path)
+    assert resumed.returncode == 0, resumed.stderr
+    (record,) = json.loads((a / "config.json").read_text())["resumes"]
+    assert record["changed"] == {"epochs": [1, 2]}  # typed; --quiet was typed with its saved value
+    assert record["environment"]["script_sha256"] == [ca["script_sha256"], cb["script_sha256"]]
+
+
+def test_code_version_in_a_git_work_tree(tmp_path):
+    def git(*a):
+        subprocess.run(["git", "-C", str(tmp_path), "-c", "user.name=t", "-c", "user.email=t@t", *a], check=True,
+                       capture_output=True)
+
+    script = tmp_path / "exp.py"
+    script.write_text('"""exp.py: an experiment."""\n')
+    git("init", "-q")
+    assert common.code_version(script)["git"] is None  # no commit to name yet
+    (tmp_path / "other.txt").write_text("x")
+    git("add", "other.txt")
+    git("commit", "-qm", "one")
+    assert common.code_version(script)["git"]["dirty"] is True  # the script itself is not committed
+    git("add", "exp.py")
+    git("commit", "-qm", "two")
+    head = subprocess.run(["git", "-C", str(tmp_path), "rev-parse", "HEAD"], capture_output=True, text=True).stdout.strip()
+    version = common.code_version(script)
+    assert version["git"] == {"commit": head, "dirty": False, "root": str(tmp_path.resolve())} and version["copy_of"] is None
+    script.write_text('"""exp.py: an experiment, edited."""\n')
+    edited = common.code_version(script)
+    assert edited["git"]["dirty"] is True and edited["script_sha256"] != version["script_sha256"]
+    (tmp_path / "mine.py").write_text(script.read_text())
+    assert common.copy_of(tmp_path / "mine.py") == "exp"
