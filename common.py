@@ -229,16 +229,29 @@ def read_idx(path: Path, ndim: int) -> torch.Tensor:
     return torch.from_numpy(np.frombuffer(raw, dtype=np.uint8, offset=header).reshape(shape).copy())
 
 
-def _download(what: str, folder: Path, fetch) -> None:
-    """fetch() (torchvision's downloader) when the data is missing; its failure as one UserError line."""
+def _download(what: str, data_dir, folder: Path, fetch, layout: str) -> None:
+    """fetch() (torchvision's downloader) when the data is missing; its failure as one UserError line naming the
+    layout expected, with nothing of the attempt left behind: the folders it created (a mistyped --data-dir leaves no
+    tree) and any new entry in an existing data folder (a partial archive)."""
+    import shutil
+
+    data_dir = Path(data_dir)
+    top = next((p for p in reversed([folder, *folder.parents]) if not p.exists()), None)  # highest folder to create
+    before = set(os.listdir(data_dir)) if data_dir.is_dir() else None
     print(f"{what} not found in {folder}: downloading it there", file=sys.stderr)
     try:
         with contextlib.redirect_stdout(io.StringIO()):
             fetch()
     except Exception as e:
+        if top is not None:
+            shutil.rmtree(top, ignore_errors=True)
+        for name in set(os.listdir(data_dir)) - before if before is not None and data_dir.is_dir() else ():
+            path = data_dir / name
+            shutil.rmtree(path, ignore_errors=True) if path.is_dir() and not path.is_symlink() else path.unlink(missing_ok=True)
         reason = str(e).strip().splitlines()[-1] if str(e).strip() else type(e).__name__
-        raise UserError(f"{what} is not in {folder} and downloading it failed ({reason}); copy its files there "
-                        f"or point --data-dir (or DATA_DIR) at a folder holding them") from None
+        raise UserError(f"{what} is not in {data_dir} and downloading it failed ({reason}); expected layout: {layout}; "
+                        f"copy the files there, or point --data-dir (or DATA_DIR) at the folder that holds "
+                        f"{folder.relative_to(data_dir)}/") from None
 
 
 def read_mnist(data_dir, train: bool) -> tuple[torch.Tensor, torch.Tensor]:
@@ -248,7 +261,8 @@ def read_mnist(data_dir, train: bool) -> tuple[torch.Tensor, torch.Tensor]:
     if any(not (raw / f).is_file() for f in MNIST_FILES):
         import torchvision
 
-        _download("MNIST", raw, lambda: torchvision.datasets.MNIST(root=str(data_dir), train=train, download=True))
+        layout = ", ".join(str(raw / f) for f in MNIST_FILES) + " (uncompressed IDX files)"
+        _download("MNIST", data_dir, raw, lambda: torchvision.datasets.MNIST(root=str(data_dir), train=train, download=True), layout)
     split = "train" if train else "t10k"
     try:
         images, labels = read_idx(raw / f"{split}-images-idx3-ubyte", 3), read_idx(raw / f"{split}-labels-idx1-ubyte", 1)
@@ -362,7 +376,9 @@ def load_cifar10(data_dir, device, val_fraction: float = 0.1, limit: Optional[in
     if not (folder / "test_batch.bin").is_file():
         from torchvision.datasets.utils import download_and_extract_archive
 
-        _download("CIFAR-10", folder, lambda: download_and_extract_archive(CIFAR_URL, str(data_dir), md5=CIFAR_MD5))
+        layout = (f"{folder / 'data_batch_1.bin'} ... {folder / 'data_batch_5.bin'} and {folder / 'test_batch.bin'} "
+                  f"(the binary version of CIFAR-10)")
+        _download("CIFAR-10", data_dir, folder, lambda: download_and_extract_archive(CIFAR_URL, str(data_dir), md5=CIFAR_MD5), layout)
     train_paths = sorted(folder.glob("data_batch_*.bin"))
     check(len(train_paths) > 0, f"{folder} has test_batch.bin but no data_batch_*.bin; copy the training batches there")
     parts = [read_cifar_bin(p) for p in train_paths]

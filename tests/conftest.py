@@ -261,7 +261,7 @@ def assert_user_error(proc: subprocess.CompletedProcess, *words: str) -> None:
     """Bad input: exit code 2, exactly one line on stderr that mentions `words`, no traceback anywhere."""
     assert proc.returncode == 2, (proc.returncode, proc.stdout[-2000:], proc.stderr[-2000:])
     assert "Traceback" not in proc.stdout + proc.stderr, proc.stderr
-    lines = [line for line in proc.stderr.splitlines() if line.strip() and not line.startswith("MNIST not found")]
+    lines = [line for line in proc.stderr.splitlines() if line.strip() and not line.endswith(": downloading it there")]
     assert len(lines) == 1, proc.stderr
     for word in words:
         assert word.lower() in lines[0].lower(), lines[0]

@@ -100,3 +100,18 @@ def test_code_version_in_a_git_work_tree(tmp_path):
     assert edited["git"]["dirty"] is True and edited["script_sha256"] != version["script_sha256"]
     (tmp_path / "mine.py").write_text(script.read_text())
     assert common.copy_of(tmp_path / "mine.py") == "exp"
+
+
+@pytest.mark.parametrize("script,expected", [
+    ("train_mlp.py", ["MNIST/raw/train-images-idx3-ubyte", "MNIST/raw/t10k-labels-idx1-ubyte", "holds MNIST/raw/"]),
+    ("train_allcnn.py", ["cifar-10-batches-bin/data_batch_1.bin", "cifar-10-batches-bin/test_batch.bin"]),
+])
+def test_a_data_dir_holding_nothing_leaves_nothing_and_names_the_layout(tmp_path, script, expected):
+    typo = tmp_path / "typo" / "data"  # a mistyped --data-dir: no folder of it may be left
+    proc = run_cli(script, "--data-dir", typo, "--out-dir", tmp_path / "runs", "--epochs", 1)
+    assert_user_error(proc, "downloading it failed", *[str(typo / e) if "/" in e and "holds" not in e else e for e in expected])
+    assert sorted(p.name for p in tmp_path.iterdir()) == []  # neither the data folders nor a run directory
+    empty = tmp_path / "empty"  # an existing empty folder stays empty (no partial download, no MNIST/raw)
+    empty.mkdir()
+    assert_user_error(run_cli(script, "--data-dir", empty, "--out-dir", tmp_path / "runs", "--epochs", 1), "downloading it failed")
+    assert list(empty.iterdir()) == [] and not (tmp_path / "runs").exists()
