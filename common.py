@@ -127,7 +127,28 @@ BatchSize = Annotated[int, typer.Option(help="Mini-batch size.")]
 LearningRate = Annotated[float, typer.Option("--lr", help="Learning rate.")]
 Seed = Annotated[int, typer.Option(help="Seed of the run; the split, shuffling and init each draw from their own stream derived from it.")]
 Device = Annotated[str, typer.Option(help="auto (CUDA, then MPS, then CPU), cpu, cuda or mps.")]
-Digits = Annotated[Optional[str], typer.Option(help="Train on these digits only, e.g. 0,1; labels become 0..k-1.")]
+
+
+def split_values(values) -> list[str]:
+    """A list option's values as typed, commas and repeats alike: ["256,128"], ["256", "128"] -> ["256", "128"]."""
+    return [part.strip() for v in ([] if values is None else values) for part in str(v).split(",") if part.strip()]
+
+
+def ints_option(param: typer.CallbackParam, value) -> list[int]:
+    """Callback of a list-of-integers option (--hidden): `--hidden 256,128` or `--hidden 256 --hidden 128`."""
+    parts, flag = split_values(value), "--" + param.name.replace("_", "-")
+    try:
+        return [int(v) for v in parts]
+    except ValueError:
+        raise typer.BadParameter(f"{','.join(parts)}: give whole numbers, as {flag} 256,128 or {flag} 256 {flag} 128") from None
+
+
+def strs_option(value) -> Optional[list[str]]:
+    """Callback of a list option of strings (--digits): `--digits 0,1` = `--digits 0 --digits 1` = ["0", "1"]."""
+    return split_values(value) or None
+
+
+Digits = Annotated[Optional[list[str]], typer.Option(callback=strs_option, help="Train on these digits only, e.g. 0,1 (or repeat: --digits 0 --digits 1); labels become 0..k-1.")]
 Limit = Annotated[Optional[int], typer.Option(help="Use only the first N training samples (quick runs).")]
 ValFraction = Annotated[float, typer.Option(help="Share of the training set held out for validation (0: none; best.pt is then the last epoch).")]
 Resume = Annotated[Optional[Path], typer.Option(help="Continue the run in this directory from its last checkpoint.")]
@@ -201,11 +222,14 @@ MNIST_FILES = ["train-images-idx3-ubyte", "train-labels-idx1-ubyte", "t10k-image
 
 
 def parse_digits(text: Optional[str]) -> list[int]:
-    """'6,8,9' -> [6, 8, 9]; None -> all ten digits. At least two distinct digits 0-9."""
-    if text is None or str(text).strip() == "":
+    """'6,8,9' or ["6", "8", "9"] (--digits as typed, or a config.json's) -> [6, 8, 9]; None -> all ten digits. At
+    least two distinct digits 0-9."""
+    parts = split_values(text if isinstance(text, (list, tuple)) else [text] if text is not None else None)
+    if not parts:
         return list(range(10))
+    text = ",".join(parts)
     try:
-        digits = [int(part) for part in str(text).split(",") if part.strip() != ""]
+        digits = [int(part) for part in parts]
     except ValueError:
         raise UserError(f"--digits {text}: give digits 0-9 separated by commas, e.g. --digits 0,1") from None
     check(all(0 <= d <= 9 for d in digits), f"--digits {text}: digits must be between 0 and 9")
@@ -690,6 +714,11 @@ def code_version(script_file) -> dict:
     return {"script_sha256": sha(script_file), "common_sha256": sha(__file__), "git": git, "copy_of": copy_of(script_file)}
 
 
+def _same_list(saved, typed) -> bool:
+    """A list option saved as a comma string by an older run ("0,1") and typed now (["0", "1"]) is the same value."""
+    return isinstance(typed, list) and isinstance(saved, (str, list)) and split_values([saved] if isinstance(saved, str) else saved) == split_values(typed)
+
+
 def typed_on_command_line(ctx, name: str) -> bool:
     """Whether the user gave option `name` on the command line (not its default, nor an environment variable)."""
     source = ctx.get_parameter_source(name) if ctx is not None else None
@@ -775,7 +804,7 @@ class Run:
             typed = name in self.typed
             if typed and name in changeable:
                 continue
-            if typed and saved[name] != getattr(args, name):
+            if typed and saved[name] != getattr(args, name) and not _same_list(saved[name], getattr(args, name)):
                 raise UserError(f"--{name.replace('_', '-')} cannot change when resuming ({saved[name]!r} in {self.dir}); "
                                 f"start a new run instead")
             merged[name] = saved[name]

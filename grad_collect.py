@@ -1206,7 +1206,7 @@ ANALYSIS_OPTIONS = ("analysis", "influence", "clusters", "kmeans_init", "tsne_sa
 @app.command()
 def main(
     ctx: typer.Context,
-    hidden: Annotated[list[int], typer.Option(help="Hidden layer width; repeat for more layers (as train_mlp.py).")] = [512],
+    hidden: Annotated[list[str], typer.Option(callback=common.ints_option, help="Hidden layer widths: --hidden 256,128 or --hidden 256 --hidden 128 (as train_mlp.py).")] = ["512"],
     dropout: Annotated[float, typer.Option(help="Dropout after each hidden layer (off while collecting).")] = 0.0,
     weight_decay: Annotated[float, typer.Option(help="L2 weight decay.")] = 1e-4,
     optimizer: Annotated[str, typer.Option(help="adam or sgd.")] = "adam",

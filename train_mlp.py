@@ -207,7 +207,7 @@ def report(run, model, data, device) -> dict:
 @app.command()
 def main(
     ctx: typer.Context,
-    hidden: Annotated[list[int], typer.Option(help="Hidden layer width; repeat for more layers: --hidden 256 --hidden 128.")] = [512],
+    hidden: Annotated[list[str], typer.Option(callback=common.ints_option, help="Hidden layer widths: --hidden 256,128 or --hidden 256 --hidden 128.")] = ["512"],
     dropout: Annotated[float, typer.Option(help="Dropout after each hidden layer.")] = 0.0,
     weight_decay: Annotated[float, typer.Option(help="L2 weight decay.")] = 1e-4,
     optimizer: Annotated[str, typer.Option(help="adam or sgd.")] = "adam",

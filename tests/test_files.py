@@ -115,3 +115,36 @@ def test_a_data_dir_holding_nothing_leaves_nothing_and_names_the_layout(tmp_path
     empty.mkdir()
     assert_user_error(run_cli(script, "--data-dir", empty, "--out-dir", tmp_path / "runs", "--epochs", 1), "downloading it failed")
     assert list(empty.iterdir()) == [] and not (tmp_path / "runs").exists()
+
+
+@pytest.mark.parametrize("script", ["train_mlp.py", "grad_collect.py", "numpy_nn.py", "train_cnn.py", "svm_gabor.py"])
+def test_list_options_take_commas_and_repeats_alike(script):
+    """Each script's own command parses the options as it would at run time (nothing runs)."""
+    import typer
+
+    import sweep
+
+    command = sweep.script_command(ROOT / script)
+    has_hidden = "--hidden" in sweep.script_options(command)
+    forms = [["--digits", "3,5"], ["--digits", "3", "--digits", "5"], ["--digits", "3,", "--digits", "5"]]
+    for words in forms:
+        assert command.make_context(script, words).params["digits"] == ["3", "5"]
+    assert common.parse_digits(["3", "5"]) == common.parse_digits("3,5") == [3, 5]
+    if has_hidden:
+        for words in (["--hidden", "32,16"], ["--hidden", "32", "--hidden", "16"]):
+            assert command.make_context(script, words).params["hidden"] == [32, 16]
+        with pytest.raises(typer.BadParameter) as refused:
+            command.make_context(script, ["--hidden", "32,x"])
+        assert "--hidden 256,128 or --hidden 256 --hidden 128" in str(refused.value)
+    if script == "svm_gabor.py":
+        for words in (["--frequencies", "0.1,0.2"], ["--frequencies", "0.1", "--frequencies", "0.2"]):
+            assert command.make_context(script, words).params["frequencies"] == ["0.1", "0.2"]
+
+
+def test_fgsm_eps_takes_commas_and_repeats_alike():
+    import fgsm_attack
+    import sweep
+
+    command = sweep.script_command(ROOT / "fgsm_attack.py")
+    for words in (["--eps", "4,8"], ["--eps", "4", "--eps", "8"]):
+        assert fgsm_attack.parse_eps(command.make_context("fgsm_attack.py", ["run", *words]).params["eps"]) == [4.0, 8.0]
