@@ -862,7 +862,8 @@ class Run:
             self._pending_config = config
             return {**current, **plain(vars(self.args)), **plain(facts)}
         config = {"script": self.script, "script_path": self.script_path, **vars(self.args), **derived,
-                  "versions": versions(), **code_version(self.script_path), "created": time.strftime("%Y-%m-%dT%H:%M:%S")}
+                  "versions": versions(), **code_version(self.script_path), "created": time.strftime("%Y-%m-%dT%H:%M:%S"),
+                  "options": sorted(vars(self.args))}  # which keys are options (report.py: what a table may pool)
         if self.main_process:
             self.dir = make_run_dir(self.args.out_dir, self.script, self.args.tag)
             write_json(self.dir / "config.json", config)
