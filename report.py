@@ -7,9 +7,13 @@
 
 Reads OUT_DIR/results.jsonl (one line per finished run) and OUT_DIR/sweeps/*/trials.jsonl (or only --sweep DIR),
 and for an option a record lacks its run's config.json (for a metric, its metrics.json final). Runs are grouped by
-the --by keys; each group's --metric is mean +- sample std over its runs with their count n (accuracies in percent,
-std "-" for one run). Unreadable or partial lines are reported (file:line, why) and skipped. Writes Markdown to
-stdout and --out, and --plot: the metric against the first numeric --by key, one line per group of the other keys.
+the --by keys plus every other option that differs among the runs of a group (said on stderr; --pool KEY averages
+over KEY instead, and the table names the values it pooled); reruns with the same options and seed count once, the
+latest. Each group's --metric is mean +- sample std over its seeds with their count n (accuracies in percent; one
+run: its value alone). Groups mixing versions of a script (config.json's script_sha256) are named on stderr; --by
+script_sha256, git_commit or git_dirty splits them. Unreadable or partial lines are reported (file:line, why) and
+skipped. Writes Markdown to stdout and --out, and --plot: the metric against the first numeric --by key, one line per
+group of the other keys (categories: unjoined points; error bars of an accuracy kept within 0-100%).
 sweep.py's summary.md/summary.png are made by these same functions.
 """
 
