@@ -666,8 +666,8 @@ def script_name(script_file) -> str:
 
 
 def copy_of(script_file) -> Optional[str]:
-    """The script a file was copied from, where its docstring's first line names another file ("train_cnn.py: ..." in
-    my_cnn.py gives "train_cnn"); None when it names itself (or no file)."""
+    """The script a file was copied from, where its docstring's first line names another file ("a.py: ..." in b.py
+    gives "a"); None when it names itself (or no file)."""
     import re
 
     with contextlib.suppress(OSError, UnicodeDecodeError):
@@ -678,8 +678,8 @@ def copy_of(script_file) -> Optional[str]:
 
 
 def label_copy(app: typer.Typer, script_file) -> None:
-    """In a copy (copy_of), --help begins with what the file is a copy of: "my_cnn.py, a copy of train_cnn.py (edit
-    the first docstring line to say what your experiment is): ..." (common.main calls it)."""
+    """In a copy (copy_of), --help begins with what the file is a copy of: "b.py, a copy of a.py (edit its docstring's
+    first line to say what your experiment is): ..." (common.main calls it)."""
     import inspect
 
     original = copy_of(script_file) if script_file else None
@@ -695,7 +695,7 @@ def code_version(script_file) -> dict:
     """The code that ran, for config.json: {"script_sha256": the script file's, "common_sha256": this file's, "git":
     {"commit", "dirty" (uncommitted changes anywhere in the tree), "root"} when the script is in a git work tree, else
     None, "copy_of": the script it was copied from (copy_of)}. Two runs of a script edited in between differ here;
-    report.py can group by script_sha256, git_commit or git_dirty."""
+    a table of runs can group by script_sha256, git_commit or git_dirty."""
     import hashlib
     import subprocess
 
@@ -863,7 +863,7 @@ class Run:
             return {**current, **plain(vars(self.args)), **plain(facts)}
         config = {"script": self.script, "script_path": self.script_path, **vars(self.args), **derived,
                   "versions": versions(), **code_version(self.script_path), "created": time.strftime("%Y-%m-%dT%H:%M:%S"),
-                  "options": sorted(vars(self.args))}  # which keys are options (report.py: what a table may pool)
+                  "options": sorted(vars(self.args))}  # which keys are options (what a table of runs may pool)
         if self.main_process:
             self.dir = make_run_dir(self.args.out_dir, self.script, self.args.tag)
             write_json(self.dir / "config.json", config)

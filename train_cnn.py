@@ -344,7 +344,8 @@ def train(run, model, optimizer, batches, data, plain) -> None:
 def report(run, model, data, plain, started: float, resumed_after: Optional[int] = None) -> dict:
     """Best weights on the test set (the timed part ends here), then metrics, TensorBoard and the plots. Timings:
     train_time_s, the training of every epoch (of all the processes of a resumed run); time_to_test_acc_s, this
-    process's start to its test accuracy (a resumed run's: only the part after epoch resumed_after)."""
+    process's start to its test accuracy (a resumed run's: only the part after epoch resumed_after, which
+    time_to_test_acc_from_epoch names; 0 for a run in one process)."""
     args = run.args
     model.load_state_dict(run.load_best(data.test_y.device)["model"])
     test_loss, test_acc, preds, probs = evaluate(model, data.test_x, data.test_y, plain, args.precision)
@@ -354,7 +355,7 @@ def report(run, model, data, plain, started: float, resumed_after: Optional[int]
     final = {"test_loss": test_loss, "test_acc": test_acc, "per_class_acc": per_class, "best_epoch": run.best["epoch"],
              "best_val_acc": run.best["score"], "epochs_run": run.epoch, "stopped_early": run.stopped_early,
              "train_time_s": sum(h["epoch_time_s"] for h in run.history), "time_to_test_acc_s": time_to_test,
-             "resumed_after_epoch": resumed_after}
+             "time_to_test_acc_from_epoch": resumed_after or 0}
     writer = run.tensorboard()
     writer.add_scalar("loss/test", test_loss, run.epoch)
     writer.add_scalar("acc/test", test_acc, run.epoch)
