@@ -192,7 +192,8 @@ def write_runs(out_dir, runs):
         run_dir = out_dir / script / f"run{i}"
         run_dir.mkdir(parents=True)
         config = {"script": script, **options, "seed": seed, "quiet": True, "out_dir": "x", "created": when,
-                  "options": sorted([*options, "seed", "quiet", "out_dir"]), "script_sha256": "a" if i % 2 else "b"}
+                  "options": sorted([*options, "seed", "quiet", "out_dir"]), "script_sha256": "a" if i % 2 else "b",
+                  "git": {"commit": "c1" if i < 3 else "c2", "dirty": i == 0, "root": "/r"}}
         (run_dir / "config.json").write_text(json.dumps(config))
         lines.append(json.dumps({"time": when, "script": script, "run_dir": str(run_dir), "seed": seed, "test_acc": acc}))
     (out_dir / "results.jsonl").write_text("\n".join(lines) + "\n")
@@ -217,6 +218,10 @@ def test_options_that_differ_split_groups_reruns_of_a_seed_count_once_and_severa
     assert "| glonet | 3 | 24 | 1 | 94.00% |" in split.stdout  # 3 runs of seed 0: the latest only
     assert "left out 2 earlier run(s)" in split.stderr and "seed 0: 3 runs" in split.stderr
     assert "different versions of their script" in split.stderr  # script_sha256 differs within a group
+
+    code = invoke("--out-dir", tmp_path, "--script", "train_glonet", "--by", "git_commit,git_dirty", "--pool", "epochs,layers")
+    assert "| c1 | true | 1 | 97.00% |" in code.stdout and "| c1 | false | 2 | 97.00% +- 2.83% |" in code.stdout, code.stdout
+    assert "| c2 | false | 1 | 94.00% |" in code.stdout  # (3, 24) seed 0: the latest of its 3 runs
 
     pooled = invoke("--out-dir", tmp_path, "--script", "train_glonet", "--by", "model", "--pool", "epochs,layers")
     assert "| glonet | 4 | 96.25% +- 2.22% |" in pooled.stdout, pooled.stdout  # 0.97, 0.95, 0.99 and the latest 0.94
