@@ -61,22 +61,29 @@ def main(app: typer.Typer, fast_exit: bool = True) -> None:
     A script whose libraries clean up at exit (Ray) or a caller in the same process passes fast_exit=False.
     Ctrl-C (SIGINT) or SIGTERM, inside Run.guard or anywhere else, ends the process *by that signal* (die_of), the
     Unix convention a shell loop, make or a job runner reads as "stop": an exit code of 130 would let them go on."""
-    signum = None
+    signum, Run.current = None, None
     label_copy(app, getattr(sys.modules.get("__main__"), "__file__", None))
+    received, restore = _note_signals()
     try:
-        result = app(standalone_mode=False)
+        result = app(standalone_mode=False)  # Typer turns a KeyboardInterrupt outside Run.guard into exit code 130
         code = result if isinstance(result, int) else 0
     except (UserError, typer.TyperException) as e:
         print(f"error: {e.format_message() if isinstance(e, typer.TyperException) else e}", file=sys.stderr)
         code = 2
-    except typer.Abort:  # click's form of a KeyboardInterrupt outside Run.guard
-        code, signum = 130, 2
+    except typer.Abort:
+        code = 130
     except Interrupted as e:  # Run.guard's end after Ctrl-C or SIGTERM
         code, signum = e.code, e.signum
     except SystemExit as e:  # a script's own sys.exit
         code = e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
         if not isinstance(e.code, int) and e.code is not None:
             print(e.code, file=sys.stderr)
+    if signum is None and received:  # Ctrl-C or SIGTERM outside Run.guard (loading the data, the final report)
+        signum = received[-1]
+        restore(ignore=True)  # a second Ctrl-C cannot cut the note short (die_of restores the default)
+        if Run.current is not None:  # a run directory exists: say how to resume it, as Run.guard does
+            Run.current.interrupted(signum)
+    restore()
     if signum is not None:
         die_of(signum)
     if fast_exit:
@@ -84,6 +91,31 @@ def main(app: typer.Typer, fast_exit: bool = True) -> None:
         sys.stderr.flush()
         os._exit(code)
     sys.exit(code)
+
+
+def _note_signals():
+    """While common.main runs the app: SIGINT and SIGTERM raise KeyboardInterrupt (Terminated) as Python's default
+    SIGINT handler does, and are remembered (Typer turns them into exit code 130, which would hide them). Where one
+    is ignored (a background job's SIGINT) it stays so. Returns (received, restore(ignore=False))."""
+    import signal
+
+    received: list[int] = []
+
+    def handler(signum, frame):
+        received.append(signum)
+        raise Terminated() if signum == signal.SIGTERM else KeyboardInterrupt()
+
+    previous = {}
+    with contextlib.suppress(ValueError):  # not the main thread: leave signals alone
+        for s, default in ((signal.SIGINT, signal.default_int_handler), (signal.SIGTERM, signal.SIG_DFL)):
+            if signal.getsignal(s) is default:
+                previous[s] = signal.signal(s, handler)
+
+    def restore(ignore: bool = False) -> None:
+        for s, old in previous.items():
+            signal.signal(s, signal.SIG_IGN if ignore else old)
+
+    return received, restore
 
 
 class Interrupted(SystemExit):
@@ -769,6 +801,8 @@ class Run:
     after a kill at any moment. The script says what it needs: `changeable` (options a resume may change),
     `length_option`, fix_length(why), checkpoint_format=(ext, save, load) for non-torch checkpoints."""
 
+    current = None  # the process's latest Run
+
     def __init__(self, ctx, args: SimpleNamespace, script_file, changeable=("epochs", "device", "quiet", "data_dir"),
                  length_option: str = "epochs", main_process: bool = True, checkpoint_format=None):
         self.script, self.script_path = script_name(script_file), str(Path(script_file).resolve())
@@ -789,6 +823,8 @@ class Run:
         self.epoch, self.history, self.best = 0, [], {"epoch": 0, "score": None}
         self.best_loss, self.bad_epochs, self.stopped_early, self.training_done = float("inf"), 0, False, False
         self.fixed_length = None
+        self._guarded = False  # inside Run.guard
+        Run.current = self  # common.main's Ctrl-C outside Run.guard says how to resume this run
 
     def _merge(self, ctx, args, changeable) -> SimpleNamespace:
         """The saved options; a `changeable` one typed on the command line wins, any other typed must be equal."""
@@ -992,24 +1028,34 @@ class Run:
         if self.main_process and self.dir is not None:
             (self.dir / INTERRUPTED).unlink(missing_ok=True)  # an earlier interruption's note: this run goes on now
         try:
+            self._guarded = True
             yield
         except KeyboardInterrupt as e:
             signum = signal.SIGTERM if isinstance(e, Terminated) else signal.SIGINT
             for s in previous:
                 signal.signal(s, signal.SIG_IGN)
-            _test_kill_point("interrupted")
-            for writer in self._writers.values():
-                writer.close()
-            if self.main_process:
-                note = (f"interrupted ({signal.Signals(signum).name}) in epoch {self.epoch + 1}; {self.last_path.name} "
-                        f"holds epoch {self.epoch}.\nresume with: {self.resume_command()}\n")
-                atomic_write(self.dir / INTERRUPTED, lambda tmp: Path(tmp).write_text(note))
-                with contextlib.suppress(OSError):  # stderr may be a pipe whose reader (tee) the Ctrl-C also ended
-                    print("\n" + note, end="", file=sys.stderr, flush=True)
+            self.interrupted(signum)
             raise Interrupted(signum) from None
         finally:
+            self._guarded = False
             for s, handler in previous.items():
                 signal.signal(s, handler if handler is not None else signal.SIG_DFL)
+
+    def interrupted(self, signum: int) -> None:
+        """After Ctrl-C or SIGTERM: close the TensorBoard writers, then the resume command into INTERRUPTED.txt and
+        onto stderr (main process; nothing once the run has finished)."""
+        import signal
+
+        _test_kill_point("interrupted")
+        for writer in self._writers.values():
+            writer.close()
+        if self.main_process and self.dir is not None and "final" not in read_json(self.dir / "metrics.json", {}):
+            where = f"in epoch {self.epoch + 1}" if self._guarded else "outside training (loading, or the final report)"
+            note = (f"interrupted ({signal.Signals(signum).name}) {where}; {self.last_path.name} holds epoch "
+                    f"{self.epoch}.\nresume with: {self.resume_command()}\n")
+            atomic_write(self.dir / INTERRUPTED, lambda tmp: Path(tmp).write_text(note))
+            with contextlib.suppress(OSError):  # stderr may be a pipe whose reader (tee) the Ctrl-C also ended
+                print("\n" + note, end="", file=sys.stderr, flush=True)
 
     def resume_command(self) -> str:
         """`python SCRIPT --resume RUN_DIR`, the script's path as typed from the working directory."""

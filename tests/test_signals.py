@@ -84,3 +84,22 @@ def test_sigterm_then_a_second_ctrl_c_during_the_save_with_the_reader_of_stderr_
     resumed = run_cli("train_mlp.py", "--resume", run_dir, env={"OMP_NUM_THREADS": "1"})
     assert resumed.returncode == 0, resumed.stderr
     assert [e["epoch"] for e in final_metrics(run_dir)[0]] == [1, 2, 3]
+
+
+def test_ctrl_c_outside_the_training_loop_also_dies_of_sigint_and_says_how_to_resume(tiny_mnist, tmp_path):
+    """In the final report (after training, outside Run.guard): the same note, the same death; the resume redoes
+    the report."""
+    out = tmp_path / "runs"
+    proc = start([sys.executable, str(ROOT / "train_mlp.py"), "--data-dir", str(tiny_mnist), *map(str, ARGS), "--out-dir", str(out)],
+                 {"RUN_TEST_PAUSE_AT": "final"})
+    wait_for_line(proc, "test pause at final")
+    proc.send_signal(signal.SIGINT)
+    _, stderr = proc.communicate(timeout=60)
+    assert proc.returncode == -signal.SIGINT, (proc.returncode, stderr)
+    (run_dir,) = (out / "train_mlp").iterdir()
+    note = (run_dir / "INTERRUPTED.txt").read_text()
+    assert "outside training" in note and "holds epoch 3" in note and f"--resume {run_dir}" in stderr
+    assert not (out / "results.jsonl").exists()
+    resumed = run_cli("train_mlp.py", "--resume", run_dir, env={"OMP_NUM_THREADS": "1"})
+    assert resumed.returncode == 0 and "redoing the final report" in resumed.stdout, resumed.stderr
+    assert (out / "results.jsonl").is_file()
