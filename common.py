@@ -33,7 +33,7 @@ import os
 import platform
 import random
 import sys
-import tempfile
+import threading
 import time
 import warnings
 from dataclasses import dataclass, field
@@ -46,6 +46,7 @@ import torch
 import typer
 
 MNIST_MEAN, MNIST_STD = 0.1307, 0.3081
+INTERRUPTED = "INTERRUPTED.txt"  # Run.guard's note in an interrupted run's directory: how to resume it
 
 
 # ----------------------------------------------------------------------------- errors, entry point, shared options
@@ -60,19 +61,34 @@ def main(app: typer.Typer, fast_exit: bool = True) -> None:
     `python -c "import torch"` 4.2 s, with os._exit 3.0 s) and has nothing left to do, because every file is written
     atomically and fsynced and Run.finish and Ctrl-C close the TensorBoard writers. Where this Python has no
     atexit._run_exitfuncs (a private function, probed), the normal exit. A script whose libraries clean up at exit
-    (Ray) or a caller in the same process passes fast_exit=False."""
+    (Ray) or a caller in the same process passes fast_exit=False.
+    Ctrl-C (SIGINT) or SIGTERM, inside Run.guard or anywhere else, ends the process *by that signal* (die_of), the
+    Unix convention a shell loop, make or a job runner reads as "stop": an exit code of 130 would let them go on."""
+    signum, Run.current = None, None
+    label_copy(app, getattr(sys.modules.get("__main__"), "__file__", None))
+    received, restore = _note_signals()
     try:
-        result = app(standalone_mode=False)
+        result = app(standalone_mode=False)  # Typer turns a KeyboardInterrupt outside Run.guard into exit code 130
         code = result if isinstance(result, int) else 0
     except (UserError, typer.TyperException) as e:
         print(f"error: {e.format_message() if isinstance(e, typer.TyperException) else e}", file=sys.stderr)
         code = 2
     except typer.Abort:
         code = 130
-    except SystemExit as e:  # Run.guard's exit 130 after Ctrl-C, a script's own sys.exit
+    except Interrupted as e:  # Run.guard's end after Ctrl-C or SIGTERM
+        code, signum = e.code, e.signum
+    except SystemExit as e:  # a script's own sys.exit
         code = e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
         if not isinstance(e.code, int) and e.code is not None:
             print(e.code, file=sys.stderr)
+    if signum is None and received:  # Ctrl-C or SIGTERM outside Run.guard (loading the data, the final report)
+        signum = received[-1]
+        restore(ignore=True)  # a second Ctrl-C cannot cut the note short (die_of restores the default)
+        if Run.current is not None:  # a run directory exists: say how to resume it, as Run.guard does
+            Run.current.interrupted(signum)
+    restore()
+    if signum is not None:
+        die_of(signum)
     run_exit_handlers = getattr(atexit, "_run_exitfuncs", None)
     if fast_exit and callable(run_exit_handlers):
         run_exit_handlers()  # what the interpreter's exit would run first; each handler once (it unregisters them)
@@ -80,6 +96,61 @@ def main(app: typer.Typer, fast_exit: bool = True) -> None:
         sys.stderr.flush()
         os._exit(code)
     sys.exit(code)
+
+
+def _note_signals():
+    """While common.main runs the app: SIGINT and SIGTERM raise KeyboardInterrupt (Terminated) as Python's default
+    SIGINT handler does, and are remembered (Typer turns them into exit code 130, which would hide them). Where one
+    is ignored (a background job's SIGINT) it stays so. Returns (received, restore(ignore=False))."""
+    import signal
+
+    received: list[int] = []
+
+    def handler(signum, frame):
+        received.append(signum)
+        raise Terminated() if signum == signal.SIGTERM else KeyboardInterrupt()
+
+    previous = {}
+    with contextlib.suppress(ValueError):  # not the main thread: leave signals alone
+        for s, default in ((signal.SIGINT, signal.default_int_handler), (signal.SIGTERM, signal.SIG_DFL)):
+            if signal.getsignal(s) is default:
+                previous[s] = signal.signal(s, handler)
+
+    def restore(ignore: bool = False) -> None:
+        for s, old in previous.items():
+            signal.signal(s, signal.SIG_IGN if ignore else old)
+
+    return received, restore
+
+
+class Interrupted(SystemExit):
+    """How Run.guard ends after Ctrl-C (SIGINT) or SIGTERM: exit code 128 + signal for a caller in the same process;
+    common.main turns it into death by the signal (die_of)."""
+
+    def __init__(self, signum: int):
+        super().__init__(128 + signum)
+        self.signum = signum
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM (what schedulers send before a kill) inside Run.guard, raised like a Ctrl-C."""
+
+
+def die_of(signum: int) -> None:
+    """End the process by `signum` with its default action, after the atexit handlers and flushed output (a closed
+    pipe, e.g. `| tee` killed by the same Ctrl-C, is ignored): the parent sees "killed by SIGINT", not an exit code."""
+    import signal
+
+    run_exit_handlers = getattr(atexit, "_run_exitfuncs", None)  # private: probed (without it, as a plain kill)
+    if callable(run_exit_handlers):
+        run_exit_handlers()
+    for stream in (sys.stdout, sys.stderr):
+        with contextlib.suppress(Exception):
+            stream.flush()
+    signal.signal(signum, signal.SIG_DFL)
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, [signum])
+    os.kill(os.getpid(), signum)
+    os._exit(128 + signum)  # not reached: the signal's default action ends the process
 
 
 def check(condition: bool, message: str) -> None:
@@ -94,7 +165,28 @@ BatchSize = Annotated[int, typer.Option(help="Mini-batch size.")]
 LearningRate = Annotated[float, typer.Option("--lr", help="Learning rate.")]
 Seed = Annotated[int, typer.Option(help="Seed of the run; the split, shuffling and init each draw from their own stream derived from it.")]
 Device = Annotated[str, typer.Option(help="auto (CUDA, then MPS, then CPU), cpu, cuda or mps.")]
-Digits = Annotated[Optional[str], typer.Option(help="Train on these digits only, e.g. 0,1; labels become 0..k-1.")]
+
+
+def split_values(values) -> list[str]:
+    """A list option's values as typed, commas and repeats alike: ["256,128"], ["256", "128"] -> ["256", "128"]."""
+    return [part.strip() for v in ([] if values is None else values) for part in str(v).split(",") if part.strip()]
+
+
+def ints_option(param: typer.CallbackParam, value) -> list[int]:
+    """Callback of a list-of-integers option (--hidden): `--hidden 256,128` or `--hidden 256 --hidden 128`."""
+    parts, flag = split_values(value), "--" + param.name.replace("_", "-")
+    try:
+        return [int(v) for v in parts]
+    except ValueError:
+        raise typer.BadParameter(f"{','.join(parts)}: give whole numbers, as {flag} 256,128 or {flag} 256 {flag} 128") from None
+
+
+def strs_option(value) -> Optional[list[str]]:
+    """Callback of a list option of strings (--digits): `--digits 0,1` = `--digits 0 --digits 1` = ["0", "1"]."""
+    return split_values(value) or None
+
+
+Digits = Annotated[Optional[list[str]], typer.Option(callback=strs_option, help="Train on these digits only, e.g. 0,1 (or repeat: --digits 0 --digits 1); labels become 0..k-1.")]
 Limit = Annotated[Optional[int], typer.Option(help="Use only the first N training samples (quick runs).")]
 ValFraction = Annotated[float, typer.Option(help="Share of the training set held out for validation (0: none; best.pt is then the last epoch).")]
 Resume = Annotated[Optional[Path], typer.Option(help="Continue the run in this directory from its last checkpoint.")]
@@ -240,12 +332,15 @@ def describe_machine() -> str:
     return f"{cpu}, {os.cpu_count()} cores, {bf16}{' (limited: ' + ', '.join(limits) + ')' if limits else ''}, {gpu}"
 
 
-def pick_precision(name: str, device: torch.device) -> tuple[str, str]:
+def pick_precision(name: str, device: torch.device, resumed: Optional[dict] = None) -> tuple[str, str]:
     """(precision, reason) for --precision NAME on `device`. auto = bf16 autocast only where the hardware computes
     bf16 natively: CUDA GPUs with native bf16 (Ampere on), CPUs with AVX512_BF16 or AMX (oneDNN emulates bf16 on
     other AVX-512 CPUs, slower than fp32); fp16 autocast with a GradScaler on older CUDA GPUs (V100, T4); fp32
-    elsewhere. An explicit choice is honoured (fp16 on GPUs only)."""
+    elsewhere. An explicit choice is honoured (fp16 on GPUs only). A script stores the choice as its --precision
+    (config.json says bf16, not auto), so a resumed run keeps it; `resumed` (Run.original) gives back its reason."""
     check(name in PRECISIONS, f"--precision {name}: use {', '.join(PRECISIONS)}")
+    if resumed and resumed.get("precision_reason") and name == resumed.get("precision"):
+        return name, resumed["precision_reason"]
     if name != "auto":
         check(name != "fp16" or device.type in ("cuda", "mps"), f"--precision fp16: autocast in fp16 is for GPUs; "
                                                                 f"on {device.type} use bf16 or fp32")
@@ -282,11 +377,14 @@ MNIST_FILES = ["train-images-idx3-ubyte", "train-labels-idx1-ubyte", "t10k-image
 
 
 def parse_digits(text: Optional[str]) -> list[int]:
-    """'6,8,9' -> [6, 8, 9]; None -> all ten digits. At least two distinct digits 0-9."""
-    if text is None or str(text).strip() == "":
+    """'6,8,9' or ["6", "8", "9"] (--digits as typed, or a config.json's) -> [6, 8, 9]; None -> all ten digits. At
+    least two distinct digits 0-9."""
+    parts = split_values(text if isinstance(text, (list, tuple)) else [text] if text is not None else None)
+    if not parts:
         return list(range(10))
+    text = ",".join(parts)
     try:
-        digits = [int(part) for part in str(text).split(",") if part.strip() != ""]
+        digits = [int(part) for part in parts]
     except ValueError:
         raise UserError(f"--digits {text}: give digits 0-9 separated by commas, e.g. --digits 0,1") from None
     check(all(0 <= d <= 9 for d in digits), f"--digits {text}: digits must be between 0 and 9")
@@ -310,16 +408,29 @@ def read_idx(path: Path, ndim: int) -> torch.Tensor:
     return torch.from_numpy(np.frombuffer(raw, dtype=np.uint8, offset=header).reshape(shape).copy())
 
 
-def _download(what: str, folder: Path, fetch) -> None:
-    """fetch() (torchvision's downloader) when the data is missing; its failure as one UserError line."""
+def _download(what: str, data_dir, folder: Path, fetch, layout: str) -> None:
+    """fetch() (torchvision's downloader) when the data is missing; its failure as one UserError line naming the
+    layout expected, with nothing of the attempt left behind: the folders it created (a mistyped --data-dir leaves no
+    tree) and any new entry in an existing data folder (a partial archive)."""
+    import shutil
+
+    data_dir = Path(data_dir)
+    top = next((p for p in reversed([folder, *folder.parents]) if not p.exists()), None)  # highest folder to create
+    before = set(os.listdir(data_dir)) if data_dir.is_dir() else None
     print(f"{what} not found in {folder}: downloading it there", file=sys.stderr)
     try:
         with contextlib.redirect_stdout(io.StringIO()):
             fetch()
     except Exception as e:
+        if top is not None:
+            shutil.rmtree(top, ignore_errors=True)
+        for name in set(os.listdir(data_dir)) - before if before is not None and data_dir.is_dir() else ():
+            path = data_dir / name
+            shutil.rmtree(path, ignore_errors=True) if path.is_dir() and not path.is_symlink() else path.unlink(missing_ok=True)
         reason = str(e).strip().splitlines()[-1] if str(e).strip() else type(e).__name__
-        raise UserError(f"{what} is not in {folder} and downloading it failed ({reason}); copy its files there "
-                        f"or point --data-dir (or DATA_DIR) at a folder holding them") from None
+        raise UserError(f"{what} is not in {data_dir} and downloading it failed ({reason}); expected layout: {layout}; "
+                        f"copy the files there, or point --data-dir (or DATA_DIR) at the folder that holds "
+                        f"{folder.relative_to(data_dir)}/") from None
 
 
 def read_mnist(data_dir, train: bool) -> tuple[torch.Tensor, torch.Tensor]:
@@ -329,7 +440,8 @@ def read_mnist(data_dir, train: bool) -> tuple[torch.Tensor, torch.Tensor]:
     if any(not (raw / f).is_file() for f in MNIST_FILES):
         import torchvision
 
-        _download("MNIST", raw, lambda: torchvision.datasets.MNIST(root=str(data_dir), train=train, download=True))
+        layout = ", ".join(str(raw / f) for f in MNIST_FILES) + " (uncompressed IDX files)"
+        _download("MNIST", data_dir, raw, lambda: torchvision.datasets.MNIST(root=str(data_dir), train=train, download=True), layout)
     split = "train" if train else "t10k"
     try:
         images, labels = read_idx(raw / f"{split}-images-idx3-ubyte", 3), read_idx(raw / f"{split}-labels-idx1-ubyte", 1)
@@ -443,7 +555,9 @@ def load_cifar10(data_dir, device, val_fraction: float = 0.1, limit: Optional[in
     if not (folder / "test_batch.bin").is_file():
         from torchvision.datasets.utils import download_and_extract_archive
 
-        _download("CIFAR-10", folder, lambda: download_and_extract_archive(CIFAR_URL, str(data_dir), md5=CIFAR_MD5))
+        layout = (f"{folder / 'data_batch_1.bin'} ... {folder / 'data_batch_5.bin'} and {folder / 'test_batch.bin'} "
+                  f"(the binary version of CIFAR-10)")
+        _download("CIFAR-10", data_dir, folder, lambda: download_and_extract_archive(CIFAR_URL, str(data_dir), md5=CIFAR_MD5), layout)
     train_paths = sorted(folder.glob("data_batch_*.bin"))
     check(len(train_paths) > 0, f"{folder} has test_batch.bin but no data_batch_*.bin; copy the training batches there")
     parts = [read_cifar_bin(p) for p in train_paths]
@@ -610,10 +724,16 @@ def adam(params, lr: float = 1e-3, betas=(0.9, 0.999), weight_decay: float = 0.0
 # ----------------------------------------------------------------------------- durable files
 def atomic_write(path, write) -> None:
     """write(tmp_path) into a temporary file beside `path`, fsync it, rename it over `path`, fsync the folder:
-    a reader (or a resume after SIGKILL) sees the old file or the new one, never half of one."""
+    a reader (or a resume after SIGKILL) sees the old file or the new one, never half of one. The file gets the
+    modes any new file gets (0666 less the umask: 0644 under umask 022), as the plots do; mkstemp's are 0600."""
     path = Path(path)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
-    os.close(fd)
+    for _ in range(100):
+        tmp = str(path.parent / f"{path.name}.{os.urandom(4).hex()}.tmp")
+        with contextlib.suppress(FileExistsError):
+            os.close(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666))
+            break
+    else:
+        raise FileExistsError(f"no free temporary name beside {path}")
     try:
         write(tmp)
         with open(tmp, "rb") as f:
@@ -726,6 +846,66 @@ def script_name(script_file) -> str:
     return Path(script_file).stem
 
 
+def copy_of(script_file) -> Optional[str]:
+    """The script a file was copied from, where its docstring's first line names another file ("a.py: ..." in b.py
+    gives "a"); None when it names itself (or no file)."""
+    import re
+
+    with contextlib.suppress(OSError, UnicodeDecodeError):
+        named = re.match(r'\s*[rRuU]?"""\s*([\w.-]+)\.py:', Path(script_file).read_text())
+        if named and named.group(1) != script_name(script_file):
+            return named.group(1)
+    return None
+
+
+def label_copy(app: typer.Typer, script_file) -> None:
+    """In a copy (copy_of), --help begins with what the file is a copy of: "b.py, a copy of a.py (edit its docstring's
+    first line to say what your experiment is): ..." (common.main calls it)."""
+    import inspect
+
+    original = copy_of(script_file) if script_file else None
+    if original is None:
+        return
+    prefix = f"{Path(script_file).name}, a copy of {original}.py (edit its docstring's first line to say what your experiment is): "
+    for command in app.registered_commands:
+        command.help = prefix + (command.help or inspect.getdoc(command.callback) or "")
+    app.info.help = prefix + (app.info.help if isinstance(app.info.help, str) else "")
+
+
+def code_version(script_file) -> dict:
+    """The code that ran, for config.json: {"script_sha256": the script file's, "common_sha256": this file's, "git":
+    {"commit", "dirty" (uncommitted changes anywhere in the tree), "root"} when the script is in a git work tree, else
+    None, "copy_of": the script it was copied from (copy_of)}. Two runs of a script edited in between differ here;
+    a table of runs can group by script_sha256, git_commit or git_dirty."""
+    import hashlib
+    import subprocess
+
+    sha = lambda f: hashlib.sha256(Path(f).read_bytes()).hexdigest()  # noqa: E731
+    folder = Path(script_file).resolve().parent
+    git = None
+    with contextlib.suppress(OSError, subprocess.SubprocessError):
+        run = lambda *a: subprocess.run(["git", "-C", str(folder), *a], capture_output=True, text=True, timeout=10)  # noqa: E731
+        head = run("rev-parse", "HEAD", "--show-toplevel")
+        if head.returncode == 0:
+            commit, root = head.stdout.split()[:2]
+            tree = run("status", "--porcelain", "--untracked-files=no")  # changed tracked files
+            script = run("status", "--porcelain", "--untracked-files=all", "--", str(Path(script_file).resolve()))
+            dirty = bool(tree.stdout.strip() or script.stdout.strip()) if tree.returncode == script.returncode == 0 else None
+            git = {"commit": commit, "dirty": dirty, "root": root}  # dirty: also when the script itself is not committed
+    return {"script_sha256": sha(script_file), "common_sha256": sha(__file__), "git": git, "copy_of": copy_of(script_file)}
+
+
+def _same_list(saved, typed) -> bool:
+    """A list option saved as a comma string by an older run ("0,1") and typed now (["0", "1"]) is the same value."""
+    return isinstance(typed, list) and isinstance(saved, (str, list)) and split_values([saved] if isinstance(saved, str) else saved) == split_values(typed)
+
+
+def typed_on_command_line(ctx, name: str) -> bool:
+    """Whether the user gave option `name` on the command line (not its default, nor an environment variable)."""
+    source = ctx.get_parameter_source(name) if ctx is not None else None
+    return source is not None and source.name == "COMMANDLINE"
+
+
 def import_script(config: dict, run_dir):
     """The module of the script that made a run (config.json "script" and "script_path"): its recorded file, else
     <script>.py beside common.py or on sys.path."""
@@ -770,12 +950,15 @@ class Run:
     after a kill at any moment. The script says what it needs: `changeable` (options a resume may change),
     `length_option`, fix_length(why), checkpoint_format=(ext, save, load) for non-torch checkpoints."""
 
+    current = None  # the process's latest Run
+
     def __init__(self, ctx, args: SimpleNamespace, script_file, changeable=("epochs", "device", "quiet", "data_dir"),
                  length_option: str = "epochs", main_process: bool = True, checkpoint_format=None):
         self.script, self.script_path = script_name(script_file), str(Path(script_file).resolve())
         self.ext, self._save_file, self._load_file = checkpoint_format or (".pt", torch.save, load_checkpoint)
         self.length_option, self.main_process = length_option, main_process
         self.resumed, self.original, self.dir = bool(getattr(args, "resume", None)), None, None
+        self.typed = {name for name in vars(args) if typed_on_command_line(ctx, name)}  # what the user asked for
         if self.resumed:
             self.dir = Path(args.resume)
             check(self.dir.is_dir(), f"--resume {self.dir}: no such run directory")
@@ -790,6 +973,8 @@ class Run:
         self.epoch, self.history, self.best = 0, [], {"epoch": 0, "score": None}
         self.best_loss, self.bad_epochs, self.stopped_early, self.training_done = float("inf"), 0, False, False
         self.fixed_length = None
+        self._guarded = False  # inside Run.guard
+        Run.current = self  # common.main's Ctrl-C outside Run.guard says how to resume this run
 
     def _end_if_finished(self, args) -> None:
         """A finished run resumed with the same length (a requeued cluster job: `python SCRIPT --resume RUN` after a
@@ -811,11 +996,10 @@ class Run:
         for name in vars(args):
             if name in ("resume", "tag") or name not in saved:
                 continue
-            source = ctx.get_parameter_source(name)
-            typed = source is not None and source.name == "COMMANDLINE"
+            typed = name in self.typed
             if typed and name in changeable:
                 continue
-            if typed and saved[name] != getattr(args, name):
+            if typed and saved[name] != getattr(args, name) and not _same_list(saved[name], getattr(args, name)):
                 raise UserError(f"--{name.replace('_', '-')} cannot change when resuming ({saved[name]!r} in {self.dir}); "
                                 f"start a new run instead")
             merged[name] = saved[name]
@@ -855,17 +1039,27 @@ class Run:
 
     def save_config(self, **derived) -> dict:
         """New run: OUT_DIR/<script>/<time>[-tag]/config.json (options, derived facts, versions). Resumed: the original
-        stays and what changed goes to config["resumes"], written once last.* has loaded (a failed resume changes nothing)."""
+        stays and config["resumes"] gains {"time", "changed": the options the user typed with a new value [old, new],
+        "environment": the derived facts and versions that differ now [old, new] (another device, an edited script)},
+        written once last.* has loaded (a failed resume changes nothing)."""
         if self.resumed:
             config = dict(self.original)
-            now = {**vars(self.args), **derived, "versions": versions()}
-            changed = {k: [config.get(k), v] for k, v in now.items()
-                       if k not in ("resume", "created") and json.loads(json.dumps(v, default=to_json)) != config.get(k)}
-            config["resumes"] = config.get("resumes", []) + [{"time": time.strftime("%Y-%m-%dT%H:%M:%S"), "changed": changed}]
+            current = dict(config)  # as the run stood before this resume: earlier resumes' changes applied
+            for record in config.get("resumes", []):
+                for group in ("changed", "environment"):
+                    current.update({k: v[1] for k, v in record.get(group, {}).items()})
+            plain = lambda v: json.loads(json.dumps(v, default=to_json))  # noqa: E731
+            changed = {k: [current.get(k), plain(v)] for k, v in vars(self.args).items()
+                       if k in self.typed and k not in ("resume", "tag") and plain(v) != current.get(k)}
+            facts = {**derived, "versions": versions(), **code_version(self.script_path)}
+            environment = {k: [current.get(k), plain(v)] for k, v in facts.items() if plain(v) != current.get(k)}
+            config["resumes"] = config.get("resumes", []) + [{"time": time.strftime("%Y-%m-%dT%H:%M:%S"), "changed": changed,
+                                                              "environment": environment}]
             self._pending_config = config
-            return {**config, **{k: v[1] for k, v in changed.items()}}
+            return {**current, **plain(vars(self.args)), **plain(facts)}
         config = {"script": self.script, "script_path": self.script_path, **vars(self.args), **derived,
-                  "versions": versions(), "created": time.strftime("%Y-%m-%dT%H:%M:%S")}
+                  "versions": versions(), **code_version(self.script_path), "created": time.strftime("%Y-%m-%dT%H:%M:%S"),
+                  "options": sorted(vars(self.args))}  # which keys are options (what a table of runs may pool)
         if self.main_process:
             self.dir = make_run_dir(self.args.out_dir, self.script, self.args.tag)
             write_json(self.dir / "config.json", config)
@@ -969,6 +1163,7 @@ class Run:
         self._save("last", self._checkpoint())
         _test_kill_point("checkpoint", self.epoch)
         write_json(self.dir / "metrics.json", {"epochs": self.history}) if self.main_process else None
+        _test_kill_point("epoch_end", self.epoch)
 
     def load_best(self) -> dict:
         """best.* read to the CPU (model.load_state_dict copies the weights to the model's device)."""
@@ -986,16 +1181,55 @@ class Run:
 
     @contextlib.contextmanager
     def guard(self):
-        """Ctrl-C inside: last.* already holds the last finished epoch; print how to resume and exit 130."""
+        """Ctrl-C (SIGINT) or SIGTERM inside: last.* already holds the last finished epoch (every write is atomic).
+        With both signals ignored meanwhile (a second Ctrl-C cannot cut it short), close the TensorBoard writers and
+        write the resume command to INTERRUPTED.txt in the run directory, then to stderr; then raise Interrupted, which
+        common.main turns into death by the same signal, so a shell loop of runs stops."""
+        import signal
+
+        def on_term(signum, frame):
+            raise Terminated()
+
+        main_thread = threading.current_thread() is threading.main_thread()
+        previous = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)} if main_thread else {}
+        if main_thread:
+            signal.signal(signal.SIGTERM, on_term)
+        if self.main_process and self.dir is not None:
+            (self.dir / INTERRUPTED).unlink(missing_ok=True)  # an earlier interruption's note: this run goes on now
         try:
+            self._guarded = True
             yield
-        except KeyboardInterrupt:
-            for writer in self._writers.values():
-                writer.close()
-            if self.main_process:
-                print(f"\ninterrupted in epoch {self.epoch + 1}; {self.last_path.name} holds epoch {self.epoch}.\n"
-                      f"resume with: python {self.script}.py --resume {self.dir}", file=sys.stderr)
-            sys.exit(130)
+        except KeyboardInterrupt as e:
+            signum = signal.SIGTERM if isinstance(e, Terminated) else signal.SIGINT
+            for s in previous:
+                signal.signal(s, signal.SIG_IGN)
+            self.interrupted(signum)
+            raise Interrupted(signum) from None
+        finally:
+            self._guarded = False
+            for s, handler in previous.items():
+                signal.signal(s, handler if handler is not None else signal.SIG_DFL)
+
+    def interrupted(self, signum: int) -> None:
+        """After Ctrl-C or SIGTERM: close the TensorBoard writers, then the resume command into INTERRUPTED.txt and
+        onto stderr (main process; nothing once the run has finished)."""
+        import signal
+
+        _test_kill_point("interrupted")
+        for writer in self._writers.values():
+            writer.close()
+        if self.main_process and self.dir is not None and "final" not in read_json(self.dir / "metrics.json", {}):
+            where = f"in epoch {self.epoch + 1}" if self._guarded else "outside training (loading, or the final report)"
+            note = (f"interrupted ({signal.Signals(signum).name}) {where}; {self.last_path.name} holds epoch "
+                    f"{self.epoch}.\nresume with: {self.resume_command()}\n")
+            atomic_write(self.dir / INTERRUPTED, lambda tmp: Path(tmp).write_text(note))
+            with contextlib.suppress(OSError):  # stderr may be a pipe whose reader (tee) the Ctrl-C also ended
+                print("\n" + note, end="", file=sys.stderr, flush=True)
+
+    def resume_command(self) -> str:
+        """`python SCRIPT --resume RUN_DIR`, the script's path as typed from the working directory."""
+        path = os.path.relpath(self.script_path)
+        return f"python {path if not path.startswith('..') else self.script_path} --resume {self.dir}"
 
     def finish(self, final: dict, result: dict, summary: str) -> None:
         """One line in OUT_DIR/results.jsonl (once per run directory), then metrics.json with `final` (which marks the
@@ -1038,12 +1272,19 @@ def _count_batches(iterable, event: str):
 def _test_kill_point(event: str, epoch: Optional[int] = None) -> None:
     """SIGKILL this process at a chosen point, as fail-rs/gofail failpoints do; off unless a test sets RUN_TEST_KILL_AT:
     config (config.json written, no checkpoint yet), checkpoint:2 (right after epoch 2's last.*), final (inside the
-    final report, before results.jsonl and metrics.json's final), batch:N or DESC:N (see progress)."""
+    final report, before results.jsonl and metrics.json's final), batch:N or DESC:N (see progress), epoch_end:2 (after
+    epoch 2's metrics.json), interrupted (in Run.guard's Ctrl-C handling). RUN_TEST_PAUSE_AT=POINT[,POINT...] instead sleeps there
+    RUN_TEST_PAUSE_S seconds (default 60) after a line on stderr, for a test to send a signal at a known moment."""
+    here = event if epoch is None else f"{event}:{epoch}"
     want = os.environ.get("RUN_TEST_KILL_AT")
-    if want and want == (event if epoch is None else f"{event}:{epoch}"):
+    if want and want == here:
         import signal
 
         os.kill(os.getpid(), signal.SIGKILL)
+    if here in os.environ.get("RUN_TEST_PAUSE_AT", "").split(","):  # e.g. epoch_end:1,interrupted: wait for a signal
+        with contextlib.suppress(OSError):
+            print(f"test pause at {here}", file=sys.stderr, flush=True)
+        time.sleep(float(os.environ.get("RUN_TEST_PAUSE_S", "60")))
 
 
 # ----------------------------------------------------------------------------- plots (matplotlib, Agg)

@@ -180,7 +180,8 @@ def plot_lines(xs, lines: dict, xlabel, ylabel, path, title) -> None:
     plt.close(fig)
 
 
-def parse_eps(text: str) -> list[float]:
+def parse_eps(text) -> list[float]:
+    text = ",".join(common.split_values(text if isinstance(text, list) else [text]))
     try:
         values = [float(v) for v in text.split(",") if v.strip()]
     except ValueError:
@@ -193,7 +194,7 @@ def parse_eps(text: str) -> list[float]:
 def main(
     ctx: typer.Context,
     run_dir: Annotated[Path, typer.Argument(help="A run directory of an MNIST or CIFAR-10 training script (any script with build_model, copies too).", show_default=False)],
-    eps: Annotated[Optional[str], typer.Option(help="Attack budget(s) in pixel units 0..255, e.g. 8 or 2,4,8,16 (default: CIFAR 2,4,8; MNIST 16,32,64).")] = None,
+    eps: Annotated[Optional[list[str]], typer.Option(callback=common.strs_option, help="Attack budget(s) in pixel units 0..255, e.g. 8 or 2,4,8,16 or --eps 2 --eps 4 (default: CIFAR 2,4,8; MNIST 16,32,64).")] = None,
     steps: Annotated[int, typer.Option(help="Steps of the iterative attack (each eps/steps).")] = 5,
     examples: Annotated[int, typer.Option(help="Correct and incorrect test images drawn with their input gradients.")] = 8,
     batch_size: common.BatchSize = 1000,

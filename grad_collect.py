@@ -1209,7 +1209,7 @@ ANALYSIS_OPTIONS = ("analysis", "influence", "clusters", "kmeans_init", "tsne_sa
 @app.command()
 def main(
     ctx: typer.Context,
-    hidden: Annotated[list[int], typer.Option(help="Hidden layer width; repeat for more layers (as train_mlp.py).")] = [512],
+    hidden: Annotated[list[str], typer.Option(callback=common.ints_option, help="Hidden layer widths: --hidden 256,128 or --hidden 256 --hidden 128 (as train_mlp.py).")] = ["512"],
     dropout: Annotated[float, typer.Option(help="Dropout after each hidden layer (off while collecting).")] = 0.0,
     weight_decay: Annotated[float, typer.Option(help="L2 weight decay.")] = 1e-4,
     optimizer: Annotated[str, typer.Option(help="adam or sgd.")] = "adam",
@@ -1284,14 +1284,15 @@ def train_and_collect(run) -> None:
     if args.lr_schedule == "cosine":
         run.fix_length("its cosine learning rate decays to 0 at the last planned step")
     device, data, model, plan, factors = prepare(run)
-    precision, precision_reason = common.pick_precision(args.precision, device)  # of the training steps only
+    args.precision, precision_reason = common.pick_precision(args.precision, device, run.original)  # of the training steps
+    precision = args.precision
     opt = make_optimizer(model, args.optimizer, args.lr, args.weight_decay, args.momentum)
     scaler = common.grad_scaler(device, precision)
     batches = common.Batches(data.train_x, data.train_y, args.batch_size, shuffle=True, seed=common.seed_for(args.seed, "shuffle"))
     schedule = collect_schedule(args)
     if not run.resumed:
         check_size(model, plan, len(data.train_y), args.dtype, len(schedule), args.max_gb, args.out_dir)
-    run.save_config(device=str(device), precision_used=precision, precision_reason=precision_reason, n_parameters=common.count_parameters(model),
+    run.save_config(device=str(device), precision_reason=precision_reason, n_parameters=common.count_parameters(model),
                     arrays=plan, **data.describe())
     train_mlp.save_label_noise(run, data)
     if not args.quiet:

@@ -433,7 +433,7 @@ def plot_compare(history: list[dict], run_dir: Path) -> None:
 def main(
     ctx: typer.Context,
     arch: Annotated[str, typer.Option(help="embed (4x4 patch embedding to 8 channels, ReLU, linear; the source's) or mlp (fully connected).")] = "embed",
-    hidden: Annotated[list[int], typer.Option(help="Hidden widths of --arch mlp; repeat for more layers.")] = [128],
+    hidden: Annotated[list[str], typer.Option(callback=common.ints_option, help="Hidden widths of --arch mlp: --hidden 256,128 or --hidden 256 --hidden 128.")] = ["128"],
     updates: Annotated[int, typer.Option(help="SGD updates in all.")] = 10_000,
     eval_every: Annotated[int, typer.Option(help="Validate (and checkpoint) every this many updates.")] = 1000,
     grad_check: Annotated[bool, typer.Option("--grad-check", help="Check every layer's gradients by central finite differences in float64, then exit (1 if any relative error >= 1e-6).")] = False,

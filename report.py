@@ -7,9 +7,13 @@
 
 Reads OUT_DIR/results.jsonl (one line per finished run) and OUT_DIR/sweeps/*/trials.jsonl (or only --sweep DIR),
 and for an option a record lacks its run's config.json (for a metric, its metrics.json final). Runs are grouped by
-the --by keys; each group's --metric is mean +- sample std over its runs with their count n (accuracies in percent,
-std "-" for one run). Unreadable or partial lines are reported (file:line, why) and skipped. Writes Markdown to
-stdout and --out, and --plot: the metric against the first numeric --by key, one line per group of the other keys.
+the --by keys plus every other option that differs among the runs of a group (said on stderr; --pool KEY averages
+over KEY instead, and the table names the values it pooled); reruns with the same options and seed count once, the
+latest. Each group's --metric is mean +- sample std over its seeds with their count n (accuracies in percent; one
+run: its value alone). Groups mixing versions of a script (config.json's script_sha256) are named on stderr; --by
+script_sha256, git_commit or git_dirty splits them. Unreadable or partial lines are reported (file:line, why) and
+skipped. Writes Markdown to stdout and --out, and --plot: the metric against the first numeric --by key, one line per
+group of the other keys (categories: unjoined points; error bars of an accuracy kept within 0-100%).
 sweep.py's summary.md/summary.png are made by these same functions.
 """
 
@@ -35,6 +39,12 @@ import common
 ROOT = Path(__file__).resolve().parent
 app = typer.Typer(add_completion=False, pretty_exceptions_enable=False, help=__doc__.split("\n")[0])
 MISSING = "–"
+# Options that never split a table: the seed (runs of a group are its seeds) and where or how a run was written or shown.
+NOT_POOLING_OPTIONS = {"seed", "resume", "tag", "quiet", "out_dir", "data_dir"}
+# config.json keys that are not options (for runs whose config.json does not list its "options"): machine, bookkeeping,
+# code version (report.py says when pooled runs ran different code instead of splitting them).
+MACHINE_FACTS = {"script", "script_path", "versions", "created", "resumes", "cpu", "threads", "precision_reason", "device",
+                 "script_sha256", "common_sha256", "git", "copy_of", "options", "flush_denormal", "malloc"}
 
 
 # ----------------------------------------------------------------------------- reproduce: every source's headline claim
@@ -113,15 +123,32 @@ class Record:
                 data = common.read_json(Path(self.run_dir) / name, default=None)
                 if isinstance(data, dict):
                     setattr(self, kind, data if kind == "config" else data.get("final"))
+            if kind == "config" and isinstance(self.config, dict):  # as the run ended: its resumes' changes applied
+                config = dict(self.config)
+                for record in config.get("resumes", []) if isinstance(config.get("resumes"), list) else []:
+                    for group in ("changed", "environment"):
+                        config.update({k: v[1] for k, v in (record.get(group) or {}).items() if isinstance(v, list) and len(v) == 2})
+                git = config.get("git") if isinstance(config.get("git"), dict) else {}
+                config.update({f"git_{k}": v for k, v in git.items()})  # --by git_commit, git_dirty
+                self.config = config
         return getattr(self, kind) or {}
 
     def get(self, key: str):
-        """An option or fact: the record's own fields, then config.json, then the final metrics."""
+        """An option or fact: the record's own fields, then config.json (as the run ended), then the final metrics."""
         key = key.replace("-", "_")
         for source in (self.fields, self._file("config"), self._file("final")):
             if key in source:
                 return source[key]
         return MISSING
+
+    def option_names(self) -> set[str]:
+        """The options the run was started with: config.json's "options" (runs since it lists them), else its keys but
+        the facts of the machine and the bookkeeping; a sweep trial's grid options too."""
+        config = self._file("config")
+        names = set(config["options"]) if isinstance(config.get("options"), list) else set(config) - MACHINE_FACTS
+        if self.fields.get("sweep") is not None:
+            names |= set(self.fields) - {"seed", "sweep"}
+        return {n for n in names if not n.startswith("git_")} - NOT_POOLING_OPTIONS
 
     def metric(self, key: str):
         """A metric: the results line's own value, then metrics.json's final block."""
@@ -173,7 +200,7 @@ def read_sweep(sweep_dir: Path, notes: list[str]) -> list[Record]:
     return list(latest.values())
 
 
-def load_records(out_dir=Path("runs"), sweeps: Optional[list] = None, script: Optional[str] = None) -> tuple[list[Record], list[str]]:
+def load_records(out_dir=Path("runs"), sweeps: Optional[list] = None, script=None) -> tuple[list[Record], list[str]]:
     """Records of OUT_DIR/results.jsonl and every OUT_DIR/sweeps/*/trials.jsonl, or of the given sweep directories
     only; a run listed twice (a sweep's trial is also in results.jsonl) counts once. Returns (records, notes)."""
     notes: list[str] = []
@@ -199,9 +226,9 @@ def load_records(out_dir=Path("runs"), sweeps: Optional[list] = None, script: Op
             continue
         seen.add(key)
         unique.append(r)
-    if script:
-        name = Path(script).stem
-        unique = [r for r in unique if r.script == name]
+    if script:  # a name, or several (a list, or commas)
+        names = {Path(n).stem for n in common.split_values([script] if isinstance(script, str) else script)}
+        unique = [r for r in unique if r.script in names]
     return unique, notes
 
 
@@ -291,6 +318,77 @@ def aggregate(records: list[Record], by: list[str], metric: str, order: Optional
     return rows
 
 
+def _values_order(value: str):
+    try:
+        return (0, float(value), "")
+    except ValueError:
+        return (1, 0.0, value)
+
+
+def _group_of(r: Record, keys: list[str]) -> tuple:
+    return tuple(canon(r.get(k)) for k in keys)
+
+
+def split_pooled(records: list[Record], by: list[str], pool=()) -> tuple[list[str], list[str], list[str]]:
+    """(keys, pooled, notes): the --by keys plus every option that differs among the finished runs of one group
+    (an option a run does not record is not compared), except those in `pool`; `pooled`: lines naming each option
+    averaged over with its values; `notes`: what was added, and groups whose runs ran different code."""
+    groups: dict[tuple, list[Record]] = {}
+    for r in records:
+        if r.ok:
+            groups.setdefault(_group_of(r, by), []).append(r)
+    varying: dict[str, set] = {}
+    for members in groups.values():
+        for name in set().union(*(r.option_names() for r in members)) - set(by):
+            values = {canon(r.get(name)) for r in members if name in r.option_names() and r.get(name) is not MISSING}
+            if len(values) > 1:
+                varying.setdefault(name, set()).update(values)
+    pool = {k.replace("-", "_") for k in pool}
+    added = sorted(k for k in varying if k not in pool)
+    pooled = [f"{k} ({', '.join(sorted(varying[k], key=_values_order))})" for k in sorted(varying) if k in pool]
+    notes = [f"also grouped by {', '.join(added)}: they differ among runs that --by {','.join(by)} alone would average "
+             f"together (--pool {','.join(added)} to average over them)"] if added else []
+    keys = by + added
+    mixed: dict[tuple, list[Record]] = {}
+    for r in records:
+        if r.ok:
+            mixed.setdefault(_group_of(r, keys), []).append(r)
+    code = [g for g, members in mixed.items() if len({canon(r.get("script_sha256")) for r in members} - {MISSING}) > 1]
+    if code and "script_sha256" not in keys:
+        notes.append(f"{len(code)} group(s) hold runs of different versions of their script (script_sha256 differs): "
+                     f"--by {','.join(keys)},script_sha256 (or git_commit) tells them apart")
+    return keys, pooled, notes
+
+
+def latest_per_seed(records: list[Record], keys: list[str]) -> tuple[list[Record], Optional[str]]:
+    """Reruns (the same group, options and seed) count once: the latest (results.jsonl time, else config.json created,
+    else the order read). Failed trials and runs without a seed are kept as they are."""
+    def rerun_key(r: Record) -> tuple:
+        options = tuple(sorted((name, canon(r.get(name))) for name in r.option_names()))
+        return _group_of(r, keys), options, canon(r.get("seed"))
+
+    latest: dict[tuple, tuple] = {}
+    counts: dict[tuple, int] = {}
+    kept: list[tuple] = []
+    for i, r in enumerate(records):
+        if not r.ok or r.get("seed") is MISSING:
+            kept.append((i, r))
+            continue
+        key = rerun_key(r)
+        when = (str(r.fields.get("time") or r._file("config").get("created") or ""), i)
+        counts[key] = counts.get(key, 0) + 1
+        if key not in latest or when >= latest[key][0]:
+            latest[key] = (when, i, r)
+    kept += [(i, r) for _, i, r in latest.values()]
+    reruns = {key: n for key, n in counts.items() if n > 1}
+    note = None
+    if reruns:
+        which = "; ".join(f"{', '.join(f'{k}={v}' for k, v in zip(keys, group))} seed {seed}: {n} runs"
+                          for (group, _, seed), n in list(reruns.items())[:5]) + (" ..." if len(reruns) > 5 else "")
+        note = f"reruns of a seed with the same options count once (the latest): left out {sum(reruns.values()) - len(reruns)} earlier run(s) ({which})"
+    return [r for _, r in sorted(kept, key=lambda item: item[0])], note
+
+
 def left_out(records: list[Record], metric: str) -> Optional[str]:
     """A note naming the finished runs that have no `metric` (other scripts' lines, say)."""
     lacking = [r for r in records if r.ok and _number(r.metric(metric)) is None]
@@ -311,12 +409,12 @@ def is_fraction(metric: str) -> bool:
 
 
 def fmt(mean: float, std: float, n: int, metric: str) -> str:
-    """'98.25% +- 0.07%' (accuracies), '0.9920 +- 0.0010' (others); std '-' for one run, 'n/a' for none."""
+    """'98.25% +- 0.07%' (accuracies), '0.9920 +- 0.0010' (others); one run: its value alone (no spread), none: 'n/a'."""
     if n == 0:
         return "n/a"
     if is_fraction(metric):
-        return f"{100 * mean:.2f}% +- " + (f"{100 * std:.2f}%" if n > 1 else MISSING)
-    return f"{mean:.4g} +- " + (f"{std:.4g}" if n > 1 else MISSING)
+        return f"{100 * mean:.2f}%" + (f" +- {100 * std:.2f}%" if n > 1 else "")
+    return f"{mean:.4g}" + (f" +- {std:.4g}" if n > 1 else "")
 
 
 def markdown(rows: list[dict], by: list[str], metric: str, title: Optional[str] = None, show_failed: bool = False) -> str:
@@ -342,8 +440,9 @@ def numeric_key(rows: list[dict], by: list[str]) -> Optional[str]:
 
 
 def plot(rows: list[dict], by: list[str], metric: str, path, x_key: Optional[str] = None, title: Optional[str] = None) -> None:
-    """metric (mean, std as error bars) against x_key (default: the first numeric by key, else the first key, as
-    categories), one line per combination of the other by keys."""
+    """metric (mean, std as error bars; for an accuracy or error clipped to [0, 100%]) against x_key (default: the
+    first numeric by key, else the first key, as categories: points, not joined), one line per combination of the
+    other by keys."""
     plt = common.pyplot()
     x_key = x_key or numeric_key(rows, by) or (by[0] if by else None)
     others = [k for k in by if k != x_key]
@@ -358,8 +457,13 @@ def plot(rows: list[dict], by: list[str], metric: str, path, x_key: Optional[str
     for combo, members in lines.items():
         pos = [float(r["group"][x_key]) if numeric else xs_all.index(r["group"][x_key]) if x_key else 0 for r in members]
         label = ", ".join(f"{k}={v}" for k, v in zip(others, combo)) or metric
-        ax.errorbar(pos, [scale * r["mean"] for r in members], yerr=[scale * r["std"] for r in members], marker="o",
-                    capsize=3, label=label)
+        means, stds = [scale * r["mean"] for r in members], [scale * r["std"] for r in members]
+        low = [min(s, m) if scale == 100 else s for m, s in zip(means, stds)]  # a share lies in [0, 100%]
+        high = [min(s, 100 - m) if scale == 100 else s for m, s in zip(means, stds)]
+        if not numeric and len(lines) > 1:  # categories side by side: each line's points a little apart
+            offset = (list(lines).index(combo) - (len(lines) - 1) / 2) * 0.8 / len(lines)
+            pos = [p + offset for p in pos]
+        ax.errorbar(pos, means, yerr=[low, high], marker="o", capsize=3, label=label, linestyle="-" if numeric else "none")
     if numeric:
         xs = [float(x) for x in xs_all]
         if xs and min(xs) > 0 and max(xs) / min(xs) >= 20:
@@ -389,25 +493,33 @@ def parse_by(text: str) -> list[str]:
 @app.callback(invoke_without_command=True)
 def table(
     ctx: typer.Context,
-    by: Annotated[str, typer.Option(help="Group keys, comma-separated: options (e.g. model,layers) or fields of the records.")] = "script",
+    by: Annotated[list[str], typer.Option(callback=common.strs_option, help="Group keys: options (e.g. model,layers, or repeat --by), fields of the records, script_sha256, git_commit, git_dirty. Any other option that differs within a group is added (see --pool).")] = ["script"],
+    pool: Annotated[Optional[list[str]], typer.Option(callback=common.strs_option, help="Options to average over even where they differ (e.g. epochs); the table says which values it pooled.")] = None,
     metric: Annotated[str, typer.Option(help="Metric of the runs' final results (test_acc, raw_test_acc, grad_ari_direction, ...).")] = "test_acc",
-    script: Annotated[Optional[str], typer.Option(help="Only runs of this script, e.g. train_glonet.")] = None,
+    script: Annotated[Optional[list[str]], typer.Option(callback=common.strs_option, help="Only runs of these scripts: train_glonet, or train_mlp,my_mlp, or repeat --script.")] = None,
     sweep: Annotated[Optional[list[Path]], typer.Option(help="Read only this sweep directory (OUT_DIR/sweeps/NAME); repeat for more.")] = None,
     out: Annotated[Optional[Path], typer.Option(help="Also write the Markdown table to this file.")] = None,
     plot_file: Annotated[Optional[Path], typer.Option("--plot", help="Plot the metric against the first numeric --by key to this PNG.")] = None,
     out_dir: Annotated[Path, typer.Option(help="Folder holding results.jsonl and sweeps/.")] = Path("runs"),
 ):
-    """Table (and plot) of finished runs: mean +- std of --metric over the runs of each --by group."""
+    """Table (and plot) of finished runs: mean +- std of --metric over the seeds of each group (the --by keys and any
+    other option that differs; one run per seed, the latest)."""
     if ctx.invoked_subcommand is not None:
         return
-    keys = parse_by(by)
+    keys = parse_by(",".join(by or []))
     records, notes = load_records(out_dir, sweep, script)
     note = left_out(records, metric)
-    for line in notes + ([note] if note else []):
+    records = [r for r in records if not r.ok or _number(r.metric(metric)) is not None]
+    keys, pooled, pool_notes = split_pooled(records, keys, pool or [])
+    records, rerun_note = latest_per_seed(records, keys)
+    for line in notes + ([note] if note else []) + pool_notes + ([rerun_note] if rerun_note else []):
         print(line, file=sys.stderr)
     rows = aggregate(records, keys, metric)
-    common.check(bool(rows), f"no runs with {metric}" + (f" of {script}" if script else "") + f" in {', '.join(map(str, sweep)) if sweep else out_dir}")
+    names = ", ".join(script or [])
+    common.check(bool(rows), f"no runs with {metric}" + (f" of {names}" if script else "") + f" in {', '.join(map(str, sweep)) if sweep else out_dir}")
     text = markdown(rows, keys, metric, show_failed=any(r.fields.get("sweep") for r in records))
+    if pooled:
+        text += "\nPooled over " + "; ".join(pooled) + " (--pool).\n"
     print(text, end="")
     if out is not None:
         out.write_text(text)

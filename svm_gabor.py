@@ -126,7 +126,8 @@ def fit_and_test(features_train, y_train, features_test, y_test, args, num_class
             "n_features": int(features_train.shape[1]), "n_support": int(model[-1].n_support_.sum())}
 
 
-def parse_frequencies(text: str) -> list[float]:
+def parse_frequencies(text) -> list[float]:
+    text = ",".join(common.split_values(text if isinstance(text, list) else [text]))
     try:
         values = [float(v) for v in text.split(",") if v.strip()]
     except ValueError:
@@ -144,7 +145,7 @@ def main(
     gamma: Annotated[str, typer.Option(help="RBF width: scale (1 / (features x variance), scikit-learn's default), auto, or a number.")] = "scale",
     train_size: Annotated[int, typer.Option(help="Training images for both SVMs (the first N of the shuffled training split; 20,000 keeps the default run near 1-2 minutes on 2 cores).")] = 20_000,
     orientations: Annotated[int, typer.Option(help="Gabor orientations, evenly spaced over 180 degrees.")] = 4,
-    frequencies: Annotated[str, typer.Option(help="Gabor frequencies in cycles per pixel of the 14x14 image, comma-separated.")] = "0.15,0.25,0.35",
+    frequencies: Annotated[list[str], typer.Option(callback=common.strs_option, help="Gabor frequencies in cycles per pixel of the 14x14 image: 0.15,0.25 or repeat the option.")] = ["0.15", "0.25", "0.35"],
     kernel_size: Annotated[int, typer.Option(help="Gabor kernel size in pixels (odd).")] = 7,
     pool: Annotated[int, typer.Option(help="Average the response magnitudes over pool x pool cells (1, 2 or 7).")] = 2,
     val_fraction: common.ValFraction = 0.1,

@@ -28,6 +28,7 @@ import platform
 import secrets
 import shlex
 import shutil
+import signal
 import socket
 import subprocess
 import sys
@@ -411,7 +412,7 @@ def main(
             ray.shutdown()
         print(f"\ninterrupted: {counts['ok']} ok, {counts['failed']} failed, {len(pending)} cancelled; "
               f"{trials_path} holds the finished ones.\nresume with: python sweep.py {' '.join(sys.argv[1:])}", file=sys.stderr)
-        sys.exit(130)
+        raise common.Interrupted(signal.SIGINT) from None  # common.main: the process dies of SIGINT, a shell loop stops
     finally:
         if bar is not None:
             bar.close()

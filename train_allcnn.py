@@ -281,7 +281,7 @@ def main(
     net = build_model(config).to(dev, memory_format=memory_format(dev))
     groups = parameter_groups(net, args.weight_decay)
     opt = torch.optim.SGD(groups, lr=args.lr, momentum=0.9, nesterov=True)
-    args.precision, precision_reason = common.pick_precision(args.precision, dev)
+    args.precision, precision_reason = common.pick_precision(args.precision, dev, run.original)  # the choice, not "auto"
     scaler = common.grad_scaler(dev, args.precision)  # loss scaling for fp16 (GPUs without native bf16) only
     batches = ShardedBatches(data.train_x, data.train_y, args.batch_size, common.seed_for(args.seed, "shuffle"), rank, world, args.augment)
     counts = parameter_report(net, groups)

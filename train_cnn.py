@@ -287,8 +287,11 @@ def train(run, model, optimizer, batches, data, plain, scaler=None) -> None:
                 break
 
 
-def report(run, model, data, plain, started: float) -> dict:
-    """Best weights on the test set (the timed part ends here), then metrics, TensorBoard and the plots."""
+def report(run, model, data, plain, started: float, resumed_after: Optional[int] = None) -> dict:
+    """Best weights on the test set (the timed part ends here), then metrics, TensorBoard and the plots. Timings:
+    train_time_s, the training of every epoch (of all the processes of a resumed run); time_to_test_acc_s, this
+    process's start to its test accuracy (a resumed run's: only the part after epoch resumed_after, which
+    time_to_test_acc_from_epoch names; 0 for a run in one process)."""
     args = run.args
     model.load_state_dict(run.load_best()["model"])
     test_loss, test_acc, preds, probs = evaluate(model, data.test_x, data.test_y, plain, args.precision)
@@ -297,7 +300,8 @@ def report(run, model, data, plain, started: float) -> dict:
     per_class = {str(d): float(cm[i, i] / max(cm[i].sum(), 1)) for i, d in enumerate(data.digits)}
     final = {"test_loss": test_loss, "test_acc": test_acc, "per_class_acc": per_class, "best_epoch": run.best["epoch"],
              "best_val_acc": run.best["score"], "epochs_run": run.epoch, "stopped_early": run.stopped_early,
-             "train_time_s": sum(h["epoch_time_s"] for h in run.history), "time_to_test_acc_s": time_to_test}
+             "train_time_s": sum(h["epoch_time_s"] for h in run.history), "time_to_test_acc_s": time_to_test,
+             "time_to_test_acc_from_epoch": resumed_after or 0}
     writer = run.tensorboard()
     writer.add_scalar("loss/test", test_loss, run.epoch)
     writer.add_scalar("acc/test", test_acc, run.epoch)
@@ -319,7 +323,11 @@ def report(run, model, data, plain, started: float) -> dict:
     maps = feature_maps(model, plain(data.test_x[:1]).float())
     plot_feature_maps(test_x[0], maps, data.digits[int(test_y[0])], run.dir / "feature_maps.png")
     print(f"per-class test accuracy: " + " ".join(f"{d}:{a:.2%}" for d, a in per_class.items()))
-    print(f"{len(wrong)} test mistakes; training {final['train_time_s']:.1f}s, start to test accuracy {time_to_test:.1f}s")
+    here = run.history[resumed_after or 0:]
+    print(f"{len(wrong)} test mistakes; training {final['train_time_s']:.1f}s (all {run.epoch} epochs)" + (
+          f", start to test accuracy {time_to_test:.1f}s" if resumed_after is None else
+          f"; this process, resumed after epoch {resumed_after}: training {sum(h['epoch_time_s'] for h in here):.1f}s "
+          f"({len(here)} epoch{'s' if len(here) != 1 else ''}), start to test accuracy {time_to_test:.1f}s"))
     return final
 
 
@@ -362,7 +370,7 @@ def main(
     if args.lr is None:
         args.lr = DEFAULT_LR[args.optimizer]
     device = common.pick_device(args.device)
-    args.precision, precision_reason = common.pick_precision(args.precision, device)
+    args.precision, precision_reason = common.pick_precision(args.precision, device, run.original)  # the choice, not "auto"
     data = common.load_mnist(args.data_dir, device, args.digits, args.val_fraction, args.limit, args.seed)
     common.seed_everything(common.seed_for(args.seed, "init"))
     model = CNN(args.arch, data.num_classes).to(device, memory_format=memory_format(device))
@@ -379,9 +387,10 @@ def main(
           f"val {len(data.val_y)} test {len(data.test_y)} | digits {data.digits} | {n_params:,} parameters | run {run.dir}")
     scaler = common.grad_scaler(device, args.precision)  # loss scaling for fp16 (GPUs without native bf16) only
     run.restore(device, model=model, optimizer=opt, scaler=scaler, generator=batches.generator)
+    resumed_after = run.epoch if run.resumed else None  # where this process's training starts
 
     train(run, model, opt, batches, data, plain, scaler)
-    final = report(run, model, data, plain, started)
+    final = report(run, model, data, plain, started, resumed_after)
     run.finish(final, {"arch": args.arch, "digits": data.digits, "epochs": run.epoch, "test_acc": final["test_acc"],
                        "time_to_test_acc_s": final["time_to_test_acc_s"]},
                summary=f"run {run.dir} | test accuracy {final['test_acc']:.2%} (best epoch {final['best_epoch']})")

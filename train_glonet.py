@@ -396,7 +396,8 @@ def main(
     if args.lr_schedule == "cosine":
         run.fix_length("its cosine learning rate decays to 0 at the last planned step")
     device = common.pick_device(args.device)
-    precision, precision_reason = common.pick_precision(args.precision, device)  # auto: bf16 where native, else fp32
+    args.precision, precision_reason = common.pick_precision(args.precision, device, run.original)  # the choice, not "auto"
+    precision = args.precision
     # Deep nets whose unused layers shrink toward 0 drive the CPU into denormal floats: a depth-200 MLP's steps went
     # from 0.2 s to 3.3 s within 16 steps; flushing them to zero keeps every step at 0.2 s (same loss to 7 digits).
     flush_denormal = device.type == "cpu" and torch.set_flush_denormal(True)
@@ -411,7 +412,7 @@ def main(
     batches = common.Batches(data.train_x, data.train_y, args.batch_size, shuffle=True, seed=common.seed_for(args.seed, "shuffle"),
                              transform=unit_scale if args.input_scale == "unit" else common.normalize)
     n_params = common.count_parameters(net)
-    config = run.save_config(device=str(device), precision_used=precision, precision_reason=precision_reason,
+    config = run.save_config(device=str(device), precision_reason=precision_reason,
                              cpu=common.describe_machine(), flush_denormal=flush_denormal, n_parameters=n_params,
                              n_hidden=len(net.hidden), **data.describe())
     table = common.parameter_table(net)

@@ -212,7 +212,7 @@ def report(run, model, data, device) -> dict:
 @app.command()
 def main(
     ctx: typer.Context,
-    hidden: Annotated[list[int], typer.Option(help="Hidden layer width; repeat for more layers: --hidden 256 --hidden 128.")] = [512],
+    hidden: Annotated[list[str], typer.Option(callback=common.ints_option, help="Hidden layer widths: --hidden 256,128 or --hidden 256 --hidden 128.")] = ["512"],
     dropout: Annotated[float, typer.Option(help="Dropout after each hidden layer.")] = 0.0,
     weight_decay: Annotated[float, typer.Option(help="L2 weight decay.")] = 1e-4,
     optimizer: Annotated[str, typer.Option(help="adam or sgd.")] = "adam",
@@ -246,7 +246,8 @@ def main(
     if args.lr_schedule == "cosine":
         run.fix_length("its cosine learning rate decays to 0 at the last planned step")
     device = common.pick_device(args.device)
-    precision, precision_reason = common.pick_precision(args.precision, device)  # auto: bf16 where native, else fp32
+    args.precision, precision_reason = common.pick_precision(args.precision, device, run.original)  # the choice, not "auto"
+    precision = args.precision
     data = common.load_mnist(args.data_dir, device, args.digits, args.val_fraction, args.limit, args.seed, args.label_noise)
     common.seed_everything(common.seed_for(args.seed, "init"))
     model = MLP(args.hidden, data.num_classes, args.dropout, args.init, args.batch_norm).to(device)
@@ -254,7 +255,7 @@ def main(
     scaler = common.grad_scaler(device, precision)  # loss scaling for fp16 only
     batches = common.Batches(data.train_x, data.train_y, args.batch_size, shuffle=True, seed=common.seed_for(args.seed, "shuffle"))
     n_params = common.count_parameters(model)
-    run.save_config(device=str(device), precision_used=precision, precision_reason=precision_reason, cpu=common.describe_machine(),
+    run.save_config(device=str(device), precision_reason=precision_reason, cpu=common.describe_machine(),
                     n_parameters=n_params, **data.describe())
     save_label_noise(run, data)
     if not args.quiet:

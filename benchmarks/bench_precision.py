@@ -88,7 +88,7 @@ def run_once(script: str, options: list, precision: str, seed: int, data_dir: Pa
     epochs = metrics["epochs"]
     train_s = [e.get("train_time_s", e["epoch_time_s"]) for e in epochs]  # train_glonet times training alone
     return {"wall_s": wall, "test_acc": metrics["final"]["test_acc"], "epoch_s": statistics.median(train_s),
-            "precision_used": config.get("precision_used"), "reason": config.get("precision_reason"), "config": config}
+            "precision_used": config.get("precision"), "reason": config.get("precision_reason"), "config": config}
 
 
 def mean_sd(values: list[float]) -> str:

@@ -67,7 +67,8 @@ def make_tiny_mnist(root: Path, n_train: int = 600, n_test: int = 200) -> Path:
 # The modules whose tests take longest (Ray, torchrun, real Ctrl-C and SIGKILL cycles) first, in this order, the rest
 # as collected: `-n 2` hands tests out in collection order, so the two workers end together on short tests instead
 # of one waiting for the other's last long module.
-SLOW_MODULES_FIRST = ["test_sweep.py", "test_device_check.py", "test_allcnn.py", "test_kill.py", "test_mlp.py", "test_grad_collect.py",
+SLOW_MODULES_FIRST = ["test_sweep.py", "test_device_check.py", "test_allcnn.py", "test_kill.py", "test_signals.py", "test_mlp.py",
+                      "test_grad_collect.py",
                       "test_glonet.py", "test_cnn.py", "test_copy.py"]
 
 
@@ -149,7 +150,8 @@ def _log(how: str, cmd: list) -> None:
 # ----------------------------------------------------------------------------- run_cli's zygotes (tests/zygote.py)
 # Variables only read while a script runs (not while torch & co. are imported): a zygote serves any values of them.
 # (PYTHONBREAKPOINT: read by each breakpoint() call; ray.init sets it in this process, tests/test_sweep.py)
-RUNTIME_ONLY = {"RUN_TEST_KILL_AT", "RUN_TEST_NO_FLOAT64", "DATA_DIR", "PYTHONPATH", "PYTEST_CURRENT_TEST", "PYTHONBREAKPOINT"}
+RUNTIME_ONLY = {"RUN_TEST_KILL_AT", "RUN_TEST_PAUSE_AT", "RUN_TEST_PAUSE_S", "RUN_TEST_NO_FLOAT64", "DATA_DIR", "PYTHONPATH",
+                "PYTEST_CURRENT_TEST", "PYTHONBREAKPOINT"}
 # Interpreter start-up variables a zygote started with the same value reproduces; any other PYTHON* one (e.g.
 # PYTHONPROFILEIMPORTTIME, PYTHONVERBOSE: they show during the imports) gets a fresh interpreter.
 STARTUP_SAME = {"PYTHONUNBUFFERED", "PYTHONHASHSEED", "PYTHONDONTWRITEBYTECODE", "PYTHONIOENCODING", "PYTHONUTF8"}
@@ -266,7 +268,7 @@ def assert_user_error(proc: subprocess.CompletedProcess, *words: str) -> None:
     """Bad input: exit code 2, exactly one line on stderr that mentions `words`, no traceback anywhere."""
     assert proc.returncode == 2, (proc.returncode, proc.stdout[-2000:], proc.stderr[-2000:])
     assert "Traceback" not in proc.stdout + proc.stderr, proc.stderr
-    lines = [line for line in proc.stderr.splitlines() if line.strip() and not line.startswith("MNIST not found")]
+    lines = [line for line in proc.stderr.splitlines() if line.strip() and not line.endswith(": downloading it there")]
     assert len(lines) == 1, proc.stderr
     for word in words:
         assert word.lower() in lines[0].lower(), lines[0]

@@ -4,6 +4,7 @@ run refused, and bad input."""
 
 import json
 import math
+import re
 
 import pytest
 import torch
@@ -177,6 +178,18 @@ def test_resume_continues_like_an_uninterrupted_run(two_epoch_run, tiny_mnist, t
     resumed = run_cli("train_cnn.py", "--resume", run_dir, "--epochs", 2, "--quiet")
     assert resumed.returncode == 0, resumed.stderr
     assert "resuming" in resumed.stdout
+    # a resume records only what the user changed: the precision it keeps is not "asked for on the command line"
+    config = json.loads((run_dir / "config.json").read_text())
+    assert config["resumes"][-1]["changed"] == {"epochs": [1, 2]}
+    assert not {"precision", "precision_reason"} & set(config["resumes"][-1]["environment"])
+    assert "command line" not in resumed.stdout and f"({config['precision']}: {config['precision_reason']})" in resumed.stdout
+    # the timings say what each covers: all epochs' training, and this process's part of it (epoch 2) and its wall time
+    final = json.loads((run_dir / "metrics.json").read_text())["final"]
+    line = next(x for x in resumed.stdout.splitlines() if "test mistakes" in x)
+    here = re.search(r"resumed after epoch 1: training ([\d.]+)s \(1 epoch\), start to test accuracy ([\d.]+)s", line)
+    assert here and f"training {final['train_time_s']:.1f}s (all 2 epochs)" in line, line
+    assert float(here[1]) <= final["train_time_s"] and float(here[1]) <= float(here[2]) + 0.05, line
+    assert final["time_to_test_acc_from_epoch"] == 1 and final["time_to_test_acc_s"] == pytest.approx(float(here[2]), abs=0.051)
     got = json.loads((run_dir / "metrics.json").read_text())["epochs"]
     want = json.loads((two_epoch_run[0] / "metrics.json").read_text())["epochs"]
     assert len(got) == 2

@@ -402,7 +402,7 @@ def test_factors_stay_exact_fp32_when_the_training_steps_run_in_bf16(tiny_mnist,
                    "--precision", "bf16", "--no-analysis", "--quiet", env=ONE_THREAD)
     assert proc.returncode == 0, proc.stderr[-2000:]
     (run_dir,) = (tmp_path / "grad_collect").iterdir()
-    assert json.loads((run_dir / "config.json").read_text())["precision_used"] == "bf16"
+    assert json.loads((run_dir / "config.json").read_text())["precision"] == "bf16"
     _, data, model = gc.run_model_and_data(run_dir, tiny_mnist, "cpu")
     ep = gc.Epoch(run_dir, 1)
     model.load_state_dict(gc.common.load_checkpoint(ep.dir / ep.meta.get("weights", "weights.pt")))

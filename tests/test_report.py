@@ -48,9 +48,9 @@ def test_table_means_stds_counts_skipped_lines_and_plot(tmp_path):
     result = invoke("--out-dir", tmp_path, "--by", "model,layers,features", "--out", md, "--plot", png)
     for (model, layers), accs in ACC.items():
         mean = 100 * statistics.mean(accs)
-        std = f"{100 * statistics.stdev(accs):.2f}%" if len(accs) > 1 else "–"  # sample std; "–" for one run
+        spread = f" +- {100 * statistics.stdev(accs):.2f}%" if len(accs) > 1 else ""  # sample std; none for one run
         # features comes from each run's config.json (the results lines lack it)
-        assert f"| {model} | {layers} | 256 | {len(accs)} | {mean:.2f}% +- {std} |" in result.stdout, result.stdout
+        assert f"| {model} | {layers} | 256 | {len(accs)} | {mean:.2f}%{spread} |" in result.stdout, result.stdout
     assert md.read_text() == result.stdout
     assert png.stat().st_size > 5000
     assert f"{tmp_path / 'results.jsonl'}:4: not valid JSON" in result.stderr
@@ -58,7 +58,7 @@ def test_table_means_stds_counts_skipped_lines_and_plot(tmp_path):
     assert "left out 1 run(s) without a numeric test_acc (scripts: svm_gabor)" in result.stderr
 
     svm = invoke("--out-dir", tmp_path, "--script", "svm_gabor", "--metric", "gabor_test_acc")
-    assert "| svm_gabor | 1 | 99.00% +- – |" in svm.stdout
+    assert "| svm_gabor | 1 | 99.00% |" in svm.stdout
 
     rows = report.aggregate(report.load_records(tmp_path, script="train_glonet")[0], ["layers"], "test_acc")
     assert [r["group"]["layers"] for r in rows] == ["6", "24"] and [r["n"] for r in rows] == [6, 4]
@@ -80,7 +80,7 @@ def test_sweep_trials_latest_line_failed_trials_and_no_double_counting(tmp_path)
     assert "| glonet | 100 | 0 | 1 | n/a |" in result.stdout  # the failed trial's latest line only
     assert f"{sweep_dir / 'trials.jsonl'}:4: not valid JSON" in result.stderr
     only = invoke("--sweep", sweep_dir, "--by", "layers")
-    assert "| 6 | 1 | 0 | 98.10% +- – |" in only.stdout and "| 100 | 0 | 1 | n/a |" in only.stdout
+    assert "| 6 | 1 | 0 | 98.10% |" in only.stdout and "| 100 | 0 | 1 | n/a |" in only.stdout
 
     empty = CliRunner().invoke(report.app, ["--out-dir", str(tmp_path / "nothing")])
     assert isinstance(empty.exception, common.UserError) and "nothing to report" in str(empty.exception)
@@ -183,3 +183,75 @@ def test_every_claim_names_a_reproduce_job_and_a_known_rule():
         assert c["job"] in jobs, c["claim"]
         assert c["rule"] is None or c["rule"][0] in (*report.OPS, "within", "between"), c["claim"]
         assert report.rule_text(c)
+
+
+def write_runs(out_dir, runs):
+    """runs: (script, options, seed, test_acc, time); config.json lists its options as Run.save_config writes them."""
+    lines = []
+    for i, (script, options, seed, acc, when) in enumerate(runs):
+        run_dir = out_dir / script / f"run{i}"
+        run_dir.mkdir(parents=True)
+        config = {"script": script, **options, "seed": seed, "quiet": True, "out_dir": "x", "created": when,
+                  "options": sorted([*options, "seed", "quiet", "out_dir"]), "script_sha256": "a" if i % 2 else "b",
+                  "git": {"commit": "c1" if i < 3 else "c2", "dirty": i == 0, "root": "/r"}}
+        (run_dir / "config.json").write_text(json.dumps(config))
+        lines.append(json.dumps({"time": when, "script": script, "run_dir": str(run_dir), "seed": seed, "test_acc": acc}))
+    (out_dir / "results.jsonl").write_text("\n".join(lines) + "\n")
+
+
+def test_options_that_differ_split_groups_reruns_of_a_seed_count_once_and_several_scripts(tmp_path):
+    glonet = lambda layers, epochs: {"model": "glonet", "layers": layers, "epochs": epochs}  # noqa: E731
+    write_runs(tmp_path, [
+        ("train_glonet", glonet(6, 3), 0, 0.97, "2026-12-01T10:00:00"),
+        ("train_glonet", glonet(6, 3), 1, 0.95, "2026-12-01T10:01:00"),
+        ("train_glonet", glonet(6, 20), 0, 0.99, "2026-12-01T10:02:00"),
+        ("train_glonet", glonet(24, 3), 0, 0.96, "2026-12-01T10:03:00"),
+        ("train_glonet", glonet(24, 3), 0, 0.50, "2026-12-01T09:00:00"),  # an earlier run of seed 0: left out
+        ("train_glonet", glonet(24, 3), 0, 0.94, "2026-12-01T10:05:00"),  # the latest run of seed 0: counted
+        ("train_mlp", {"hidden": [16]}, 0, 0.90, "2026-12-01T10:06:00"),
+        ("my_mlp", {"hidden": [16]}, 0, 0.80, "2026-12-01T10:07:00"),
+    ])
+    split = invoke("--out-dir", tmp_path, "--script", "train_glonet", "--by", "model")
+    assert "also grouped by epochs, layers" in split.stderr
+    assert "| glonet | 3 | 6 | 2 | 96.00% +- 1.41% |" in split.stdout, split.stdout  # seeds 0 and 1
+    assert "| glonet | 20 | 6 | 1 | 99.00% |" in split.stdout  # one run: no spread
+    assert "| glonet | 3 | 24 | 1 | 94.00% |" in split.stdout  # 3 runs of seed 0: the latest only
+    assert "left out 2 earlier run(s)" in split.stderr and "seed 0: 3 runs" in split.stderr
+    assert "different versions of their script" in split.stderr  # script_sha256 differs within a group
+
+    code = invoke("--out-dir", tmp_path, "--script", "train_glonet", "--by", "git_commit,git_dirty", "--pool", "epochs,layers")
+    assert "| c1 | true | 1 | 97.00% |" in code.stdout and "| c1 | false | 2 | 97.00% +- 2.83% |" in code.stdout, code.stdout
+    assert "| c2 | false | 1 | 94.00% |" in code.stdout  # (3, 24) seed 0: the latest of its 3 runs
+
+    pooled = invoke("--out-dir", tmp_path, "--script", "train_glonet", "--by", "model", "--pool", "epochs,layers")
+    assert "| glonet | 4 | 96.25% +- 2.22% |" in pooled.stdout, pooled.stdout  # 0.97, 0.95, 0.99 and the latest 0.94
+    assert "Pooled over epochs (3, 20); layers (6, 24) (--pool)." in pooled.stdout
+    assert "also grouped" not in pooled.stderr
+
+    for words in (["--script", "train_mlp,my_mlp"], ["--script", "train_mlp", "--script", "my_mlp.py"]):
+        both = invoke("--out-dir", tmp_path, *words)
+        assert "| my_mlp | 1 | 80.00% |" in both.stdout and "| train_mlp | 1 | 90.00% |" in both.stdout, both.stdout
+        assert "glonet" not in both.stdout
+
+
+def test_categorical_plot_draws_points_with_error_bars_inside_0_100(tmp_path, monkeypatch):
+    from matplotlib.axes import Axes
+
+    drawn, errorbar = [], Axes.errorbar
+
+    def record(self, x, y, yerr=None, **kwargs):
+        drawn.append({"x": list(x), "y": list(y), "yerr": yerr, "linestyle": kwargs.get("linestyle")})
+        return errorbar(self, x, y, yerr=yerr, **kwargs)
+
+    monkeypatch.setattr(Axes, "errorbar", record)
+    rows = [{"group": {"script": name}, "n": 3, "mean": mean, "std": 0.05, "failed": 0}
+            for name, mean in (("train_mlp", 0.99), ("train_cnn", 0.02))]
+    report.plot(rows, ["script"], "test_acc", tmp_path / "s.png")
+    (line,) = drawn
+    assert line["linestyle"] == "none"  # categories are not joined by a line
+    low, high = line["yerr"]
+    for y, lo, hi in zip(line["y"], low, high):
+        assert y - lo >= 0 and y + hi <= 100 + 1e-9
+    assert high[0] == pytest.approx(1.0) and low[1] == pytest.approx(2.0)  # clipped at 100% and at 0%
+    report.plot([{**r, "group": {"layers": str(i)}} for i, r in enumerate(rows, 1)], ["layers"], "test_acc", tmp_path / "n.png")
+    assert drawn[-1]["linestyle"] == "-"  # a numeric x stays a line
