@@ -977,11 +977,14 @@ class Run:
         Run.current = self  # common.main's Ctrl-C outside Run.guard says how to resume this run
 
     def _end_if_finished(self, args) -> None:
-        """A finished run resumed with the same length (a requeued cluster job: `python SCRIPT --resume RUN` after a
-        preemption that came just after the end): print the run's own last line and exit 0, touching no file."""
+        """A finished run resumed asking for nothing new (a requeued cluster job: `python SCRIPT --resume RUN` after a
+        preemption that came just after the end): print the run's own last line and exit 0, touching no file. Options
+        typed with a new value (a longer run, another analysis) go on to restore, which does them or says why not;
+        a new --device, --data-dir or --quiet changes nothing a finished run would do."""
         metrics = read_json(self.dir / "metrics.json", {})
-        saved_length = self._saved.get(self.length_option)
-        if "final" in metrics and getattr(args, self.length_option, None) == saved_length:
+        asked = {name for name in self.typed if name in self._saved and name not in ("resume", "tag", "quiet", "device", "data_dir")
+                 and self._saved[name] != getattr(args, name) and not _same_list(self._saved[name], getattr(args, name))}
+        if "final" in metrics and not asked:
             print(metrics.get("summary") or f"run {self.dir} | finished; its results are in {self.dir / 'metrics.json'}")
             raise SystemExit(0)
 

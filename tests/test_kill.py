@@ -169,7 +169,7 @@ def test_a_finished_run_resumed_unchanged_prints_its_result_and_touches_nothing(
     assert proc.returncode == 0, proc.stderr
     (run_dir,) = (tmp_path / "train_mlp").iterdir()
     files = {p: (p.stat().st_mtime_ns, p.read_bytes()) for p in sorted(tmp_path.rglob("*")) if p.is_file()}
-    for extra in ([], ["--epochs", 2, "--data-dir", tiny_mnist]):
+    for extra in ([], ["--epochs", 2, "--data-dir", tiny_mnist], ["--device", "cpu"]):
         again = run_cli("train_mlp.py", "--resume", run_dir, "--quiet", *extra, env=ONE_THREAD)
         assert again.returncode == 0, again.stderr
         assert again.stdout.splitlines() == [proc.stdout.splitlines()[-1]]
