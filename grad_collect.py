@@ -1,5 +1,5 @@
 """grad_collect.py: exact per-sample gradients of every MNIST training sample, stored as layer factors, and what
-they are for: TracIn influence, self-influence and finding mislabeled data, and clusters of gradients.
+they are for: clusters of gradients, TracIn influence between samples and self-influence.
 
 Reproduces the per-sample-gradient MLP project (784-512-10, Adam lr 1e-3, weight decay 1e-4, batch 64), which saved
 every sample's gradient each epoch with a Python loop and pickled it. Here, for a Linear layer sample i's weight
@@ -9,12 +9,12 @@ gradient is b_i a_i^T (a_i its input, b_i its output gradient): --store factors 
     python grad_collect.py                        # all digits, 5 epochs: ~98.3% test, 394 MB of factors per epoch
     python grad_collect.py --digits 3,5           # last-layer clusters: plain ARI 0.00, directions ARI 1.00
     python grad_collect.py --analyze runs/grad_collect/RUN --influence 0,247   # TracIn proponents/opponents
-    python grad_collect.py --label-noise 0.1 --compare-cleanlab      # flip 10% of the labels: who finds them?
-    python grad_collect.py --analyze runs/grad_collect/RUN --audit test   # suspect test labels
-Writes runs/grad_collect/<timestamp>[-tag]/: the run files of train_mlp.py, gradients/epoch_<n>/ (a_*.npy, b_*.npy,
-norms.npy, weights.pt, metadata.json, stats.json), analysis.json, t-SNE and norm plots, self-influence, influence,
-suspects.csv, mislabel.json and plots, audit files; docs/grad_collect.md lists them. Sections: 1. factor math,
-2. collection, 3. the Epoch reader, 4. clusters, 5. influence, 6. mislabeled data, 7. command line.
+    python grad_collect.py --label-noise 0.1 && python label_audit.py runs/grad_collect/RUN   # who finds the flipped labels?
+Writes runs/grad_collect/<timestamp>[-tag]/: the run files of train_mlp.py (predictions/ too), gradients/epoch_<n>/
+(a_*.npy, b_*.npy, norms.npy, weights.pt, metadata.json, stats.json), analysis.json, t-SNE and norm plots,
+self-influence, influence; docs/grad_collect.md lists them. label_audit.py ranks suspect labels of a run (TracIn
+self-influence from the stored factors among them). Sections: 1. factor math, 2. collection, 3. the Epoch reader,
+4. clusters, 5. influence, 6. command line.
 """
 
 from __future__ import annotations
@@ -35,7 +35,7 @@ import typer
 
 import common
 import train_mlp
-from train_mlp import MLP, evaluate, make_optimizer, report, train
+from train_mlp import MLP, evaluate, fit, make_optimizer, report, train  # noqa: F401 (fit: label_audit.py's cleanlab folds)
 
 app = typer.Typer(add_completion=False, pretty_exceptions_enable=False, help=__doc__.split("\n")[0])
 
@@ -736,9 +736,6 @@ def _analyze_run(run_dir: Path, args, device) -> dict:
         result["seconds"][str(epoch)] = time.time() - t_epoch
     result["headline"] = headline(result, shown)
     result["self_influence"] = self_influence_report(run_dir, args, device)
-    m = mislabel_report(run_dir, args, device)
-    result["mislabel"] = {"file": "mislabel.json", "default": m["default"], **({"found": m["results"][m["default"]]["found"],
-                          "auc": m["results"][m["default"]]["auc"]} if "results" in m else {})}
     result["seconds"]["total"] = time.time() - t_all
     common.write_json(run_dir / "analysis.json", result)
     print(f"analysis of {len(chosen)} epoch(s): {result['seconds']['total']:.1f} s "
@@ -918,289 +915,9 @@ def influence_report(run_dir: Path, args, device) -> dict:
     return report
 
 
-# ============================================================================= 6. mislabeled data
-# Every training row ranked as a suspect by its stored gradients (TracIn's self-influence and variants: which part of
-# the gradient, which checkpoints), beside the final model's loss and cleanlab on K-fold out-of-sample probabilities of
-# the same MLP; scored against the injected noise (--label-noise); the same ranking of a held-out split (--audit).
-INSPECT = (0.01, 0.05, 0.1, 0.2)  # shares of the rows inspected, most suspect first
-PARTS = {"all": "the whole gradient (TracIn's self-influence)", "last": "the last layer's weight and bias",
-         "output": "the gradient w.r.t. the logits (the last bias): softmax - onehot(label)",
-         "fisher": "the logit gradient b in the inverse empirical Fisher metric b^T (F_e + d)^-1 b (F_e: mean b b^T of the "
-                   "training rows at checkpoint e, d: 1e-3 x its mean eigenvalue)"}
-WEIGHTS = {"lr": "every stored checkpoint, weighted by its learning rate (TracIn)", "final": "the last checkpoint only",
-           "excess": "each checkpoint weighted by max(0, its training error on the given labels / its validation error "
-                     "- 1), the validation error counted with one more mistake: the checkpoints before the model fits the "
-                     "noise (lr weights when there is no validation split or no weight is > 0)"}
-RANKINGS = [f"{p}@{w}" for p in PARTS for w in WEIGHTS]
-DEFAULT_RANKING = "output@excess"
-
-
-def score_ranking(scores, flipped) -> dict:
-    """How a ranking (higher score = more suspect) finds the flipped rows: AUC (ties count half), the share of them
-    found after inspecting each INSPECT share of the rows (ceil(share x N) rows, most suspect first), and the curve of
-    found against inspected in steps of 0.5% up to 30%."""
-    from scipy.stats import rankdata
-
-    scores = np.asarray(scores, dtype=np.float64)
-    bad = np.zeros(len(scores), bool)
-    bad[np.asarray(flipped, dtype=np.int64)] = True
-    n, k = len(scores), int(bad.sum())
-    common.check(0 < k < n, f"scoring a ranking needs flipped and clean rows ({k} of {n} flipped)")
-    hits = np.cumsum(bad[np.argsort(-scores, kind="stable")])
-    found = lambda share: float(hits[max(math.ceil(round(share * n, 6)), 1) - 1] / k)  # noqa: E731
-    auc = (rankdata(scores)[bad].sum() - k * (k + 1) / 2) / (k * (n - k))
-    return {"auc": float(auc), "found": {f"{s:g}": found(s) for s in INSPECT}, "curve": [found(s / 200) for s in range(1, 61)]}
-
-
-def inverse_fisher(b_out: np.ndarray) -> np.ndarray:
-    f = b_out.T @ b_out / len(b_out)
-    return np.linalg.inv(f + 1e-3 * np.trace(f) / len(f) * np.eye(len(f)))
-
-
-def gradient_parts(sq_norms: np.ndarray, columns: list[str], b_out, fisher) -> dict:
-    """Each PART's squared norm per sample at one checkpoint, from its per-parameter squared norms [N, P] and its
-    logit gradients b_out [N, classes] (None: no 'fisher'), with the training rows' inverse_fisher."""
-    last = columns[-1].rsplit(".", 1)[0]
-    parts = {"all": sq_norms.sum(1), "last": sq_norms[:, [c.rsplit(".", 1)[0] == last for c in columns]].sum(1),
-             "output": sq_norms[:, columns.index(f"{last}.bias")]}
-    if b_out is not None:
-        parts["fisher"] = np.einsum("ij,jk,ik->i", b_out, fisher, b_out)
-    return parts
-
-
-def logit_grads(ep: Epoch):
-    """A checkpoint's stored gradients w.r.t. the logits (the last layer's b factor or raw bias), or None."""
-    last = list(ep.shapes)[-1].rsplit(".", 1)[0]
-    name = {"factors": f"b_{last}", "raw": f"{last}.bias"}.get(ep.store)
-    return np.asarray(ep.array(name), dtype=np.float64) if name in ep.meta["arrays"] else None
-
-
-def checkpoint_weights(run_dir: Path, epochs: list[int]) -> dict:
-    """Each WEIGHTS scheme's weight per stored epoch, with the errors behind 'excess' (validation error: metrics.json)."""
-    history = {h["epoch"]: h for h in common.read_json(run_dir / "metrics.json", {}).get("epochs", [])}
-    one_mistake = 1 / max(common.read_json(run_dir / "config.json", {}).get("n_val") or 1, 1)
-    lr, excess, errors = {}, {}, {}
-    for e in epochs:
-        ep = Epoch(run_dir, e)
-        lr[e] = ep.lr if ep.lr is not None else 1.0
-        train_err = float(np.mean(np.asarray(ep.meta["prediction"]) != np.asarray(ep.meta["label"])))
-        val_acc = history.get(e, {}).get("val_acc")
-        errors[e] = {"train_error_given_labels": train_err, "val_error": None if val_acc is None else 1 - val_acc}
-        excess[e] = 0.0 if val_acc is None else max(0.0, train_err / (1 - val_acc + one_mistake) - 1)
-    fallback = not any(excess.values())
-    return {"lr": lr, "final": {e: float(e == epochs[-1]) for e in epochs}, "excess": lr if fallback else excess,
-            "excess_fell_back_to_lr": fallback, "errors": errors}
-
-
-def usable_ranking(rank_by: str, run_dir: Path) -> str:
-    """--rank-by, or TracIn's all@lr for a 'fisher' ranking of a run that stored no logit gradients (projections)."""
-    return "all@lr" if rank_by.startswith("fisher") and logit_grads(Epoch(run_dir)) is None else rank_by
-
-
-def gradient_rankings(run_dir: Path) -> tuple[dict, dict]:
-    """Suspect scores of every training row for each RANKINGS entry: the sum over stored checkpoints e of w_e times
-    the squared norm of a PART of the row's exact gradient at e (norms.npy and the stored logit gradients)."""
-    epochs = stored_epochs(run_dir, required=True)
-    weights, scores = checkpoint_weights(run_dir, epochs), {}
-    for e in epochs:
-        ep = Epoch(run_dir, e)
-        b_out = logit_grads(ep)
-        sq = np.asarray(load_npy(ep.dir / ep.meta["norms"]["file"]), dtype=np.float64) ** 2
-        parts = gradient_parts(sq, ep.meta["norms"]["columns"], b_out, None if b_out is None else inverse_fisher(b_out))
-        for name in RANKINGS:
-            part, scheme = name.split("@")
-            if part in parts and weights[scheme][e]:
-                scores[name] = scores.get(name, 0.0) + weights[scheme][e] * parts[part]
-    return scores, weights
-
-
-def fit_mlp(cfg: dict, images, labels, num_classes: int, seed: int) -> nn.Module:
-    """The run's MLP trained on these rows as train_mlp.train trains it (its options, --epochs, lr schedule; no
-    validation or checkpoints): one of cleanlab's K-fold models."""
-    args = SimpleNamespace(**cfg)
-    common.seed_everything(common.seed_for(seed, "init"))
-    model = build_model({**cfg, "num_classes": num_classes}).to(images.device)
-    opt = make_optimizer(model, args.optimizer, args.lr, args.weight_decay, args.momentum)
-    batches = common.Batches(images, labels, args.batch_size, shuffle=True, seed=common.seed_for(seed, "shuffle"))
-    for epoch in range(args.epochs):
-        train_mlp.train_epoch(model, batches, opt, lambda s: train_mlp.lr_at(args, s, len(batches)), epoch * len(batches), True)
-    return model.eval()
-
-
-def cleanlab_scores(cfg: dict, data, folds: int) -> tuple[np.ndarray, dict]:
-    """cleanlab's label-quality score (self-confidence) of every training row from out-of-sample probabilities: K
-    stratified folds (seeded), each predicted by the run's MLP trained on the others (fit_mlp). Returns 1 - quality."""
-    try:
-        from cleanlab.filter import find_label_issues
-        from cleanlab.rank import get_label_quality_scores
-    except ImportError:
-        raise common.UserError("--compare-cleanlab needs cleanlab: pip install -r requirements.txt") from None
-    from sklearn.model_selection import StratifiedKFold
-
-    t0 = time.time()
-    labels = data.train_y.cpu().numpy()
-    probs = np.zeros((len(labels), data.num_classes))
-    split = StratifiedKFold(folds, shuffle=True, random_state=common.seed_for(cfg["seed"], "cleanlab") % 2**32)
-    for k, (fit, held) in enumerate(split.split(np.zeros(len(labels)), labels)):
-        fit, held = (torch.as_tensor(i, device=data.train_y.device) for i in (fit, held))
-        model = fit_mlp(cfg, data.train_x[fit], data.train_y[fit], data.num_classes, common.seed_for(cfg["seed"], f"cleanlab fold {k}"))
-        probs[held.cpu().numpy()] = evaluate(model, data.train_x[held], data.train_y[held])[3].cpu().numpy()
-    quality = get_label_quality_scores(labels, probs)
-    return 1 - quality, {"folds": folds, "method": "cleanlab.rank.get_label_quality_scores (self_confidence) of "
-                         f"{folds}-fold out-of-sample probabilities of the run's MLP, each fold's model trained {cfg['epochs']} epochs",
-                         "out_of_sample_accuracy_given_labels": float(np.mean(probs.argmax(1) == labels)),
-                         "issues_flagged": int(find_label_issues(labels, probs).sum()), "seconds": time.time() - t0}
-
-
-def plot_found(results: dict, share: float, path: Path, title: str) -> None:
-    """Found vs inspected (TracIn paper's figure): one line per method, the best possible and random."""
-    plt = common.pyplot()
-    fig, ax = plt.subplots(figsize=(6.4, 4.6))
-    x = np.arange(0, 61) / 200
-    ax.plot(x * 100, np.minimum(x / share, 1) * 100, "k--", lw=1, label="best possible")
-    ax.plot(x * 100, x * 100, "k:", lw=1, label="random")
-    for name, r in results.items():
-        ax.plot(x * 100, [0] + [v * 100 for v in r["curve"]], lw=2 if r.get("default") else 1.3,
-                label=f"{r['label']}: {r['found']['0.1']:.1%} at 10%, AUC {r['auc']:.4f}")
-    ax.set(xlabel="rows inspected (%), most suspect first", ylabel="flipped rows found (%)", xlim=(0, 30), ylim=(0, 101), title=title)
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=8, loc="lower right")
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-
-
-def plot_suspects(images, rows, label, pred, path: Path, title: str, original=None, name="row") -> None:
-    """The top suspects with given label and prediction (digits), and the original label when noise was injected
-    (red: flipped; without injected noise red: the prediction differs)."""
-    titles, colors = [], []
-    for r, i in enumerate(rows):
-        was = "" if original is None else (f"\nwas {original[i]}" if original[i] != label[i] else "\nclean")
-        titles.append(f"#{r + 1} {name} {i}\nlabel {label[i]} pred {pred[i]}{was}")
-        colors.append("red" if (original if original is not None else pred)[i] != label[i] else "black")
-    common.plot_image_grid(images, titles, path, colors=colors, cols=5, suptitle=title)
-
-
-def write_ranking_csv(path: Path, order, columns: dict) -> None:
-    """One line per row, most suspect first: its rank and the given columns (%.6g: integers below 10^6 exact)."""
-    table = np.column_stack([np.arange(1, len(order) + 1)] + [np.asarray(v, dtype=np.float64)[order] for v in columns.values()])
-    np.savetxt(path, table, fmt="%.6g", delimiter=",", header=",".join(["rank", *columns]), comments="")
-
-
-def mislabel_report(run_dir: Path, args, device, top: int = 25) -> dict:
-    """Every training row ranked as a suspect (each gradient ranking, the final model's loss, cleanlab with
-    --compare-cleanlab): suspects.csv (default ranking first), mislabel_top.png and, with injected noise, each ranking's
-    AUC and found-after-inspecting (mislabel.json, mislabel_found.png, printed)."""
-    t0 = time.time()
-    scores, weights = gradient_rankings(run_dir)
-    seconds = {"gradient_rankings": time.time() - t0}
-    final = Epoch(run_dir)  # the last checkpoint: the final model's predictions and losses
-    digits = np.asarray(final.meta["digits"])
-    label, pred = digits[final.meta["label"]], digits[final.meta["prediction"]]
-    scores["loss"] = np.asarray(final.meta["loss_value"], dtype=np.float64)
-    cfg = common.read_json(run_dir / "config.json")
-    noise = common.read_json(run_dir / "label_noise.json", None)
-    noise = noise if noise and noise["rows"] else None  # none flipped: nothing to score
-    info, (_, data, _) = {}, run_model_and_data(run_dir, args.data_dir, device)
-    if args.compare_cleanlab:
-        train_cfg = common.read_json(Path(cfg["from_run"]) / "config.json") if cfg.get("from_run") else cfg
-        scores["cleanlab"], info["cleanlab"] = cleanlab_scores({**train_cfg, "seed": cfg["seed"]}, data, args.cleanlab_folds)
-        seconds["cleanlab"] = info["cleanlab"]["seconds"]
-    rank_by = usable_ranking(args.rank_by, run_dir)
-    labels = {rank_by: f"{rank_by} (default)", "all@lr": "all@lr (TracIn self-influence)", "loss": "loss of the final model",
-              "cleanlab": f"cleanlab ({args.cleanlab_folds}-fold)"}
-    original = label.copy()
-    if noise:
-        original[noise["rows"]] = digits[noise["original_label"]]
-    order = np.argsort(-scores[rank_by], kind="stable")
-    write_ranking_csv(run_dir / "suspects.csv", order, {"row": np.arange(len(label)), "sample_index": np.asarray(final.meta["sample_index"]),
-                      "label": label, "prediction": pred, **({"original_label": original} if noise else {}),
-                      **{name: scores[name] for name in labels if name in scores}})
-    rows = order[:top]
-    plot_suspects(data.train_x[torch.as_tensor(rows, device=data.train_x.device)].cpu(), rows, label, pred, run_dir / "mislabel_top.png",
-                  f"top {top} suspects by {rank_by} (pred: final model)", original if noise else None)
-    report = {"rows": len(label), "default": rank_by, "rankings": {"parts": PARTS, "weights": WEIGHTS},
-              "checkpoint_weights": {k: weights[k] for k in ("lr", "excess", "excess_fell_back_to_lr", "errors")},
-              "files": {"ranking": "suspects.csv", "top": "mislabel_top.png"}, "seconds": seconds, **info,
-              "top": [{"row": int(i), "sample_index": int(final.meta["sample_index"][i]), "label": int(label[i]),
-                       "prediction": int(pred[i]), "original_label": int(original[i]) if noise else None} for i in rows]}
-    if noise:
-        flipped = np.asarray(noise["rows"], dtype=np.int64)
-        report.update(label_noise=noise["label_noise"], flipped=len(flipped),
-                      memorized=float(np.mean(pred[flipped] == label[flipped])),  # the final model predicts the given label
-                      results={name: {"label": labels.get(name, name), "default": name == rank_by, **score_ranking(s, flipped)}
-                               for name, s in scores.items()})
-        shown = {k: report["results"][k] for k in labels if k in report["results"]}
-        plot_found(shown, len(flipped) / len(label), run_dir / "mislabel_found.png",
-                   f"{len(flipped):,} of {len(label):,} training labels flipped")
-        report["files"]["figure"] = "mislabel_found.png"
-        print(f"mislabeled rows: {len(flipped):,} of {len(label):,} flipped; the final model predicts the given label on "
-              f"{report['memorized']:.1%} of them. Found after inspecting "
-              + " / ".join(f"{s:.0%}" for s in INSPECT) + " of the rows, AUC:")
-        for name in list(shown) + ([] if args.quiet else [k for k in report["results"] if k not in shown]):
-            r = report["results"][name]
-            print(f"  {labels.get(name, name):<34}" + "".join(f"{r['found'][f'{s:g}']:>8.1%}" for s in INSPECT) + f"   AUC {r['auc']:.4f}")
-    common.write_json(run_dir / "mislabel.json", report)
-    return report
-
-
-def audit_report(run_dir: Path, args, device, top: int = 25) -> dict:
-    """--audit test|val: every image of that split ranked with the training checkpoints, by the default ranking's
-    formula (its part of the gradient of the image's loss under its given label at each stored checkpoint, with the
-    training rows' checkpoint weights and Fisher), by TracIn's sum_e lr_e ||g||^2 and by the final model's loss:
-    audit_<split>.csv, audit_<split>.json and audit_<split>_top.png (the `top` most suspect)."""
-    t0 = time.time()
-    cfg, data, model = run_model_and_data(run_dir, args.data_dir, device)
-    images, labels = (data.test_x, data.test_y) if args.audit == "test" else (data.val_x, data.val_y)
-    common.check(len(labels) > 0, f"--audit {args.audit}: the run has no {args.audit} split")
-    epochs = stored_epochs(run_dir, required=True)
-    weights, names = checkpoint_weights(run_dir, epochs), param_names(model)
-    rank_by = usable_ranking(args.rank_by, run_dir)
-    scores = {rank_by: 0.0, "all@lr": 0.0}
-    for e in epochs:
-        ep = Epoch(run_dir, e)
-        model.load_state_dict(common.load_checkpoint(ep.dir / ep.meta.get("weights", "weights.pt"), device))
-        b_train = logit_grads(ep)
-        sq, b_out, loss, pred = [], [], [], []
-        for x, y in common.Batches(images, labels, 1000):
-            a, b, logits, l = layer_factors(model.eval(), x, y)
-            sq.append(squared_norms(a, b, model, names).double().cpu())
-            b_out.append(b[-1].double().cpu())
-            loss.append(l.cpu())
-            pred.append(logits.argmax(1).cpu())
-        parts = gradient_parts(torch.cat(sq).numpy(), names, torch.cat(b_out).numpy(), None if b_train is None else inverse_fisher(b_train))
-        for name in scores:
-            part, scheme = name.split("@")
-            scores[name] = scores[name] + weights[scheme][e] * parts[part]
-    scores["loss"], pred = torch.cat(loss).double().numpy(), torch.cat(pred).numpy()
-    label, pred = np.asarray(data.digits)[labels.cpu().numpy()], np.asarray(data.digits)[pred]
-    order = np.argsort(-scores[rank_by], kind="stable")
-    split = args.audit
-    write_ranking_csv(run_dir / f"audit_{split}.csv", order, {"index": np.arange(len(label)), "label": label, "prediction": pred, **scores})
-    plot_suspects(images[torch.as_tensor(order[:top], device=images.device)].cpu(), order[:top], label, pred,
-                  run_dir / f"audit_{split}_top.png", f"{split}: top {top} suspects by {rank_by} (red: prediction differs)", name=split)
-    in_top = lambda s: set(np.argsort(-s, kind="stable")[:top].tolist())  # noqa: E731
-    report = {"split": split, "n": len(label), "default": rank_by, "excess_fell_back_to_lr": weights["excess_fell_back_to_lr"],
-              "epochs": epochs, "seconds": time.time() - t0,
-              "methods": {rank_by: f"sum over stored checkpoints of the {split} image's {PARTS[rank_by.split('@')[0]]}, weights: "
-                          f"{WEIGHTS[rank_by.split('@')[1]]} (the training rows')", "all@lr": "TracIn: sum_e lr_e ||g||^2",
-                          "loss": "the final model's loss"},
-              "top_misclassified": int((pred[order[:top]] != label[order[:top]]).sum()), "misclassified": int((pred != label).sum()),
-              "top_shared_with_loss": len(in_top(scores[rank_by]) & in_top(scores["loss"])),
-              "files": {"ranking": f"audit_{split}.csv", "top": f"audit_{split}_top.png"},
-              "top": [{"index": int(i), "label": int(label[i]), "prediction": int(pred[i]),
-                       **{k: float(v[i]) for k, v in scores.items()}} for i in order[:top]]}
-    common.write_json(run_dir / f"audit_{split}.json", report)
-    fell_back = " (excess fell back to lr weights)" if rank_by.endswith("@excess") and weights["excess_fell_back_to_lr"] else ""
-    print(f"audit of the {len(label):,} {split} images by {rank_by}{fell_back}: {report['top_misclassified']} of the top {top} "
-          f"misclassified by the final model ({report['misclassified']} in all), {report['top_shared_with_loss']} of them "
-          f"also in the loss's top {top} -> {run_dir / report['files']['top']} ({report['seconds']:.1f} s)")
-    return report
-
-
-# ============================================================================= 7. command line: one main, one function per mode
+# ============================================================================= 6. command line: one main, one function per mode
 ANALYSIS_OPTIONS = ("analysis", "influence", "clusters", "kmeans_init", "tsne_samples", "perplexity", "analysis_epochs", "analysis_dim",
-                    "compare_sklearn", "rank_by", "compare_cleanlab", "cleanlab_folds", "audit")
+                    "compare_sklearn")
 
 
 @app.command()
@@ -1215,7 +932,7 @@ def main(
     gamma: Annotated[float, typer.Option(help="Per-epoch lr factor of --lr-schedule step.")] = 0.7,
     patience: Annotated[Optional[int], typer.Option(help="Early stopping patience in epochs (off unless given).")] = None,
     min_delta: Annotated[float, typer.Option(help="Smallest val-loss decrease that counts as improvement.")] = 0.0,
-    label_noise: train_mlp.LabelNoise = 0.0,
+    label_noise: common.LabelNoise = 0.0,
     from_run: Annotated[Optional[Path], typer.Option(help="Collect from this train_mlp (or grad_collect) run's best.pt and config instead of training.")] = None,
     every_epoch: Annotated[bool, typer.Option(help="Collect at the end of every epoch (else once, after the last).")] = True,
     collect_epochs: Annotated[Optional[str], typer.Option(help="Collect only after these epochs, e.g. 1-10,20 (the last is always "
@@ -1239,13 +956,6 @@ def main(
     analysis_epochs: Annotated[str, typer.Option(help="last or all: which epochs get k-means and the two t-SNE plots (plain, direction).")] = "last",
     analysis_dim: Annotated[int, typer.Option(help="Parameters with more values are projected to this many dims (from the factors) for k-means and t-SNE.")] = 256,
     compare_sklearn: Annotated[bool, typer.Option(help="Also run scikit-learn's KMeans on the t-SNE epochs and record its inertia.")] = False,
-    rank_by: Annotated[str, typer.Option(help="The gradient ranking of suspect (mislabeled) rows: PART@WEIGHTS, PART all, last, output "
-                                              "or fisher, WEIGHTS lr (TracIn), final or excess (see docs/grad_collect.md).")] = DEFAULT_RANKING,
-    compare_cleanlab: Annotated[bool, typer.Option(help="Also rank the training rows with cleanlab on K-fold out-of-sample "
-                                                        "probabilities of the same MLP (trains K more models).")] = False,
-    cleanlab_folds: Annotated[int, typer.Option(help="K of --compare-cleanlab.")] = 5,
-    audit: Annotated[Optional[str], typer.Option(help="test or val: rank that split's images as suspects with the training "
-                                                      "checkpoints (audit_<split>.csv/.json/_top.png).")] = None,
     val_fraction: common.ValFraction = 0.1,
     data_dir: common.DataDir = Path("./data"),
     out_dir: common.OutDir = Path("runs"),
@@ -1265,7 +975,7 @@ def main(
     check_analysis_options(args)
     if args.analyze:  # a finished run's saved gradients: nothing is trained or collected
         common.check(Path(args.analyze).is_dir(), f"--analyze {args.analyze}: no such run directory")
-        return (influence_only if args.influence else audit_only if args.audit else analyze_only)(Path(args.analyze), args)
+        return (influence_only if args.influence else analyze_only)(Path(args.analyze), args)
     common.check(not (args.resume and args.from_run), "--resume and --from-run do not go together")
     common.check(not (args.collect_epochs and args.from_run), "--collect-epochs and --from-run do not go together (one collection)")
     run = common.Run(ctx, args, __file__, changeable=("epochs", "device", "quiet", "data_dir") + ANALYSIS_OPTIONS)
@@ -1286,7 +996,6 @@ def train_and_collect(run) -> None:
     if not run.resumed:
         check_size(model, plan, len(data.train_y), args.dtype, len(schedule), args.max_gb, args.out_dir)
     run.save_config(device=str(device), n_parameters=common.count_parameters(model), arrays=plan, **data.describe())
-    train_mlp.save_label_noise(run, data)
     if not args.quiet:
         print(common.parameter_table(model))
     print(f"device {device} | train {len(data.train_y)} val {len(data.val_y)} test {len(data.test_y)} | digits {data.digits} | "
@@ -1336,7 +1045,6 @@ def collect_from_run(run) -> None:
         raise common.UserError(f"--from-run {args.from_run}: best.pt does not fit its config ({str(e).splitlines()[0]})") from None
     run.save_config(device=str(device), n_parameters=common.count_parameters(model), arrays=plan,
                     source_checkpoint=str(Path(args.from_run) / "best.pt"), **data.describe())
-    train_mlp.save_label_noise(run, data)
     print(f"device {device} | {len(data.train_y):,} training samples | digits {data.digits} | "
           f"{args.from_run}/best.pt (epoch {ckpt['epoch']}) | run {run.dir}")
     write_epoch(run, model, data, ckpt["epoch"], plan, factors, args.lr)  # one checkpoint: TracIn's lr_e is the run's --lr
@@ -1348,11 +1056,6 @@ def analyze_only(run_dir: Path, args) -> None:
     """--analyze RUN: the clusters and self-influence of a run's saved gradients, again (analysis.json, the PNGs)."""
     h = analyze_run(run_dir, args, common.pick_device(args.device))["headline"]
     print(f"run {run_dir} | {headline_text(h)}")
-
-
-def audit_only(run_dir: Path, args) -> None:
-    """--analyze RUN --audit test: only the audit of that split (audit_<split>.*)."""
-    audit_report(run_dir, args, common.pick_device(args.device))
 
 
 def influence_only(run_dir: Path, args) -> None:
@@ -1390,11 +1093,6 @@ def check_analysis_options(args) -> None:
     common.check(args.analysis_epochs in ("last", "all"), f"--analysis-epochs {args.analysis_epochs}: use last or all")
     common.check(args.analysis_dim >= 2, f"--analysis-dim {args.analysis_dim}: must be at least 2")
     common.check(not (args.influence and not args.analysis and not args.analyze), "--influence needs the analysis (drop --no-analysis)")
-    common.check(not (args.audit and not args.analysis and not args.analyze), "--audit needs the analysis (drop --no-analysis)")
-    common.check(not (args.audit and args.influence and args.analyze), "--analyze with --influence or --audit: give one of them")
-    common.check(args.audit in (None, "test", "val"), f"--audit {args.audit}: use test or val")
-    common.check(args.rank_by in RANKINGS, f"--rank-by {args.rank_by}: use one of {', '.join(RANKINGS)}")
-    common.check(args.cleanlab_folds >= 2, f"--cleanlab-folds {args.cleanlab_folds}: need at least 2")
 
 
 def check_options(args) -> None:
@@ -1450,8 +1148,6 @@ def finish(run, final: dict, data, device) -> None:
         line += f" | {headline_text(h)}"
         if args.influence:
             influence_report(run.dir, args, device)
-        if args.audit:
-            audit_report(run.dir, args, device)
     run.finish(final, record)
     print(line)
 

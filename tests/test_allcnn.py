@@ -47,7 +47,7 @@ def test_load_cifar10_split_and_limit(tiny_cifar):
     data = common.load_cifar10(tiny_cifar, "cpu", val_fraction=0.25, limit=80, seed=0)
     assert (len(data.train_y), len(data.val_y), len(data.test_y)) == (60, 20, 32)
     assert sorted(data.train_index.tolist() + [i for i in range(80) if i not in data.train_index.tolist()]) == list(range(80))
-    x = common.normalize_cifar(data.train_x[:4])
+    x = train_allcnn.normalize_cifar(data.train_x[:4])
     assert x.shape == (4, 3, 32, 32) and x.dtype == torch.float32
 
 
