@@ -3,8 +3,8 @@ they are for: clusters of gradients, TracIn influence between samples and self-i
 
 Reproduces the per-sample-gradient MLP project (784-512-10, Adam lr 1e-3, weight decay 1e-4, batch 64), which saved
 every sample's gradient each epoch with a Python loop and pickled it. Here, for a Linear layer sample i's weight
-gradient is b_i a_i^T (a_i its input, b_i its output gradient): --store factors (default) keeps a_i and b_i,
-1,818 floats per sample instead of 407,050, exact (Epoch rebuilds gradients, dot products, norms, projections).
+gradient is b_i a_i^T (a_i its input, b_i its output gradient): the store keeps a_i and b_i, 1,818 floats per
+sample instead of 407,050, exact (Epoch rebuilds gradients, dot products, norms, projections).
 
     python grad_collect.py                        # all digits, 5 epochs: ~98.3% test, 394 MB of factors per epoch
     python grad_collect.py --digits 3,5           # last-layer clusters: plain ARI 0.00, directions ARI 1.00
@@ -149,34 +149,16 @@ def project(a, b, where, names, factors) -> torch.Tensor:
 
 # ============================================================================= 2. collection
 # What is stored (plan_arrays), how big it is (check_size), and writing one epoch's arrays (collect, write_epoch).
-def plan_arrays(model: nn.Module, names: list[str], store: str = "factors", project_dim: Optional[int] = None,
-                scope: str = "whole") -> list[dict]:
-    """The arrays written per epoch.
-    factors: per Linear layer, its inputs a [N,in] (when its weight is selected) and output gradients b [N,out]:
-      exact, sample i's weight gradient is b_i a_i^T and its bias gradient b_i;
-    raw: the gradients per parameter [N, *shape];
-    projection: one K-dim projection of the selected parameters' whole flattened gradient ('all'), or one per
-      parameter (parameters with at most K values are stored raw: projecting them up to K dims adds nothing)."""
-    shapes = dict((n, list(p.shape)) for n, p in model.named_parameters())
-    if store == "factors":
-        plan = []
-        for prefix, m in linear_layers(model):
-            chosen = [n for n in (f"{prefix}.weight", f"{prefix}.bias") if n in names]
-            if not chosen:
-                continue
-            if f"{prefix}.weight" in chosen:
-                plan.append({"name": f"a_{prefix}", "kind": "factor_a", "layer": prefix, "params": chosen, "shape": [m.in_features]})
-            plan.append({"name": f"b_{prefix}", "kind": "factor_b", "layer": prefix, "params": chosen, "shape": [m.out_features]})
-        return plan
-    if store == "raw":
-        return [{"name": n, "kind": "raw", "params": [n], "shape": shapes[n]} for n in names]
-    if scope == "whole":
-        return [{"name": "all", "kind": "projected", "params": names, "shape": [project_dim]}]
+def plan_arrays(model: nn.Module, names: list[str]) -> list[dict]:
+    """The arrays written per epoch: per Linear layer, its inputs a [N,in] (when its weight is selected) and output
+    gradients b [N,out]: exact, sample i's weight gradient is b_i a_i^T and its bias gradient b_i."""
     plan = []
-    for n in names:
-        numel = math.prod(shapes[n])
-        raw = numel <= project_dim
-        plan.append({"name": n, "kind": "raw" if raw else "projected", "params": [n], "shape": shapes[n] if raw else [project_dim]})
+    for prefix, m in linear_layers(model):
+        chosen = [n for n in (f"{prefix}.weight", f"{prefix}.bias") if n in names]
+        if f"{prefix}.weight" in chosen:
+            plan.append({"name": f"a_{prefix}", "kind": "factor_a", "layer": prefix, "params": chosen, "shape": [m.in_features]})
+        if chosen:
+            plan.append({"name": f"b_{prefix}", "kind": "factor_b", "layer": prefix, "params": chosen, "shape": [m.out_features]})
     return plan
 
 
@@ -193,20 +175,18 @@ def check_size(model, plan, n: int, dtype: str, collections: int, max_gb: float,
     if total > max_gb * 1e9:
         raise common.UserError(
             f"the gradients would take about {total / 1e9:.2f} GB on disk ({n:,} samples x {values:,} values x "
-            f"{itemsize} bytes x {collections} epoch(s)), over --max-gb {max_gb:g}; shrink it with --store factors "
-            f"(exact, the default), --store projection --project-dim K (e.g. 1024), --params (fewer parameters, e.g. "
-            f"the last layer), --dtype float16, --no-every-epoch, --digits or --limit, or raise --max-gb")
+            f"{itemsize} bytes x {collections} epoch(s)), over --max-gb {max_gb:g}; shrink it with --params (fewer "
+            f"parameters, e.g. the last layer), --dtype float16, --no-every-epoch, --collect-epochs, --digits or --limit, or raise --max-gb")
     probe = Path(out_dir)
     while not probe.exists() and probe != probe.parent:
         probe = probe.parent
     free = shutil.disk_usage(probe).free
     common.check(total < free, f"the gradients would take about {total / 1e9:.2f} GB but only {free / 1e9:.2f} GB are "
-                               f"free under {probe}; free space or shrink the output (--store factors, --params, --dtype float16)")
+                               f"free under {probe}; free space or shrink the output (--params, --dtype float16)")
     return total
 
 
-def collect(model, images, labels, epoch_dir: Path, plan: list[dict], dtype: str, batch_size: int,
-            factors=None, quiet: bool = True) -> dict:
+def collect(model, images, labels, epoch_dir: Path, plan: list[dict], dtype: str, batch_size: int, quiet: bool = True) -> dict:
     """Per-sample gradients of every sample (model in eval mode: dropout off) written to memory-mapped .npy
     files in epoch_dir, one batch at a time: N never has to fit in memory. Returns per-sample predictions,
     losses and gradient norms (CPU tensors)."""
@@ -214,7 +194,6 @@ def collect(model, images, labels, epoch_dir: Path, plan: list[dict], dtype: str
     n = len(labels)
     epoch_dir.mkdir(parents=True, exist_ok=True)
     np_dtype = np.dtype(dtype)
-    where = factor_of(model)
     position = {prefix: i for i, (prefix, _) in enumerate(linear_layers(model))}
     names = param_names(model)
     files = {a["name"]: np.lib.format.open_memmap(epoch_dir / f"{a['name']}.npy", mode="w+", dtype=np_dtype,
@@ -223,7 +202,6 @@ def collect(model, images, labels, epoch_dir: Path, plan: list[dict], dtype: str
     preds = torch.empty(n, dtype=torch.long, device=device)
     losses = torch.empty(n, device=device)
     sq_norms = torch.empty(n, len(names), device=device)
-    buffers = {}
     start = 0
     for x, y in common.progress(common.Batches(images, labels, batch_size), quiet, desc="gradients"):
         a, b, logits, loss = layer_factors(model, x, y)
@@ -231,22 +209,7 @@ def collect(model, images, labels, epoch_dir: Path, plan: list[dict], dtype: str
         preds[start:stop], losses[start:stop] = logits.argmax(1), loss
         sq_norms[start:stop] = squared_norms(a, b, model, names)
         for arr in plan:
-            out = files[arr["name"]]
-            i, kind = where[arr["params"][0]]
-            if arr["kind"] in ("factor_a", "factor_b"):
-                out[start:stop] = (a if arr["kind"] == "factor_a" else b)[position[arr["layer"]]].cpu().numpy()
-            elif arr["kind"] == "projected":
-                out[start:stop] = project(a, b, where, arr["params"], factors).cpu().numpy()
-            elif kind == "bias":
-                out[start:stop] = b[i].cpu().numpy()
-            else:  # raw weight gradients b_i a_i^T, a few rows at a time into one reused buffer (about 64 MB)
-                if arr["name"] not in buffers:
-                    rows = max(1, (64 << 20) // (4 * b[i].shape[1] * a[i].shape[1]))
-                    buffers[arr["name"]] = torch.empty(rows, b[i].shape[1], a[i].shape[1], device=device)
-                buf = buffers[arr["name"]]
-                for s in range(0, len(y), len(buf)):
-                    e = min(s + len(buf), len(y))
-                    out[start + s:start + e] = torch.mul(b[i][s:e, :, None], a[i][s:e, None, :], out=buf[:e - s]).cpu().numpy()
+            files[arr["name"]][start:stop] = (a if arr["kind"] == "factor_a" else b)[position[arr["layer"]]].cpu().numpy()
         start = stop
     for out in files.values():
         out.flush()
@@ -263,15 +226,9 @@ def summarize(values: torch.Tensor) -> dict:
             "median": float(q[0]), "p90": float(q[1]), "p99": float(q[2]), "max": v.max().item()}
 
 
-PROJECTION_METHOD = ("structured Gaussian sketch: row k is u_k v_k^T / sqrt(K) on each weight [out,in] and w_k / sqrt(K) on "
-                     "each bias (u, v, w standard normal, drawn per parameter in named_parameters order from "
-                     "torch.Generator().manual_seed(seed)); sample i's projection is sum over layers of (b_i . u_k)(a_i . v_k) "
-                     "/ sqrt(K) + b_i . w_k / sqrt(K); E[<Pg, Pg'>] = <g, g'>; the same projection in every epoch")
-
-
-def base_meta(model, plan: list[dict], n: int, store: str, dtype: str, lr: float, projection: Optional[dict] = None) -> dict:
+def base_meta(model, plan: list[dict], n: int, dtype: str, lr: float) -> dict:
     """The part of metadata.json that Epoch (the reader) needs."""
-    return {"n_samples": n, "store": store, "dtype": dtype, "lr": lr, "projection": projection,
+    return {"n_samples": n, "store": "factors", "dtype": dtype, "lr": lr,
             "parameter_shapes": {name: list(p.shape) for name, p in model.named_parameters()},
             "arrays": {a["name"]: {"file": f"{a['name']}.npy", "shape": [n, *a["shape"]],
                                    **{k: v for k, v in a.items() if k not in ("name", "shape")}} for a in plan},
@@ -279,7 +236,7 @@ def base_meta(model, plan: list[dict], n: int, store: str, dtype: str, lr: float
             "weights": "weights.pt"}
 
 
-def write_epoch(run, model, data: common.Data, epoch: int, plan, factors, lr: float) -> dict:
+def write_epoch(run, model, data: common.Data, epoch: int, plan, lr: float) -> dict:
     """Collect one epoch's gradients into gradients/epoch_<n>/ (written under a .partial name, then renamed: a kill
     leaves only the .partial folder, which the resumed run, redoing this epoch, replaces). lr: TracIn's lr_e."""
     args = run.args
@@ -290,7 +247,7 @@ def write_epoch(run, model, data: common.Data, epoch: int, plan, factors, lr: fl
     partial = final.with_name(final.name + ".partial")
     shutil.rmtree(partial, ignore_errors=True)
     t0 = time.time()
-    out = collect(model, data.train_x, data.train_y, partial, plan, args.dtype, args.collect_batch_size, factors, args.quiet)
+    out = collect(model, data.train_x, data.train_y, partial, plan, args.dtype, args.collect_batch_size, args.quiet)
     torch.save({k: v.detach().cpu() for k, v in model.state_dict().items()}, partial / "weights.pt")
     seconds = time.time() - t0
     digit = torch.tensor(data.digits)[data.train_y.cpu()]
@@ -298,8 +255,6 @@ def write_epoch(run, model, data: common.Data, epoch: int, plan, factors, lr: fl
     stats = {"epoch": epoch, "norm_of": "each sample's gradient of its own loss (exact, from the layer factors)", "parameters": {
         col: {"overall": summarize(norms[:, j]), "per_digit": {str(d): summarize(norms[digit == d, j]) for d in data.digits}}
         for j, col in enumerate(param_names(model) + ["total"])}}
-    projection = ({"dim": args.project_dim, "scope": args.project_scope, "seed": args.project_seed, "method": PROJECTION_METHOD}
-                  if args.store == "projection" else None)
     meta = {
         "epoch": epoch, "samples": samples,
         "model_mode": "eval (dropout off) during collection",
@@ -308,7 +263,7 @@ def write_epoch(run, model, data: common.Data, epoch: int, plan, factors, lr: fl
         "digits": data.digits, "digit_map": data.digit_map,
         "sample_index": data.train_index.tolist(), "digit": digit.tolist(), "label": data.train_y.cpu().tolist(),
         "prediction": out["pred"].tolist(), "loss_value": [round(v, 6) for v in out["loss"].tolist()],
-        **base_meta(model, plan, len(digit), args.store, args.dtype, lr, projection),
+        **base_meta(model, plan, len(digit), args.dtype, lr),
         "collect_seconds": seconds,
     }
     common.write_json(partial / "metadata.json", meta)
@@ -383,7 +338,8 @@ class Epoch:
         self.dir = self.run_dir / "gradients" / f"epoch_{self.epoch}"
         self.meta = common.read_json(self.dir / "metadata.json")
         self.n = self.meta["n_samples"]
-        self.store = self.meta.get("store") or ("projection" if self.meta.get("projection") else "raw")
+        common.check(self.meta.get("store") == "factors", f"{self.dir}: gradients stored as {self.meta.get('store')!r}, "
+                                                           f"not layer factors (an older grad_collect.py's --store); collect them again")
         self.lr = self.meta.get("lr")
         self.shapes = {k: tuple(v) for k, v in self.meta["parameter_shapes"].items()}
         stored = {p for a in self.meta["arrays"].values() for p in a["params"]}
@@ -406,7 +362,6 @@ class Epoch:
 
     def factors(self, idx=None) -> tuple[list, list]:
         """(a, b): per layer (model order) the stored inputs [B,in] and output gradients [B,out] (None if not stored)."""
-        common.check(self.store == "factors", f"{self.dir}: this run stores {self.store} gradients, not layer factors")
         a, b = [None] * len(self.layers), [None] * len(self.layers)
         for name, info in self.meta["arrays"].items():
             (a if info["kind"] == "factor_a" else b)[self.layers.index(info["layer"])] = self._read(name, idx)
@@ -419,41 +374,19 @@ class Epoch:
         return names
 
     def grad(self, name: str, idx=None) -> torch.Tensor:
-        """Per-sample gradients [B, *shape] of one parameter, exact (from factors or raw arrays)."""
+        """Per-sample gradients [B, *shape] of one parameter, exact (rebuilt from the factors)."""
         self._names(name)
-        if self.store == "raw":
-            return self._read(name, idx).reshape(-1, *self.shapes[name])
-        common.check(self.store == "factors", f"{self.dir}: this run stores projections; gradients cannot be rebuilt from them")
         return grad_from(*self.factors(idx), self.where, name)
 
     def flat(self, idx=None, names=None) -> torch.Tensor:
         """[B, D] the flattened gradients of `names` (default all stored parameters), concatenated in model order."""
         return torch.cat([self.grad(p, idx).flatten(1) for p in self._names(names)], 1)
 
-    def _side(self, side, names):
-        """A side of a dot product as what this store compares: factors (a, b) lists, or flat vectors."""
-        if isinstance(side, tuple):  # external factors (a, b), e.g. of test images (layer_factors)
-            a, b = side
-            if self.store == "factors":
-                return a, b
-            if self.store == "raw":
-                return self._flat_from(a, b, names)
-            proj = self.meta["projection"]
-            pf = projection_factors(self.shapes, proj["dim"], proj["seed"], "cpu")
-            return torch.cat([project(a, b, self.where, info["params"], pf) if info["kind"] == "projected"
-                              else self._flat_from(a, b, info["params"]) for info in self.meta["arrays"].values()], 1)
-        if self.store == "factors":
-            return self.factors(side)
-        if self.store == "raw":
-            return self.flat(side, names)
-        return torch.cat([self._read(name, side) for name in self.meta["arrays"]], 1)
-
-    def _flat_from(self, a, b, names) -> torch.Tensor:
-        return torch.cat([grad_from(a, b, self.where, p).flatten(1) for p in names], 1)
+    def _side(self, side):
+        """A side of a dot product as factors (a, b): given (e.g. of test images, layer_factors), or stored rows."""
+        return side if isinstance(side, tuple) else self.factors(side)
 
     def _dot(self, x, y, names) -> torch.Tensor:
-        if not isinstance(x, tuple):
-            return x @ y.T
         (a1, b1), (a2, b2) = x, y
         out = 0
         for p in names:
@@ -465,24 +398,21 @@ class Epoch:
     def dot(self, i=None, j=None, names=None, chunk: int = 8192) -> torch.Tensor:
         """[len(i), len(j)] dot products of the gradients of samples i and j (None = all; either side may also be
         external factors (a, b) as layer_factors returns). From factors, per layer (a_i . a_j)(b_i . b_j) for the
-        weight plus b_i . b_j for the bias, summed: no gradient is formed. Projection runs: dots of the projections
-        (equal in expectation only). j is read `chunk` rows at a time."""
+        weight plus b_i . b_j for the bias, summed: no gradient is formed. j is read `chunk` rows at a time."""
         names = self._names(names)
-        if self.store == "projection":
-            common.check(names == self.params, f"{self.dir}: a projection run compares its stored projections only (all parameters)")
-        left = self._side(i, names)
+        left = self._side(i)
         if isinstance(j, tuple):
-            return self._dot(left, self._side(j, names), names)
+            return self._dot(left, j, names)
         index = _index(j, self.n)
-        return torch.cat([self._dot(left, self._side(index[s:s + chunk], names), names)
+        return torch.cat([self._dot(left, self._side(index[s:s + chunk]), names)
                           for s in range(0, max(len(index), 1), chunk)], 1)
 
     def norms(self, idx=None, names=None) -> torch.Tensor:
         """[B] exact gradient norms (over `names`, default every stored parameter), from norms.npy."""
         names = self._names(names)
         cols = [self.meta["norms"]["columns"].index(p) for p in names]
-        n = torch.from_numpy(np.asarray(load_npy(self.dir / self.meta["norms"]["file"])[_rows(idx, self.n)], dtype=np.float64))
-        return n.reshape(-1, len(self.meta["norms"]["columns"]))[:, cols].square().sum(1).sqrt()
+        n = np.asarray(load_npy(self.dir / self.meta["norms"]["file"])[_rows(idx, self.n)], dtype=np.float64)
+        return torch.from_numpy(np.sqrt(np.square(n.reshape(-1, len(self.meta["norms"]["columns"]))[:, cols]).sum(1)).astype(np.float32))
 
     def cosine(self, i=None, j=None, names=None) -> torch.Tensor:
         """Cosine similarities of gradients, [len(i), len(j)]."""
@@ -494,26 +424,14 @@ class Epoch:
     def _norms_of(self, side, names) -> torch.Tensor:
         if isinstance(side, tuple):
             return self.dot(side, side, names).diagonal().clamp_min(0).sqrt()
-        return self.norms(side, names).float()
+        return self.norms(side, names)
 
     def project(self, idx=None, k: int = 1024, seed: int = 0, names=None, chunk: int = 8192) -> torch.Tensor:
-        """[B, K] the seeded structured projection (the one --store projection writes, same seed same matrix) of
-        the gradients of `names`, computed from factors (or raw gradients) after the fact."""
-        names = self._names(names)
-        common.check(self.store != "projection", f"{self.dir}: already projected; read its arrays with ep.array(name)")
-        pf = projection_factors(self.shapes, k, seed, "cpu")
-        index, out = _index(idx, self.n), []
-        for s in range(0, max(len(index), 1), chunk):
-            part = index[s:s + chunk]
-            if self.store == "factors":
-                out.append(project(*self.factors(part), self.where, names, pf))
-            else:
-                total = 0
-                for p in names:
-                    g = self.grad(p, part)
-                    total = total + (torch.einsum("boi,ok,ik->bk", g, *pf[p]) if g.dim() == 3 else g @ pf[p][0])
-                out.append(total)
-        return torch.cat(out)
+        """[B, K] the seeded structured projection (projection_factors: same seed, same matrix) of the gradients of
+        `names`, computed from the factors `chunk` rows at a time."""
+        names, pf = self._names(names), projection_factors(self.shapes, k, seed, "cpu")
+        index = _index(idx, self.n)
+        return torch.cat([project(*self.factors(index[s:s + chunk]), self.where, names, pf) for s in range(0, max(len(index), 1), chunk)])
 
 
 # ============================================================================= 4. clusters
@@ -586,37 +504,13 @@ def cluster_scores(digits: np.ndarray, clusters: np.ndarray, digit_list: list[in
             "contingency": {"rows": "original digit", "cols": "cluster", "digits": digit_list, "table": table.tolist()}}
 
 
-def load_array(path: Path, max_dim: int, seed: int) -> tuple[torch.Tensor, Optional[str]]:
-    """A stored array as float32 [N, D] in memory; wider than max_dim, it is reduced chunk by chunk with a seeded
-    CountSketch (each coordinate added with a random sign to one of max_dim buckets; inner products kept in expectation)."""
-    flat = load_npy(path)
-    flat = flat.reshape(len(flat), -1)
-    n, d = flat.shape
-    if d <= max_dim:
-        return torch.from_numpy(np.array(flat, dtype=np.float32)), None
-    g = torch.Generator().manual_seed(seed)
-    bucket = torch.randint(max_dim, (d,), generator=g)
-    sign = torch.randint(0, 2, (d,), generator=g).float() * 2 - 1
-    out = torch.zeros(n, max_dim)
-    rows = max(1, (128 << 20) // (4 * d))
-    for s in range(0, n, rows):
-        x = torch.from_numpy(np.array(flat[s:s + rows], dtype=np.float32))
-        out[s:s + rows].index_add_(1, bucket, x * sign)
-    return out, f"CountSketch {d} -> {max_dim} (seed {seed})"
-
-
 def analysis_vectors(ep: Epoch, name: str, dim: int, seed: int) -> tuple[torch.Tensor, str]:
-    """What k-means and t-SNE see for one parameter (or one stored projection array): its exact per-sample
-    gradients when they have at most `dim` values, else their seeded projection to `dim` (from the factors, chunk
-    by chunk: the gradients are never all formed)."""
-    if ep.store == "projection":
-        x, how = load_array(ep.dir / ep.meta["arrays"][name]["file"], dim, seed)
-        return x, how or ep.meta["arrays"][name]["kind"] + " (as stored)"
+    """What k-means and t-SNE see for one parameter: its exact per-sample gradients when they have at most `dim`
+    values, else their seeded projection to `dim` (from the factors, chunk by chunk: the gradients are never all formed)."""
     numel = math.prod(ep.shapes[name])
     if numel <= dim:
         return ep.flat(None, [name]), "exact"
-    return ep.project(None, dim, seed, [name], chunk=8192 if ep.store == "factors" else max(1, (64 << 20) // (4 * numel))), \
-        f"projected {numel:,} -> {dim} (structured sketch from the stored {ep.store}, seed {seed})"
+    return ep.project(None, dim, seed, [name]), f"projected {numel:,} -> {dim} (structured sketch from the stored factors, seed {seed})"
 
 
 def tsne(x: np.ndarray, perplexity: float, seed: int) -> tuple[np.ndarray, int]:
@@ -691,7 +585,7 @@ VIEWS = {"plain": "the per-sample gradients as they are",
 
 def headline_array(ep: Epoch) -> str:
     """The last layer's weight when collected (the figures in docs/grad_collect.md), else the first analyzed array."""
-    names = list(ep.meta["arrays"]) if ep.store == "projection" else ep.params
+    names = ep.params
     last_weight = [n for n in ep.shapes if n.endswith("weight")][-1]
     return last_weight if last_weight in names else names[0]
 
@@ -727,7 +621,7 @@ def _analyze_run(run_dir: Path, args, device) -> dict:
                              run_dir / f"grad_norms_epoch_{epoch}.png", epoch)
         shown = headline_array(ep)
         per_array = {}
-        for name in (list(meta["arrays"]) if ep.store == "projection" else ep.params):
+        for name in ep.params:
             entry = per_array[name] = analyze_array(ep, name, k, name == shown, args, device)
             if not args.quiet:
                 print(f"  epoch {epoch} {name:>14} ({entry['vectors']}): plain ARI {entry['plain']['ari']:.3f} NMI {entry['plain']['nmi']:.3f} | "
@@ -735,7 +629,6 @@ def _analyze_run(run_dir: Path, args, device) -> dict:
         result["epochs"][str(epoch)] = per_array
         result["seconds"][str(epoch)] = time.time() - t_epoch
     result["headline"] = headline(result, shown)
-    result["self_influence"] = self_influence_report(run_dir, args, device)
     result["seconds"]["total"] = time.time() - t_all
     common.write_json(run_dir / "analysis.json", result)
     print(f"analysis of {len(chosen)} epoch(s): {result['seconds']['total']:.1f} s "
@@ -843,31 +736,6 @@ def influence(run_dir, images: torch.Tensor, labels: torch.Tensor, model) -> np.
     return total.numpy()
 
 
-def self_influence_report(run_dir: Path, args, device, top: int = 25) -> dict:
-    """self_influence.npy, self_influence_top.png (the `top` highest, label and final prediction) and how many of
-    them the final model gets wrong against the base rate over all training samples."""
-    si = self_influence(run_dir)
-    np.save(run_dir / "self_influence.npy", si.astype(np.float64))
-    cfg, data, model = run_model_and_data(run_dir, args.data_dir, device)
-    with torch.inference_mode():
-        pred = torch.cat([model(x).argmax(1) for x, _ in common.Batches(data.train_x, data.train_y, 4000)]).cpu().numpy()
-    label = data.train_y.cpu().numpy()
-    order = np.argsort(-si)[:top]
-    wrong = pred != label
-    digits = data.digits
-    titles = [f"#{r + 1} row {i}\nlabel {digits[label[i]]} pred {digits[pred[i]]}\nSI {si[i]:.3g}" for r, i in enumerate(order)]
-    common.plot_image_grid(data.train_x[torch.as_tensor(order)].cpu(), titles, run_dir / "self_influence_top.png",
-                           colors=["red" if wrong[i] else "black" for i in order], cols=5,
-                           suptitle=f"highest self-influence (TracIn, sum of lr_e ||g||^2)\n{int(wrong[order].sum())} of {top} misclassified "
-                                    f"by the final model (red); base rate {wrong.mean():.2%}")
-    return {"file": "self_influence_top.png", "scores": "self_influence.npy", "top": [
-        {"row": int(i), "sample_index": int(data.train_index[i]), "label": digits[label[i]], "prediction": digits[pred[i]],
-         "self_influence": float(si[i])} for i in order],
-        "misclassified_in_top": int(wrong[order].sum()), "top_n": top, "base_rate_misclassified": float(wrong.mean()),
-        "expected_in_top_at_base_rate": float(top * wrong.mean()),
-        "mean_self_influence": {"misclassified": float(si[wrong].mean()) if wrong.any() else None, "correct": float(si[~wrong].mean())}}
-
-
 def parse_indices(text: str, n: int) -> list[int]:
     try:
         out = [int(t) for t in text.split(",") if t.strip()]
@@ -938,12 +806,7 @@ def main(
     collect_epochs: Annotated[Optional[str], typer.Option(help="Collect only after these epochs, e.g. 1-10,20 (the last is always "
                                                                "added): a long run within --max-gb.")] = None,
     params: Annotated[Optional[str], typer.Option(help="Comma-separated parameter names to collect (default all), e.g. net.3.weight,net.3.bias.")] = None,
-    store: Annotated[str, typer.Option(help="factors (exact: each Linear layer's inputs a_i and output gradients b_i; "
-                                            "gradient = b_i a_i^T), projection (a seeded K-dim projection) or raw (full arrays).")] = "factors",
     dtype: Annotated[str, typer.Option(help="float32 or float16 on disk.")] = "float32",
-    project_dim: Annotated[Optional[int], typer.Option(help="K of --store projection (default 1024).")] = None,
-    project_scope: Annotated[str, typer.Option(help="whole (one projection of all selected parameters) or param (one per parameter).")] = "whole",
-    project_seed: Annotated[Optional[int], typer.Option(help="Seed of the projection (default: --seed).")] = None,
     max_gb: Annotated[float, typer.Option(help="Refuse to write more than this many GB of gradients.")] = 4.0,
     collect_batch_size: Annotated[int, typer.Option(help="Samples per batch while collecting gradients.")] = 1000,
     analyze: Annotated[Optional[Path], typer.Option(help="Only analyze the saved gradients of this grad_collect run (with --influence: only the influence).")] = None,
@@ -989,7 +852,7 @@ def train_and_collect(run) -> None:
     args = run.args
     if args.lr_schedule == "cosine":
         run.fix_length("its cosine learning rate decays to 0 at the last planned step")
-    device, data, model, plan, factors = prepare(run)
+    device, data, model, plan = prepare(run)
     opt = make_optimizer(model, args.optimizer, args.lr, args.weight_decay, args.momentum)
     batches = common.Batches(data.train_x, data.train_y, args.batch_size, shuffle=True, seed=common.seed_for(args.seed, "shuffle"))
     schedule = collect_schedule(args)
@@ -1004,7 +867,7 @@ def train_and_collect(run) -> None:
     run.restore(device, model=model, optimizer=opt, generator=batches.generator)
     if run.resumed:
         check_size(model, plan, len(data.train_y), args.dtype, len([e for e in schedule if e > run.epoch]), args.max_gb, args.out_dir)
-    collect_epoch = lambda epoch: write_epoch(run, model, data, epoch, plan, factors, epoch_lr(args, epoch, len(batches)))  # noqa: E731
+    collect_epoch = lambda epoch: write_epoch(run, model, data, epoch, plan, epoch_lr(args, epoch, len(batches)))  # noqa: E731
 
     def after_epoch(epoch, record):
         if epoch in schedule:
@@ -1036,7 +899,7 @@ def collect_schedule(args) -> list[int]:
 def collect_from_run(run) -> None:
     """--from-run RUN: no training; one collection, of that train_mlp run's best.pt, with its model and data split."""
     args = run.args
-    device, data, model, plan, factors = prepare(run)
+    device, data, model, plan = prepare(run)
     check_size(model, plan, len(data.train_y), args.dtype, 1, args.max_gb, args.out_dir)
     ckpt = common.load_checkpoint(Path(args.from_run) / "best.pt", device)
     try:
@@ -1047,7 +910,7 @@ def collect_from_run(run) -> None:
                     source_checkpoint=str(Path(args.from_run) / "best.pt"), **data.describe())
     print(f"device {device} | {len(data.train_y):,} training samples | digits {data.digits} | "
           f"{args.from_run}/best.pt (epoch {ckpt['epoch']}) | run {run.dir}")
-    write_epoch(run, model, data, ckpt["epoch"], plan, factors, args.lr)  # one checkpoint: TracIn's lr_e is the run's --lr
+    write_epoch(run, model, data, ckpt["epoch"], plan, args.lr)  # one checkpoint: TracIn's lr_e is the run's --lr
     test_loss, test_acc, _, _ = evaluate(model, data.test_x, data.test_y)
     finish(run, {"test_loss": test_loss, "test_acc": test_acc, "epoch": ckpt["epoch"]}, data, device)
 
@@ -1071,7 +934,7 @@ def build_model(config: dict) -> nn.Module:
 
 def prepare(run):
     """What both collecting modes need: the options checked, the data, the model (initialized as train_mlp.py does:
-    the same seed, the same model), the arrays to store and the projection's factors."""
+    the same seed, the same model) and the arrays to store."""
     args = run.args
     if args.from_run:
         take_model_and_split_of(args)
@@ -1080,9 +943,8 @@ def prepare(run):
     data = common.load_mnist(args.data_dir, device, args.digits, args.val_fraction, args.limit, args.seed, args.label_noise)
     common.seed_everything(common.seed_for(args.seed, "init"))
     model = build_model({**vars(args), **data.describe()}).to(device)
-    plan = plan_arrays(model, chosen_params(model, args.params), args.store, args.project_dim, args.project_scope)
-    factors = projection_factors(model, args.project_dim, args.project_seed, device) if args.store == "projection" else None
-    return device, data, model, plan, factors
+    plan = plan_arrays(model, chosen_params(model, args.params))
+    return device, data, model, plan
 
 
 def check_analysis_options(args) -> None:
@@ -1098,16 +960,8 @@ def check_analysis_options(args) -> None:
 def check_options(args) -> None:
     train_mlp.check_options(args)
     common.check(args.dtype in ("float32", "float16"), f"--dtype {args.dtype}: use float32 or float16")
-    common.check(args.store in ("factors", "projection", "raw"), f"--store {args.store}: use factors, projection or raw")
-    common.check(args.project_dim is None or args.store == "projection", f"--project-dim {args.project_dim}: goes with --store projection")
-    common.check(args.project_dim is None or args.project_dim >= 1, f"--project-dim {args.project_dim}: must be at least 1")
-    if args.store == "projection" and args.project_dim is None:
-        args.project_dim = 1024
-    common.check(args.project_scope in ("whole", "param"), f"--project-scope {args.project_scope}: use whole or param")
     common.check(args.max_gb > 0, f"--max-gb {args.max_gb}: must be positive")
     common.check(args.collect_batch_size >= 1, f"--collect-batch-size {args.collect_batch_size}: must be at least 1")
-    if args.project_seed is None:  # its own stream: changing the projection never changes the split, init or order
-        args.project_seed = common.seed_for(args.seed, "projection")
 
 
 def take_model_and_split_of(args) -> None:

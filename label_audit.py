@@ -6,7 +6,7 @@ Rankings, higher = more suspect (docs/label_audit.md):
   default   sum over epochs e of w_e ||p_e - onehot(label)||^2, p_e the row's probabilities as its training step saw
             them (the run's predictions/epoch_<n>.npz), w_e = max(0, training error_e / validation error_e - 1): the
             epochs before the model fits the noise (equal weights where no epoch qualifies or there is no validation)
-  loss      the final model's (best.pt) loss of the row
+  loss      the final model's loss of the row (last.pt: the weights after the last epoch)
   tracin    grad_collect runs: TracIn self-influence sum_e lr_e ||g||^2 from the stored gradient factors
   cleanlab  --compare-cleanlab: cleanlab's label quality on K-fold out-of-sample probabilities of the same model,
             each fold trained by the run's own script (its fit())
@@ -40,11 +40,13 @@ LABELS = {"default": "default (prediction error)", "tracin": "TracIn self-influe
 
 # ----------------------------------------------------------------------------- the audited run
 def load_audited_run(run_dir: Path, device, data_dir: Optional[Path]):
-    """(model in eval mode, config, its script's module, data, input transform). The run's own script rebuilds the
-    model (common.load_run_model); config.json says the dataset, the split, the injected noise and the input scaling."""
+    """(the final model in eval mode, config, its script's module, data, input transform). The run's own script
+    rebuilds the model (common.load_run_model) with last.pt's weights (after the last epoch: the model that may have
+    memorized the noise, not the best by validation); config.json says the dataset, the split, the injected noise and
+    the input scaling."""
     config = common.read_json(run_dir / "config.json")
     source = config.get("source_checkpoint")  # a grad_collect --from-run collection: the source run's best.pt
-    model, config, module = common.load_run_model(run_dir, str(Path(source).absolute()) if source else "best.pt", device)
+    model, config, module = common.load_run_model(run_dir, str(Path(source).absolute()) if source else "last.pt", device)
     model = model.float()
     data_dir = data_dir or Path(config["data_dir"])
     noise = config.get("label_noise") or 0.0
@@ -206,7 +208,7 @@ def write_ranking_csv(path: Path, order, columns: dict) -> None:
 
 # ----------------------------------------------------------------------------- the two reports
 def mislabel_report(run, audited: Path, model, config, module, data, top: int) -> dict:
-    """Every training row ranked (default, TracIn for grad_collect runs, loss, cleanlab with --compare-cleanlab):
+    """Every training row ranked (default, TracIn for grad_collect runs, the final model's loss, cleanlab with --compare-cleanlab):
     suspects.csv (the first ranking available first), suspects_top.png and, with injected noise, each ranking's
     AUC and found-after-inspecting (mislabel.json, mislabel_found.png, printed)."""
     args, seconds, info, scores = run.args, {}, {}, {}
