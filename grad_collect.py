@@ -652,8 +652,6 @@ def analyze_array(ep: Epoch, name: str, k: int, with_tsne: bool, args, device) -
         km = kmeans(xv, k, seed=args.seed, n_init=args.kmeans_init)
         clusters = km["labels"].cpu().numpy()
         e = {"k": k, "inertia": km["inertia"], "iterations": km["iterations"], **cluster_scores(digit, clusters, digits, k)}
-        if args.compare_sklearn:
-            e["sklearn"] = sklearn_inertia(xv, km, k, args.seed)
         e["kmeans_seconds"] = time.time() - t0
         if with_tsne:
             t0 = time.time()
@@ -667,19 +665,6 @@ def analyze_array(ep: Epoch, name: str, k: int, with_tsne: bool, args, device) -
                          "legends": legends, "seconds": time.time() - t0}
         entry[view] = e
     return entry
-
-
-def sklearn_inertia(xv, km: dict, k: int, seed: int) -> dict:
-    """--compare-sklearn: scikit-learn's KMeans from our initial centres and from its own, against our inertia."""
-    from sklearn.cluster import KMeans
-    from threadpoolctl import threadpool_limits
-
-    xn = xv.cpu().numpy()
-    with threadpool_limits(1, user_api="openmp"):
-        same = KMeans(k, init=km["init"].cpu().numpy(), n_init=1, algorithm="lloyd").fit(xn)
-        own = KMeans(k, random_state=seed, algorithm="lloyd").fit(xn)
-    return {"inertia_same_init": float(same.inertia_), "inertia_own_init": float(own.inertia_),
-            "ratio_same_init": km["inertia"] / float(same.inertia_), "ratio_own_init": km["inertia"] / float(own.inertia_)}
 
 
 def headline(result: dict, name: str) -> dict:
@@ -784,8 +769,7 @@ def influence_report(run_dir: Path, args, device) -> dict:
 
 
 # ============================================================================= 6. command line: one main, one function per mode
-ANALYSIS_OPTIONS = ("analysis", "influence", "clusters", "kmeans_init", "tsne_samples", "perplexity", "analysis_epochs", "analysis_dim",
-                    "compare_sklearn")
+ANALYSIS_OPTIONS = ("analysis", "influence", "clusters", "kmeans_init", "tsne_samples", "perplexity", "analysis_epochs", "analysis_dim")
 
 
 @app.command()
@@ -818,7 +802,6 @@ def main(
     perplexity: Annotated[float, typer.Option(help="t-SNE perplexity.")] = 30.0,
     analysis_epochs: Annotated[str, typer.Option(help="last or all: which epochs get k-means and the two t-SNE plots (plain, direction).")] = "last",
     analysis_dim: Annotated[int, typer.Option(help="Parameters with more values are projected to this many dims (from the factors) for k-means and t-SNE.")] = 256,
-    compare_sklearn: Annotated[bool, typer.Option(help="Also run scikit-learn's KMeans on the t-SNE epochs and record its inertia.")] = False,
     val_fraction: common.ValFraction = 0.1,
     data_dir: common.DataDir = Path("./data"),
     out_dir: common.OutDir = Path("runs"),
