@@ -5,7 +5,9 @@ device, one float16 copy and an atomic .npz write an epoch) costs train_mlp and 
 
 For each script, --repeats rounds of one training epoch without recording, then one with recording (record() every
 step + save() at the end), alternating so that the machine's load falls on both alike; prints the median epoch times,
-their ratio, the median save() time and the file's size.
+their ratio (noisy on a shared machine), the median save() time and the file's size; then the added work alone: one
+epoch's record() calls (each step's rows and a batch of logits, as the step passes them) timed by themselves, plus
+save(), against the median epoch without recording.
 """
 
 import statistics
@@ -27,18 +29,21 @@ import train_mlp  # noqa: E402
 app = typer.Typer(add_completion=False, pretty_exceptions_enable=False)
 
 
+model_batches = {}
+
+
 def setups(data):
     """(name, model, optimizer, batches, epoch(predictions)) for each script, with its default options."""
     device = data.train_y.device
     torch.manual_seed(0)
     mlp = train_mlp.MLP([512], 10).to(device)
     mlp_opt = train_mlp.make_optimizer(mlp, "adam", 1e-3, 1e-4, 0.9)
-    mlp_batches = common.Batches(data.train_x, data.train_y, 64, shuffle=True, seed=0)
+    mlp_batches = model_batches["train_mlp"] = common.Batches(data.train_x, data.train_y, 64, shuffle=True, seed=0)
     yield "train_mlp", lambda p: train_mlp.train_epoch(mlp, mlp_batches, mlp_opt, lambda s: 1e-3, 0, True, p)
     cnn = train_cnn.CNN("fast", 10).to(device, memory_format=train_cnn.memory_format(device))
     cnn_opt = train_cnn.make_optimizer("adam", cnn, 1e-2, 0.9, 0.0)
     precision, _ = train_cnn.pick_precision("auto", device)
-    cnn_batches = common.Batches(data.train_x, data.train_y, 256, shuffle=True, seed=0, transform=train_cnn.make_transform(device, False))
+    cnn_batches = model_batches["train_cnn"] = common.Batches(data.train_x, data.train_y, 256, shuffle=True, seed=0, transform=train_cnn.make_transform(device, False))
     yield "train_cnn", lambda p: train_cnn.train_epoch(cnn, cnn_batches, cnn_opt, lambda s: (1e-3, None), 0, precision, 0.1, True, p)
 
 
@@ -64,10 +69,23 @@ def main(data_dir: Annotated[Path, typer.Option(envvar="DATA_DIR")] = Path("./da
                 saves.append(time.perf_counter() - t1)
                 recorded.append(time.perf_counter() - t0)
             size = (Path(tmp) / "predictions" / "epoch_1.npz").stat().st_size
+            batches = model_batches[name]
+            logits = torch.randn(batches.batch_size, data.num_classes, device=device)
+            alone = []
+            for _ in range(5):
+                t0 = time.perf_counter()
+                for i in range(len(batches)):
+                    rows = batches.rows(i)
+                    predictions.record(rows, logits[:len(rows)])
+                predictions.probs.sum().item()  # waits for the device
+                alone.append(time.perf_counter() - t0)
             p, r, s = statistics.median(plain), statistics.median(recorded), statistics.median(saves)
             print(f"{name}: epoch {p:.2f} s without recording, {r:.2f} s with (record + save) -> {r / p:.3f}x "
                   f"({(r - p) / p:+.1%}); save {s * 1000:.0f} ms ({s / p:.2%} of an epoch); {size / 1e6:.2f} MB an epoch | "
                   f"all: without {[round(x, 2) for x in plain]}, with {[round(x, 2) for x in recorded]}", flush=True)
+            a = statistics.median(alone)
+            print(f"{name}: the added work alone: {len(batches)} record() calls {a * 1000:.0f} ms + save {s * 1000:.0f} ms = "
+                  f"{(a + s) / p:.2%} of the median epoch without recording", flush=True)
 
 
 if __name__ == "__main__":
