@@ -683,14 +683,13 @@ def headline_text(h: dict) -> str:
 # TracIn influence of every training sample on test images, and self-influence, from the stored factors.
 def run_model_and_data(run_dir: Path, data_dir, device):
     """The run's config, its data split (rows in the stored arrays' order) and its final model in eval mode: best.pt
-    (a --from-run collection: the source run's best.pt), rebuilt by the run's own script (common.load_run_model)."""
+    rebuilt by the run's own script (common.load_run_model)."""
     cfg = common.read_json(run_dir / "config.json")
     data = common.load_mnist(data_dir, device, cfg["digits"], cfg["val_fraction"], cfg["limit"], cfg["seed"], cfg.get("label_noise", 0.0))
     meta = Epoch(run_dir).meta
     common.check(meta["sample_index"] == data.train_index.tolist(),
                  f"{run_dir}: the training split loaded from {data_dir} is not the one collected; is --data-dir the run's MNIST?")
-    source = cfg.get("source_checkpoint")  # as --from-run gave it: relative to where the collection ran
-    model, _, _ = common.load_run_model(run_dir, str(Path(source).absolute()) if source else "best.pt", device)
+    model, _, _ = common.load_run_model(run_dir, "best.pt", device)
     return cfg, data, model
 
 
@@ -785,7 +784,6 @@ def main(
     patience: Annotated[Optional[int], typer.Option(help="Early stopping patience in epochs (off unless given).")] = None,
     min_delta: Annotated[float, typer.Option(help="Smallest val-loss decrease that counts as improvement.")] = 0.0,
     label_noise: common.LabelNoise = 0.0,
-    from_run: Annotated[Optional[Path], typer.Option(help="Collect from this train_mlp (or grad_collect) run's best.pt and config instead of training.")] = None,
     every_epoch: Annotated[bool, typer.Option(help="Collect at the end of every epoch (else once, after the last).")] = True,
     collect_epochs: Annotated[Optional[str], typer.Option(help="Collect only after these epochs, e.g. 1-10,20 (the last is always "
                                                                "added): a long run within --max-gb.")] = None,
@@ -822,14 +820,12 @@ def main(
     if args.analyze:  # a finished run's saved gradients: nothing is trained or collected
         common.check(Path(args.analyze).is_dir(), f"--analyze {args.analyze}: no such run directory")
         return (influence_only if args.influence else analyze_only)(Path(args.analyze), args)
-    common.check(not (args.resume and args.from_run), "--resume and --from-run do not go together")
-    common.check(not (args.collect_epochs and args.from_run), "--collect-epochs and --from-run do not go together (one collection)")
     run = common.Run(ctx, args, __file__, changeable=("epochs", "device", "quiet", "data_dir") + ANALYSIS_OPTIONS)
-    return (collect_from_run if run.args.from_run else train_and_collect)(run)
+    return train_and_collect(run)
 
 
 def train_and_collect(run) -> None:
-    """The default mode: train with train_mlp.py's loop (train_mlp.train decides, visibly, when best.pt is written,
+    """Train with train_mlp.py's loop (train_mlp.train decides, visibly, when best.pt is written,
     when training stops early and when last.pt is written) and collect every sample's gradients after each epoch,
     before last.pt records it (a kill redoes both); then the final report and the analysis."""
     args = run.args
@@ -879,25 +875,6 @@ def collect_schedule(args) -> list[int]:
     return sorted(epochs)
 
 
-def collect_from_run(run) -> None:
-    """--from-run RUN: no training; one collection, of that train_mlp run's best.pt, with its model and data split."""
-    args = run.args
-    device, data, model, plan = prepare(run)
-    check_size(model, plan, len(data.train_y), args.dtype, 1, args.max_gb, args.out_dir)
-    ckpt = common.load_checkpoint(Path(args.from_run) / "best.pt", device)
-    try:
-        model.load_state_dict(ckpt["model"])
-    except RuntimeError as e:
-        raise common.UserError(f"--from-run {args.from_run}: best.pt does not fit its config ({str(e).splitlines()[0]})") from None
-    run.save_config(device=str(device), n_parameters=common.count_parameters(model), arrays=plan,
-                    source_checkpoint=str(Path(args.from_run) / "best.pt"), **data.describe())
-    print(f"device {device} | {len(data.train_y):,} training samples | digits {data.digits} | "
-          f"{args.from_run}/best.pt (epoch {ckpt['epoch']}) | run {run.dir}")
-    write_epoch(run, model, data, ckpt["epoch"], plan, args.lr)  # one checkpoint: TracIn's lr_e is the run's --lr
-    test_loss, test_acc, _, _ = evaluate(model, data.test_x, data.test_y)
-    finish(run, {"test_loss": test_loss, "test_acc": test_acc, "epoch": ckpt["epoch"]}, data, device)
-
-
 def analyze_only(run_dir: Path, args) -> None:
     """--analyze RUN: the clusters and self-influence of a run's saved gradients, again (analysis.json, the PNGs)."""
     h = analyze_run(run_dir, args, common.pick_device(args.device))["headline"]
@@ -916,11 +893,9 @@ def build_model(config: dict) -> nn.Module:
 
 
 def prepare(run):
-    """What both collecting modes need: the options checked, the data, the model (initialized as train_mlp.py does:
+    """The options checked, the data, the model (initialized as train_mlp.py does:
     the same seed, the same model) and the arrays to store."""
     args = run.args
-    if args.from_run:
-        take_model_and_split_of(args)
     check_options(args)
     device = common.pick_device(args.device)
     data = common.load_mnist(args.data_dir, device, args.digits, args.val_fraction, args.limit, args.seed, args.label_noise)
@@ -945,21 +920,6 @@ def check_options(args) -> None:
     common.check(args.dtype in ("float32", "float16"), f"--dtype {args.dtype}: use float32 or float16")
     common.check(args.max_gb > 0, f"--max-gb {args.max_gb}: must be positive")
     common.check(args.collect_batch_size >= 1, f"--collect-batch-size {args.collect_batch_size}: must be at least 1")
-
-
-def take_model_and_split_of(args) -> None:
-    """--from-run: the source run's model and exact data split; one collection, of its best.pt."""
-    src = Path(args.from_run)
-    common.check(src.is_dir(), f"--from-run {src}: no such run directory")
-    common.check((src / "config.json").is_file(), f"--from-run {src}: it has no config.json; is this a train_mlp run directory?")
-    cfg = common.read_json(src / "config.json")
-    common.check(cfg.get("script") in ("train_mlp", "grad_collect"), f"--from-run {src}: not a train_mlp run (its config names {cfg.get('script')!r})")
-    common.check(not cfg.get("batch_norm"), f"--from-run {src}: a --batch-norm run; per-sample gradients are collected only "
-                                            f"from MLPs without BatchNorm (it mixes the samples of a batch)")
-    for key in ("hidden", "dropout", "digits", "val_fraction", "limit", "seed"):
-        setattr(args, key, cfg[key])
-    args.label_noise = cfg.get("label_noise", 0.0)  # its noisy labels too
-    args.every_epoch = False
 
 
 def chosen_params(model, params: Optional[str]) -> list[str]:

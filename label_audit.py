@@ -44,9 +44,7 @@ def load_audited_run(run_dir: Path, device, data_dir: Optional[Path]):
     rebuilds the model (common.load_run_model) with last.pt's weights (after the last epoch: the model that may have
     memorized the noise, not the best by validation); config.json says the dataset, the split, the injected noise and
     the input scaling."""
-    config = common.read_json(run_dir / "config.json")
-    source = config.get("source_checkpoint")  # a grad_collect --from-run collection: the source run's best.pt
-    model, config, module = common.load_run_model(run_dir, str(Path(source).absolute()) if source else "last.pt", device)
+    model, config, module = common.load_run_model(run_dir, "last.pt", device)
     model = model.float()
     data_dir = data_dir or Path(config["data_dir"])
     noise = config.get("label_noise") or 0.0
@@ -72,10 +70,8 @@ def probabilities(model, images, transform, batch_size: int = 500) -> np.ndarray
 
 
 def recorded_epochs(run_dir: Path, config: dict) -> tuple[Path, list[int]]:
-    """The folder holding the run's predictions/epoch_<n>.npz (a --from-run collection: its source run's) and its epochs."""
+    """The folder holding the run's predictions/epoch_<n>.npz and its recorded epochs."""
     folder = run_dir / "predictions"
-    if not folder.is_dir() and config.get("from_run"):
-        folder = Path(config["from_run"]) / "predictions"
     epochs = sorted(int(p.stem.split("_")[1]) for p in folder.glob("epoch_*.npz") if p.stem.split("_")[1].isdigit())
     return folder, epochs
 

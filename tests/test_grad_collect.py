@@ -312,24 +312,22 @@ def test_truncated_npy_is_one_clear_line(digits012_run, tiny_mnist, tmp_path):
     assert path.is_file() and (copy / "analysis.json").is_file()  # nothing already written is lost
 
 
-def test_from_train_mlp_run_last_layer_with_other_digits(tiny_mnist, tmp_path):
-    proc = run_cli("train_mlp.py", "--data-dir", tiny_mnist, "--out-dir", tmp_path, "--digits", "3,5", "--epochs", "1",
-                   "--hidden", "32", "--device", "cpu", "--quiet", env=ONE_THREAD)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    (src,) = (tmp_path / "train_mlp").iterdir()
-    proc = run_cli("grad_collect.py", "--from-run", src, "--data-dir", tiny_mnist, "--out-dir", tmp_path,
-                   "--params", "net.3.weight,net.3.bias", "--dtype", "float16", "--tsne-samples", "40", "--device", "cpu", "--quiet", env=ONE_THREAD)
+def test_last_layer_only_in_float16_with_other_digits(tiny_mnist, tmp_path):
+    proc = run_cli("grad_collect.py", "--data-dir", tiny_mnist, "--out-dir", tmp_path, "--digits", "3,5", "--epochs", "1",
+                   "--hidden", "32", "--params", "net.3.weight,net.3.bias", "--dtype", "float16", "--tsne-samples", "40",
+                   "--device", "cpu", "--quiet", env=ONE_THREAD)
     assert proc.returncode == 0, proc.stderr[-3000:]
     (run_dir,) = (tmp_path / "grad_collect").iterdir()
-    check_run(run_dir, [1], ["net.3.weight", "net.3.bias"], [3, 5], analyzed=[1], trained=False)
-    # last-layer gradients, rebuilt from float16 factors, equal those recomputed from the source run's best.pt
+    check_run(run_dir, [1], ["net.3.weight", "net.3.bias"], [3, 5], analyzed=[1])
+    # last-layer gradients, rebuilt from float16 factors, equal those recomputed from the collected weights
     import common
 
-    config = json.loads((src / "config.json").read_text())
+    config = json.loads((run_dir / "config.json").read_text())
     model = MLP(config["hidden"], 2, 0.0)
-    model.load_state_dict(common.load_checkpoint(src / "best.pt")["model"])
-    data = common.load_mnist(tiny_mnist, "cpu", "3,5", config["val_fraction"], None, config["seed"])
     ep = gc.Epoch(run_dir)
+    model.load_state_dict(common.load_checkpoint(ep.dir / "weights.pt"))
+    data = common.load_mnist(tiny_mnist, "cpu", "3,5", config["val_fraction"], None, config["seed"])
     assert ep.meta["sample_index"] == data.train_index.tolist() and ep.params == ["net.3.weight", "net.3.bias"]
+    assert set(ep.meta["arrays"]) == {"a_net.3", "b_net.3"}
     want = gc.per_sample_grads(model.eval(), common.normalize(data.train_x), data.train_y, ["net.3.weight"])["net.3.weight"]
-    np.testing.assert_allclose(ep.grad("net.3.weight").numpy(), want.numpy().astype(np.float16).astype(np.float32), rtol=2e-3, atol=2e-4)
+    np.testing.assert_allclose(ep.grad("net.3.weight").numpy(), want.numpy(), rtol=2e-2, atol=2e-4)
