@@ -3,9 +3,10 @@ when noise was injected, and a held-out split audited; for a run of any training
 (train_mlp, train_cnn, train_glonet, grad_collect, train_allcnn: the run's own script rebuilds its model).
 
 Rankings, higher = more suspect (docs/label_audit.md):
-  default   sum over epochs e of w_e ||p_e - onehot(label)||^2, p_e the row's probabilities as its training step saw
-            them (the run's predictions/epoch_<n>.npz), w_e = max(0, training error_e / validation error_e - 1): the
-            epochs before the model fits the noise (equal weights where no epoch qualifies or there is no validation)
+  default   sum over checkpoints e of w_e ||p_e - onehot(label)||^2, p_e the row's probabilities as its training step
+            saw them in epoch e (the run's predictions/epoch_<n>.npz) and, as the last checkpoint, the final model's;
+            w_e = max(0, training error_e / validation error_e - 1): the checkpoints before the model fits the noise
+            (equal weights where none qualifies or there is no validation split)
   loss      the final model's loss of the row (last.pt: the weights after the last epoch)
   tracin    grad_collect runs: TracIn self-influence sum_e lr_e ||g||^2 from the stored gradient factors
   cleanlab  --compare-cleanlab: cleanlab's label quality on K-fold out-of-sample probabilities of the same model,
@@ -86,18 +87,24 @@ def read_predictions(path: Path) -> dict:
 
 # ----------------------------------------------------------------------------- rankings
 def default_scores(folder: Path, epochs: list[int], labels: np.ndarray, sample_index: np.ndarray, config: dict,
-                   history: list[dict]) -> tuple[np.ndarray, dict]:
-    """The default ranking: sum_e w_e ||p_e - onehot(label)||^2 over the recorded epochs (rows a step did not see in
-    an epoch, e.g. a dropped last batch, are weighted over the epochs that saw them), with the weights behind it."""
+                   history: list[dict], final_probs: np.ndarray) -> tuple[np.ndarray, dict]:
+    """The default ranking: sum_e w_e ||p_e - onehot(label)||^2 over the recorded epochs and the final model (one more
+    checkpoint, "final": its probabilities of every row after training, under the last epoch's validation error);
+    rows a step did not see in an epoch (a dropped last batch) are weighted over the checkpoints that saw them."""
     val_acc = {h["epoch"]: h.get("val_acc") for h in history}
+    if history:
+        val_acc["final"] = history[-1].get("val_acc")
     one_mistake = 1 / max(config.get("n_val") or 1, 1)  # the validation error counted with one more mistake
     errors, stored = {}, {}
-    for e in epochs:
-        rec = read_predictions(folder / f"epoch_{e}.npz")
-        common.check(np.array_equal(rec["sample_index"], sample_index) and np.array_equal(rec["label"], labels),
-                     f"{folder / f'epoch_{e}.npz'}: its rows or labels are not those of the training split loaded now; "
-                     f"is --data-dir the run's data?")
-        probs, seen = rec["probs"].astype(np.float32), rec["seen"]
+    for e in [*epochs, "final"]:
+        if e == "final":
+            probs, seen = final_probs, np.ones(len(labels), bool)
+        else:
+            rec = read_predictions(folder / f"epoch_{e}.npz")
+            common.check(np.array_equal(rec["sample_index"], sample_index) and np.array_equal(rec["label"], labels),
+                         f"{folder / f'epoch_{e}.npz'}: its rows or labels are not those of the training split loaded now; "
+                         f"is --data-dir the run's data?")
+            probs, seen = rec["probs"].astype(np.float32), rec["seen"]
         err = np.square(probs).sum(1) - 2 * probs[np.arange(len(labels)), labels] + 1
         stored[e] = (np.where(seen, err, 0.0), seen)
         train_error = float(np.mean(probs[seen].argmax(1) != labels[seen])) if seen.any() else 0.0
@@ -211,10 +218,14 @@ def mislabel_report(run, audited: Path, model, config, module, data, top: int) -
     labels = data.train_y.cpu().numpy()
     folder, epochs = recorded_epochs(audited, config)
     t0 = time.time()
+    probs = probabilities(model, data.train_x, data.transform)  # the final model's: the loss, and the default's last term
+    loss, pred = losses(probs, labels), probs.argmax(1)
+    seconds["final_model"] = time.time() - t0
+    t0 = time.time()
     if epochs:
         history = common.read_json(audited / "metrics.json", {}).get("epochs", [])
         scores["default"], info["default_weights"] = default_scores(folder, epochs, labels, data.train_index.numpy().astype(np.int32),
-                                                                    config, history)
+                                                                    config, history, probs)
         seconds["default"] = time.time() - t0
     else:
         print(f"{audited} recorded no predictions (a run of an older version of its script): no default ranking")
@@ -224,10 +235,7 @@ def mislabel_report(run, audited: Path, model, config, module, data, top: int) -
         t0 = time.time()
         scores["tracin"] = grad_collect.self_influence(audited)
         seconds["tracin"] = time.time() - t0
-    t0 = time.time()
-    probs = probabilities(model, data.train_x, data.transform)
-    scores["loss"], pred = losses(probs, labels), probs.argmax(1)
-    seconds["loss"] = time.time() - t0
+    scores["loss"] = loss
     if args.compare_cleanlab:
         scores["cleanlab"], info["cleanlab"] = cleanlab_scores(module, config, data, args.cleanlab_folds)
         seconds["cleanlab"] = info["cleanlab"]["seconds"]
