@@ -174,6 +174,10 @@ def test_two_torchrun_processes_killed_and_resumed_equal_one_process_with_the_do
     assert ma["final"]["test_acc"] == mb["final"]["test_acc"]
     assert len((tmp_path / "two" / "results.jsonl").read_text().splitlines()) == 1
     assert (dir_two / "training_curves.png").is_file()
+    for epoch in (1, 2):  # each rank recorded its own rows' predictions; summed, they are one process's
+        pa, pb = (np.load(d / "predictions" / f"epoch_{epoch}.npz") for d in (dir_one, dir_two))
+        assert pa["seen"].sum() == pb["seen"].sum() == 96 - 96 % 16 and np.array_equal(pa["seen"], pb["seen"])
+        np.testing.assert_allclose(pb["probs"].astype(np.float32), pa["probs"].astype(np.float32), atol=2e-3)
     for m in (ma, mb):  # per-step values: 96 // 16 = 6 global steps an epoch (the last incomplete batch is dropped)
         assert [(len(e["step_loss"]), len(e["step_error"])) for e in m["epochs"]] == [(6, 6)] * 2
     for ea, eb in zip(ma["epochs"], mb["epochs"]):  # the epoch means are over both ranks; the steps are rank 0's
