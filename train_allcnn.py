@@ -13,7 +13,8 @@ epochs on a GPU. `--model resnet18|resnet34|resnet50` are torchvision's with a 3
     python train_allcnn.py --model resnet18 --lr-schedule cosine --amp
 Writes runs/train_allcnn/<timestamp>[-tag]/: config.json (with the parameter table's totals), metrics.json,
 best.pt, last.pt, training_curves.png (loss and top-1 error: train per step, under torchrun rank 0's batches; val
-per epoch) and TensorBoard events; one line in runs/results.jsonl. Attack a trained model with fgsm_attack.py RUN_DIR.
+per epoch), TensorBoard events and predictions/epoch_<n>.npz (for label_audit.py; --label-noise P); one line in
+runs/results.jsonl. Attack a trained model with fgsm_attack.py RUN_DIR.
 """
 
 from __future__ import annotations

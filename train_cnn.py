@@ -15,7 +15,8 @@ Four layouts (--arch):
 Writes runs/train_cnn/<timestamp>[-tag]/: config.json, metrics.json (per epoch; final with per-class accuracy),
 best.pt, last.pt, mnist_samples.png, training_curves.png, predictions.png, confusion_matrix.png, failures.png
 (the 25 most confident test mistakes), filters.png (first-layer filters), feature_maps.png (each conv layer's
-activations for one test image) and TensorBoard events. Classify your own images with predict.py.
+activations for one test image), TensorBoard events and predictions/epoch_<n>.npz (for label_audit.py; --label-noise P).
+Classify your own images with predict.py.
 """
 
 from __future__ import annotations

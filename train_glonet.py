@@ -13,7 +13,8 @@ Per hidden layer and epoch, on the test set: output_l1 (mean L1 norm of what it 
 output_spread (its input-dependent part), weight_l1, and for glonet prefix_acc[k] (the head reading the sum of layers
 1..k+1 only). The headline test_acc is the last epoch's (fixed epochs, as the source).
 Writes runs/train_glonet/<timestamp>[-tag]/: config.json, metrics.json, best.pt, last.pt, training_curves.png,
-training_metrics.png (the curves and per-layer usage), layer_usage.png, training_report.pdf and TensorBoard events;
+training_metrics.png (the curves and per-layer usage), layer_usage.png, training_report.pdf, TensorBoard events,
+predictions/epoch_<n>.npz (for label_audit.py; --label-noise P);
 one line in runs/results.jsonl.
 """
 

@@ -10,7 +10,8 @@ Train on some digits only (labels remapped to 0..k-1, plots show the original di
 Ablations (the production source's phase 5; `python report.py ablations` runs them as one sweep):
       python train_mlp.py --init kaiming --batch-norm --lr-schedule step --gamma 0.7
 Writes runs/train_mlp/<timestamp>[-tag]/: config.json, metrics.json, best.pt, last.pt, mnist_samples.png,
-training_curves.png, predictions.png, confusion_matrix.png and TensorBoard events.
+training_curves.png, predictions.png, confusion_matrix.png, TensorBoard events and predictions/epoch_<n>.npz (each
+training row's probabilities: `python label_audit.py RUN` ranks suspect labels; --label-noise P flips P of them).
 """
 
 from __future__ import annotations
