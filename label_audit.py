@@ -28,7 +28,6 @@ from typing import Annotated, Optional
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 import typer
 
 import common
