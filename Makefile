@@ -1,6 +1,7 @@
 # make test: create .venv, install requirements, run the test suite (offline; uses DATA_DIR for real MNIST).
 # make demo: the same set-up, then the collection's headline experiment at a small size (about a minute on 2 cores):
-#   grad_collect.py on 10,000 images with 10% of the labels flipped; prints where its plots are.
+#   grad_collect.py on 10,000 images with 10% of the labels flipped, then label_audit.py on that run (who finds the
+#   flipped labels: the default ranking, TracIn self-influence, the loss); prints where the plots are.
 # make ablations: train_mlp's ablations (init, dropout, lr schedule, batch norm) x 3 seeds as one sweep, then the
 #   table and which differences exceed the seed noise (report.py ablations; a few minutes on 2 cores).
 # make reproduce-quick / make reproduce: every source's headline claim measured -> REPRODUCE.md (report.py reproduce;
@@ -27,7 +28,8 @@ test: $(VENV)/.installed
 
 demo: $(VENV)/.installed
 	$(PY) grad_collect.py --limit 10000 --label-noise 0.1 --epochs 3 --tsne-samples 500 --tag demo --quiet
-	@echo "plots: $$(ls -d runs/grad_collect/*-demo* | tail -n 1)/*.png"
+	$(PY) label_audit.py $$(ls -d runs/grad_collect/*-demo* | tail -n 1) --tag demo --quiet
+	@echo "plots: $$(ls -d runs/grad_collect/*-demo* | tail -n 1)/*.png $$(ls -d runs/label_audit/*-demo* | tail -n 1)/*.png"
 
 ablations: $(VENV)/.installed
 	$(PY) report.py ablations --data-dir $(DATA_DIR)

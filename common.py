@@ -192,6 +192,8 @@ ValFraction = Annotated[float, typer.Option(help="Share of the training set held
 Resume = Annotated[Optional[Path], typer.Option(help="Continue the run in this directory from its last checkpoint.")]
 Tag = Annotated[Optional[str], typer.Option(help="Suffix for the run directory name.")]
 Quiet = Annotated[bool, typer.Option(help="No progress bars or tables, only the summary lines.")]
+LabelNoise = Annotated[float, typer.Option(help="Flip this share of the training split's labels (val and test untouched), each "
+                                                "to another class drawn uniformly, seeded from --seed.")]
 
 
 def args_from(options: dict) -> SimpleNamespace:
@@ -548,7 +550,8 @@ def read_cifar_bin(path) -> tuple[torch.Tensor, torch.Tensor]:
     return torch.from_numpy(records[:, 1:].reshape(-1, 3, 32, 32).copy()), labels
 
 
-def load_cifar10(data_dir, device, val_fraction: float = 0.1, limit: Optional[int] = None, seed: int = 0) -> Data:
+def load_cifar10(data_dir, device, val_fraction: float = 0.1, limit: Optional[int] = None, seed: int = 0,
+                 label_noise: float = 0.0) -> Data:
     """CIFAR-10 (DATA_DIR/cifar-10-batches-bin, the official binary archive downloaded if missing) as uint8
     [N,3,32,32] on `device`, split like load_mnist; labels 0-9 are CIFAR_CLASSES."""
     folder = Path(data_dir) / "cifar-10-batches-bin"
@@ -564,13 +567,7 @@ def load_cifar10(data_dir, device, val_fraction: float = 0.1, limit: Optional[in
     train_x, train_y = torch.cat([x for x, _ in parts]), torch.cat([y for _, y in parts])
     test_x, test_y = read_cifar_bin(folder / "test_batch.bin")
     return split_and_place(train_x, train_y, torch.arange(len(train_y)), test_x, test_y, list(range(10)), device,
-                           val_fraction, limit, seed, dataset="cifar10")
-
-
-def normalize_cifar(images: torch.Tensor) -> torch.Tensor:
-    """uint8 [B,3,32,32] (or float in [0, 1]) -> float normalized per channel with CIFAR-10's mean and std."""
-    x = images.float().div(255.0) if images.dtype == torch.uint8 else images
-    return (x - torch.tensor(CIFAR_MEAN, device=x.device).view(1, 3, 1, 1)) / torch.tensor(CIFAR_STD, device=x.device).view(1, 3, 1, 1)
+                           val_fraction, limit, seed, dataset="cifar10", label_noise=label_noise)
 
 
 def normalize(images: torch.Tensor) -> torch.Tensor:
@@ -590,12 +587,49 @@ class Batches:
     def __len__(self) -> int:
         return math.ceil(len(self.labels) / self.batch_size)
 
+    def rows(self, step: int) -> torch.Tensor:
+        """The training rows of this epoch's batch `step` (a device index tensor: no host sync)."""
+        return self.order[step * self.batch_size:(step + 1) * self.batch_size]
+
     def __iter__(self):
         n = len(self.labels)
         order = torch.randperm(n, generator=self.generator).to(self.labels.device) if self.shuffle else None
+        self.order = torch.arange(n, device=self.labels.device) if order is None else order
         for start in range(0, n, self.batch_size):
             idx = slice(start, start + self.batch_size) if order is None else order[start:start + self.batch_size]
             yield self.transform(self.images[idx]), self.labels[idx]
+
+
+class Predictions:
+    """Each training row's predicted probabilities as its training step saw them (softmax of the step's own logits),
+    float16 on the device during an epoch and written once at its end: predictions/epoch_<n>.npz (probs [N, classes]
+    in training-split order, sample_index, label, seen): what a label audit ranks suspect labels with. record() is
+    one scatter per step on the device, no host sync."""
+
+    def __init__(self, labels: torch.Tensor, num_classes: int, sample_index: torch.Tensor):
+        self.labels, self.sample_index = labels, sample_index
+        self.probs = torch.zeros(len(labels), num_classes, dtype=torch.float16, device=labels.device)
+
+    def record(self, rows: torch.Tensor, logits: torch.Tensor) -> None:
+        self.probs.index_copy_(0, rows, logits.detach().float().softmax(1).half())
+
+    def save(self, run_dir, epoch: int, reduce=None) -> None:
+        """predictions/epoch_<epoch>.npz, atomically (a kill before last.* redoes the epoch and rewrites it); then the
+        buffer starts again from zeros. reduce: sums the buffers of all processes (torchrun: each saw its own rows)."""
+        probs = (self.probs if reduce is None else reduce(self.probs.float()).half()).cpu().numpy().copy()
+        self.probs.zero_()  # (on the CPU, .numpy() shares the buffer's memory: hence the copy)
+        if run_dir is None:  # not the main process
+            return
+        folder = Path(run_dir) / "predictions"
+        folder.mkdir(exist_ok=True)
+        arrays = {"probs": probs, "sample_index": self.sample_index.cpu().numpy().astype(np.int32),
+                  "label": self.labels.cpu().numpy().astype(np.int16), "seen": probs.astype(np.float32).sum(1) > 0}
+
+        def write(tmp):
+            with open(tmp, "wb") as f:
+                np.savez(f, **arrays)
+
+        atomic_write(folder / f"epoch_{epoch}.npz", write)
 
 
 def progress(iterable, quiet: bool = False, **kwargs):

@@ -1,20 +1,20 @@
 """grad_collect.py: exact per-sample gradients of every MNIST training sample, stored as layer factors, and what
-they are for: TracIn influence, self-influence and finding mislabeled data, and clusters of gradients.
+they are for: clusters of gradients, TracIn influence between samples and self-influence.
 
 Reproduces the per-sample-gradient MLP project (784-512-10, Adam lr 1e-3, weight decay 1e-4, batch 64), which saved
 every sample's gradient each epoch with a Python loop and pickled it. Here, for a Linear layer sample i's weight
-gradient is b_i a_i^T (a_i its input, b_i its output gradient): --store factors (default) keeps a_i and b_i,
-1,818 floats per sample instead of 407,050, exact (Epoch rebuilds gradients, dot products, norms, projections).
+gradient is b_i a_i^T (a_i its input, b_i its output gradient): the store keeps a_i and b_i, 1,818 floats per
+sample instead of 407,050, exact (Epoch rebuilds gradients, dot products, norms, projections).
 
     python grad_collect.py                        # all digits, 5 epochs: ~98.3% test, 394 MB of factors per epoch
     python grad_collect.py --digits 3,5           # last-layer clusters: plain ARI 0.00, directions ARI 1.00
     python grad_collect.py --analyze runs/grad_collect/RUN --influence 0,247   # TracIn proponents/opponents
-    python grad_collect.py --label-noise 0.1 --compare-cleanlab      # flip 10% of the labels: who finds them?
-    python grad_collect.py --analyze runs/grad_collect/RUN --audit test   # suspect test labels
-Writes runs/grad_collect/<timestamp>[-tag]/: the run files of train_mlp.py, gradients/epoch_<n>/ (a_*.npy, b_*.npy,
-norms.npy, weights.pt, metadata.json, stats.json), analysis.json, t-SNE and norm plots, self-influence, influence,
-suspects.csv, mislabel.json and plots, audit files; docs/grad_collect.md lists them. Sections: 1. factor math,
-2. collection, 3. the Epoch reader, 4. clusters, 5. influence, 6. mislabeled data, 7. command line.
+    python grad_collect.py --label-noise 0.1 && python label_audit.py runs/grad_collect/RUN   # who finds the flipped labels?
+Writes runs/grad_collect/<timestamp>[-tag]/: the run files of train_mlp.py (predictions/ too), gradients/epoch_<n>/
+(a_*.npy, b_*.npy, norms.npy, weights.pt, metadata.json, stats.json), analysis.json, t-SNE and norm plots,
+self-influence, influence; docs/grad_collect.md lists them. label_audit.py ranks suspect labels of a run (TracIn
+self-influence from the stored factors among them). Sections: 1. factor math, 2. collection, 3. the Epoch reader,
+4. clusters, 5. influence, 6. command line.
 """
 
 from __future__ import annotations
@@ -35,7 +35,7 @@ import typer
 
 import common
 import train_mlp
-from train_mlp import MLP, evaluate, make_optimizer, report, train
+from train_mlp import MLP, evaluate, fit, make_optimizer, report, train  # noqa: F401 (fit: label_audit.py's cleanlab folds)
 
 app = typer.Typer(add_completion=False, pretty_exceptions_enable=False, help=__doc__.split("\n")[0])
 
@@ -149,34 +149,16 @@ def project(a, b, where, names, factors) -> torch.Tensor:
 
 # ============================================================================= 2. collection
 # What is stored (plan_arrays), how big it is (check_size), and writing one epoch's arrays (collect, write_epoch).
-def plan_arrays(model: nn.Module, names: list[str], store: str = "factors", project_dim: Optional[int] = None,
-                scope: str = "whole") -> list[dict]:
-    """The arrays written per epoch.
-    factors: per Linear layer, its inputs a [N,in] (when its weight is selected) and output gradients b [N,out]:
-      exact, sample i's weight gradient is b_i a_i^T and its bias gradient b_i;
-    raw: the gradients per parameter [N, *shape];
-    projection: one K-dim projection of the selected parameters' whole flattened gradient ('all'), or one per
-      parameter (parameters with at most K values are stored raw: projecting them up to K dims adds nothing)."""
-    shapes = dict((n, list(p.shape)) for n, p in model.named_parameters())
-    if store == "factors":
-        plan = []
-        for prefix, m in linear_layers(model):
-            chosen = [n for n in (f"{prefix}.weight", f"{prefix}.bias") if n in names]
-            if not chosen:
-                continue
-            if f"{prefix}.weight" in chosen:
-                plan.append({"name": f"a_{prefix}", "kind": "factor_a", "layer": prefix, "params": chosen, "shape": [m.in_features]})
-            plan.append({"name": f"b_{prefix}", "kind": "factor_b", "layer": prefix, "params": chosen, "shape": [m.out_features]})
-        return plan
-    if store == "raw":
-        return [{"name": n, "kind": "raw", "params": [n], "shape": shapes[n]} for n in names]
-    if scope == "whole":
-        return [{"name": "all", "kind": "projected", "params": names, "shape": [project_dim]}]
+def plan_arrays(model: nn.Module, names: list[str]) -> list[dict]:
+    """The arrays written per epoch: per Linear layer, its inputs a [N,in] (when its weight is selected) and output
+    gradients b [N,out]: exact, sample i's weight gradient is b_i a_i^T and its bias gradient b_i."""
     plan = []
-    for n in names:
-        numel = math.prod(shapes[n])
-        raw = numel <= project_dim
-        plan.append({"name": n, "kind": "raw" if raw else "projected", "params": [n], "shape": shapes[n] if raw else [project_dim]})
+    for prefix, m in linear_layers(model):
+        chosen = [n for n in (f"{prefix}.weight", f"{prefix}.bias") if n in names]
+        if f"{prefix}.weight" in chosen:
+            plan.append({"name": f"a_{prefix}", "kind": "factor_a", "layer": prefix, "params": chosen, "shape": [m.in_features]})
+        if chosen:
+            plan.append({"name": f"b_{prefix}", "kind": "factor_b", "layer": prefix, "params": chosen, "shape": [m.out_features]})
     return plan
 
 
@@ -193,20 +175,18 @@ def check_size(model, plan, n: int, dtype: str, collections: int, max_gb: float,
     if total > max_gb * 1e9:
         raise common.UserError(
             f"the gradients would take about {total / 1e9:.2f} GB on disk ({n:,} samples x {values:,} values x "
-            f"{itemsize} bytes x {collections} epoch(s)), over --max-gb {max_gb:g}; shrink it with --store factors "
-            f"(exact, the default), --store projection --project-dim K (e.g. 1024), --params (fewer parameters, e.g. "
-            f"the last layer), --dtype float16, --no-every-epoch, --digits or --limit, or raise --max-gb")
+            f"{itemsize} bytes x {collections} epoch(s)), over --max-gb {max_gb:g}; shrink it with --params (fewer "
+            f"parameters, e.g. the last layer), --dtype float16, --no-every-epoch, --collect-epochs, --digits or --limit, or raise --max-gb")
     probe = Path(out_dir)
     while not probe.exists() and probe != probe.parent:
         probe = probe.parent
     free = shutil.disk_usage(probe).free
     common.check(total < free, f"the gradients would take about {total / 1e9:.2f} GB but only {free / 1e9:.2f} GB are "
-                               f"free under {probe}; free space or shrink the output (--store factors, --params, --dtype float16)")
+                               f"free under {probe}; free space or shrink the output (--params, --dtype float16)")
     return total
 
 
-def collect(model, images, labels, epoch_dir: Path, plan: list[dict], dtype: str, batch_size: int,
-            factors=None, quiet: bool = True) -> dict:
+def collect(model, images, labels, epoch_dir: Path, plan: list[dict], dtype: str, batch_size: int, quiet: bool = True) -> dict:
     """Per-sample gradients of every sample (model in eval mode: dropout off) written to memory-mapped .npy
     files in epoch_dir, one batch at a time: N never has to fit in memory. Returns per-sample predictions,
     losses and gradient norms (CPU tensors)."""
@@ -214,7 +194,6 @@ def collect(model, images, labels, epoch_dir: Path, plan: list[dict], dtype: str
     n = len(labels)
     epoch_dir.mkdir(parents=True, exist_ok=True)
     np_dtype = np.dtype(dtype)
-    where = factor_of(model)
     position = {prefix: i for i, (prefix, _) in enumerate(linear_layers(model))}
     names = param_names(model)
     files = {a["name"]: np.lib.format.open_memmap(epoch_dir / f"{a['name']}.npy", mode="w+", dtype=np_dtype,
@@ -223,7 +202,6 @@ def collect(model, images, labels, epoch_dir: Path, plan: list[dict], dtype: str
     preds = torch.empty(n, dtype=torch.long, device=device)
     losses = torch.empty(n, device=device)
     sq_norms = torch.empty(n, len(names), device=device)
-    buffers = {}
     start = 0
     for x, y in common.progress(common.Batches(images, labels, batch_size), quiet, desc="gradients"):
         a, b, logits, loss = layer_factors(model, x, y)
@@ -231,22 +209,7 @@ def collect(model, images, labels, epoch_dir: Path, plan: list[dict], dtype: str
         preds[start:stop], losses[start:stop] = logits.argmax(1), loss
         sq_norms[start:stop] = squared_norms(a, b, model, names)
         for arr in plan:
-            out = files[arr["name"]]
-            i, kind = where[arr["params"][0]]
-            if arr["kind"] in ("factor_a", "factor_b"):
-                out[start:stop] = (a if arr["kind"] == "factor_a" else b)[position[arr["layer"]]].cpu().numpy()
-            elif arr["kind"] == "projected":
-                out[start:stop] = project(a, b, where, arr["params"], factors).cpu().numpy()
-            elif kind == "bias":
-                out[start:stop] = b[i].cpu().numpy()
-            else:  # raw weight gradients b_i a_i^T, a few rows at a time into one reused buffer (about 64 MB)
-                if arr["name"] not in buffers:
-                    rows = max(1, (64 << 20) // (4 * b[i].shape[1] * a[i].shape[1]))
-                    buffers[arr["name"]] = torch.empty(rows, b[i].shape[1], a[i].shape[1], device=device)
-                buf = buffers[arr["name"]]
-                for s in range(0, len(y), len(buf)):
-                    e = min(s + len(buf), len(y))
-                    out[start + s:start + e] = torch.mul(b[i][s:e, :, None], a[i][s:e, None, :], out=buf[:e - s]).cpu().numpy()
+            files[arr["name"]][start:stop] = (a if arr["kind"] == "factor_a" else b)[position[arr["layer"]]].cpu().numpy()
         start = stop
     for out in files.values():
         out.flush()
@@ -263,15 +226,9 @@ def summarize(values: torch.Tensor) -> dict:
             "median": float(q[0]), "p90": float(q[1]), "p99": float(q[2]), "max": float(v.max())}
 
 
-PROJECTION_METHOD = ("structured Gaussian sketch: row k is u_k v_k^T / sqrt(K) on each weight [out,in] and w_k / sqrt(K) on "
-                     "each bias (u, v, w standard normal, drawn per parameter in named_parameters order from "
-                     "torch.Generator().manual_seed(seed)); sample i's projection is sum over layers of (b_i . u_k)(a_i . v_k) "
-                     "/ sqrt(K) + b_i . w_k / sqrt(K); E[<Pg, Pg'>] = <g, g'>; the same projection in every epoch")
-
-
-def base_meta(model, plan: list[dict], n: int, store: str, dtype: str, lr: float, projection: Optional[dict] = None) -> dict:
+def base_meta(model, plan: list[dict], n: int, dtype: str, lr: float) -> dict:
     """The part of metadata.json that Epoch (the reader) needs."""
-    return {"n_samples": n, "store": store, "dtype": dtype, "lr": lr, "projection": projection,
+    return {"n_samples": n, "store": "factors", "dtype": dtype, "lr": lr,
             "parameter_shapes": {name: list(p.shape) for name, p in model.named_parameters()},
             "arrays": {a["name"]: {"file": f"{a['name']}.npy", "shape": [n, *a["shape"]],
                                    **{k: v for k, v in a.items() if k not in ("name", "shape")}} for a in plan},
@@ -279,7 +236,7 @@ def base_meta(model, plan: list[dict], n: int, store: str, dtype: str, lr: float
             "weights": "weights.pt"}
 
 
-def write_epoch(run, model, data: common.Data, epoch: int, plan, factors, lr: float) -> dict:
+def write_epoch(run, model, data: common.Data, epoch: int, plan, lr: float) -> dict:
     """Collect one epoch's gradients into gradients/epoch_<n>/ (written under a .partial name, then renamed: a kill
     leaves only the .partial folder, which the resumed run, redoing this epoch, replaces). lr: TracIn's lr_e."""
     args = run.args
@@ -290,7 +247,7 @@ def write_epoch(run, model, data: common.Data, epoch: int, plan, factors, lr: fl
     partial = final.with_name(final.name + ".partial")
     shutil.rmtree(partial, ignore_errors=True)
     t0 = time.time()
-    out = collect(model, data.train_x, data.train_y, partial, plan, args.dtype, args.collect_batch_size, factors, args.quiet)
+    out = collect(model, data.train_x, data.train_y, partial, plan, args.dtype, args.collect_batch_size, args.quiet)
     torch.save({k: v.detach().cpu() for k, v in model.state_dict().items()}, partial / "weights.pt")
     seconds = time.time() - t0
     digit = torch.tensor(data.digits)[data.train_y.cpu()]
@@ -298,8 +255,6 @@ def write_epoch(run, model, data: common.Data, epoch: int, plan, factors, lr: fl
     stats = {"epoch": epoch, "norm_of": "each sample's gradient of its own loss (exact, from the layer factors)", "parameters": {
         col: {"overall": summarize(norms[:, j]), "per_digit": {str(d): summarize(norms[digit == d, j]) for d in data.digits}}
         for j, col in enumerate(param_names(model) + ["total"])}}
-    projection = ({"dim": args.project_dim, "scope": args.project_scope, "seed": args.project_seed, "method": PROJECTION_METHOD}
-                  if args.store == "projection" else None)
     meta = {
         "epoch": epoch, "samples": samples,
         "model_mode": "eval (dropout off) during collection",
@@ -308,7 +263,7 @@ def write_epoch(run, model, data: common.Data, epoch: int, plan, factors, lr: fl
         "digits": data.digits, "digit_map": data.digit_map,
         "sample_index": data.train_index.tolist(), "digit": digit.tolist(), "label": data.train_y.cpu().tolist(),
         "prediction": out["pred"].tolist(), "loss_value": [round(v, 6) for v in out["loss"].tolist()],
-        **base_meta(model, plan, len(digit), args.store, args.dtype, lr, projection),
+        **base_meta(model, plan, len(digit), args.dtype, lr),
         "collect_seconds": seconds,
     }
     common.write_json(partial / "metadata.json", meta)
@@ -383,7 +338,8 @@ class Epoch:
         self.dir = self.run_dir / "gradients" / f"epoch_{self.epoch}"
         self.meta = common.read_json(self.dir / "metadata.json")
         self.n = self.meta["n_samples"]
-        self.store = self.meta.get("store") or ("projection" if self.meta.get("projection") else "raw")
+        common.check(self.meta.get("store") == "factors", f"{self.dir}: gradients stored as {self.meta.get('store')!r}, "
+                                                           f"not layer factors (an older grad_collect.py's --store); collect them again")
         self.lr = self.meta.get("lr")
         self.shapes = {k: tuple(v) for k, v in self.meta["parameter_shapes"].items()}
         stored = {p for a in self.meta["arrays"].values() for p in a["params"]}
@@ -406,7 +362,6 @@ class Epoch:
 
     def factors(self, idx=None) -> tuple[list, list]:
         """(a, b): per layer (model order) the stored inputs [B,in] and output gradients [B,out] (None if not stored)."""
-        common.check(self.store == "factors", f"{self.dir}: this run stores {self.store} gradients, not layer factors")
         a, b = [None] * len(self.layers), [None] * len(self.layers)
         for name, info in self.meta["arrays"].items():
             (a if info["kind"] == "factor_a" else b)[self.layers.index(info["layer"])] = self._read(name, idx)
@@ -419,41 +374,19 @@ class Epoch:
         return names
 
     def grad(self, name: str, idx=None) -> torch.Tensor:
-        """Per-sample gradients [B, *shape] of one parameter, exact (from factors or raw arrays)."""
+        """Per-sample gradients [B, *shape] of one parameter, exact (rebuilt from the factors)."""
         self._names(name)
-        if self.store == "raw":
-            return self._read(name, idx).reshape(-1, *self.shapes[name])
-        common.check(self.store == "factors", f"{self.dir}: this run stores projections; gradients cannot be rebuilt from them")
         return grad_from(*self.factors(idx), self.where, name)
 
     def flat(self, idx=None, names=None) -> torch.Tensor:
         """[B, D] the flattened gradients of `names` (default all stored parameters), concatenated in model order."""
         return torch.cat([self.grad(p, idx).flatten(1) for p in self._names(names)], 1)
 
-    def _side(self, side, names):
-        """A side of a dot product as what this store compares: factors (a, b) lists, or flat vectors."""
-        if isinstance(side, tuple):  # external factors (a, b), e.g. of test images (layer_factors)
-            a, b = side
-            if self.store == "factors":
-                return a, b
-            if self.store == "raw":
-                return self._flat_from(a, b, names)
-            proj = self.meta["projection"]
-            pf = projection_factors(self.shapes, proj["dim"], proj["seed"], "cpu")
-            return torch.cat([project(a, b, self.where, info["params"], pf) if info["kind"] == "projected"
-                              else self._flat_from(a, b, info["params"]) for info in self.meta["arrays"].values()], 1)
-        if self.store == "factors":
-            return self.factors(side)
-        if self.store == "raw":
-            return self.flat(side, names)
-        return torch.cat([self._read(name, side) for name in self.meta["arrays"]], 1)
-
-    def _flat_from(self, a, b, names) -> torch.Tensor:
-        return torch.cat([grad_from(a, b, self.where, p).flatten(1) for p in names], 1)
+    def _side(self, side):
+        """A side of a dot product as factors (a, b): given (e.g. of test images, layer_factors), or stored rows."""
+        return side if isinstance(side, tuple) else self.factors(side)
 
     def _dot(self, x, y, names) -> torch.Tensor:
-        if not isinstance(x, tuple):
-            return x @ y.T
         (a1, b1), (a2, b2) = x, y
         out = 0
         for p in names:
@@ -465,16 +398,13 @@ class Epoch:
     def dot(self, i=None, j=None, names=None, chunk: int = 8192) -> torch.Tensor:
         """[len(i), len(j)] dot products of the gradients of samples i and j (None = all; either side may also be
         external factors (a, b) as layer_factors returns). From factors, per layer (a_i . a_j)(b_i . b_j) for the
-        weight plus b_i . b_j for the bias, summed: no gradient is formed. Projection runs: dots of the projections
-        (equal in expectation only). j is read `chunk` rows at a time."""
+        weight plus b_i . b_j for the bias, summed: no gradient is formed. j is read `chunk` rows at a time."""
         names = self._names(names)
-        if self.store == "projection":
-            common.check(names == self.params, f"{self.dir}: a projection run compares its stored projections only (all parameters)")
-        left = self._side(i, names)
+        left = self._side(i)
         if isinstance(j, tuple):
-            return self._dot(left, self._side(j, names), names)
+            return self._dot(left, j, names)
         index = _index(j, self.n)
-        return torch.cat([self._dot(left, self._side(index[s:s + chunk], names), names)
+        return torch.cat([self._dot(left, self._side(index[s:s + chunk]), names)
                           for s in range(0, max(len(index), 1), chunk)], 1)
 
     def norms(self, idx=None, names=None) -> torch.Tensor:
@@ -494,26 +424,14 @@ class Epoch:
     def _norms_of(self, side, names) -> torch.Tensor:
         if isinstance(side, tuple):
             return self.dot(side, side, names).diagonal().clamp_min(0).sqrt()
-        return self.norms(side, names).float()
+        return self.norms(side, names)
 
     def project(self, idx=None, k: int = 1024, seed: int = 0, names=None, chunk: int = 8192) -> torch.Tensor:
-        """[B, K] the seeded structured projection (the one --store projection writes, same seed same matrix) of
-        the gradients of `names`, computed from factors (or raw gradients) after the fact."""
-        names = self._names(names)
-        common.check(self.store != "projection", f"{self.dir}: already projected; read its arrays with ep.array(name)")
-        pf = projection_factors(self.shapes, k, seed, "cpu")
-        index, out = _index(idx, self.n), []
-        for s in range(0, max(len(index), 1), chunk):
-            part = index[s:s + chunk]
-            if self.store == "factors":
-                out.append(project(*self.factors(part), self.where, names, pf))
-            else:
-                total = 0
-                for p in names:
-                    g = self.grad(p, part)
-                    total = total + (torch.einsum("boi,ok,ik->bk", g, *pf[p]) if g.dim() == 3 else g @ pf[p][0])
-                out.append(total)
-        return torch.cat(out)
+        """[B, K] the seeded structured projection (projection_factors: same seed, same matrix) of the gradients of
+        `names`, computed from the factors `chunk` rows at a time."""
+        names, pf = self._names(names), projection_factors(self.shapes, k, seed, "cpu")
+        index = _index(idx, self.n)
+        return torch.cat([project(*self.factors(index[s:s + chunk]), self.where, names, pf) for s in range(0, max(len(index), 1), chunk)])
 
 
 # ============================================================================= 4. clusters
@@ -589,37 +507,13 @@ def cluster_scores(digits: np.ndarray, clusters: np.ndarray, digit_list: list[in
             "contingency": {"rows": "original digit", "cols": "cluster", "digits": digit_list, "table": table.tolist()}}
 
 
-def load_array(path: Path, max_dim: int, seed: int) -> tuple[torch.Tensor, Optional[str]]:
-    """A stored array as float32 [N, D] in memory; wider than max_dim, it is reduced chunk by chunk with a seeded
-    CountSketch (each coordinate added with a random sign to one of max_dim buckets; inner products kept in expectation)."""
-    flat = load_npy(path)
-    flat = flat.reshape(len(flat), -1)
-    n, d = flat.shape
-    if d <= max_dim:
-        return torch.from_numpy(np.array(flat, dtype=np.float32)), None
-    g = torch.Generator().manual_seed(seed)
-    bucket = torch.randint(max_dim, (d,), generator=g)
-    sign = torch.randint(0, 2, (d,), generator=g).float() * 2 - 1
-    out = torch.zeros(n, max_dim)
-    rows = max(1, (128 << 20) // (4 * d))
-    for s in range(0, n, rows):
-        x = torch.from_numpy(np.array(flat[s:s + rows], dtype=np.float32))
-        out[s:s + rows].index_add_(1, bucket, x * sign)
-    return out, f"CountSketch {d} -> {max_dim} (seed {seed})"
-
-
 def analysis_vectors(ep: Epoch, name: str, dim: int, seed: int) -> tuple[torch.Tensor, str]:
-    """What k-means and t-SNE see for one parameter (or one stored projection array): its exact per-sample
-    gradients when they have at most `dim` values, else their seeded projection to `dim` (from the factors, chunk
-    by chunk: the gradients are never all formed)."""
-    if ep.store == "projection":
-        x, how = load_array(ep.dir / ep.meta["arrays"][name]["file"], dim, seed)
-        return x, how or ep.meta["arrays"][name]["kind"] + " (as stored)"
+    """What k-means and t-SNE see for one parameter: its exact per-sample gradients when they have at most `dim`
+    values, else their seeded projection to `dim` (from the factors, chunk by chunk: the gradients are never all formed)."""
     numel = math.prod(ep.shapes[name])
     if numel <= dim:
         return ep.flat(None, [name]), "exact"
-    return ep.project(None, dim, seed, [name], chunk=8192 if ep.store == "factors" else max(1, (64 << 20) // (4 * numel))), \
-        f"projected {numel:,} -> {dim} (structured sketch from the stored {ep.store}, seed {seed})"
+    return ep.project(None, dim, seed, [name]), f"projected {numel:,} -> {dim} (structured sketch from the stored factors, seed {seed})"
 
 
 def tsne(x: np.ndarray, perplexity: float, seed: int) -> tuple[np.ndarray, int]:
@@ -694,7 +588,7 @@ VIEWS = {"plain": "the per-sample gradients as they are",
 
 def headline_array(ep: Epoch) -> str:
     """The last layer's weight when collected (the figures in docs/grad_collect.md), else the first analyzed array."""
-    names = list(ep.meta["arrays"]) if ep.store == "projection" else ep.params
+    names = ep.params
     last_weight = [n for n in ep.shapes if n.endswith("weight")][-1]
     return last_weight if last_weight in names else names[0]
 
@@ -730,7 +624,7 @@ def _analyze_run(run_dir: Path, args, device) -> dict:
                              run_dir / f"grad_norms_epoch_{epoch}.png", epoch)
         shown = headline_array(ep)
         per_array = {}
-        for name in (list(meta["arrays"]) if ep.store == "projection" else ep.params):
+        for name in ep.params:
             entry = per_array[name] = analyze_array(ep, name, k, name == shown, args, device)
             if not args.quiet:
                 print(f"  epoch {epoch} {name:>14} ({entry['vectors']}): plain ARI {entry['plain']['ari']:.3f} NMI {entry['plain']['nmi']:.3f} | "
@@ -738,10 +632,6 @@ def _analyze_run(run_dir: Path, args, device) -> dict:
         result["epochs"][str(epoch)] = per_array
         result["seconds"][str(epoch)] = time.time() - t_epoch
     result["headline"] = headline(result, shown)
-    result["self_influence"] = self_influence_report(run_dir, args, device)
-    m = mislabel_report(run_dir, args, device)
-    result["mislabel"] = {"file": "mislabel.json", "default": m["default"], **({"found": m["results"][m["default"]]["found"],
-                          "auc": m["results"][m["default"]]["auc"]} if "results" in m else {})}
     result["seconds"]["total"] = time.time() - t_all
     common.write_json(run_dir / "analysis.json", result)
     print(f"analysis of {len(chosen)} epoch(s): {result['seconds']['total']:.1f} s "
@@ -765,8 +655,6 @@ def analyze_array(ep: Epoch, name: str, k: int, with_tsne: bool, args, device) -
         km = kmeans(xv, k, seed=args.seed, n_init=args.kmeans_init)
         clusters = km["labels"].cpu().numpy()
         e = {"k": k, "inertia": km["inertia"], "iterations": km["iterations"], **cluster_scores(digit, clusters, digits, k)}
-        if args.compare_sklearn:
-            e["sklearn"] = sklearn_inertia(xv, km, k, args.seed)
         e["kmeans_seconds"] = time.time() - t0
         if with_tsne:
             t0 = time.time()
@@ -780,19 +668,6 @@ def analyze_array(ep: Epoch, name: str, k: int, with_tsne: bool, args, device) -
                          "legends": legends, "seconds": time.time() - t0}
         entry[view] = e
     return entry
-
-
-def sklearn_inertia(xv, km: dict, k: int, seed: int) -> dict:
-    """--compare-sklearn: scikit-learn's KMeans from our initial centres and from its own, against our inertia."""
-    from sklearn.cluster import KMeans
-    from threadpoolctl import threadpool_limits
-
-    xn = xv.cpu().numpy()
-    with threadpool_limits(1, user_api="openmp"):
-        same = KMeans(k, init=km["init"].cpu().numpy(), n_init=1, algorithm="lloyd").fit(xn)
-        own = KMeans(k, random_state=seed, algorithm="lloyd").fit(xn)
-    return {"inertia_same_init": float(same.inertia_), "inertia_own_init": float(own.inertia_),
-            "ratio_same_init": km["inertia"] / float(same.inertia_), "ratio_own_init": km["inertia"] / float(own.inertia_)}
 
 
 def headline(result: dict, name: str) -> dict:
@@ -811,14 +686,13 @@ def headline_text(h: dict) -> str:
 # TracIn influence of every training sample on test images, and self-influence, from the stored factors.
 def run_model_and_data(run_dir: Path, data_dir, device):
     """The run's config, its data split (rows in the stored arrays' order) and its final model in eval mode: best.pt
-    (a --from-run collection: the source run's best.pt), rebuilt by the run's own script (common.load_run_model)."""
+    rebuilt by the run's own script (common.load_run_model)."""
     cfg = common.read_json(run_dir / "config.json")
     data = common.load_mnist(data_dir, device, cfg["digits"], cfg["val_fraction"], cfg["limit"], cfg["seed"], cfg.get("label_noise", 0.0))
     meta = Epoch(run_dir).meta
     common.check(meta["sample_index"] == data.train_index.tolist(),
                  f"{run_dir}: the training split loaded from {data_dir} is not the one collected; is --data-dir the run's MNIST?")
-    source = cfg.get("source_checkpoint")  # as --from-run gave it: relative to where the collection ran
-    model, _, _ = common.load_run_model(run_dir, str(Path(source).absolute()) if source else "best.pt", device)
+    model, _, _ = common.load_run_model(run_dir, "best.pt", device)
     return cfg, data, model
 
 
@@ -847,31 +721,6 @@ def influence(run_dir, images: torch.Tensor, labels: torch.Tensor, model) -> np.
         a, b, _, _ = layer_factors(model.eval(), common.normalize(images.to(device)), labels.to(device))
         total = total + (ep.lr if ep.lr is not None else 1.0) * ep.dot(([t.cpu() for t in a], [t.cpu() for t in b]), None).numpy().astype(np.float64)
     return total
-
-
-def self_influence_report(run_dir: Path, args, device, top: int = 25) -> dict:
-    """self_influence.npy, self_influence_top.png (the `top` highest, label and final prediction) and how many of
-    them the final model gets wrong against the base rate over all training samples."""
-    si = self_influence(run_dir)
-    np.save(run_dir / "self_influence.npy", si.astype(np.float64))
-    cfg, data, model = run_model_and_data(run_dir, args.data_dir, device)
-    with torch.inference_mode():
-        pred = torch.cat([model(x).argmax(1) for x, _ in common.Batches(data.train_x, data.train_y, 4000)]).cpu().numpy()
-    label = data.train_y.cpu().numpy()
-    order = np.argsort(-si)[:top]
-    wrong = pred != label
-    digits = data.digits
-    titles = [f"#{r + 1} row {i}\nlabel {digits[label[i]]} pred {digits[pred[i]]}\nSI {si[i]:.3g}" for r, i in enumerate(order)]
-    common.plot_image_grid(data.train_x[torch.as_tensor(order)].cpu(), titles, run_dir / "self_influence_top.png",
-                           colors=["red" if wrong[i] else "black" for i in order], cols=5,
-                           suptitle=f"highest self-influence (TracIn, sum of lr_e ||g||^2)\n{int(wrong[order].sum())} of {top} misclassified "
-                                    f"by the final model (red); base rate {wrong.mean():.2%}")
-    return {"file": "self_influence_top.png", "scores": "self_influence.npy", "top": [
-        {"row": int(i), "sample_index": int(data.train_index[i]), "label": digits[label[i]], "prediction": digits[pred[i]],
-         "self_influence": float(si[i])} for i in order],
-        "misclassified_in_top": int(wrong[order].sum()), "top_n": top, "base_rate_misclassified": float(wrong.mean()),
-        "expected_in_top_at_base_rate": float(top * wrong.mean()),
-        "mean_self_influence": {"misclassified": float(si[wrong].mean()) if wrong.any() else None, "correct": float(si[~wrong].mean())}}
 
 
 def parse_indices(text: str, n: int) -> list[int]:
@@ -921,289 +770,8 @@ def influence_report(run_dir: Path, args, device) -> dict:
     return report
 
 
-# ============================================================================= 6. mislabeled data
-# Every training row ranked as a suspect by its stored gradients (TracIn's self-influence and variants: which part of
-# the gradient, which checkpoints), beside the final model's loss and cleanlab on K-fold out-of-sample probabilities of
-# the same MLP; scored against the injected noise (--label-noise); the same ranking of a held-out split (--audit).
-INSPECT = (0.01, 0.05, 0.1, 0.2)  # shares of the rows inspected, most suspect first
-PARTS = {"all": "the whole gradient (TracIn's self-influence)", "last": "the last layer's weight and bias",
-         "output": "the gradient w.r.t. the logits (the last bias): softmax - onehot(label)",
-         "fisher": "the logit gradient b in the inverse empirical Fisher metric b^T (F_e + d)^-1 b (F_e: mean b b^T of the "
-                   "training rows at checkpoint e, d: 1e-3 x its mean eigenvalue)"}
-WEIGHTS = {"lr": "every stored checkpoint, weighted by its learning rate (TracIn)", "final": "the last checkpoint only",
-           "excess": "each checkpoint weighted by max(0, its training error on the given labels / its validation error "
-                     "- 1), the validation error counted with one more mistake: the checkpoints before the model fits the "
-                     "noise (lr weights when there is no validation split or no weight is > 0)"}
-RANKINGS = [f"{p}@{w}" for p in PARTS for w in WEIGHTS]
-DEFAULT_RANKING = "output@excess"
-
-
-def score_ranking(scores, flipped) -> dict:
-    """How a ranking (higher score = more suspect) finds the flipped rows: AUC (ties count half), the share of them
-    found after inspecting each INSPECT share of the rows (ceil(share x N) rows, most suspect first), and the curve of
-    found against inspected in steps of 0.5% up to 30%."""
-    from scipy.stats import rankdata
-
-    scores = np.asarray(scores, dtype=np.float64)
-    bad = np.zeros(len(scores), bool)
-    bad[np.asarray(flipped, dtype=np.int64)] = True
-    n, k = len(scores), int(bad.sum())
-    common.check(0 < k < n, f"scoring a ranking needs flipped and clean rows ({k} of {n} flipped)")
-    hits = np.cumsum(bad[np.argsort(-scores, kind="stable")])
-    found = lambda share: float(hits[max(math.ceil(round(share * n, 6)), 1) - 1] / k)  # noqa: E731
-    auc = (rankdata(scores)[bad].sum() - k * (k + 1) / 2) / (k * (n - k))
-    return {"auc": float(auc), "found": {f"{s:g}": found(s) for s in INSPECT}, "curve": [found(s / 200) for s in range(1, 61)]}
-
-
-def inverse_fisher(b_out: np.ndarray) -> np.ndarray:
-    f = b_out.T @ b_out / len(b_out)
-    return np.linalg.inv(f + 1e-3 * np.trace(f) / len(f) * np.eye(len(f)))
-
-
-def gradient_parts(sq_norms: np.ndarray, columns: list[str], b_out, fisher) -> dict:
-    """Each PART's squared norm per sample at one checkpoint, from its per-parameter squared norms [N, P] and its
-    logit gradients b_out [N, classes] (None: no 'fisher'), with the training rows' inverse_fisher."""
-    last = columns[-1].rsplit(".", 1)[0]
-    parts = {"all": sq_norms.sum(1), "last": sq_norms[:, [c.rsplit(".", 1)[0] == last for c in columns]].sum(1),
-             "output": sq_norms[:, columns.index(f"{last}.bias")]}
-    if b_out is not None:
-        parts["fisher"] = np.einsum("ij,jk,ik->i", b_out, fisher, b_out)
-    return parts
-
-
-def logit_grads(ep: Epoch):
-    """A checkpoint's stored gradients w.r.t. the logits (the last layer's b factor or raw bias), or None."""
-    last = list(ep.shapes)[-1].rsplit(".", 1)[0]
-    name = {"factors": f"b_{last}", "raw": f"{last}.bias"}.get(ep.store)
-    return np.asarray(ep.array(name), dtype=np.float64) if name in ep.meta["arrays"] else None
-
-
-def checkpoint_weights(run_dir: Path, epochs: list[int]) -> dict:
-    """Each WEIGHTS scheme's weight per stored epoch, with the errors behind 'excess' (validation error: metrics.json)."""
-    history = {h["epoch"]: h for h in common.read_json(run_dir / "metrics.json", {}).get("epochs", [])}
-    one_mistake = 1 / max(common.read_json(run_dir / "config.json", {}).get("n_val") or 1, 1)
-    lr, excess, errors = {}, {}, {}
-    for e in epochs:
-        ep = Epoch(run_dir, e)
-        lr[e] = ep.lr if ep.lr is not None else 1.0
-        train_err = float(np.mean(np.asarray(ep.meta["prediction"]) != np.asarray(ep.meta["label"])))
-        val_acc = history.get(e, {}).get("val_acc")
-        errors[e] = {"train_error_given_labels": train_err, "val_error": None if val_acc is None else 1 - val_acc}
-        excess[e] = 0.0 if val_acc is None else max(0.0, train_err / (1 - val_acc + one_mistake) - 1)
-    fallback = not any(excess.values())
-    return {"lr": lr, "final": {e: float(e == epochs[-1]) for e in epochs}, "excess": lr if fallback else excess,
-            "excess_fell_back_to_lr": fallback, "errors": errors}
-
-
-def usable_ranking(rank_by: str, run_dir: Path) -> str:
-    """--rank-by, or TracIn's all@lr for a 'fisher' ranking of a run that stored no logit gradients (projections)."""
-    return "all@lr" if rank_by.startswith("fisher") and logit_grads(Epoch(run_dir)) is None else rank_by
-
-
-def gradient_rankings(run_dir: Path) -> tuple[dict, dict]:
-    """Suspect scores of every training row for each RANKINGS entry: the sum over stored checkpoints e of w_e times
-    the squared norm of a PART of the row's exact gradient at e (norms.npy and the stored logit gradients)."""
-    epochs = stored_epochs(run_dir, required=True)
-    weights, scores = checkpoint_weights(run_dir, epochs), {}
-    for e in epochs:
-        ep = Epoch(run_dir, e)
-        b_out = logit_grads(ep)
-        sq = np.asarray(load_npy(ep.dir / ep.meta["norms"]["file"]), dtype=np.float64) ** 2
-        parts = gradient_parts(sq, ep.meta["norms"]["columns"], b_out, None if b_out is None else inverse_fisher(b_out))
-        for name in RANKINGS:
-            part, scheme = name.split("@")
-            if part in parts and weights[scheme][e]:
-                scores[name] = scores.get(name, 0.0) + weights[scheme][e] * parts[part]
-    return scores, weights
-
-
-def fit_mlp(cfg: dict, images, labels, num_classes: int, seed: int) -> nn.Module:
-    """The run's MLP trained on these rows as train_mlp.train trains it (its options, --epochs, lr schedule; no
-    validation or checkpoints): one of cleanlab's K-fold models."""
-    args = SimpleNamespace(**cfg)
-    common.seed_everything(common.seed_for(seed, "init"))
-    model = build_model({**cfg, "num_classes": num_classes}).to(images.device)
-    opt = make_optimizer(model, args.optimizer, args.lr, args.weight_decay, args.momentum)
-    batches = common.Batches(images, labels, args.batch_size, shuffle=True, seed=common.seed_for(seed, "shuffle"))
-    for epoch in range(args.epochs):
-        train_mlp.train_epoch(model, batches, opt, lambda s: train_mlp.lr_at(args, s, len(batches)), epoch * len(batches), True)
-    return model.eval()
-
-
-def cleanlab_scores(cfg: dict, data, folds: int) -> tuple[np.ndarray, dict]:
-    """cleanlab's label-quality score (self-confidence) of every training row from out-of-sample probabilities: K
-    stratified folds (seeded), each predicted by the run's MLP trained on the others (fit_mlp). Returns 1 - quality."""
-    try:
-        from cleanlab.filter import find_label_issues
-        from cleanlab.rank import get_label_quality_scores
-    except ImportError:
-        raise common.UserError("--compare-cleanlab needs cleanlab: pip install -r requirements.txt") from None
-    from sklearn.model_selection import StratifiedKFold
-
-    t0 = time.time()
-    labels = data.train_y.cpu().numpy()
-    probs = np.zeros((len(labels), data.num_classes))
-    split = StratifiedKFold(folds, shuffle=True, random_state=common.seed_for(cfg["seed"], "cleanlab") % 2**32)
-    for k, (fit, held) in enumerate(split.split(np.zeros(len(labels)), labels)):
-        fit, held = (torch.as_tensor(i, device=data.train_y.device) for i in (fit, held))
-        model = fit_mlp(cfg, data.train_x[fit], data.train_y[fit], data.num_classes, common.seed_for(cfg["seed"], f"cleanlab fold {k}"))
-        probs[held.cpu().numpy()] = evaluate(model, data.train_x[held], data.train_y[held])[3].cpu().numpy()
-    quality = get_label_quality_scores(labels, probs)
-    return 1 - quality, {"folds": folds, "method": "cleanlab.rank.get_label_quality_scores (self_confidence) of "
-                         f"{folds}-fold out-of-sample probabilities of the run's MLP, each fold's model trained {cfg['epochs']} epochs",
-                         "out_of_sample_accuracy_given_labels": float(np.mean(probs.argmax(1) == labels)),
-                         "issues_flagged": int(find_label_issues(labels, probs).sum()), "seconds": time.time() - t0}
-
-
-def plot_found(results: dict, share: float, path: Path, title: str) -> None:
-    """Found vs inspected (TracIn paper's figure): one line per method, the best possible and random."""
-    plt = common.pyplot()
-    fig, ax = plt.subplots(figsize=(6.4, 4.6))
-    x = np.arange(0, 61) / 200
-    ax.plot(x * 100, np.minimum(x / share, 1) * 100, "k--", lw=1, label="best possible")
-    ax.plot(x * 100, x * 100, "k:", lw=1, label="random")
-    for name, r in results.items():
-        ax.plot(x * 100, [0] + [v * 100 for v in r["curve"]], lw=2 if r.get("default") else 1.3,
-                label=f"{r['label']}: {r['found']['0.1']:.1%} at 10%, AUC {r['auc']:.4f}")
-    ax.set(xlabel="rows inspected (%), most suspect first", ylabel="flipped rows found (%)", xlim=(0, 30), ylim=(0, 101), title=title)
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=8, loc="lower right")
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-
-
-def plot_suspects(images, rows, label, pred, path: Path, title: str, original=None, name="row") -> None:
-    """The top suspects with given label and prediction (digits), and the original label when noise was injected
-    (red: flipped; without injected noise red: the prediction differs)."""
-    titles, colors = [], []
-    for r, i in enumerate(rows):
-        was = "" if original is None else (f"\nwas {original[i]}" if original[i] != label[i] else "\nclean")
-        titles.append(f"#{r + 1} {name} {i}\nlabel {label[i]} pred {pred[i]}{was}")
-        colors.append("red" if (original if original is not None else pred)[i] != label[i] else "black")
-    common.plot_image_grid(images, titles, path, colors=colors, cols=5, suptitle=title)
-
-
-def write_ranking_csv(path: Path, order, columns: dict) -> None:
-    """One line per row, most suspect first: its rank and the given columns (%.6g: integers below 10^6 exact)."""
-    table = np.column_stack([np.arange(1, len(order) + 1)] + [np.asarray(v, dtype=np.float64)[order] for v in columns.values()])
-    np.savetxt(path, table, fmt="%.6g", delimiter=",", header=",".join(["rank", *columns]), comments="")
-
-
-def mislabel_report(run_dir: Path, args, device, top: int = 25) -> dict:
-    """Every training row ranked as a suspect (each gradient ranking, the final model's loss, cleanlab with
-    --compare-cleanlab): suspects.csv (default ranking first), mislabel_top.png and, with injected noise, each ranking's
-    AUC and found-after-inspecting (mislabel.json, mislabel_found.png, printed)."""
-    t0 = time.time()
-    scores, weights = gradient_rankings(run_dir)
-    seconds = {"gradient_rankings": time.time() - t0}
-    final = Epoch(run_dir)  # the last checkpoint: the final model's predictions and losses
-    digits = np.asarray(final.meta["digits"])
-    label, pred = digits[final.meta["label"]], digits[final.meta["prediction"]]
-    scores["loss"] = np.asarray(final.meta["loss_value"], dtype=np.float64)
-    cfg = common.read_json(run_dir / "config.json")
-    noise = common.read_json(run_dir / "label_noise.json", None)
-    noise = noise if noise and noise["rows"] else None  # none flipped: nothing to score
-    info, (_, data, _) = {}, run_model_and_data(run_dir, args.data_dir, device)
-    if args.compare_cleanlab:
-        train_cfg = common.read_json(Path(cfg["from_run"]) / "config.json") if cfg.get("from_run") else cfg
-        scores["cleanlab"], info["cleanlab"] = cleanlab_scores({**train_cfg, "seed": cfg["seed"]}, data, args.cleanlab_folds)
-        seconds["cleanlab"] = info["cleanlab"]["seconds"]
-    rank_by = usable_ranking(args.rank_by, run_dir)
-    labels = {rank_by: f"{rank_by} (default)", "all@lr": "all@lr (TracIn self-influence)", "loss": "loss of the final model",
-              "cleanlab": f"cleanlab ({args.cleanlab_folds}-fold)"}
-    original = label.copy()
-    if noise:
-        original[noise["rows"]] = digits[noise["original_label"]]
-    order = np.argsort(-scores[rank_by], kind="stable")
-    write_ranking_csv(run_dir / "suspects.csv", order, {"row": np.arange(len(label)), "sample_index": np.asarray(final.meta["sample_index"]),
-                      "label": label, "prediction": pred, **({"original_label": original} if noise else {}),
-                      **{name: scores[name] for name in labels if name in scores}})
-    rows = order[:top]
-    plot_suspects(data.train_x[torch.as_tensor(rows, device=data.train_x.device)].cpu(), rows, label, pred, run_dir / "mislabel_top.png",
-                  f"top {top} suspects by {rank_by} (pred: final model)", original if noise else None)
-    report = {"rows": len(label), "default": rank_by, "rankings": {"parts": PARTS, "weights": WEIGHTS},
-              "checkpoint_weights": {k: weights[k] for k in ("lr", "excess", "excess_fell_back_to_lr", "errors")},
-              "files": {"ranking": "suspects.csv", "top": "mislabel_top.png"}, "seconds": seconds, **info,
-              "top": [{"row": int(i), "sample_index": int(final.meta["sample_index"][i]), "label": int(label[i]),
-                       "prediction": int(pred[i]), "original_label": int(original[i]) if noise else None} for i in rows]}
-    if noise:
-        flipped = np.asarray(noise["rows"], dtype=np.int64)
-        report.update(label_noise=noise["label_noise"], flipped=len(flipped),
-                      memorized=float(np.mean(pred[flipped] == label[flipped])),  # the final model predicts the given label
-                      results={name: {"label": labels.get(name, name), "default": name == rank_by, **score_ranking(s, flipped)}
-                               for name, s in scores.items()})
-        shown = {k: report["results"][k] for k in labels if k in report["results"]}
-        plot_found(shown, len(flipped) / len(label), run_dir / "mislabel_found.png",
-                   f"{len(flipped):,} of {len(label):,} training labels flipped")
-        report["files"]["figure"] = "mislabel_found.png"
-        print(f"mislabeled rows: {len(flipped):,} of {len(label):,} flipped; the final model predicts the given label on "
-              f"{report['memorized']:.1%} of them. Found after inspecting "
-              + " / ".join(f"{s:.0%}" for s in INSPECT) + " of the rows, AUC:")
-        for name in list(shown) + ([] if args.quiet else [k for k in report["results"] if k not in shown]):
-            r = report["results"][name]
-            print(f"  {labels.get(name, name):<34}" + "".join(f"{r['found'][f'{s:g}']:>8.1%}" for s in INSPECT) + f"   AUC {r['auc']:.4f}")
-    common.write_json(run_dir / "mislabel.json", report)
-    return report
-
-
-def audit_report(run_dir: Path, args, device, top: int = 25) -> dict:
-    """--audit test|val: every image of that split ranked with the training checkpoints, by the default ranking's
-    formula (its part of the gradient of the image's loss under its given label at each stored checkpoint, with the
-    training rows' checkpoint weights and Fisher), by TracIn's sum_e lr_e ||g||^2 and by the final model's loss:
-    audit_<split>.csv, audit_<split>.json and audit_<split>_top.png (the `top` most suspect)."""
-    t0 = time.time()
-    cfg, data, model = run_model_and_data(run_dir, args.data_dir, device)
-    images, labels = (data.test_x, data.test_y) if args.audit == "test" else (data.val_x, data.val_y)
-    common.check(len(labels) > 0, f"--audit {args.audit}: the run has no {args.audit} split")
-    epochs = stored_epochs(run_dir, required=True)
-    weights, names = checkpoint_weights(run_dir, epochs), param_names(model)
-    rank_by = usable_ranking(args.rank_by, run_dir)
-    scores = {rank_by: 0.0, "all@lr": 0.0}
-    for e in epochs:
-        ep = Epoch(run_dir, e)
-        model.load_state_dict(common.load_checkpoint(ep.dir / ep.meta.get("weights", "weights.pt")))
-        b_train = logit_grads(ep)
-        sq, b_out, loss, pred = [], [], [], []
-        for x, y in common.Batches(images, labels, 1000):
-            a, b, logits, l = layer_factors(model.eval(), x, y)
-            sq.append(squared_norms(a, b, model, names).cpu().numpy().astype(np.float64))  # float64 on the host only
-            b_out.append(b[-1].cpu().numpy().astype(np.float64))
-            loss.append(l.cpu())
-            pred.append(logits.argmax(1).cpu())
-        parts = gradient_parts(np.concatenate(sq), names, np.concatenate(b_out), None if b_train is None else inverse_fisher(b_train))
-        for name in scores:
-            part, scheme = name.split("@")
-            scores[name] = scores[name] + weights[scheme][e] * parts[part]
-    scores["loss"], pred = torch.cat(loss).numpy().astype(np.float64), torch.cat(pred).numpy()
-    label, pred = np.asarray(data.digits)[labels.cpu().numpy()], np.asarray(data.digits)[pred]
-    order = np.argsort(-scores[rank_by], kind="stable")
-    split = args.audit
-    write_ranking_csv(run_dir / f"audit_{split}.csv", order, {"index": np.arange(len(label)), "label": label, "prediction": pred, **scores})
-    plot_suspects(images[torch.as_tensor(order[:top], device=images.device)].cpu(), order[:top], label, pred,
-                  run_dir / f"audit_{split}_top.png", f"{split}: top {top} suspects by {rank_by} (red: prediction differs)", name=split)
-    in_top = lambda s: set(np.argsort(-s, kind="stable")[:top].tolist())  # noqa: E731
-    report = {"split": split, "n": len(label), "default": rank_by, "excess_fell_back_to_lr": weights["excess_fell_back_to_lr"],
-              "epochs": epochs, "seconds": time.time() - t0,
-              "methods": {rank_by: f"sum over stored checkpoints of the {split} image's {PARTS[rank_by.split('@')[0]]}, weights: "
-                          f"{WEIGHTS[rank_by.split('@')[1]]} (the training rows')", "all@lr": "TracIn: sum_e lr_e ||g||^2",
-                          "loss": "the final model's loss"},
-              "top_misclassified": int((pred[order[:top]] != label[order[:top]]).sum()), "misclassified": int((pred != label).sum()),
-              "top_shared_with_loss": len(in_top(scores[rank_by]) & in_top(scores["loss"])),
-              "files": {"ranking": f"audit_{split}.csv", "top": f"audit_{split}_top.png"},
-              "top": [{"index": int(i), "label": int(label[i]), "prediction": int(pred[i]),
-                       **{k: float(v[i]) for k, v in scores.items()}} for i in order[:top]]}
-    common.write_json(run_dir / f"audit_{split}.json", report)
-    fell_back = " (excess fell back to lr weights)" if rank_by.endswith("@excess") and weights["excess_fell_back_to_lr"] else ""
-    print(f"audit of the {len(label):,} {split} images by {rank_by}{fell_back}: {report['top_misclassified']} of the top {top} "
-          f"misclassified by the final model ({report['misclassified']} in all), {report['top_shared_with_loss']} of them "
-          f"also in the loss's top {top} -> {run_dir / report['files']['top']} ({report['seconds']:.1f} s)")
-    return report
-
-
-# ============================================================================= 7. command line: one main, one function per mode
-ANALYSIS_OPTIONS = ("analysis", "influence", "clusters", "kmeans_init", "tsne_samples", "perplexity", "analysis_epochs", "analysis_dim",
-                    "compare_sklearn", "rank_by", "compare_cleanlab", "cleanlab_folds", "audit")
+# ============================================================================= 6. command line: one main, one function per mode
+ANALYSIS_OPTIONS = ("analysis", "influence", "clusters", "kmeans_init", "tsne_samples", "perplexity", "analysis_epochs", "analysis_dim")
 
 
 @app.command()
@@ -1218,18 +786,12 @@ def main(
     gamma: Annotated[float, typer.Option(help="Per-epoch lr factor of --lr-schedule step.")] = 0.7,
     patience: Annotated[Optional[int], typer.Option(help="Early stopping patience in epochs (off unless given).")] = None,
     min_delta: Annotated[float, typer.Option(help="Smallest val-loss decrease that counts as improvement.")] = 0.0,
-    label_noise: train_mlp.LabelNoise = 0.0,
-    from_run: Annotated[Optional[Path], typer.Option(help="Collect from this train_mlp (or grad_collect) run's best.pt and config instead of training.")] = None,
+    label_noise: common.LabelNoise = 0.0,
     every_epoch: Annotated[bool, typer.Option(help="Collect at the end of every epoch (else once, after the last).")] = True,
     collect_epochs: Annotated[Optional[str], typer.Option(help="Collect only after these epochs, e.g. 1-10,20 (the last is always "
                                                                "added): a long run within --max-gb.")] = None,
     params: Annotated[Optional[str], typer.Option(help="Comma-separated parameter names to collect (default all), e.g. net.3.weight,net.3.bias.")] = None,
-    store: Annotated[str, typer.Option(help="factors (exact: each Linear layer's inputs a_i and output gradients b_i; "
-                                            "gradient = b_i a_i^T), projection (a seeded K-dim projection) or raw (full arrays).")] = "factors",
     dtype: Annotated[str, typer.Option(help="float32 or float16 on disk.")] = "float32",
-    project_dim: Annotated[Optional[int], typer.Option(help="K of --store projection (default 1024).")] = None,
-    project_scope: Annotated[str, typer.Option(help="whole (one projection of all selected parameters) or param (one per parameter).")] = "whole",
-    project_seed: Annotated[Optional[int], typer.Option(help="Seed of the projection (default: --seed).")] = None,
     max_gb: Annotated[float, typer.Option(help="Refuse to write more than this many GB of gradients.")] = 4.0,
     collect_batch_size: Annotated[int, typer.Option(help="Samples per batch while collecting gradients.")] = 1000,
     analyze: Annotated[Optional[Path], typer.Option(help="Only analyze the saved gradients of this grad_collect run (with --influence: only the influence).")] = None,
@@ -1241,15 +803,6 @@ def main(
     perplexity: Annotated[float, typer.Option(help="t-SNE perplexity.")] = 30.0,
     analysis_epochs: Annotated[str, typer.Option(help="last or all: which epochs get k-means and the two t-SNE plots (plain, direction).")] = "last",
     analysis_dim: Annotated[int, typer.Option(help="Parameters with more values are projected to this many dims (from the factors) for k-means and t-SNE.")] = 256,
-    compare_sklearn: Annotated[bool, typer.Option(help="Also run scikit-learn's KMeans on the t-SNE epochs and record its inertia.")] = False,
-    rank_by: Annotated[str, typer.Option(help="The gradient ranking of suspect (mislabeled) rows: PART@WEIGHTS, PART all, last, output "
-                                              "or fisher, WEIGHTS lr (TracIn), final or excess (see docs/grad_collect.md).")] = DEFAULT_RANKING,
-    compare_cleanlab: Annotated[bool, typer.Option(help="Also rank the training rows with cleanlab on K-fold out-of-sample "
-                                                        "probabilities of the same MLP (trains K more models).")] = False,
-    cleanlab_folds: Annotated[int, typer.Option(help="K of --compare-cleanlab.")] = 5,
-    audit: Annotated[Optional[str], typer.Option(help="test or val: rank that split's images as suspects with the training "
-                                                      "checkpoints (audit_<split>.csv/.json/_top.png).")] = None,
-    precision: common.PrecisionOption = "auto",
     val_fraction: common.ValFraction = 0.1,
     data_dir: common.DataDir = Path("./data"),
     out_dir: common.OutDir = Path("runs"),
@@ -1269,21 +822,19 @@ def main(
     check_analysis_options(args)
     if args.analyze:  # a finished run's saved gradients: nothing is trained or collected
         common.check(Path(args.analyze).is_dir(), f"--analyze {args.analyze}: no such run directory")
-        return (influence_only if args.influence else audit_only if args.audit else analyze_only)(Path(args.analyze), args)
-    common.check(not (args.resume and args.from_run), "--resume and --from-run do not go together")
-    common.check(not (args.collect_epochs and args.from_run), "--collect-epochs and --from-run do not go together (one collection)")
+        return (influence_only if args.influence else analyze_only)(Path(args.analyze), args)
     run = common.Run(ctx, args, __file__, changeable=("epochs", "device", "quiet", "data_dir") + ANALYSIS_OPTIONS)
-    return (collect_from_run if run.args.from_run else train_and_collect)(run)
+    return train_and_collect(run)
 
 
 def train_and_collect(run) -> None:
-    """The default mode: train with train_mlp.py's loop (train_mlp.train decides, visibly, when best.pt is written,
+    """Train with train_mlp.py's loop (train_mlp.train decides, visibly, when best.pt is written,
     when training stops early and when last.pt is written) and collect every sample's gradients after each epoch,
     before last.pt records it (a kill redoes both); then the final report and the analysis."""
     args = run.args
     if args.lr_schedule == "cosine":
         run.fix_length("its cosine learning rate decays to 0 at the last planned step")
-    device, data, model, plan, factors = prepare(run)
+    device, data, model, plan = prepare(run)
     args.precision, precision_reason = common.pick_precision(args.precision, device, run.original)  # of the training steps
     precision = args.precision
     opt = make_optimizer(model, args.optimizer, args.lr, args.weight_decay, args.momentum)
@@ -1294,7 +845,6 @@ def train_and_collect(run) -> None:
         check_size(model, plan, len(data.train_y), args.dtype, len(schedule), args.max_gb, args.out_dir)
     run.save_config(device=str(device), precision_reason=precision_reason, n_parameters=common.count_parameters(model),
                     arrays=plan, **data.describe())
-    train_mlp.save_label_noise(run, data)
     if not args.quiet:
         print(common.parameter_table(model))
     print(f"device {device} | train {len(data.train_y)} val {len(data.val_y)} test {len(data.test_y)} | digits {data.digits} | "
@@ -1303,7 +853,7 @@ def train_and_collect(run) -> None:
     run.restore(device, model=model, optimizer=opt, scaler=scaler, generator=batches.generator)
     if run.resumed:
         check_size(model, plan, len(data.train_y), args.dtype, len([e for e in schedule if e > run.epoch]), args.max_gb, args.out_dir)
-    collect_epoch = lambda epoch: write_epoch(run, model, data, epoch, plan, factors, epoch_lr(args, epoch, len(batches)))  # noqa: E731
+    collect_epoch = lambda epoch: write_epoch(run, model, data, epoch, plan, epoch_lr(args, epoch, len(batches)))  # noqa: E731
 
     def after_epoch(epoch, record):
         if epoch in schedule:
@@ -1332,35 +882,10 @@ def collect_schedule(args) -> list[int]:
     return sorted(epochs)
 
 
-def collect_from_run(run) -> None:
-    """--from-run RUN: no training; one collection, of that train_mlp run's best.pt, with its model and data split."""
-    args = run.args
-    device, data, model, plan, factors = prepare(run)
-    check_size(model, plan, len(data.train_y), args.dtype, 1, args.max_gb, args.out_dir)
-    ckpt = common.load_checkpoint(Path(args.from_run) / "best.pt")
-    try:
-        model.load_state_dict(ckpt["model"])
-    except RuntimeError as e:
-        raise common.UserError(f"--from-run {args.from_run}: best.pt does not fit its config ({str(e).splitlines()[0]})") from None
-    run.save_config(device=str(device), n_parameters=common.count_parameters(model), arrays=plan,
-                    source_checkpoint=str(Path(args.from_run) / "best.pt"), **data.describe())
-    train_mlp.save_label_noise(run, data)
-    print(f"device {device} | {len(data.train_y):,} training samples | digits {data.digits} | "
-          f"{args.from_run}/best.pt (epoch {ckpt['epoch']}) | run {run.dir}")
-    write_epoch(run, model, data, ckpt["epoch"], plan, factors, args.lr)  # one checkpoint: TracIn's lr_e is the run's --lr
-    test_loss, test_acc, _, _ = evaluate(model, data.test_x, data.test_y)
-    finish(run, {"test_loss": test_loss, "test_acc": test_acc, "epoch": ckpt["epoch"]}, data, device)
-
-
 def analyze_only(run_dir: Path, args) -> None:
     """--analyze RUN: the clusters and self-influence of a run's saved gradients, again (analysis.json, the PNGs)."""
     h = analyze_run(run_dir, args, common.pick_device(args.device))["headline"]
     print(f"run {run_dir} | {headline_text(h)}")
-
-
-def audit_only(run_dir: Path, args) -> None:
-    """--analyze RUN --audit test: only the audit of that split (audit_<split>.*)."""
-    audit_report(run_dir, args, common.pick_device(args.device))
 
 
 def influence_only(run_dir: Path, args) -> None:
@@ -1375,19 +900,16 @@ def build_model(config: dict) -> nn.Module:
 
 
 def prepare(run):
-    """What both collecting modes need: the options checked, the data, the model (initialized as train_mlp.py does:
-    the same seed, the same model), the arrays to store and the projection's factors."""
+    """The options checked, the data, the model (initialized as train_mlp.py does:
+    the same seed, the same model) and the arrays to store."""
     args = run.args
-    if args.from_run:
-        take_model_and_split_of(args)
     check_options(args)
     device = common.pick_device(args.device, tf32=False)  # exact fp32 matmuls: the stored factors are exact
     data = common.load_mnist(args.data_dir, device, args.digits, args.val_fraction, args.limit, args.seed, args.label_noise)
     common.seed_everything(common.seed_for(args.seed, "init"))
     model = build_model({**vars(args), **data.describe()}).to(device)
-    plan = plan_arrays(model, chosen_params(model, args.params), args.store, args.project_dim, args.project_scope)
-    factors = projection_factors(model, args.project_dim, args.project_seed, device) if args.store == "projection" else None
-    return device, data, model, plan, factors
+    plan = plan_arrays(model, chosen_params(model, args.params))
+    return device, data, model, plan
 
 
 def check_analysis_options(args) -> None:
@@ -1398,41 +920,13 @@ def check_analysis_options(args) -> None:
     common.check(args.analysis_epochs in ("last", "all"), f"--analysis-epochs {args.analysis_epochs}: use last or all")
     common.check(args.analysis_dim >= 2, f"--analysis-dim {args.analysis_dim}: must be at least 2")
     common.check(not (args.influence and not args.analysis and not args.analyze), "--influence needs the analysis (drop --no-analysis)")
-    common.check(not (args.audit and not args.analysis and not args.analyze), "--audit needs the analysis (drop --no-analysis)")
-    common.check(not (args.audit and args.influence and args.analyze), "--analyze with --influence or --audit: give one of them")
-    common.check(args.audit in (None, "test", "val"), f"--audit {args.audit}: use test or val")
-    common.check(args.rank_by in RANKINGS, f"--rank-by {args.rank_by}: use one of {', '.join(RANKINGS)}")
-    common.check(args.cleanlab_folds >= 2, f"--cleanlab-folds {args.cleanlab_folds}: need at least 2")
 
 
 def check_options(args) -> None:
     train_mlp.check_options(args)
     common.check(args.dtype in ("float32", "float16"), f"--dtype {args.dtype}: use float32 or float16")
-    common.check(args.store in ("factors", "projection", "raw"), f"--store {args.store}: use factors, projection or raw")
-    common.check(args.project_dim is None or args.store == "projection", f"--project-dim {args.project_dim}: goes with --store projection")
-    common.check(args.project_dim is None or args.project_dim >= 1, f"--project-dim {args.project_dim}: must be at least 1")
-    if args.store == "projection" and args.project_dim is None:
-        args.project_dim = 1024
-    common.check(args.project_scope in ("whole", "param"), f"--project-scope {args.project_scope}: use whole or param")
     common.check(args.max_gb > 0, f"--max-gb {args.max_gb}: must be positive")
     common.check(args.collect_batch_size >= 1, f"--collect-batch-size {args.collect_batch_size}: must be at least 1")
-    if args.project_seed is None:  # its own stream: changing the projection never changes the split, init or order
-        args.project_seed = common.seed_for(args.seed, "projection")
-
-
-def take_model_and_split_of(args) -> None:
-    """--from-run: the source run's model and exact data split; one collection, of its best.pt."""
-    src = Path(args.from_run)
-    common.check(src.is_dir(), f"--from-run {src}: no such run directory")
-    common.check((src / "config.json").is_file(), f"--from-run {src}: it has no config.json; is this a train_mlp run directory?")
-    cfg = common.read_json(src / "config.json")
-    common.check(cfg.get("script") in ("train_mlp", "grad_collect"), f"--from-run {src}: not a train_mlp run (its config names {cfg.get('script')!r})")
-    common.check(not cfg.get("batch_norm"), f"--from-run {src}: a --batch-norm run; per-sample gradients are collected only "
-                                            f"from MLPs without BatchNorm (it mixes the samples of a batch)")
-    for key in ("hidden", "dropout", "digits", "val_fraction", "limit", "seed"):
-        setattr(args, key, cfg[key])
-    args.label_noise = cfg.get("label_noise", 0.0)  # its noisy labels too
-    args.every_epoch = False
 
 
 def chosen_params(model, params: Optional[str]) -> list[str]:
@@ -1458,8 +952,6 @@ def finish(run, final: dict, data, device) -> None:
         line += f" | {headline_text(h)}"
         if args.influence:
             influence_report(run.dir, args, device)
-        if args.audit:
-            audit_report(run.dir, args, device)
     run.finish(final, record, summary=line)
 
 

@@ -439,6 +439,7 @@ def main(
     grad_check: Annotated[bool, typer.Option("--grad-check", help="Check every layer's gradients by central finite differences in float64, then exit (1 if any relative error >= 1e-6).")] = False,
     input_scale: Annotated[str, typer.Option(help="standard (MNIST mean/std), unit (pixels in [0, 1]) or raw (0..255, to see what unscaled inputs do).")] = "standard",
     compare_torch: Annotated[bool, typer.Option(help="Also train the same model in PyTorch from the same weights on the same batches.")] = False,
+    label_noise: common.LabelNoise = 0.0,
     val_fraction: common.ValFraction = 0.1,
     data_dir: common.DataDir = Path("./data"),
     out_dir: common.OutDir = Path("runs"),
@@ -456,7 +457,7 @@ def main(
                      changeable=("updates", "quiet", "data_dir"), checkpoint_format=(".npz", save_npz, load_npz))
     args = run.args
     check_options(args)
-    data = common.load_mnist(args.data_dir, "cpu", args.digits, args.val_fraction, args.limit, args.seed)
+    data = common.load_mnist(args.data_dir, "cpu", args.digits, args.val_fraction, args.limit, args.seed, args.label_noise)
     train_x, train_y = to_numpy(data.train_x, data.train_y, args.input_scale)
     val_x, val_y = to_numpy(data.val_x, data.val_y, args.input_scale)
     net = Network(args.arch, args.hidden, data.num_classes, seed=common.seed_for(args.seed, "init"))

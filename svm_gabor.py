@@ -148,6 +148,7 @@ def main(
     frequencies: Annotated[list[str], typer.Option(callback=common.strs_option, help="Gabor frequencies in cycles per pixel of the 14x14 image: 0.15,0.25 or repeat the option.")] = ["0.15", "0.25", "0.35"],
     kernel_size: Annotated[int, typer.Option(help="Gabor kernel size in pixels (odd).")] = 7,
     pool: Annotated[int, typer.Option(help="Average the response magnitudes over pool x pool cells (1, 2 or 7).")] = 2,
+    label_noise: common.LabelNoise = 0.0,
     val_fraction: common.ValFraction = 0.1,
     data_dir: common.DataDir = Path("./data"),
     out_dir: common.OutDir = Path("runs"),
@@ -174,7 +175,7 @@ def main(
     common.check(args.pool in (1, 2, 7), f"--pool {args.pool}: use 1, 2 or 7 (it must divide 14)")
     freqs = parse_frequencies(args.frequencies)
     started = time.time()
-    data = common.load_mnist(args.data_dir, "cpu", args.digits, args.val_fraction, args.limit, args.seed)
+    data = common.load_mnist(args.data_dir, "cpu", args.digits, args.val_fraction, args.limit, args.seed, args.label_noise)
     n = min(args.train_size, len(data.train_y))
     train_x, train_y = data.train_x[:n].numpy(), data.train_y[:n].numpy()  # the split is already a seeded shuffle
     test_x, test_y = data.test_x.numpy(), data.test_y.numpy()

@@ -13,7 +13,8 @@ epochs on a GPU. `--model resnet18|resnet34|resnet50` are torchvision's with a 3
     python train_allcnn.py --model resnet18 --lr-schedule cosine --precision bf16
 Writes runs/train_allcnn/<timestamp>[-tag]/: config.json (with the parameter table's totals), metrics.json,
 best.pt, last.pt, training_curves.png (loss and top-1 error: train per step, under torchrun rank 0's batches; val
-per epoch) and TensorBoard events; one line in runs/results.jsonl. Attack a trained model with fgsm_attack.py RUN_DIR.
+per epoch), TensorBoard events and predictions/epoch_<n>.npz (for label_audit.py; --label-noise P); one line in
+runs/results.jsonl. Attack a trained model with fgsm_attack.py RUN_DIR.
 """
 
 from __future__ import annotations
@@ -122,13 +123,18 @@ class ShardedBatches:
         return len(self.labels) // (self.batch_size * self.world)
 
     def __iter__(self):
-        order = torch.randperm(len(self.labels), generator=self.generator).to(self.labels.device)
+        order = self.order = torch.randperm(len(self.labels), generator=self.generator).to(self.labels.device)
         g = self.batch_size * self.world
         for step in range(len(self)):
             idx = order[step * g + self.rank * self.batch_size: step * g + (self.rank + 1) * self.batch_size]
             x = self.images[idx]
             x = augment(x, self.aug_generator, g, self.rank * self.batch_size) if self.augmented else x.float().div(255.0)
             yield self.normalize(x), self.labels[idx]
+
+    def rows(self, step: int) -> torch.Tensor:
+        """The training rows of this rank's batch `step` this epoch (a device index tensor: no host sync)."""
+        start = step * self.batch_size * self.world + self.rank * self.batch_size
+        return self.order[start:start + self.batch_size]
 
     def state_dict(self) -> dict:
         return {"order": self.generator.get_state(), "augment": self.aug_generator.get_state()}
@@ -166,10 +172,10 @@ def evaluate(model, images, labels, device, precision: str = "fp32", batch_size:
     return loss_sum.item() / len(labels), correct.item() / len(labels)
 
 
-def train_epoch(model, batches, optimizer, scaler, epoch: int, args, device):
+def train_epoch(model, batches, optimizer, scaler, epoch: int, args, device, predictions=None):
     """One pass over this rank's batches. Returns the epoch's mean loss and accuracy over all ranks, and this
     rank's per-step values as a [steps, 2] tensor, written on the device during the epoch and read once at its
-    end (no per-step synchronisation)."""
+    end (no per-step synchronisation). predictions: records each of this rank's rows' probabilities."""
     model.train()
     step_stats = torch.zeros(len(batches), 2, device=device)  # loss, accuracy of each step (this rank's batch)
     sizes = torch.zeros(len(batches), device=device)
@@ -186,6 +192,8 @@ def train_epoch(model, batches, optimizer, scaler, epoch: int, args, device):
         step_stats[i, 0] = loss.detach()
         step_stats[i, 1] = (logits.detach().argmax(1) == y).float().mean()
         sizes[i] = len(y)
+        if predictions is not None:
+            predictions.record(batches.rows(i), logits)
     totals = torch.cat([(step_stats * sizes[:, None]).sum(0), sizes.sum()[None]])  # loss sum, correct, samples
     if dist.is_initialized():  # the epoch's training loss and accuracy over all ranks
         dist.all_reduce(totals)
@@ -247,6 +255,7 @@ def main(
     weight_decay: Annotated[float, typer.Option(help="Weight decay on conv/linear weights (none on biases and BatchNorm).")] = 1e-3,
     lr_schedule: Annotated[str, typer.Option(help="step (lr, /10 at 40% and /100 at 80% of the epochs) or cosine.")] = "step",
     precision: common.PrecisionOption = "auto",
+    label_noise: common.LabelNoise = 0.0,
     val_fraction: common.ValFraction = 0.1,
     data_dir: common.DataDir = Path("./data"),
     out_dir: common.OutDir = Path("runs"),
@@ -275,7 +284,7 @@ def main(
     check_options(args)
     run.fix_length({"step": "its step learning rate drops at 40% and 80% of the planned epochs",
                     "cosine": "its cosine learning rate decays to 0 at the last planned step"}[args.lr_schedule])
-    data = common.load_cifar10(args.data_dir, dev, args.val_fraction, args.limit, args.seed)
+    data = common.load_cifar10(args.data_dir, dev, args.val_fraction, args.limit, args.seed, args.label_noise)
     common.seed_everything(common.seed_for(args.seed, "init"))  # the same initial weights on every rank
     config = {"model": args.model, "c1": args.c1, "c2": args.c2, "norm": args.norm, "dropout": args.dropout, "num_classes": 10}
     net = build_model(config).to(dev, memory_format=memory_format(dev))
@@ -304,12 +313,15 @@ def main(
 
     writer = run.tensorboard()
     steps_writer = run.tensorboard("steps", purge_step=run.epoch * len(batches) + 1)  # x axis: global step
+    predictions = common.Predictions(data.train_y, data.num_classes, data.train_index)  # for label_audit.py
+    gather = (lambda t: (dist.all_reduce(t), t)[1]) if world > 1 else None  # each rank recorded its own rows
     with run.guard():
         for epoch in run.epochs(args.epochs):  # all --epochs: no early stopping (the schedule spans the planned epochs)
             t0 = time.time()
-            train_loss, train_acc, step_stats = train_epoch(ddp, batches, opt, scaler, epoch, args, dev)
+            train_loss, train_acc, step_stats = train_epoch(ddp, batches, opt, scaler, epoch, args, dev, predictions)
             step_error = torch.stack([step_stats[:, 0], 1 - step_stats[:, 1]], 1)  # under torchrun: rank 0's own batches
             val_loss, val_acc = evaluate(net, data.val_x, data.val_y, dev, args.precision) if len(data.val_y) else (None, None)
+            predictions.save(run.dir if rank == 0 else None, epoch, gather)  # predictions/epoch_<n>.npz, before last.pt
             record = {"epoch": epoch, "train_loss": train_loss, "train_acc": train_acc, "val_loss": val_loss, "val_acc": val_acc,
                       "train_error": 1 - train_acc, "val_error": None if val_acc is None else 1 - val_acc,
                       "lr_end": lr_at(args.lr_schedule, args.lr, epoch - 1e-9, args.epochs), "epoch_time_s": time.time() - t0,

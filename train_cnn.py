@@ -15,7 +15,8 @@ Four layouts (--arch):
 Writes runs/train_cnn/<timestamp>[-tag]/: config.json, metrics.json (per epoch; final with per-class accuracy),
 best.pt, last.pt, mnist_samples.png, training_curves.png, predictions.png, confusion_matrix.png, failures.png
 (the 25 most confident test mistakes), filters.png (first-layer filters), feature_maps.png (each conv layer's
-activations for one test image) and TensorBoard events. Classify your own images with predict.py.
+activations for one test image), TensorBoard events and predictions/epoch_<n>.npz (for label_audit.py; --label-noise P).
+Classify your own images with predict.py.
 """
 
 from __future__ import annotations
@@ -153,11 +154,11 @@ def evaluate(model, images, labels, transform, precision="fp32", batch_size: int
 
 
 def train_epoch(model, batches, optimizer, lr_at, first_step: int, precision: str, label_smoothing: float, quiet: bool,
-                scaler=None):
+                predictions=None, scaler=None):
     """One pass over the training batches; lr_at(step) gives (lr, momentum) of each global step. Returns the
     epoch's mean loss (plain cross-entropy, comparable with val loss, also when training with label smoothing)
     and accuracy, and the per-step values as a [steps, 2] tensor, written on the device during the epoch and
-    read once at its end (no per-step synchronisation)."""
+    read once at its end (no per-step synchronisation). predictions: records each row's probabilities."""
     model.train()
     device = batches.labels.device
     scaler = scaler or common.grad_scaler(device, "fp32")  # loss scaling for fp16 only; else it passes straight through
@@ -175,8 +176,26 @@ def train_epoch(model, batches, optimizer, lr_at, first_step: int, precision: st
         step_stats[i, 0] = F.cross_entropy(logits.detach().float(), y) if label_smoothing else loss.detach().float()
         step_stats[i, 1] = (logits.detach().argmax(1) == y).float().mean()
         sizes[i] = len(y)
+        if predictions is not None:
+            predictions.record(batches.rows(i), logits)
     loss_mean, acc_mean = ((step_stats * sizes[:, None]).sum(0) / sizes.sum()).tolist()
     return loss_mean, acc_mean, step_stats
+
+
+def fit(config: dict, images, labels, num_classes: int, seed: int) -> nn.Module:
+    """A fresh model of the run's config trained on these rows as train() trains it (its options, --epochs, lr
+    schedule; no validation or checkpoints): label_audit.py's cleanlab folds."""
+    device = images.device
+    common.seed_everything(common.seed_for(seed, "init"))
+    model = CNN(config["arch"], num_classes).to(device, memory_format=memory_format(device))
+    opt = make_optimizer(config["optimizer"], model, config["lr"], config["momentum"], config["weight_decay"])
+    batches = common.Batches(images, labels, config["batch_size"], shuffle=True, seed=common.seed_for(seed, "shuffle"),
+                             transform=make_transform(device, config["augment"]))
+    total = config["epochs"] * len(batches)
+    lr_at = lambda step: schedule(config["lr_schedule"], step, total, len(batches), config["lr"], config["gamma"], config["cycle_momentum"])  # noqa: E731
+    for epoch in range(config["epochs"]):
+        train_epoch(model, batches, opt, lr_at, epoch * len(batches), config["precision"], config["label_smoothing"], True)
+    return model.eval()
 
 
 def make_optimizer(name: str, model, lr: float, momentum: float, weight_decay: float):
@@ -258,6 +277,7 @@ def train(run, model, optimizer, batches, data, plain, scaler=None) -> None:
     args, writer = run.args, run.tensorboard()
     steps_writer = run.tensorboard("steps", purge_step=run.epoch * len(batches) + 1)  # x axis: global step
     total_steps = args.epochs * len(batches)
+    predictions = common.Predictions(data.train_y, data.num_classes, data.train_index)  # for label_audit.py
 
     def lr_at(step: int):
         return schedule(args.lr_schedule, step, total_steps, len(batches), args.lr, args.gamma, args.cycle_momentum)
@@ -266,8 +286,9 @@ def train(run, model, optimizer, batches, data, plain, scaler=None) -> None:
         for epoch in run.epochs(args.epochs):
             t0 = time.time()
             train_loss, train_acc, step_stats = train_epoch(model, batches, optimizer, lr_at, (epoch - 1) * len(batches),
-                                                            args.precision, args.label_smoothing, args.quiet, scaler)
+                                                            args.precision, args.label_smoothing, args.quiet, predictions, scaler)
             val_loss, val_acc = evaluate(model, data.val_x, data.val_y, plain, args.precision)[:2] if len(data.val_y) else (None, None)
+            predictions.save(run.dir, epoch)  # predictions/epoch_<n>.npz, before last.pt records the epoch
             record = {"epoch": epoch, "train_loss": train_loss, "train_acc": train_acc, "val_loss": val_loss,
                       "val_acc": val_acc, "lr_end": lr_at(epoch * len(batches) - 1)[0], "epoch_time_s": time.time() - t0,
                       **common.step_values(step_stats)}
@@ -346,6 +367,7 @@ def main(
     precision: common.PrecisionOption = "auto",
     patience: Annotated[Optional[int], typer.Option(help="Stop after this many epochs without val-loss improvement (off unless given).")] = None,
     min_delta: Annotated[float, typer.Option(help="Smallest val-loss decrease that counts as improvement.")] = 0.0,
+    label_noise: common.LabelNoise = 0.0,
     val_fraction: common.ValFraction = 0.1,
     data_dir: common.DataDir = Path("./data"),
     out_dir: common.OutDir = Path("runs"),
@@ -371,7 +393,7 @@ def main(
         args.lr = DEFAULT_LR[args.optimizer]
     device = common.pick_device(args.device)
     args.precision, precision_reason = common.pick_precision(args.precision, device, run.original)  # the choice, not "auto"
-    data = common.load_mnist(args.data_dir, device, args.digits, args.val_fraction, args.limit, args.seed)
+    data = common.load_mnist(args.data_dir, device, args.digits, args.val_fraction, args.limit, args.seed, args.label_noise)
     common.seed_everything(common.seed_for(args.seed, "init"))
     model = CNN(args.arch, data.num_classes).to(device, memory_format=memory_format(device))
     opt = make_optimizer(args.optimizer, model, args.lr, args.momentum, args.weight_decay)

@@ -13,7 +13,8 @@ Per hidden layer and epoch, on the test set: output_l1 (mean L1 norm of what it 
 output_spread (its input-dependent part), weight_l1, and for glonet prefix_acc[k] (the head reading the sum of layers
 1..k+1 only). The headline test_acc is the last epoch's (fixed epochs, as the source).
 Writes runs/train_glonet/<timestamp>[-tag]/: config.json, metrics.json, best.pt, last.pt, training_curves.png,
-training_metrics.png (the curves and per-layer usage), layer_usage.png, training_report.pdf and TensorBoard events;
+training_metrics.png (the curves and per-layer usage), layer_usage.png, training_report.pdf, TensorBoard events,
+predictions/epoch_<n>.npz (for label_audit.py; --label-noise P);
 one line in runs/results.jsonl.
 """
 
@@ -145,12 +146,13 @@ def lr_at(schedule: str, lr: float, step: int, total_steps: int) -> float:
     return lr if schedule == "none" else lr * 0.5 * (1 + math.cos(math.pi * step / total_steps))
 
 
-def train_epoch(model, batches, optimizer, lr_of_step=None, first_step: int = 0, quiet: bool = True, precision: str = "fp32",
-                scaler=None):
+def train_epoch(model, batches, optimizer, lr_of_step=None, first_step: int = 0, quiet: bool = True, predictions=None,
+                precision: str = "fp32", scaler=None):
     """One pass over the training batches, lr_of_step(global step) giving each step's rate; the forward pass under
     common.autocast(precision) (bf16 matmuls where the hardware has them natively), the loss in fp32, the backward
     through `scaler` (fp16: loss scaling). Returns the epoch's mean loss and accuracy, and the per-step values as a
-    [steps, 2] tensor, written on the device during the epoch and read once at its end (no per-step sync)."""
+    [steps, 2] tensor, written on the device during the epoch and read once at its end (no per-step sync).
+    predictions: records each row's probabilities."""
     model.train()
     device = batches.labels.device
     scaler = scaler or common.grad_scaler(device, "fp32")  # fp32: passes straight through
@@ -170,8 +172,30 @@ def train_epoch(model, batches, optimizer, lr_of_step=None, first_step: int = 0,
         step_stats[i, 0] = loss.detach()
         step_stats[i, 1] = (logits.detach().argmax(1) == y).float().mean()
         sizes[i] = len(y)
+        if predictions is not None:
+            predictions.record(batches.rows(i), logits)
     loss_mean, acc_mean = ((step_stats * sizes[:, None]).sum(0) / sizes.sum()).tolist()
     return loss_mean, acc_mean, step_stats
+
+
+def make_optimizer(net, name: str, lr: float, momentum: float):
+    if name == "adam":
+        return common.adam(net.parameters(), lr=lr)  # torch's fused kernel (~15% faster), without torch.optim
+    return torch.optim.SGD(net.parameters(), lr=lr, momentum=momentum)
+
+
+def fit(config: dict, images, labels, num_classes: int, seed: int) -> nn.Module:
+    """A fresh model of the run's config trained on these rows as train() trains it (its options, --epochs, lr
+    schedule; no evaluation or checkpoints): label_audit.py's cleanlab folds."""
+    common.seed_everything(common.seed_for(seed, "init"))
+    net = build_model({**config, "num_classes": num_classes}).to(images.device)
+    opt = make_optimizer(net, config["optimizer"], config["lr"], config["momentum"])
+    batches = common.Batches(images, labels, config["batch_size"], shuffle=True, seed=common.seed_for(seed, "shuffle"),
+                             transform=unit_scale if config["input_scale"] == "unit" else common.normalize)
+    total = config["epochs"] * len(batches)
+    for epoch in range(config["epochs"]):
+        train_epoch(net, batches, opt, lambda step: lr_at(config["lr_schedule"], config["lr"], step, total), epoch * len(batches))
+    return net.eval()
 
 
 def usage_summary(record: dict) -> dict:
@@ -303,6 +327,7 @@ def train(run, net, opt, batches, data, precision: str = "fp32", scaler=None) ->
     args, writer = run.args, run.tensorboard()
     steps_writer = run.tensorboard("steps", purge_step=run.epoch * len(batches) + 1)  # x axis: global step
     total_steps = args.epochs * len(batches)
+    predictions = common.Predictions(data.train_y, data.num_classes, data.train_index)  # for label_audit.py
 
     def lr_of_step(step: int) -> float:
         return lr_at(args.lr_schedule, args.lr, step, total_steps)
@@ -311,7 +336,7 @@ def train(run, net, opt, batches, data, precision: str = "fp32", scaler=None) ->
         for epoch in run.epochs(args.epochs):  # all --epochs: no early stopping (fixed epochs, as the source)
             t0 = time.time()
             train_loss, train_acc, step_stats = train_epoch(net, batches, opt, lr_of_step, (epoch - 1) * len(batches), args.quiet,
-                                                            precision, scaler)
+                                                            predictions, precision, scaler)
             train_time = time.time() - t0
             if not math.isfinite(train_loss):
                 writer.close()
@@ -320,6 +345,7 @@ def train(run, net, opt, batches, data, precision: str = "fp32", scaler=None) ->
                 sys.exit(1)
             val = evaluate(net, data.val_x, data.val_y, transform=batches.transform) if len(data.val_y) else {"loss": None, "acc": None}
             test = evaluate(net, data.test_x, data.test_y, usage=True, transform=batches.transform)
+            predictions.save(run.dir, epoch)  # predictions/epoch_<n>.npz, before last.pt records the epoch
             record = {"epoch": epoch, "train_loss": train_loss, "train_acc": train_acc, "val_loss": val["loss"],
                       "val_acc": val["acc"], "test_loss": test["loss"], "test_acc": test["acc"],
                       "output_l1": test["output_l1"], "output_spread": test["output_spread"], "weight_l1": test["weight_l1"],
@@ -374,6 +400,7 @@ def main(
     lr_schedule: Annotated[str, typer.Option(help="cosine (per step, from --lr down to 0 at the last step) or none (constant, the source's).")] = "cosine",
     optimizer: Annotated[str, typer.Option(help="adam or sgd (with momentum).")] = "adam",
     momentum: Annotated[float, typer.Option(help="SGD momentum.")] = 0.9,
+    label_noise: common.LabelNoise = 0.0,
     precision: common.PrecisionOption = "auto",
     val_fraction: common.ValFraction = 0.0,
     data_dir: common.DataDir = Path("./data"),
@@ -401,13 +428,10 @@ def main(
     # Deep nets whose unused layers shrink toward 0 drive the CPU into denormal floats: a depth-200 MLP's steps went
     # from 0.2 s to 3.3 s within 16 steps; flushing them to zero keeps every step at 0.2 s (same loss to 7 digits).
     flush_denormal = device.type == "cpu" and torch.set_flush_denormal(True)
-    data = common.load_mnist(args.data_dir, device, args.digits, args.val_fraction, args.limit, args.seed)
+    data = common.load_mnist(args.data_dir, device, args.digits, args.val_fraction, args.limit, args.seed, args.label_noise)
     common.seed_everything(common.seed_for(args.seed, "init"))
     net = DepthNet(args.model, args.layers, args.features, data.num_classes, args.activation, args.init).to(device)
-    if args.optimizer == "adam":
-        opt = common.adam(net.parameters(), lr=args.lr)  # torch's fused kernel (~15% faster), without torch.optim
-    else:
-        opt = torch.optim.SGD(net.parameters(), lr=args.lr, momentum=args.momentum)
+    opt = make_optimizer(net, args.optimizer, args.lr, args.momentum)
     scaler = common.grad_scaler(device, precision)  # loss scaling for fp16 only
     batches = common.Batches(data.train_x, data.train_y, args.batch_size, shuffle=True, seed=common.seed_for(args.seed, "shuffle"),
                              transform=unit_scale if args.input_scale == "unit" else common.normalize)

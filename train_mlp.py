@@ -10,7 +10,8 @@ Train on some digits only (labels remapped to 0..k-1, plots show the original di
 Ablations (the production source's phase 5; `python report.py ablations` runs them as one sweep):
       python train_mlp.py --init kaiming --batch-norm --lr-schedule step --gamma 0.7
 Writes runs/train_mlp/<timestamp>[-tag]/: config.json, metrics.json, best.pt, last.pt, mnist_samples.png,
-training_curves.png, predictions.png, confusion_matrix.png and TensorBoard events.
+training_curves.png, predictions.png, confusion_matrix.png, TensorBoard events and predictions/epoch_<n>.npz (each
+training row's probabilities: `python label_audit.py RUN` ranks suspect labels; --label-noise P flips P of them).
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from __future__ import annotations
 import math
 import time
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Annotated, Optional
 
 import torch
@@ -31,9 +33,6 @@ app = typer.Typer(add_completion=False, pretty_exceptions_enable=False, help=__d
 
 
 INITS, SCHEDULES = ("default", "xavier", "kaiming"), ("cosine", "step", "none")
-LabelNoise = Annotated[float, typer.Option(help="Flip this share of the training split's labels (val and test untouched), "
-                                                "each to another class drawn uniformly, seeded from --seed; the run's "
-                                                "label_noise.json lists the rows and their original labels.")]
 
 
 class MLP(nn.Module):
@@ -66,7 +65,7 @@ class MLP(nn.Module):
 
 
 def build_model(config: dict) -> MLP:
-    """The model a run's config.json describes (used by predict.py and grad_collect.py)."""
+    """The model a run's config.json describes (used by predict.py, label_audit.py and grad_collect.py)."""
     return MLP(config["hidden"], config["num_classes"], config["dropout"], batch_norm=config.get("batch_norm", False))
 
 
@@ -89,11 +88,12 @@ def evaluate(model, images, labels, batch_size: int = 2000):
     return loss, (preds == labels).float().mean().item(), preds, logits.softmax(1)
 
 
-def train_epoch(model, batches, optimizer, lr_at, first_step: int, quiet: bool, precision: str = "fp32", scaler=None):
+def train_epoch(model, batches, optimizer, lr_at, first_step: int, quiet: bool, predictions=None, precision: str = "fp32",
+                scaler=None):
     """One pass over the training batches; lr_at(step) gives the learning rate of each global step; the forward pass
     under common.autocast(precision), the loss in fp32, the backward through `scaler` (fp16: loss scaling). Returns
     the epoch's mean loss and accuracy, and the per-step values as a [steps, 2] tensor, written on the device during
-    the epoch and read once at its end (no per-step synchronisation)."""
+    the epoch and read once at its end (no per-step synchronisation). predictions: records each row's probabilities."""
     scaler = scaler or common.grad_scaler(batches.labels.device, "fp32")  # fp32: passes straight through
     model.train()
     device = batches.labels.device
@@ -112,8 +112,23 @@ def train_epoch(model, batches, optimizer, lr_at, first_step: int, quiet: bool, 
         step_stats[i, 0] = loss.detach()
         step_stats[i, 1] = (logits.detach().argmax(1) == y).float().mean()
         sizes[i] = len(y)
+        if predictions is not None:
+            predictions.record(batches.rows(i), logits)
     loss_mean, acc_mean = ((step_stats * sizes[:, None]).sum(0) / sizes.sum()).tolist()
     return loss_mean, acc_mean, step_stats
+
+
+def fit(config: dict, images, labels, num_classes: int, seed: int) -> nn.Module:
+    """A fresh model of the run's config trained on these rows as train() trains it (its options, --epochs, lr
+    schedule; no validation or checkpoints): label_audit.py's cleanlab folds."""
+    args = SimpleNamespace(**config)
+    common.seed_everything(common.seed_for(seed, "init"))
+    model = MLP(args.hidden, num_classes, args.dropout, config.get("init", "default"), config.get("batch_norm", False)).to(images.device)
+    opt = make_optimizer(model, args.optimizer, args.lr, args.weight_decay, args.momentum)
+    batches = common.Batches(images, labels, args.batch_size, shuffle=True, seed=common.seed_for(seed, "shuffle"))
+    for epoch in range(args.epochs):
+        train_epoch(model, batches, opt, lambda s: lr_at(args, s, len(batches)), epoch * len(batches), True)
+    return model.eval()
 
 
 def lr_at(args, step: int, steps_per_epoch: int) -> float:
@@ -146,13 +161,16 @@ def train(run, model, optimizer, batches, data, after_epoch=None, precision: str
     args, writer = run.args, run.tensorboard()
     steps = len(batches)
     steps_writer = run.tensorboard("steps", purge_step=run.epoch * len(batches) + 1)  # x axis: global step
+    predictions = common.Predictions(data.train_y, data.num_classes, data.train_index)  # for label_audit.py
 
     with run.guard():
         for epoch in run.epochs(args.epochs):
             t0 = time.time()
             train_loss, train_acc, step_stats = train_epoch(model, batches, optimizer, lambda s: lr_at(args, s, steps),
-                                                            (epoch - 1) * len(batches), args.quiet, precision, scaler)
+                                                            (epoch - 1) * len(batches), args.quiet, predictions, precision,
+                                                            scaler)
             val_loss, val_acc, _, _ = evaluate(model, data.val_x, data.val_y) if len(data.val_y) else (None, None, None, None)
+            predictions.save(run.dir, epoch)  # predictions/epoch_<n>.npz, before last.pt records the epoch
             record = {"epoch": epoch, "train_loss": train_loss, "train_acc": train_acc, "val_loss": val_loss,
                       "val_acc": val_acc, "epoch_time_s": time.time() - t0, **common.step_values(step_stats)}
             if after_epoch is not None:
@@ -171,22 +189,6 @@ def train(run, model, optimizer, batches, data, after_epoch=None, precision: str
             if stop:
                 print(f"early stopping: val loss has not improved for {args.patience} epochs")
                 break
-
-
-def label_noise_record(data) -> dict:
-    """The injected label noise (common.load_mnist's label_noise), for a run's label_noise.json: the flipped training
-    rows, their rows in the original training set, and their original and given (flipped) labels (0..k-1;
-    `digits[label]` the class)."""
-    rows = data.flipped.cpu()
-    return {"label_noise": data.label_noise, "seed": data.noise_seed, "digits": data.digits, "rows": rows.tolist(),
-            "sample_index": data.train_index[rows].tolist(), "original_label": data.original_y.cpu().tolist(),
-            "given_label": data.train_y.cpu()[rows].tolist()}
-
-
-def save_label_noise(run, data) -> None:
-    """--label-noise: label_noise.json (label_noise_record)."""
-    if data.label_noise:
-        common.write_json(run.dir / "label_noise.json", label_noise_record(data))
 
 
 def report(run, model, data, device) -> dict:
@@ -223,7 +225,7 @@ def main(
     batch_norm: Annotated[bool, typer.Option("--batch-norm/--no-batch-norm", help="BatchNorm1d after each hidden Linear, before the ReLU.")] = False,
     patience: Annotated[Optional[int], typer.Option(help="Stop after this many epochs without val-loss improvement (off unless given).")] = None,
     min_delta: Annotated[float, typer.Option(help="Smallest val-loss decrease that counts as improvement.")] = 0.0,
-    label_noise: LabelNoise = 0.0,
+    label_noise: common.LabelNoise = 0.0,
     precision: common.PrecisionOption = "auto",
     val_fraction: common.ValFraction = 0.1,
     data_dir: common.DataDir = Path("./data"),
@@ -257,7 +259,6 @@ def main(
     n_params = common.count_parameters(model)
     run.save_config(device=str(device), precision_reason=precision_reason, cpu=common.describe_machine(),
                     n_parameters=n_params, **data.describe())
-    save_label_noise(run, data)
     if not args.quiet:
         print(common.parameter_table(model))
     print(f"device {device} ({precision}: {precision_reason}) | train {len(data.train_y)} val {len(data.val_y)} "

@@ -6,13 +6,13 @@ same MNIST samples, in one process. Also torch.func's vmap(grad) for scale.
 
 Prints, on --loop-samples samples: seconds per sample and the speed ratio to the loop of
   - layer factors: the exact per-sample gradients as (a_i, b_i) per layer, what grad_collect.py works from,
-  - projected: those factors projected to K dims (whole model), what --project-dim K stores,
+  - projected: those factors projected to K dims (whole model), what the analysis projects (Epoch.project),
   - materialized: full per-sample gradient tensors [S, *param.shape], what the loop produces,
   - vmap(grad): torch.func over all parameters;
-the largest difference to the loop's gradients; and then grad_collect.collect() for all 60,000 training
-samples projected to K=1024 and written to a memory-mapped .npy: time, MB written and the peak RSS.
+the largest difference to the loop's gradients; and then all 60,000 training samples' gradients projected to
+K=1024 from their factors (kept in memory): time, MB and the peak RSS.
 Targets: factors >= 20x the loop; all 60,000 projected to K=1024 in <= 60 s with peak RSS <= 4 GB.
-First (issue 16), grad_collect's default --store factors: exact factor collection of --factor-samples (54,000, the
+First (issue 16), grad_collect's factor store: exact factor collection of --factor-samples (54,000, the
 default training split's size) written to .npy (time, MB, peak RSS; targets <= 10 s, <= 1 GB), then the TracIn-style
 scores of one test image against all of them from the factors (Epoch.dot) and from materialized per-sample
 gradients (a batched loop over the same stored run), with the ratio (target >= 100x).
@@ -100,14 +100,14 @@ def main(data_dir: common.DataDir = Path("./data"), k: Annotated[int, typer.Opti
     # 0. the default --store factors: exact a_i, b_i of every sample, then one test image's scores against all.
     with tempfile.TemporaryDirectory(prefix="bench_grad_") as tmp:
         edir = Path(tmp) / "gradients" / "epoch_1"
-        plan = gc.plan_arrays(model, names, "factors")
+        plan = gc.plan_arrays(model, names)
         m = min(factor_samples, len(labels))
         seconds, _ = timed(lambda: gc.collect(model, images[:m], labels[:m], edir, plan, "float32", batch_size))
         written = sum(f.stat().st_size for f in edir.iterdir())
         rss = peak_rss_mb()
         print(f"exact factors of {m:,} samples written to .npy: {seconds:.1f} s ({written / 1e6:.0f} MB) | peak RSS {rss:.0f} MB "
               f"| targets <= 10 s, <= 1024 MB")
-        common.write_json(edir / "metadata.json", gc.base_meta(model, plan, m, "factors", "float32", 1.0))
+        common.write_json(edir / "metadata.json", gc.base_meta(model, plan, m, "float32", 1.0))
         ep = gc.Epoch(tmp)
         test_x, test_y = common.read_mnist(data_dir, train=False)
         a, b, _, _ = gc.layer_factors(model, common.normalize(test_x[:1]), test_y[:1])
@@ -123,15 +123,18 @@ def main(data_dir: common.DataDir = Path("./data"), k: Annotated[int, typer.Opti
           f"gradients ({chunk} rows at a time) {t_mat:.1f} s -> {t_mat / t_fac:.0f}x (target >= 100x); "
           f"max relative difference {err:.1e}\n")
 
-    # 1. grad_collect's path for every training sample: project to K and write a memory-mapped .npy.
-    factors = gc.projection_factors(model, k, seed, "cpu")
-    plan = gc.plan_arrays(model, names, "projection", k, "whole")
-    with tempfile.TemporaryDirectory(prefix="bench_grad_") as tmp:
-        seconds, _ = timed(lambda: gc.collect(model, images, labels, Path(tmp), plan, "float32", batch_size, factors))
-        written = sum(f.stat().st_size for f in Path(tmp).iterdir())
+    # 1. every training sample's whole-model gradient projected to K from its layer factors, batch by batch (what
+    # Epoch.project does for the analysis; the projections are kept in memory: N x K floats).
+    factors, where = gc.projection_factors(model, k, seed, "cpu"), gc.factor_of(model)
+
+    def project_all():
+        return torch.cat([gc.project(*gc.layer_factors(model, common.normalize(images[i:i + batch_size]), labels[i:i + batch_size])[:2],
+                                     where, names, factors) for i in range(0, len(labels), batch_size)])
+
+    seconds, projected = timed(project_all)
     full_rss = peak_rss_mb()
-    print(f"all {len(labels):,} samples, whole-model gradients projected to K={k}, written to .npy: {seconds:.1f} s "
-          f"({written / 1e6:.0f} MB) | peak RSS {full_rss:.0f} MB | targets <= 60 s, <= 4096 MB")
+    print(f"all {len(labels):,} samples, whole-model gradients projected to K={k} from their factors: {seconds:.1f} s "
+          f"({projected.numel() * 4 / 1e6:.0f} MB in memory) | peak RSS {full_rss:.0f} MB | targets <= 60 s, <= 4096 MB")
 
     # 2. The same S samples by every method.
     s = loop_samples

@@ -47,7 +47,7 @@ def test_load_cifar10_split_and_limit(tiny_cifar):
     data = common.load_cifar10(tiny_cifar, "cpu", val_fraction=0.25, limit=80, seed=0)
     assert (len(data.train_y), len(data.val_y), len(data.test_y)) == (60, 20, 32)
     assert sorted(data.train_index.tolist() + [i for i in range(80) if i not in data.train_index.tolist()]) == list(range(80))
-    x = common.normalize_cifar(data.train_x[:4])
+    x = train_allcnn.NormalizeCIFAR(data.train_x.device)(data.train_x[:4])
     assert x.shape == (4, 3, 32, 32) and x.dtype == torch.float32
 
 
@@ -175,6 +175,10 @@ def test_two_torchrun_processes_killed_and_resumed_equal_one_process_with_the_do
     assert ma["final"]["test_acc"] == mb["final"]["test_acc"]
     assert len((tmp_path / "two" / "results.jsonl").read_text().splitlines()) == 1
     assert (dir_two / "training_curves.png").is_file()
+    for epoch in (1, 2):  # each rank recorded its own rows' predictions; summed, they are one process's
+        pa, pb = (np.load(d / "predictions" / f"epoch_{epoch}.npz") for d in (dir_one, dir_two))
+        assert pa["seen"].sum() == pb["seen"].sum() == 96 - 96 % 16 and np.array_equal(pa["seen"], pb["seen"])
+        np.testing.assert_allclose(pb["probs"].astype(np.float32), pa["probs"].astype(np.float32), atol=2e-3)
     for m in (ma, mb):  # per-step values: 96 // 16 = 6 global steps an epoch (the last incomplete batch is dropped)
         assert [(len(e["step_loss"]), len(e["step_error"])) for e in m["epochs"]] == [(6, 6)] * 2
     for ea, eb in zip(ma["epochs"], mb["epochs"]):  # the epoch means are over both ranks; the steps are rank 0's

@@ -1,5 +1,5 @@
 """What a user does to start a new experiment: copy a training script under a new name, change a layer width, train
-it briefly (killed once and resumed), and read it back with predict.py, fgsm_attack.py and report.py. The copy is a
+it briefly (killed once and resumed), and read it back with predict.py, fgsm_attack.py, label_audit.py and report.py. The copy is a
 new experiment: its own runs/<copy>/ folder, config.json and results.jsonl under its own name, and its own
 architecture rebuilt by the readers (the original's build_model would not fit its weights)."""
 
@@ -56,6 +56,16 @@ def test_a_copied_script_is_a_new_experiment_end_to_end(tiny_mnist, tmp_path):
     fgsm_config = json.loads((fgsm_dir / "config.json").read_text())
     assert fgsm_config["attacked_script"] == "my_cnn"
     assert json.loads((fgsm_dir / "metrics.json").read_text())["final"]["clean_acc"] == pytest.approx(line["test_acc"], abs=1e-6)
+
+    # label_audit.py ranks the copy's training rows with its recorded predictions, trains cleanlab's folds with the
+    # copy's own fit() (its 48-unit head) and audits its test split, all under the copy's name
+    audited = run_cli("label_audit.py", run_dir, "--compare-cleanlab", "--cleanlab-folds", 2, "--audit", "test", "--quiet",
+                      "--out-dir", out, env=ONE_THREAD)
+    assert audited.returncode == 0, audited.stderr
+    (audit_dir,) = (out / "label_audit").iterdir()
+    assert json.loads((audit_dir / "config.json").read_text())["audited_script"] == "my_cnn"
+    assert set(json.loads((audit_dir / "mislabel.json").read_text())["rankings"]) == {"default", "loss", "cleanlab"}
+    assert (audit_dir / "audit_test_top.png").is_file() and (audit_dir / "suspects_top.png").is_file()
 
     table = run_cli("report.py", "--out-dir", out, "--by", "script", env=ONE_THREAD)
     assert table.returncode == 0, table.stderr

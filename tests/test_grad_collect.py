@@ -6,7 +6,6 @@ guard, damaged files and end-to-end runs."""
 import json
 import math
 import shutil
-from types import SimpleNamespace
 
 import numpy as np
 from sklearn.metrics import adjusted_rand_score, normalized_mutual_info_score
@@ -76,29 +75,16 @@ def test_per_sample_grads_equal_the_loop():
         torch.testing.assert_close(sq[:, j].sqrt(), want[name].flatten(1).norm(dim=1), atol=1e-5, rtol=1e-5)
 
 
-@pytest.mark.parametrize("scope", ["whole", "param"])
-def test_projection_equals_projection_of_loop_grads(tmp_path, scope):
+def test_projection_equals_projection_of_loop_grads():
     model, x, y = small_model_and_batch(n=11)
     k = 7
     factors = gc.projection_factors(model, k, seed=3, device="cpu")
     names = ["net.1.weight", "net.4.bias", "net.7.weight", "net.7.bias"]  # a subset, in model order
-    images = x.squeeze(1).mul(50).add(100).clamp(0, 255).to(torch.uint8)  # collect() takes uint8 images and normalizes them
-    plan = gc.plan_arrays(model, names, "projection", k, scope)
-    gc.collect(model, images, y, tmp_path, plan, "float32", 4, factors)
-    want = loop_grads(model, gc.common.normalize(images), y)
-    if scope == "whole":
-        assert [a["name"] for a in plan] == ["all"]
-        flat = torch.cat([want[n].flatten(1) for n in names], 1)
-        expected = {"all": flat @ dense_projection(model, factors, names).T}
-    else:
-        # parameters with at most K values (net.7.bias: 3) are stored raw
-        kinds = {a["name"]: a["kind"] for a in plan}
-        assert kinds == {"net.1.weight": "projected", "net.4.bias": "projected", "net.7.weight": "projected", "net.7.bias": "raw"}
-        expected = {n: (want[n].flatten(1) @ dense_projection(model, factors, [n]).T if kinds[n] == "projected" else want[n]) for n in names}
-    for name, value in expected.items():
-        got = np.load(tmp_path / f"{name}.npy", mmap_mode="r")
-        assert got.shape == tuple(value.shape)
-        np.testing.assert_allclose(got, value.numpy(), atol=1e-5, rtol=1e-4)
+    a, b, _, _ = gc.layer_factors(model, x, y)
+    want = loop_grads(model, x, y)
+    flat = torch.cat([want[n].flatten(1) for n in names], 1)
+    got = gc.project(a, b, gc.factor_of(model), names, factors)
+    torch.testing.assert_close(got, flat @ dense_projection(model, factors, names).T, atol=1e-5, rtol=1e-4)
     # the same seed gives the same projection (every epoch), another seed another one
     again = gc.projection_factors(model, k, seed=3, device="cpu")
     other = gc.projection_factors(model, k, seed=4, device="cpu")
@@ -111,14 +97,16 @@ def test_npy_files_read_back_what_was_written(tmp_path, dtype):
     model, _, y = small_model_and_batch(n=12)
     images = torch.randint(0, 256, (12, 28, 28), dtype=torch.uint8)
     names = gc.param_names(model)
-    plan = gc.plan_arrays(model, names, "raw")
-    out = gc.collect(model, images, y, tmp_path, plan, dtype, 5, None)  # 5 + 5 + 2: a partial last batch
+    plan = gc.plan_arrays(model, names)
+    out = gc.collect(model, images, y, tmp_path, plan, dtype, 5)  # 5 + 5 + 2: a partial last batch
     want = loop_grads(model, gc.common.normalize(images), y)
-    for name in names:
-        got = np.load(tmp_path / f"{name}.npy", mmap_mode="r")
-        assert isinstance(got, np.memmap) and got.dtype == np.dtype(dtype) and got.shape == (12, *want[name].shape[1:])
-        np.testing.assert_allclose(got.astype(np.float32), want[name].numpy().astype(dtype).astype(np.float32),
-                                   atol=1e-5 if dtype == "float32" else 1e-3, rtol=1e-5 if dtype == "float32" else 1e-3)
+    a, b, _, _ = gc.layer_factors(model, gc.common.normalize(images), y)
+    for i, prefix in enumerate(("net.1", "net.4", "net.7")):
+        for name, value in ((f"a_{prefix}", a[i]), (f"b_{prefix}", b[i])):
+            got = np.load(tmp_path / f"{name}.npy", mmap_mode="r")
+            assert isinstance(got, np.memmap) and got.dtype == np.dtype(dtype) and got.shape == tuple(value.shape)
+            np.testing.assert_allclose(got.astype(np.float32), value.numpy().astype(dtype).astype(np.float32),
+                                       atol=1e-5 if dtype == "float32" else 1e-3, rtol=1e-5 if dtype == "float32" else 1e-3)
     norms = np.load(tmp_path / "norms.npy")
     expected = torch.stack([want[n].flatten(1).norm(dim=1) for n in names], 1).numpy()
     np.testing.assert_allclose(norms, expected, rtol=1e-4, atol=1e-6)
@@ -147,30 +135,12 @@ def test_kmeans_inertia_matches_scikit_learn():
     assert math.isclose(ours["inertia"], exact, rel_tol=1e-6)
 
 
-def test_wide_arrays_are_count_sketched_for_the_analysis(tmp_path):
-    x = np.random.default_rng(0).normal(size=(50, 300)).astype(np.float16)
-    np.save(tmp_path / "g.npy", x)
-    same, how = gc.load_array(tmp_path / "g.npy", 300, seed=1)
-    assert how is None and torch.equal(same, torch.from_numpy(x.astype(np.float32)))
-    sketch, how = gc.load_array(tmp_path / "g.npy", 40, seed=1)
-    assert sketch.shape == (50, 40) and "CountSketch" in how
-    g = torch.Generator().manual_seed(1)  # the sketch as a dense matrix: one +-1 per input coordinate
-    bucket = torch.randint(40, (300,), generator=g)
-    sign = torch.randint(0, 2, (300,), generator=g).float() * 2 - 1
-    dense = torch.zeros(300, 40)
-    dense[torch.arange(300), bucket] = sign
-    torch.testing.assert_close(sketch, torch.from_numpy(x.astype(np.float32)) @ dense, atol=1e-4, rtol=1e-5)
-
-
-def stored_epoch(tmp_path, model, images, y, store, epoch=1, k=None, scope="whole", batch=5, lr=0.5):
+def stored_epoch(tmp_path, model, images, y, epoch=1, batch=5, lr=0.5):
     """Collect into RUN/gradients/epoch_<n>/ with the metadata the reader needs; returns an Epoch."""
-    names = gc.param_names(model)
-    plan = gc.plan_arrays(model, names, store, k, scope)
+    plan = gc.plan_arrays(model, gc.param_names(model))
     edir = tmp_path / "gradients" / f"epoch_{epoch}"
-    factors = gc.projection_factors(model, k, 3, "cpu") if store == "projection" else None
-    gc.collect(model, images, y, edir, plan, "float32", batch, factors)
-    projection = {"dim": k, "scope": scope, "seed": 3} if store == "projection" else None
-    gc.common.write_json(edir / "metadata.json", gc.base_meta(model, plan, len(y), store, "float32", lr, projection))
+    gc.collect(model, images, y, edir, plan, "float32", batch)
+    gc.common.write_json(edir / "metadata.json", gc.base_meta(model, plan, len(y), "float32", lr))
     return gc.Epoch(tmp_path, epoch)
 
 
@@ -179,7 +149,7 @@ def test_reader_rebuilds_exact_gradients_and_their_dots_norms_projections(tmp_pa
     images = torch.randint(0, 256, (12, 28, 28), dtype=torch.uint8)
     want = loop_grads(model, gc.common.normalize(images), y)
     names = gc.param_names(model)
-    ep = stored_epoch(tmp_path, model, images, y, "factors")  # batches 5 + 5 + 2
+    ep = stored_epoch(tmp_path, model, images, y)  # batches 5 + 5 + 2
     assert sorted(p.name for p in ep.dir.glob("*.npy")) == ["a_net.1.npy", "a_net.4.npy", "a_net.7.npy", "b_net.1.npy",
                                                            "b_net.4.npy", "b_net.7.npy", "norms.npy"]
     for name in names:  # every parameter, rebuilt from a_i and b_i, equals the loop's gradient
@@ -195,46 +165,40 @@ def test_reader_rebuilds_exact_gradients_and_their_dots_norms_projections(tmp_pa
     unit = flat / flat.norm(dim=1, keepdim=True)
     torch.testing.assert_close(ep.cosine(i, j).double(), unit[i] @ unit[j].T, rtol=1e-4, atol=1e-5)
     torch.testing.assert_close(ep.norms().double(), flat.norm(dim=1), rtol=1e-5, atol=1e-7)
-    # the projection from factors equals the projection matrix times the rebuilt gradients, and what
-    # --store projection writes with the same seed
+    # the projection from factors equals the projection matrix times the rebuilt gradients
     k = 9
     dense = dense_projection(model, gc.projection_factors(model, k, 3, "cpu"), names)
     got = ep.project(None, k, seed=3, chunk=5)
     torch.testing.assert_close(got, (ep.flat() @ dense.T), atol=1e-5, rtol=1e-4)
-    proj = stored_epoch(tmp_path, model, images, y, "projection", epoch=2, k=k)
-    np.testing.assert_allclose(proj.array("all"), got.numpy(), atol=1e-5, rtol=1e-4)
-    # a raw run reads back the same gradients and dots through the same API
-    raw = stored_epoch(tmp_path, model, images, y, "raw", epoch=3)
-    torch.testing.assert_close(raw.grad("net.1.weight", [4]), want["net.1.weight"][[4]], atol=1e-5, rtol=0)
-    torch.testing.assert_close(raw.dot(i, j).double(), flat[i] @ flat[j].T, rtol=1e-4, atol=1e-6)
-    torch.testing.assert_close(raw.project([0, 5], k, seed=3), got[[0, 5]], atol=1e-5, rtol=1e-4)
+    torch.testing.assert_close(ep.project([0, 5], k, seed=3), got[[0, 5]], atol=1e-5, rtol=1e-4)
     # external factors (as influence uses them) against stored rows
     a, b, _, _ = gc.layer_factors(model, gc.common.normalize(images[[3]]), y[[3]])
     torch.testing.assert_close(ep.dot((a, b), None).double(), flat[[3]] @ flat.T, rtol=1e-4, atol=1e-6)
-    torch.testing.assert_close(raw.dot((a, b), None).double(), flat[[3]] @ flat.T, rtol=1e-4, atol=1e-6)
-    assert gc.stored_epochs(tmp_path) == [1, 2, 3]
+    stored_epoch(tmp_path, model, images, y, epoch=3)
+    assert gc.stored_epochs(tmp_path) == [1, 3]
 
 
-def test_default_store_fits_the_disk_budget_and_raw_does_not(tmp_path):
+def test_default_store_fits_the_disk_budget_and_a_smaller_budget_does_not(tmp_path):
     model = MLP([512], 10)  # the default model, all digits: 54,000 training samples, 5 epochs collected
     names = gc.param_names(model)
-    plan = gc.plan_arrays(model, names, "factors")
+    plan = gc.plan_arrays(model, names)
     assert [(a["name"], a["shape"]) for a in plan] == [("a_net.1", [784]), ("b_net.1", [512]), ("a_net.3", [512]), ("b_net.3", [10])]
     total = gc.check_size(model, plan, 54000, "float32", 5, 4.0, tmp_path)
     assert 1.9e9 < total < 2.1e9  # 1,818 floats + 4 norms per sample and epoch, plus the weights
-    with pytest.raises(gc.common.UserError, match="--store factors"):
-        gc.check_size(model, gc.plan_arrays(model, names, "raw"), 54000, "float32", 5, 4.0, tmp_path)
+    with pytest.raises(gc.common.UserError, match="--params"):
+        gc.check_size(model, plan, 54000, "float32", 5, 1.0, tmp_path)
+    assert [a["name"] for a in gc.plan_arrays(model, ["net.3.bias"])] == ["b_net.3"]  # a bias needs only b
 
 
 def test_size_guard_stops_before_training(tiny_mnist, tmp_path):
-    # raw gradients of the whole 784-512-10 model for 540 samples and 5 epochs: about 4.4 GB
-    proc = run_cli("grad_collect.py", "--data-dir", tiny_mnist, "--out-dir", tmp_path, "--store", "raw", "--device", "cpu", "--quiet", env=ONE_THREAD)
-    assert_user_error(proc, "4.40 GB", "--max-gb 4", "--store factors", "--params", "--dtype float16")
+    # the factors of the 784-512-10 model for 540 samples and 5 epochs: about 0.03 GB
+    proc = run_cli("grad_collect.py", "--data-dir", tiny_mnist, "--out-dir", tmp_path, "--max-gb", "0.01", "--device", "cpu", "--quiet", env=ONE_THREAD)
+    assert_user_error(proc, "0.03 GB", "--max-gb 0.01", "--params", "--dtype float16")
     assert not (tmp_path / "grad_collect").exists() or not any((tmp_path / "grad_collect").iterdir())
 
 
 def check_run(run_dir, epochs, params, digits, analyzed, trained=True):
-    for name in ("config.json", "metrics.json", "analysis.json", "self_influence_top.png") + (("best.pt", "last.pt", "training_curves.png") if trained else ()):
+    for name in ("config.json", "metrics.json", "analysis.json") + (("best.pt", "last.pt", "training_curves.png") if trained else ()):
         assert (run_dir / name).is_file(), name
     analysis = json.loads((run_dir / "analysis.json").read_text())
     shown = analysis["headline"]["array"]
@@ -306,31 +270,7 @@ def test_end_to_end_factors_both_views_and_influence(digits012_run, tiny_mnist, 
     config, epochs = json.loads((run_dir / "config.json").read_text()), json.loads((run_dir / "metrics.json").read_text())["epochs"]
     steps = math.ceil(config["n_train"] / config["batch_size"])  # train_mlp's loop records per-step values
     assert [len(e["step_loss"]) for e in epochs] == [steps, steps] and "collect_time_s" in epochs[0]
-    # self-influence: the top 25 in the figure and json are the 25 highest of self_influence.npy
-    si = np.load(run_dir / "self_influence.npy")
-    top = analysis["self_influence"]["top"]
-    assert len(top) == 25 and [t["row"] for t in top] == list(np.argsort(-si)[:25])
-    # how many of them the final model gets wrong, recomputed here from best.pt and the run's split; the trained model
-    # makes no mistakes on these easy digits, so a copy of the run gets an untrained best.pt that makes many
-    import common
-
-    config = json.loads((run_dir / "config.json").read_text())
-    data = common.load_mnist(tiny_mnist, "cpu", config["digits"], config["val_fraction"], config["limit"], config["seed"])
-    label, rows = data.train_y.numpy(), np.argsort(-si)[:25]
-    copy = tmp_path / "run"
-    shutil.copytree(run_dir, copy)
-    torch.manual_seed(1)
-    untrained = MLP(config["hidden"], config["num_classes"], config["dropout"]).eval()
-    torch.save({"model": untrained.state_dict(), "epoch": 0, "score": None}, copy / "best.pt")
-    for folder, summary in ((run_dir, analysis["self_influence"]), (copy, gc.self_influence_report(copy, SimpleNamespace(data_dir=tiny_mnist), "cpu"))):
-        model = MLP(config["hidden"], config["num_classes"], config["dropout"]).eval()
-        model.load_state_dict(common.load_checkpoint(folder / "best.pt")["model"])
-        with torch.no_grad():
-            wrong = model(common.normalize(data.train_x)).argmax(1).numpy() != label
-        assert summary["misclassified_in_top"] == int(wrong[rows].sum()) and (folder == run_dir or 0 < wrong[rows].sum() < 25)
-        assert summary["base_rate_misclassified"] == pytest.approx(float(wrong.mean()), abs=1e-12)
-        assert [t["row"] for t in summary["top"]] == list(rows)
-        assert [t["prediction"] != t["label"] for t in summary["top"]] == list(wrong[rows])
+    si = gc.self_influence(run_dir)  # sum_e lr_e ||g||^2 of every training row
     # influence: files for each test index; a training sample's influence on itself is its self-influence
     report = json.loads((run_dir / "influence.json").read_text())
     assert report["test_indices"] == [0, 5]
@@ -372,27 +312,26 @@ def test_truncated_npy_is_one_clear_line(digits012_run, tiny_mnist, tmp_path):
     assert path.is_file() and (copy / "analysis.json").is_file()  # nothing already written is lost
 
 
-def test_from_train_mlp_run_raw_last_layer_with_other_digits(tiny_mnist, tmp_path):
-    proc = run_cli("train_mlp.py", "--data-dir", tiny_mnist, "--out-dir", tmp_path, "--digits", "3,5", "--epochs", "1",
-                   "--hidden", "32", "--device", "cpu", "--quiet", env=ONE_THREAD)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    (src,) = (tmp_path / "train_mlp").iterdir()
-    proc = run_cli("grad_collect.py", "--from-run", src, "--data-dir", tiny_mnist, "--out-dir", tmp_path, "--store", "raw",
-                   "--params", "net.3.weight,net.3.bias", "--dtype", "float16", "--tsne-samples", "40", "--device", "cpu", "--quiet", env=ONE_THREAD)
+def test_last_layer_only_in_float16_with_other_digits(tiny_mnist, tmp_path):
+    proc = run_cli("grad_collect.py", "--data-dir", tiny_mnist, "--out-dir", tmp_path, "--digits", "3,5", "--epochs", "1",
+                   "--hidden", "32", "--params", "net.3.weight,net.3.bias", "--dtype", "float16", "--tsne-samples", "40",
+                   "--device", "cpu", "--quiet", env=ONE_THREAD)
     assert proc.returncode == 0, proc.stderr[-3000:]
     (run_dir,) = (tmp_path / "grad_collect").iterdir()
-    check_run(run_dir, [1], ["net.3.weight", "net.3.bias"], [3, 5], analyzed=[1], trained=False)
-    # raw last-layer gradients, read back, equal those recomputed from the source run's best.pt
+    check_run(run_dir, [1], ["net.3.weight", "net.3.bias"], [3, 5], analyzed=[1])
+    # last-layer gradients, rebuilt from float16 factors, equal those recomputed from the collected weights
     import common
 
-    config = json.loads((src / "config.json").read_text())
+    config = json.loads((run_dir / "config.json").read_text())
     model = MLP(config["hidden"], 2, 0.0)
-    model.load_state_dict(common.load_checkpoint(src / "best.pt")["model"])
-    data = common.load_mnist(tiny_mnist, "cpu", "3,5", config["val_fraction"], None, config["seed"])
     ep = gc.Epoch(run_dir)
-    assert ep.meta["sample_index"] == data.train_index.tolist() and ep.store == "raw" and ep.params == ["net.3.weight", "net.3.bias"]
+    model.load_state_dict(common.load_checkpoint(ep.dir / "weights.pt"))
+    data = common.load_mnist(tiny_mnist, "cpu", "3,5", config["val_fraction"], None, config["seed"])
+    assert ep.meta["sample_index"] == data.train_index.tolist() and ep.params == ["net.3.weight", "net.3.bias"]
+    assert set(ep.meta["arrays"]) == {"a_net.3", "b_net.3"}
     want = gc.per_sample_grads(model.eval(), common.normalize(data.train_x), data.train_y, ["net.3.weight"])["net.3.weight"]
-    np.testing.assert_allclose(ep.grad("net.3.weight").numpy(), want.numpy().astype(np.float16).astype(np.float32), rtol=1e-3, atol=1e-4)
+    np.testing.assert_allclose(ep.grad("net.3.weight").numpy(), want.numpy(), rtol=2e-2, atol=2e-4)
+
 
 
 def test_factors_stay_exact_fp32_when_the_training_steps_run_in_bf16(tiny_mnist, tmp_path):

@@ -1,10 +1,11 @@
-"""--label-noise and grad_collect's mislabeled-data section on small synthetic data: the flipped rows are recorded exactly
-and only in the training split; the ranking scores (AUC, found after inspecting) of perfect and reversed rankings; on an
-easy synthetic problem the default gradient ranking finds most flipped rows, beside the loss and cleanlab; the audit."""
+"""--label-noise, the predictions every training script records and label_audit.py, on small synthetic data: the flipped
+rows are exactly the recorded ones and only in the training split; the ranking scores of perfect and reversed rankings;
+the recorded probabilities equal a recomputation from the checkpoint, also across a kill and resume; a ranking of a
+killed and resumed run equals the uninterrupted run's; train_cnn's flipped rows are found; a grad_collect run gets
+TracIn, cleanlab and a test audit whose TracIn score is recomputed here. (A copied script's audit: tests/test_copy.py.)"""
 
 import csv
 import json
-from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -12,7 +13,7 @@ import torch
 
 import common
 import grad_collect as gc
-import train_mlp
+import label_audit
 from conftest import assert_user_error, run_cli
 
 ONE_THREAD = {"OMP_NUM_THREADS": "1"}
@@ -27,9 +28,6 @@ def test_label_noise_flips_only_training_rows_and_records_them(tiny_mnist):
     changed = torch.nonzero(noisy.train_y != clean.train_y).squeeze(1)
     assert torch.equal(changed, noisy.flipped) and len(changed) == round(0.2 * 540)
     assert torch.equal(noisy.original_y, clean.train_y[noisy.flipped])
-    record = train_mlp.label_noise_record(noisy)
-    assert record["rows"] == changed.tolist() and record["original_label"] == clean.train_y[changed].tolist()
-    assert record["given_label"] == noisy.train_y[changed].tolist() and record["sample_index"] == clean.train_index[changed].tolist()
     assert noisy.describe()["n_flipped"] == 108 and noisy.describe()["label_noise_seed"] == common.seed_for(3, "label_noise")
     # seeded: the same seed the same rows and labels, another seed other rows
     assert torch.equal(common.load_mnist(tiny_mnist, "cpu", val_fraction=0.1, seed=3, label_noise=0.2).train_y, noisy.train_y)
@@ -48,95 +46,121 @@ def test_perfect_ranking_scores_one_reversed_zero():
     flipped = rng.choice(1000, 100, replace=False)
     perfect = np.zeros(1000)
     perfect[flipped] = 1 + rng.random(100)
-    good = gc.score_ranking(perfect, flipped)
+    good = label_audit.score_ranking(perfect, flipped)
     assert good["auc"] == 1.0 and good["found"] == {"0.01": 0.1, "0.05": 0.5, "0.1": 1.0, "0.2": 1.0}
-    bad = gc.score_ranking(-perfect, flipped)
+    bad = label_audit.score_ranking(-perfect, flipped)
     assert bad["auc"] == 0.0 and bad["found"] == {"0.01": 0.0, "0.05": 0.0, "0.1": 0.0, "0.2": 0.0}
-    assert abs(gc.score_ranking(rng.random(1000), flipped)["auc"] - 0.5) < 0.1
-    assert gc.score_ranking(np.ones(1000), flipped)["auc"] == 0.5  # ties count half
+    assert abs(label_audit.score_ranking(rng.random(1000), flipped)["auc"] - 0.5) < 0.1
+    assert label_audit.score_ranking(np.ones(1000), flipped)["auc"] == 0.5  # ties count half
     assert len(good["curve"]) == 60 and good["curve"][19] == 1.0  # found after inspecting 0.5%, 1%, ..., 30%
 
 
-def test_collect_epochs_and_checkpoint_weights(tmp_path):
-    args = SimpleNamespace(collect_epochs="1-3,5", every_epoch=True, epochs=8)
-    assert gc.collect_schedule(args) == [1, 2, 3, 5, 8]
-    assert gc.collect_schedule(SimpleNamespace(collect_epochs=None, every_epoch=False, epochs=8)) == [8]
-    for text in ("0-2", "9", "a"):
-        with pytest.raises(common.UserError, match="--collect-epochs"):
-            gc.collect_schedule(SimpleNamespace(collect_epochs=text, every_epoch=True, epochs=8))
-    # 'excess' weights: max(0, training error on the given labels / validation error - 1), from metadata and metrics
-    for epoch, (wrong, val_acc) in enumerate([(30, 0.9), (15, 0.9), (5, 0.9)], 1):
-        folder = tmp_path / "gradients" / f"epoch_{epoch}"
-        folder.mkdir(parents=True)
-        common.write_json(folder / "metadata.json", {"n_samples": 100, "lr": 0.1 * epoch, "parameter_shapes": {}, "arrays": {},
-                                                     "prediction": [1] * wrong + [0] * (100 - wrong), "label": [0] * 100})
-    common.write_json(tmp_path / "metrics.json", {"epochs": [{"epoch": e, "val_acc": 0.9} for e in (1, 2, 3)]})
-    common.write_json(tmp_path / "config.json", {"n_val": 100})  # the validation error counted with one more mistake: 0.11
-    w = gc.checkpoint_weights(tmp_path, [1, 2, 3])
-    assert w["excess"] == pytest.approx({1: 0.30 / 0.11 - 1, 2: 0.15 / 0.11 - 1, 3: 0.0}) and w["lr"] == pytest.approx({1: 0.1, 2: 0.2, 3: 0.3})
-    assert w["final"] == {1: 0.0, 2: 0.0, 3: 1.0} and not w["excess_fell_back_to_lr"]
-    common.write_json(tmp_path / "metrics.json", {"epochs": [{"epoch": e, "val_acc": 0.7} for e in (1, 2, 3)]})
-    assert gc.checkpoint_weights(tmp_path, [1, 2, 3])["excess_fell_back_to_lr"]  # no checkpoint fits worse than val: lr
-
-
-@pytest.fixture(scope="module")
-def noisy_run(tiny_mnist, tmp_path_factory):
-    out = tmp_path_factory.mktemp("mislabel_runs")
-    proc = run_cli("grad_collect.py", "--data-dir", tiny_mnist, "--out-dir", out, "--label-noise", "0.1", "--epochs", "4",
-                   "--hidden", "64", "--analysis-dim", "32", "--tsne-samples", "40", "--compare-cleanlab", "--cleanlab-folds", "2",
-                   "--audit", "test", "--device", "cpu", "--quiet", env=ONE_THREAD)
+def audit(run_dir, out, *extra):
+    proc = run_cli("label_audit.py", run_dir, "--out-dir", out, "--device", "cpu", "--quiet", *extra, env=ONE_THREAD)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    (run_dir,) = (out / "grad_collect").iterdir()
-    return proc, run_dir
+    audit_dir = sorted((out / "label_audit").iterdir())[-1]
+    return proc, audit_dir
 
 
-def test_easy_synthetic_noise_default_ranking_finds_most_flipped_rows(noisy_run, tiny_mnist):
-    proc, run_dir = noisy_run
-    config = json.loads((run_dir / "config.json").read_text())
-    noise = json.loads((run_dir / "label_noise.json").read_text())
-    assert config["label_noise"] == 0.1 and config["label_noise_seed"] == common.seed_for(0, "label_noise") and config["n_flipped"] == 54
-    data = common.load_mnist(tiny_mnist, "cpu", None, 0.1, None, 0, 0.1)
-    assert noise["rows"] == data.flipped.tolist() and noise["original_label"] == data.original_y.tolist()
-    meta = gc.Epoch(run_dir).meta  # the stored labels are the flipped ones
-    assert [meta["label"][i] for i in noise["rows"]] == noise["given_label"] != noise["original_label"]
-    report = json.loads((run_dir / "mislabel.json").read_text())
-    assert report["default"] == gc.DEFAULT_RANKING and report["flipped"] == 54
-    assert set(report["results"]) == set(gc.RANKINGS) | {"loss", "cleanlab"}
-    default = report["results"][gc.DEFAULT_RANKING]
-    assert default["found"]["0.1"] >= 0.8 and default["auc"] >= 0.95, default["found"]
-    assert "after inspecting 1% / 5% / 10% / 20%" in proc.stdout and "cleanlab (2-fold)" in proc.stdout
-    for name in ("mislabel_found.png", "mislabel_top.png", "audit_test_top.png"):
-        assert (run_dir / name).stat().st_size > 5_000, name
-    # suspects.csv: every training row once, most suspect first by the default ranking's score
-    with open(run_dir / "suspects.csv") as f:
+def recorded(run_dir, epoch):
+    with np.load(run_dir / "predictions" / f"epoch_{epoch}.npz") as f:
+        return {k: f[k] for k in f.files}
+
+
+def test_recorded_predictions_equal_a_recomputation_from_the_checkpoint(tiny_mnist, tmp_path):
+    """One step per epoch (the batch is the whole split): epoch 2's step sees every row with the weights of epoch 1's
+    last.pt, so its recorded probabilities are that checkpoint's softmax over the training rows; the run is killed
+    right after epoch 1's checkpoint and resumed, so the epoch is recorded by a resumed process."""
+    args = ["--data-dir", tiny_mnist, "--out-dir", tmp_path, "--epochs", 2, "--batch-size", 1000, "--label-noise", 0.1,
+            "--device", "cpu", "--quiet"]
+    killed = run_cli("train_mlp.py", *args, env={**ONE_THREAD, "RUN_TEST_KILL_AT": "checkpoint:1"})
+    assert killed.returncode == -9, killed.stderr
+    (run_dir,) = (tmp_path / "train_mlp").iterdir()
+    model, config, _ = common.load_run_model(run_dir, "last.pt")
+    resumed = run_cli("train_mlp.py", "--resume", run_dir, "--quiet", env=ONE_THREAD)
+    assert resumed.returncode == 0, resumed.stderr
+    data = common.load_mnist(tiny_mnist, "cpu", None, config["val_fraction"], None, config["seed"], config["label_noise"])
+    with torch.no_grad():
+        want = model(common.normalize(data.train_x)).softmax(1).numpy()
+    got = recorded(run_dir, 2)
+    assert got["probs"].dtype == np.float16 and got["probs"].shape == (540, 10) and got["seen"].all()
+    assert np.array_equal(got["sample_index"], data.train_index.numpy()) and np.array_equal(got["label"], data.train_y.numpy())
+    assert np.abs(got["probs"].astype(np.float32) - want).max() < 2e-3  # float16 rounding
+    assert sorted(p.name for p in (run_dir / "predictions").iterdir()) == ["epoch_1.npz", "epoch_2.npz"]  # no .tmp left
+
+
+def test_a_killed_and_resumed_run_ranks_as_the_uninterrupted_one(tiny_mnist, tmp_path):
+    args = ["--data-dir", tiny_mnist, "--epochs", 3, "--batch-size", 64, "--label-noise", 0.2, "--device", "cpu", "--quiet"]
+    whole = run_cli("train_mlp.py", *args, "--out-dir", tmp_path / "a", env=ONE_THREAD)
+    assert whole.returncode == 0, whole.stderr
+    killed = run_cli("train_mlp.py", *args, "--out-dir", tmp_path / "b", env={**ONE_THREAD, "RUN_TEST_KILL_AT": "batch:13"})
+    assert killed.returncode == -9  # in epoch 2 (9 batches an epoch), mid-epoch
+    (run_b,) = (tmp_path / "b" / "train_mlp").iterdir()
+    assert sorted(p.name for p in (run_b / "predictions").iterdir()) == ["epoch_1.npz"]
+    resumed = run_cli("train_mlp.py", "--resume", run_b, "--quiet", env=ONE_THREAD)
+    assert resumed.returncode == 0, resumed.stderr
+    (run_a,) = (tmp_path / "a" / "train_mlp").iterdir()
+    for epoch in (1, 2, 3):
+        a, b = recorded(run_a, epoch), recorded(run_b, epoch)
+        assert all(np.array_equal(a[k], b[k]) for k in a), epoch
+    _, audit_a = audit(run_a, tmp_path / "audits")
+    _, audit_b = audit(run_b, tmp_path / "audits")
+    assert (audit_a / "suspects.csv").read_text() == (audit_b / "suspects.csv").read_text()
+    ra, rb = (json.loads((d / "mislabel.json").read_text()) for d in (audit_a, audit_b))
+    assert ra["results"] == rb["results"] and ra["flipped"] == 108
+
+
+def test_train_cnn_with_injected_noise_gets_its_flipped_rows_found(tiny_mnist, tmp_path):
+    trained = run_cli("train_cnn.py", "--data-dir", tiny_mnist, "--out-dir", tmp_path, "--epochs", 3, "--batch-size", 32,
+                      "--label-noise", 0.1, "--device", "cpu", "--quiet", env=ONE_THREAD)
+    assert trained.returncode == 0, trained.stderr
+    (run_dir,) = (tmp_path / "train_cnn").iterdir()
+    proc, audit_dir = audit(run_dir, tmp_path, "--audit", "test")
+    report = json.loads((audit_dir / "mislabel.json").read_text())
+    assert report["flipped"] == 54 and set(report["results"]) == {"default", "loss"}
+    assert report["results"]["default"]["found"]["0.1"] >= 0.8 and report["results"]["default"]["auc"] >= 0.95, report["results"]
+    assert "after inspecting 1% / 5% / 10% / 20%" in proc.stdout
+    for name in ("mislabel_found.png", "suspects_top.png", "audit_test_top.png"):
+        assert (audit_dir / name).stat().st_size > 5_000, name
+    with open(audit_dir / "suspects.csv") as f:  # every training row once, most suspect first by the default ranking
         rows = list(csv.DictReader(f))
-    assert len(rows) == meta["n_samples"] and sorted(int(r["row"]) for r in rows) == list(range(meta["n_samples"]))
-    scores = [float(r[gc.DEFAULT_RANKING]) for r in rows]
-    assert scores == sorted(scores, reverse=True)
-    assert sum(r["label"] != r["original_label"] for r in rows) == 54
-    # the audit ranks every test image; its TracIn scores are sum_e lr_e ||g||^2 recomputed here from the checkpoints
-    audit = json.loads((run_dir / "audit_test.json").read_text())
-    assert audit["n"] == 200 and len(audit["top"]) == 25
+    assert sorted(int(r["row"]) for r in rows) == list(range(540))
+    scores = [float(r["default"]) for r in rows]
+    assert scores == sorted(scores, reverse=True) and sum(r["label"] != r["original_label"] for r in rows) == 54
+    test_audit = json.loads((audit_dir / "audit_test.json").read_text())
+    assert test_audit["n"] == 200 and len(test_audit["top"]) == 25
+    config = json.loads((audit_dir / "config.json").read_text())
+    assert config["audited_run"] == str(run_dir) and config["audited_script"] == "train_cnn"
+
+
+def test_grad_collect_run_tracin_cleanlab_and_test_audit(tiny_mnist, tmp_path):
+    proc = run_cli("grad_collect.py", "--data-dir", tiny_mnist, "--out-dir", tmp_path, "--label-noise", "0.1", "--epochs", "3",
+                   "--hidden", "64", "--no-analysis", "--device", "cpu", "--quiet", env=ONE_THREAD)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    (run_dir,) = (tmp_path / "grad_collect").iterdir()
+    assert not (run_dir / "mislabel.json").exists()  # grad_collect ranks nothing by itself
+    _, audit_dir = audit(run_dir, tmp_path, "--compare-cleanlab", "--cleanlab-folds", 2, "--audit", "test")
+    report = json.loads((audit_dir / "mislabel.json").read_text())
+    assert set(report["results"]) == {"default", "tracin", "loss", "cleanlab"} and report["cleanlab"]["folds"] == 2
+    assert report["results"]["default"]["found"]["0.1"] >= 0.8, report["results"]
+    # the audit's TracIn score of its top test image: sum_e lr_e ||g||^2, recomputed with autograd at each checkpoint
+    test_audit = json.loads((audit_dir / "audit_test.json").read_text())
     _, data, model = gc.run_model_and_data(run_dir, tiny_mnist, "cpu")
-    i = audit["top"][0]["index"]
+    i = test_audit["top"][0]["index"]
     want = 0.0
     for epoch in gc.stored_epochs(run_dir):
         ep = gc.Epoch(run_dir, epoch)
         model.load_state_dict(common.load_checkpoint(ep.dir / "weights.pt"))
         g = gc.per_sample_grads(model.eval(), common.normalize(data.test_x[i:i + 1]), data.test_y[i:i + 1])
         want += ep.lr * sum(float(v.square().sum()) for v in g.values())
-    assert audit["top"][0]["all@lr"] == pytest.approx(want, rel=1e-4)
+    assert test_audit["top"][0]["tracin"] == pytest.approx(want, rel=1e-4)
 
 
-def test_bad_mislabel_options_are_one_line(tiny_mnist, tmp_path):
-    proc = run_cli("train_mlp.py", "--data-dir", tiny_mnist, "--out-dir", tmp_path, "--label-noise", "1.5", "--quiet", env=ONE_THREAD)
-    assert_user_error(proc, "--label-noise 1.5", "[0, 1)")
-    assert not (tmp_path / "train_mlp").exists() or not any((tmp_path / "train_mlp").iterdir())
-    assert_user_error(run_cli("grad_collect.py", "--rank-by", "nope@lr", env=ONE_THREAD), "--rank-by nope@lr", gc.DEFAULT_RANKING)
-    good = dict(clusters=None, kmeans_init=1, tsne_samples=1000, perplexity=30.0, analysis_epochs="last", analysis_dim=256,
-                influence=None, analysis=True, analyze=None, audit=None, rank_by=gc.DEFAULT_RANKING, cleanlab_folds=5)
-    gc.check_analysis_options(SimpleNamespace(**good))
-    for change, words in (({"audit": "train"}, "--audit train"), ({"cleanlab_folds": 1}, "--cleanlab-folds 1"),
-                          ({"audit": "test", "analysis": False}, "--audit needs the analysis")):
-        with pytest.raises(common.UserError, match=words):
-            gc.check_analysis_options(SimpleNamespace(**{**good, **change}))
+def test_bad_options_are_one_line(tiny_mnist, tmp_path):
+    for script in ("train_mlp.py", "train_cnn.py", "train_glonet.py"):
+        proc = run_cli(script, "--data-dir", tiny_mnist, "--out-dir", tmp_path, "--label-noise", "1.5", "--quiet", env=ONE_THREAD)
+        assert_user_error(proc, "--label-noise 1.5", "[0, 1)")
+    assert not any(p.iterdir() for p in tmp_path.iterdir() if p.is_dir())
+    assert_user_error(run_cli("label_audit.py", tmp_path / "nope", "--out-dir", tmp_path, env=ONE_THREAD), "nope", "no such run directory")
+    assert_user_error(run_cli("label_audit.py", tmp_path, "--audit", "train", "--out-dir", tmp_path, env=ONE_THREAD), "--audit train")
+    assert_user_error(run_cli("label_audit.py", tmp_path, "--cleanlab-folds", 1, "--out-dir", tmp_path, env=ONE_THREAD), "--cleanlab-folds 1")

@@ -1,0 +1,92 @@
+"""bench_record.py: what recording the training rows' predictions (common.Predictions: one scatter a step on the
+device, one float16 copy and an atomic .npz write an epoch) costs train_mlp and train_cnn, side by side in one process.
+
+    OMP_NUM_THREADS=1 python benchmarks/bench_record.py --data-dir ../shared/data
+
+For each script, --repeats rounds of one training epoch without recording, then one with recording (record() every
+step + save() at the end), alternating so that the machine's load falls on both alike; prints the median epoch times,
+their ratio (noisy on a shared machine), the median save() time and the file's size; then the added work alone: one
+epoch's record() calls (each step's rows and a batch of logits, as the step passes them) timed by themselves, plus
+save(), against the median epoch without recording.
+"""
+
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Annotated
+
+import torch
+import typer
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+import common  # noqa: E402
+import train_cnn  # noqa: E402
+import train_mlp  # noqa: E402
+
+app = typer.Typer(add_completion=False, pretty_exceptions_enable=False)
+
+
+model_batches = {}
+
+
+def setups(data):
+    """(name, model, optimizer, batches, epoch(predictions)) for each script, with its default options."""
+    device = data.train_y.device
+    torch.manual_seed(0)
+    mlp = train_mlp.MLP([512], 10).to(device)
+    mlp_opt = train_mlp.make_optimizer(mlp, "adam", 1e-3, 1e-4, 0.9)
+    mlp_batches = model_batches["train_mlp"] = common.Batches(data.train_x, data.train_y, 64, shuffle=True, seed=0)
+    yield "train_mlp", lambda p: train_mlp.train_epoch(mlp, mlp_batches, mlp_opt, lambda s: 1e-3, 0, True, p)
+    cnn = train_cnn.CNN("fast", 10).to(device, memory_format=train_cnn.memory_format(device))
+    cnn_opt = train_cnn.make_optimizer("adam", cnn, 1e-2, 0.9, 0.0)
+    precision, _ = train_cnn.pick_precision("auto", device)
+    cnn_batches = model_batches["train_cnn"] = common.Batches(data.train_x, data.train_y, 256, shuffle=True, seed=0, transform=train_cnn.make_transform(device, False))
+    yield "train_cnn", lambda p: train_cnn.train_epoch(cnn, cnn_batches, cnn_opt, lambda s: (1e-3, None), 0, precision, 0.1, True, p)
+
+
+@app.command()
+def main(data_dir: Annotated[Path, typer.Option(envvar="DATA_DIR")] = Path("./data"),
+         repeats: Annotated[int, typer.Option(help="Epochs of each kind per script.")] = 3):
+    device = common.pick_device("auto")
+    data = common.load_mnist(data_dir, device, val_fraction=0.1, seed=0)
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} thread(s), device {device}, {len(data.train_y):,} training rows")
+    with tempfile.TemporaryDirectory() as tmp:
+        for name, epoch in setups(data):
+            predictions = common.Predictions(data.train_y, data.num_classes, data.train_index)
+            plain, recorded, saves = [], [], []
+            epoch(None)  # warm-up
+            for _ in range(repeats):
+                t0 = time.perf_counter()
+                epoch(None)
+                plain.append(time.perf_counter() - t0)
+                t0 = time.perf_counter()
+                epoch(predictions)
+                t1 = time.perf_counter()
+                predictions.save(tmp, 1)
+                saves.append(time.perf_counter() - t1)
+                recorded.append(time.perf_counter() - t0)
+            size = (Path(tmp) / "predictions" / "epoch_1.npz").stat().st_size
+            batches = model_batches[name]
+            logits = torch.randn(batches.batch_size, data.num_classes, device=device)
+            alone = []
+            for _ in range(5):
+                t0 = time.perf_counter()
+                for i in range(len(batches)):
+                    rows = batches.rows(i)
+                    predictions.record(rows, logits[:len(rows)])
+                predictions.probs.sum().item()  # waits for the device
+                alone.append(time.perf_counter() - t0)
+            p, r, s = statistics.median(plain), statistics.median(recorded), statistics.median(saves)
+            print(f"{name}: epoch {p:.2f} s without recording, {r:.2f} s with (record + save) -> {r / p:.3f}x "
+                  f"({(r - p) / p:+.1%}); save {s * 1000:.0f} ms ({s / p:.2%} of an epoch); {size / 1e6:.2f} MB an epoch | "
+                  f"all: without {[round(x, 2) for x in plain]}, with {[round(x, 2) for x in recorded]}", flush=True)
+            a = statistics.median(alone)
+            print(f"{name}: the added work alone: {len(batches)} record() calls {a * 1000:.0f} ms + save {s * 1000:.0f} ms = "
+                  f"{(a + s) / p:.2%} of the median epoch without recording", flush=True)
+
+
+if __name__ == "__main__":
+    app()
