@@ -15,7 +15,7 @@ A training script's run, in outline:
             stop = run.early_stop(val_loss, args.patience, args.min_delta)
             run.save_last(record)                                    # last.pt, then metrics.json
             if stop: break
-    run.finish(final, result)                                        # metrics.json final + results.jsonl
+    run.finish(final, result, summary=line)                          # metrics.json, results.jsonl, the last line
 
 Errors the user can fix are raised as `UserError("what is wrong: what to do")`; `common.main(app)` turns them
 (and Typer's own option errors) into one line on stderr and exit code 2.

@@ -787,6 +787,7 @@ def main(
     patience: Annotated[Optional[int], typer.Option(help="Early stopping patience in epochs (off unless given).")] = None,
     min_delta: Annotated[float, typer.Option(help="Smallest val-loss decrease that counts as improvement.")] = 0.0,
     label_noise: common.LabelNoise = 0.0,
+    precision: common.PrecisionOption = "auto",
     every_epoch: Annotated[bool, typer.Option(help="Collect at the end of every epoch (else once, after the last).")] = True,
     collect_epochs: Annotated[Optional[str], typer.Option(help="Collect only after these epochs, e.g. 1-10,20 (the last is always "
                                                                "added): a long run within --max-gb.")] = None,

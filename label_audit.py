@@ -355,10 +355,10 @@ def main(
     if args.audit:
         a = audit_report(run, audited, model, config, data, args.top)
         final["audit"] = {k: a[k] for k in ("split", "n", "top_misclassified", "misclassified", "top_shared_with_loss")}
-    run.finish(final, result)
     head = report["results"][report["order"]]["found"]["0.1"] if "results" in report else None
-    print(f"run {run.dir} | " + (f"{LABELS[report['order']]} finds {head:.1%} of the flipped rows after inspecting 10%"
-                                 if head is not None else f"training rows ranked by {LABELS[report['order']]}: suspects.csv"))
+    run.finish(final, result, summary=f"run {run.dir} | " + (
+        f"{LABELS[report['order']]} finds {head:.1%} of the flipped rows after inspecting 10%" if head is not None
+        else f"training rows ranked by {LABELS[report['order']]}: suspects.csv"))
 
 
 if __name__ == "__main__":
