@@ -6,7 +6,8 @@ glonet: the head reads the SUM of all hidden outputs (Dense -> ReLU each); mlp: 
 pre-activation residual blocks h + W relu(LayerNorm(h)). Defaults: the source's setting (pixels in [0, 1], Flax's
 LeCun-normal init, all 60,000 training images, test accuracy after every epoch, Adam, batch 256, 10 epochs) at
 lr 1e-3 with a per-step cosine decay; docs/train_glonet.md has the depth table and why these defaults.
-    python train_glonet.py --layers 50                   # GloNet: expect ~98% (98.2-98.4% at depths 6-200)
+    python train_glonet.py --layers 50                   # GloNet: expect ~98% (98.2-98.4% at depths 6-200); bf16
+                                                         # autocast where native (--precision auto): 94 s vs 122 s fp32
     python train_glonet.py --model mlp --layers 50       # the plain MLP at that depth: chance (11.35%)
     for d in 6 10 24 50 100 200; do python train_glonet.py --layers $d; python train_glonet.py --model mlp --layers $d; done
 Per hidden layer and epoch, on the test set: output_l1 (mean L1 norm of what it adds to the head's input),
