@@ -723,9 +723,11 @@ def influence(run_dir, images: torch.Tensor, labels: torch.Tensor, model) -> np.
     return total
 
 
-def parse_indices(text: str, n: int) -> list[int]:
+def parse_indices(values, n: int) -> list[int]:
+    parts = common.split_values(values)
+    text = ",".join(parts)
     try:
-        out = [int(t) for t in text.split(",") if t.strip()]
+        out = [int(t) for t in parts]
     except ValueError:
         raise common.UserError(f"--influence {text}: give test-set indices separated by commas, e.g. 0,1,2") from None
     common.check(out and all(0 <= i < n for i in out), f"--influence {text}: indices must be in 0..{n - 1} (the run's test split)")
@@ -789,14 +791,16 @@ def main(
     label_noise: common.LabelNoise = 0.0,
     precision: common.PrecisionOption = "auto",
     every_epoch: Annotated[bool, typer.Option(help="Collect at the end of every epoch (else once, after the last).")] = True,
-    collect_epochs: Annotated[Optional[str], typer.Option(help="Collect only after these epochs, e.g. 1-10,20 (the last is always "
-                                                               "added): a long run within --max-gb.")] = None,
-    params: Annotated[Optional[str], typer.Option(help="Comma-separated parameter names to collect (default all), e.g. net.3.weight,net.3.bias.")] = None,
+    collect_epochs: Annotated[Optional[list[str]], typer.Option(callback=common.strs_option, help="Collect only after these "
+                              "epochs, e.g. 1-10,20 (or repeat; the last is always added): a long run within --max-gb.")] = None,
+    params: Annotated[Optional[list[str]], typer.Option(callback=common.strs_option, help="Parameter names to collect (default "
+                      "all), e.g. net.3.weight,net.3.bias (or repeat --params).")] = None,
     dtype: Annotated[str, typer.Option(help="float32 or float16 on disk.")] = "float32",
     max_gb: Annotated[float, typer.Option(help="Refuse to write more than this many GB of gradients.")] = 4.0,
     collect_batch_size: Annotated[int, typer.Option(help="Samples per batch while collecting gradients.")] = 1000,
     analyze: Annotated[Optional[Path], typer.Option(help="Only analyze the saved gradients of this grad_collect run (with --influence: only the influence).")] = None,
-    influence: Annotated[Optional[str], typer.Option(help="Test-split indices, e.g. 0,1,2: TracIn influence of every training sample on each (influence_<i>.png/.npy).")] = None,
+    influence: Annotated[Optional[list[str]], typer.Option(callback=common.strs_option, help="Test-split indices, e.g. 0,1,2 (or "
+                         "repeat): TracIn influence of every training sample on each (influence_<i>.png/.npy).")] = None,
     analysis: Annotated[bool, typer.Option(help="Analyze after collecting.")] = True,
     clusters: Annotated[Optional[int], typer.Option(help="k of k-means (default: the number of classes).")] = None,
     kmeans_init: Annotated[int, typer.Option(help="k-means++ restarts; the lowest inertia wins (1 = scikit-learn's default).")] = 1,
@@ -872,14 +876,14 @@ def collect_schedule(args) -> list[int]:
     if args.collect_epochs is None:
         return list(range(1, args.epochs + 1)) if args.every_epoch else [args.epochs]
     common.check(args.every_epoch, "--collect-epochs and --no-every-epoch do not go together")
-    epochs = {args.epochs}
+    epochs, text = {args.epochs}, ",".join(common.split_values(args.collect_epochs))
     try:
-        for part in filter(None, (p.strip() for p in args.collect_epochs.split(","))):
+        for part in common.split_values(args.collect_epochs):
             first, _, last = part.partition("-")
             epochs.update(range(int(first), int(last or first) + 1))
     except ValueError:
-        raise common.UserError(f"--collect-epochs {args.collect_epochs}: give epochs and ranges, e.g. 1-10,20") from None
-    common.check(min(epochs) >= 1 and max(epochs) <= args.epochs, f"--collect-epochs {args.collect_epochs}: epochs must be in 1..{args.epochs}")
+        raise common.UserError(f"--collect-epochs {text}: give epochs and ranges, e.g. 1-10,20") from None
+    common.check(min(epochs) >= 1 and max(epochs) <= args.epochs, f"--collect-epochs {text}: epochs must be in 1..{args.epochs}")
     return sorted(epochs)
 
 
@@ -930,13 +934,12 @@ def check_options(args) -> None:
     common.check(args.collect_batch_size >= 1, f"--collect-batch-size {args.collect_batch_size}: must be at least 1")
 
 
-def chosen_params(model, params: Optional[str]) -> list[str]:
-    names = param_names(model)
-    if not params:
+def chosen_params(model, params) -> list[str]:
+    names, chosen = param_names(model), common.split_values(params)
+    if not chosen:
         return names
-    chosen = [p.strip() for p in params.split(",") if p.strip()]
     unknown = [p for p in chosen if p not in names]
-    common.check(not unknown and chosen, f"--params {params}: unknown parameter(s) {unknown}; this model has {','.join(names)}")
+    common.check(not unknown, f"--params {','.join(chosen)}: unknown parameter(s) {unknown}; this model has {','.join(names)}")
     return [n for n in names if n in chosen]
 
 

@@ -820,7 +820,8 @@ def machine() -> str:
 def reproduce(
     quick: Annotated[bool, typer.Option("--quick/--full", help="quick: CPU settings, 10-25 minutes on 2 cores; full: the sources' settings (hours; All-CNN-T only with a GPU).")] = False,
     dry_run: Annotated[bool, typer.Option(help="List the commands without running them.")] = False,
-    only: Annotated[Optional[str], typer.Option(help="Run only these jobs, comma-separated (see --dry-run); the other claims are marked not run.")] = None,
+    only: Annotated[Optional[list[str]], typer.Option(callback=common.strs_option, help="Run only these jobs, e.g. mlp,cnn (or "
+                    "repeat; see --dry-run); the other claims are marked not run.")] = None,
     out: Annotated[Path, typer.Option(help="The report to write; its figures go beside it.")] = Path("REPRODUCE.md"),
     num_cpus: Annotated[Optional[int], typer.Option(help="Trials run at once (sweep.py's local Ray CPUs; default: all cores).")] = None,
     data_dir: common.DataDir = Path("./data"),
@@ -834,7 +835,7 @@ def reproduce(
     data_dir, out_dir = absolute(data_dir), absolute(out_dir)
     jobs = reproduce_plan(quick, data_dir, out_dir, gpu, num_cpus)
     names = [j["name"] for j in jobs]
-    chosen = names if not only else [n.strip() for n in only.split(",") if n.strip()]
+    chosen = names if not only else common.split_values(only)
     common.check(all(n in names for n in chosen), f"--only {only}: jobs are {', '.join(names)}")
     jobs = [j for j in jobs if j["name"] in chosen]
     if dry_run:

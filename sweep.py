@@ -296,7 +296,8 @@ def main(
     script: Annotated[Path, typer.Argument(help="Training script to run, e.g. train_glonet.py.")],
     grid: Annotated[Optional[list[str]], typer.Option(help="KEY=V1,V2: an option of SCRIPT and its values (repeat for more keys; one value passes an option through).")] = None,
     config: Annotated[Optional[list[str]], typer.Option(help="NAME=ARGS: a named configuration, SCRIPT's options as shell words, e.g. xavier='--init xavier' (repeat; crossed with the grid).")] = None,
-    seeds: Annotated[str, typer.Option(help="Seeds run for every grid combination, e.g. 0,1,2.")] = "0",
+    seeds: Annotated[Optional[list[str]], typer.Option(callback=common.strs_option, help="Seeds run for every grid "
+                     "combination, e.g. 0,1,2 (or repeat --seeds; default 0).")] = None,
     address: Annotated[Optional[str], typer.Option(envvar="RAY_ADDRESS", help="Ray cluster address, or auto; none starts a local Ray.")] = None,
     num_cpus: Annotated[Optional[int], typer.Option(help="CPUs of the local Ray (default: all of this machine's); ignored with --address.")] = None,
     cpus_per_trial: Annotated[float, typer.Option(help="CPUs reserved per trial (OMP_NUM_THREADS is set to it).")] = 1.0,
@@ -312,7 +313,7 @@ def main(
     # everything the user can get wrong is checked before Ray starts or anything is written
     values, flags = parse_grid(grid or [], script, allow_empty=bool(config))
     configs = parse_configs(config or [], script, values)
-    seed_list = parse_seeds(seeds)
+    seed_list = parse_seeds(",".join(common.split_values(seeds)) or "0")
     name = name or script.stem
     common.check(all(c.isalnum() or c in "-_." for c in name), f"--name {name!r}: use letters, digits, '-', '_' or '.'")
     common.check(cpus_per_trial > 0 and gpus_per_trial >= 0 and retries >= 0 and copy_limit_mb >= 0,

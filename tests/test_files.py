@@ -148,3 +148,32 @@ def test_fgsm_eps_takes_commas_and_repeats_alike():
     command = sweep.script_command(ROOT / "fgsm_attack.py")
     for words in (["--eps", "4,8"], ["--eps", "4", "--eps", "8"]):
         assert fgsm_attack.parse_eps(command.make_context("fgsm_attack.py", ["run", *words]).params["eps"]) == [4.0, 8.0]
+
+
+@pytest.mark.parametrize("script,option,forms,expected", [
+    ("grad_collect.py", "influence", [["0,247"], ["0", "247"], ["0,", "247"]], ["0", "247"]),
+    ("grad_collect.py", "params", [["net.3.weight,net.3.bias"], ["net.3.weight", "net.3.bias"]], ["net.3.weight", "net.3.bias"]),
+    ("grad_collect.py", "collect_epochs", [["1-3,5"], ["1-3", "5"]], ["1-3", "5"]),
+    ("sweep.py", "seeds", [["0,1,2"], ["0", "1,2"], ["0", "1", "2"]], ["0", "1", "2"]),
+])
+def test_options_that_were_comma_strings_add_repeats_instead_of_keeping_the_last(script, option, forms, expected):
+    """A repeat adds its values (these options used to keep only the last, silently)."""
+    import sweep
+
+    command = sweep.script_command(ROOT / script)
+    flag = "--" + option.replace("_", "-")
+    prefix = ["train_mlp.py"] if script == "sweep.py" else []
+    for values in forms:
+        words = prefix + [w for v in values for w in (flag, v)]
+        assert command.make_context(script, words).params[option] == expected
+    assert command.make_context(script, prefix).params[option] is None  # not given: the script's default
+
+
+def test_report_reproduce_only_adds_repeats():
+    import typer.main
+
+    import report
+
+    reproduce = typer.main.get_command(report.app).commands["reproduce"]  # parsed as at run time; nothing runs
+    words = ["--only", "mlp", "--only", "cnn,depth", "--dry-run"]
+    assert reproduce.make_context("reproduce", words).params["only"] == ["mlp", "cnn", "depth"]
