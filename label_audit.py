@@ -3,10 +3,11 @@ when noise was injected, and a held-out split audited; for a run of any training
 (train_mlp, train_cnn, train_glonet, grad_collect, train_allcnn: the run's own script rebuilds its model).
 
 Rankings, higher = more suspect (docs/label_audit.md):
-  default   sum over checkpoints e of w_e ||p_e - onehot(label)||^2, p_e the row's probabilities as its training step
-            saw them in epoch e (the run's predictions/epoch_<n>.npz) and, as the last checkpoint, the final model's;
-            w_e = max(0, training error_e / validation error_e - 1): the checkpoints before the model fits the noise
-            (equal weights where none qualifies or there is no validation split)
+  default   the row's loss averaged over checkpoints e with weights w_e: -log p_e(label), p_e its probabilities as its
+            training step saw them in epoch e (the run's predictions/epoch_<n>.npz) and, as the last checkpoint, the
+            final model's; w_e = max(0, training error / validation error over the same period - 1): the checkpoints
+            before the model fits the noise (equal weights where none qualifies or there is no validation split).
+            Where only the final model qualifies (a model that memorizes nothing), it is the final model's loss
   loss      the final model's loss of the row (last.pt: the weights after the last epoch)
   tracin    grad_collect runs: TracIn self-influence sum_e lr_e ||g||^2 from the stored gradient factors
   cleanlab  --compare-cleanlab: cleanlab's label quality on K-fold out-of-sample probabilities of the same model,
@@ -34,7 +35,7 @@ import common
 
 app = typer.Typer(add_completion=False, pretty_exceptions_enable=False, help=__doc__.split("\n")[0])
 INSPECT = (0.01, 0.05, 0.1, 0.2)  # shares of the rows inspected, most suspect first
-LABELS = {"default": "default (prediction error)", "tracin": "TracIn self-influence", "loss": "loss of the final model",
+LABELS = {"default": "default (loss before memorizing)", "tracin": "TracIn self-influence", "loss": "loss of the final model",
           "cleanlab": "cleanlab"}
 
 
@@ -87,13 +88,20 @@ def read_predictions(path: Path) -> dict:
 # ----------------------------------------------------------------------------- rankings
 def default_scores(folder: Path, epochs: list[int], labels: np.ndarray, sample_index: np.ndarray, config: dict,
                    history: list[dict], final_probs: np.ndarray) -> tuple[np.ndarray, dict]:
-    """The default ranking: sum_e w_e ||p_e - onehot(label)||^2 over the recorded epochs and the final model (one more
-    checkpoint, "final": its probabilities of every row after training, under the last epoch's validation error);
-    rows a step did not see in an epoch (a dropped last batch) are weighted over the checkpoints that saw them."""
-    val_acc = {h["epoch"]: h.get("val_acc") for h in history}
+    """The default ranking: sum_e w_e (-log p_e(label)) / sum_e w_e over the recorded epochs and the final model (one more
+    checkpoint, "final": its probabilities of every row after training), w_e = max(0, training error / validation
+    error - 1): how much worse the given labels are fitted than held-out ones, so a checkpoint that has memorized the
+    flipped labels weighs nothing. An epoch's training error is a running
+    one (each row as its step saw it, the model changing through the epoch), so it is set against the validation error
+    over the same period: the mean of the errors before and after the epoch (before the first, 1 - 1/classes, a model
+    that knows nothing); the final model's against the last validation error. Rows a step did not see in an epoch (a
+    dropped last batch) are weighted over the checkpoints that saw them."""
+    val_error = {h["epoch"]: None if h.get("val_acc") is None else 1 - h["val_acc"] for h in history}
+    val_error[0] = 1 - 1 / max(config.get("num_classes") or len(np.unique(labels)), 2)
     if history:
-        val_acc["final"] = history[-1].get("val_acc")
+        val_error["final"] = val_error[history[-1]["epoch"]]
     one_mistake = 1 / max(config.get("n_val") or 1, 1)  # the validation error counted with one more mistake
+    floor = 1e-7  # the recorded float16 probabilities hold nothing below 6e-8: every checkpoint's -log p stops at 16.1
     errors, stored = {}, {}
     for e in [*epochs, "final"]:
         if e == "final":
@@ -104,12 +112,14 @@ def default_scores(folder: Path, epochs: list[int], labels: np.ndarray, sample_i
                          f"{folder / f'epoch_{e}.npz'}: its rows or labels are not those of the training split loaded now; "
                          f"is --data-dir the run's data?")
             probs, seen = rec["probs"].astype(np.float32), rec["seen"]
-        err = np.square(probs).sum(1) - 2 * probs[np.arange(len(labels)), labels] + 1
+        err = -np.log(np.maximum(probs[np.arange(len(labels)), labels], floor))
         stored[e] = (np.where(seen, err, 0.0), seen)
         train_error = float(np.mean(probs[seen].argmax(1) != labels[seen])) if seen.any() else 0.0
-        val = val_acc.get(e)
-        errors[e] = {"train_error": train_error, "val_error": None if val is None else 1 - val,
-                     "weight": 0.0 if val is None else max(0.0, train_error / (1 - val + one_mistake) - 1)}
+        end = val_error.get(e)
+        start = val_error.get(e - 1, end) if e != "final" else end
+        val = None if end is None or start is None else (start + end) / 2
+        errors[e] = {"train_error": train_error, "val_error": val,
+                     "weight": 0.0 if val is None else max(0.0, train_error / (val + one_mistake) - 1)}
     fell_back = not any(v["weight"] for v in errors.values())
     total, norm = np.zeros(len(labels)), np.zeros(len(labels))
     for e, (err, seen) in stored.items():
@@ -263,7 +273,7 @@ def mislabel_report(run, audited: Path, model, config, module, data, top: int) -
         print(f"mislabeled rows: {len(flipped):,} of {len(labels):,} flipped; the final model predicts the given label on "
               f"{report['memorized']:.1%} of them. Found after inspecting " + " / ".join(f"{s:.0%}" for s in INSPECT) + " of the rows, AUC:")
         for name, r in report["results"].items():
-            print(f"  {LABELS[name]:<28}" + "".join(f"{r['found'][f'{s:g}']:>8.1%}" for s in INSPECT) + f"   AUC {r['auc']:.4f}")
+            print(f"  {LABELS[name]:<33}" + "".join(f"{r['found'][f'{s:g}']:>8.1%}" for s in INSPECT) + f"   AUC {r['auc']:.4f}")
     common.write_json(run.dir / "mislabel.json", report)
     return report
 
@@ -286,8 +296,8 @@ def tracin_held_out(audited: Path, model, images, labels, transform) -> np.ndarr
 
 
 def audit_report(run, audited: Path, model, config, data, top: int) -> dict:
-    """--audit test|val: every image of that split ranked by the final model (its prediction error
-    ||p - onehot(label)||^2, the default ranking at one checkpoint, and its loss; TracIn for grad_collect runs):
+    """--audit test|val: every image of that split ranked by the final model's loss (the default ranking at its one
+    checkpoint: nothing of a held-out split is recorded during training); TracIn too for grad_collect runs:
     audit_<split>.csv, audit_<split>.json and audit_<split>_top.png (the `top` most suspect)."""
     t0, split = time.time(), run.args.audit
     images, labels_t = (data.test_x, data.test_y) if split == "test" else (data.val_x, data.val_y)
@@ -295,10 +305,10 @@ def audit_report(run, audited: Path, model, config, data, top: int) -> dict:
     labels = labels_t.cpu().numpy()
     probs = probabilities(model, images, data.transform)
     pred = probs.argmax(1)
-    scores = {"default": np.square(probs).sum(1) - 2 * probs[np.arange(len(labels)), labels] + 1, "loss": losses(probs, labels)}
+    scores = {"loss": losses(probs, labels)}
     if (audited / "gradients").is_dir():
         scores["tracin"] = tracin_held_out(audited, model, images, labels_t, data.transform)
-    order = np.argsort(-scores["default"], kind="stable")
+    order = np.argsort(-scores["loss"], kind="stable")
     write_ranking_csv(run.dir / f"audit_{split}.csv", order, {"index": np.arange(len(labels)), "label": labels, "prediction": pred, **scores})
     plot_suspects(images[torch.as_tensor(order[:top], device=images.device)].cpu(), order[:top], labels, pred, data.names,
                   run.dir / f"audit_{split}_top.png", f"{split}: top {top} suspects of {config['script']}'s final model "
@@ -306,7 +316,7 @@ def audit_report(run, audited: Path, model, config, data, top: int) -> dict:
     in_top = lambda s: set(np.argsort(-s, kind="stable")[:top].tolist())  # noqa: E731
     report = {"split": split, "n": len(labels), "seconds": time.time() - t0, "methods": {k: LABELS[k] for k in scores},
               "top_misclassified": int((pred[order[:top]] != labels[order[:top]]).sum()), "misclassified": int((pred != labels).sum()),
-              "top_shared_with_loss": len(in_top(scores["default"]) & in_top(scores["loss"])),
+              **({"top_shared_with_tracin": len(in_top(scores["tracin"]) & in_top(scores["loss"]))} if "tracin" in scores else {}),
               "files": {"ranking": f"audit_{split}.csv", "top": f"audit_{split}_top.png"},
               "top": [{"index": int(i), "label": int(labels[i]), "prediction": int(pred[i]), **{k: float(v[i]) for k, v in scores.items()}}
                       for i in order[:top]]}
@@ -354,7 +364,7 @@ def main(
         result.update({f"found10_{k}": r["found"]["0.1"] for k, r in report["results"].items()})
     if args.audit:
         a = audit_report(run, audited, model, config, data, args.top)
-        final["audit"] = {k: a[k] for k in ("split", "n", "top_misclassified", "misclassified", "top_shared_with_loss")}
+        final["audit"] = {k: a[k] for k in ("split", "n", "top_misclassified", "misclassified", "top_shared_with_tracin") if k in a}
     head = report["results"][report["order"]]["found"]["0.1"] if "results" in report else None
     run.finish(final, result, summary=f"run {run.dir} | " + (
         f"{LABELS[report['order']]} finds {head:.1%} of the flipped rows after inspecting 10%" if head is not None

@@ -1,8 +1,9 @@
-"""bench_mislabel.py: which of my labels are wrong? label_audit.py's default ranking (prediction error recorded during
-training) against the run's model's loss and cleanlab (K-fold out-of-sample probabilities of the same model, trained
-by the run's own script), side by side for train_mlp and train_cnn, 10% of the training labels flipped (seeded),
-two regimes x --seeds, with times. --variants: the gradient-ranking variant study on grad_collect runs (which part of
-the gradient, which checkpoint weights), the study that chose the default.
+"""bench_mislabel.py: which of my labels are wrong? label_audit.py's default ranking (each row's loss over the
+checkpoints recorded during training, before the model memorizes) against the run's model's loss and cleanlab (K-fold
+out-of-sample probabilities of the same model, trained by the run's own script), side by side for train_mlp and
+train_cnn, 10% of the training labels flipped (seeded), two regimes x --seeds, with times. --variants: the
+gradient-ranking variant study on grad_collect runs (which part of the gradient, which checkpoint weights), the study
+that chose the weighting of the default.
 
     OMP_NUM_THREADS=1 python benchmarks/bench_mislabel.py --data-dir ../shared/data
     OMP_NUM_THREADS=1 python benchmarks/bench_mislabel.py --variants --data-dir ../shared/data

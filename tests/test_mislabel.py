@@ -67,6 +67,31 @@ def recorded(run_dir, epoch):
         return {k: f[k] for k in f.files}
 
 
+def test_default_weights_set_an_epochs_running_error_against_the_validation_error_over_the_same_epoch(tmp_path):
+    """A one-epoch run: the epoch's recorded (running) training error, 30%, comes mostly from the untrained start, so
+    against the validation error over that epoch (from 90%, knowing nothing, to 2%: 46%) it weighs nothing; the
+    final model, which fits the 10 flipped rows of 100 worse than held-out data (10% against 2%), carries the ranking.
+    Against the end-of-epoch error alone (2%) the early, noisy predictions would weigh most."""
+    n, k = 100, 10
+    labels = np.arange(n) % k
+    wrong = lambda rows: np.eye(k, dtype=np.float32)[(labels + 1) % k][rows]  # noqa: E731
+    recorded = np.eye(k, dtype=np.float32)[labels]
+    recorded[:30] = wrong(np.arange(30))  # rows 0-29 mispredicted early in the epoch (20 of them are clean rows)
+    final = np.eye(k, dtype=np.float32)[labels]
+    final[90:] = wrong(np.arange(90, 100))  # the flipped rows 90-99: the final model predicts their true class
+    folder = tmp_path / "predictions"
+    folder.mkdir()
+    np.savez(folder / "epoch_1.npz", probs=recorded.astype(np.float16), sample_index=np.arange(n, dtype=np.int32),
+             label=labels.astype(np.int16), seen=np.ones(n, bool))
+    config = {"num_classes": k, "n_val": 1000}
+    scores, info = label_audit.default_scores(folder, [1], labels, np.arange(n, dtype=np.int32), config,
+                                              [{"epoch": 1, "val_acc": 0.98}], final)
+    weights = info["epochs"]
+    assert weights[1]["val_error"] == pytest.approx((0.9 + 0.02) / 2) and weights[1]["weight"] == 0.0
+    assert weights["final"]["weight"] == pytest.approx(0.10 / (0.02 + 0.001) - 1)
+    assert set(np.argsort(-scores)[:10]) == set(range(90, 100))
+
+
 def test_recorded_predictions_equal_a_recomputation_from_the_checkpoint(tiny_mnist, tmp_path):
     """One step per epoch (the batch is the whole split): epoch 2's step sees every row with the weights of epoch 1's
     last.pt, so its recorded probabilities are that checkpoint's softmax over the training rows; the run is killed
