@@ -156,10 +156,12 @@ def cleanlab_scores(module, config: dict, data, folds: int) -> tuple[np.ndarray,
                            common.seed_for(config["seed"], f"cleanlab fold {k}"))
         probs[held] = probabilities(model.float(), data.train_x[held_rows], transform)
     quality = get_label_quality_scores(labels, probs)
+    # find_label_issues with n_jobs=1: by default it forks a multiprocessing.Pool from this process, whose torch and
+    # OpenMP threads may hold locks at the fork; a child then waits forever (seen once in CI: the audit hung 600 s)
     return 1 - quality, {"folds": folds, "method": f"cleanlab.rank.get_label_quality_scores (self_confidence) of {folds}-fold "
                          f"out-of-sample probabilities, each fold's model trained by {config['script']}.fit ({config.get('epochs')} epochs)",
                          "out_of_sample_accuracy_given_labels": float(np.mean(probs.argmax(1) == labels)),
-                         "issues_flagged": int(find_label_issues(labels, probs).sum()), "seconds": time.time() - t0}
+                         "issues_flagged": int(find_label_issues(labels, probs, n_jobs=1).sum()), "seconds": time.time() - t0}
 
 
 def score_ranking(scores, flipped) -> dict:

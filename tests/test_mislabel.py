@@ -189,3 +189,35 @@ def test_bad_options_are_one_line(tiny_mnist, tmp_path):
     assert_user_error(run_cli("label_audit.py", tmp_path / "nope", "--out-dir", tmp_path, env=ONE_THREAD), "nope", "no such run directory")
     assert_user_error(run_cli("label_audit.py", tmp_path, "--audit", "train", "--out-dir", tmp_path, env=ONE_THREAD), "--audit train")
     assert_user_error(run_cli("label_audit.py", tmp_path, "--cleanlab-folds", 1, "--out-dir", tmp_path, env=ONE_THREAD), "--cleanlab-folds 1")
+
+
+def test_cleanlab_comparison_forks_no_process_pool(monkeypatch):
+    """cleanlab's find_label_issues forks a multiprocessing.Pool by default; forked from a process with torch's threads
+    it can hang forever (it did once in CI). label_audit asks for one job: a Pool here fails the test."""
+    import multiprocessing
+    from types import SimpleNamespace
+
+    import cleanlab.filter
+
+    def no_pool(*args, **kwargs):
+        raise AssertionError("a multiprocessing.Pool was started")
+
+    monkeypatch.setattr(cleanlab.filter.multiprocessing, "Pool", no_pool)
+    monkeypatch.setattr(multiprocessing, "Pool", no_pool)
+    g = torch.Generator().manual_seed(0)
+    labels = torch.arange(90) % 3
+    images = (torch.rand(90, 28, 28, generator=g) * 60 + labels.view(-1, 1, 1) * 60).to(torch.uint8)
+    data = SimpleNamespace(train_x=images, train_y=labels, num_classes=3, transform=common.normalize)
+
+    def fit(config, x, y, num_classes, seed):
+        torch.manual_seed(seed)
+        model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(784, num_classes))
+        opt = torch.optim.SGD(model.parameters(), lr=0.1)
+        for _ in range(20):
+            opt.zero_grad()
+            torch.nn.functional.cross_entropy(model(common.normalize(x)), y).backward()
+            opt.step()
+        return model.eval()
+
+    scores, info = label_audit.cleanlab_scores(SimpleNamespace(fit=fit), {"script": "fake", "seed": 0, "epochs": 1}, data, 2)
+    assert scores.shape == (90,) and info["folds"] == 2 and info["issues_flagged"] >= 0
