@@ -876,9 +876,10 @@ def collect_schedule(args) -> list[int]:
     if args.collect_epochs is None:
         return list(range(1, args.epochs + 1)) if args.every_epoch else [args.epochs]
     common.check(args.every_epoch, "--collect-epochs and --no-every-epoch do not go together")
-    epochs, text = {args.epochs}, ",".join(common.split_values(args.collect_epochs))
+    parts = common.split_values(args.collect_epochs)
+    epochs, text = {args.epochs}, ",".join(parts)
     try:
-        for part in common.split_values(args.collect_epochs):
+        for part in parts:
             first, _, last = part.partition("-")
             epochs.update(range(int(first), int(last or first) + 1))
     except ValueError:

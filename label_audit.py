@@ -91,11 +91,11 @@ def default_scores(folder: Path, epochs: list[int], labels: np.ndarray, sample_i
     """The default ranking: sum_e w_e (-log p_e(label)) / sum_e w_e over the recorded epochs and the final model (one more
     checkpoint, "final": its probabilities of every row after training), w_e = max(0, training error / validation
     error - 1): how much worse the given labels are fitted than held-out ones, so a checkpoint that has memorized the
-    flipped labels weighs nothing. An epoch's training error is a running
-    one (each row as its step saw it, the model changing through the epoch), so it is set against the validation error
-    over the same period: the mean of the errors before and after the epoch (before the first, 1 - 1/classes, a model
-    that knows nothing); the final model's against the last validation error. Rows a step did not see in an epoch (a
-    dropped last batch) are weighted over the checkpoints that saw them."""
+    flipped labels weighs nothing. An epoch's training error is a running one (each row as its step saw it, the model
+    changing through the epoch), so it is set against the validation error over the same period: the mean of the errors
+    before and after the epoch (before the first, 1 - 1/classes, a model that knows nothing); the final model's against
+    the last validation error. Rows a step did not see in an epoch (a dropped last batch) are weighted over the
+    checkpoints that saw them."""
     val_error = {h["epoch"]: None if h.get("val_acc") is None else 1 - h["val_acc"] for h in history}
     val_error[0] = 1 - 1 / max(config.get("num_classes") or len(np.unique(labels)), 2)
     if history:

@@ -836,7 +836,7 @@ def reproduce(
     jobs = reproduce_plan(quick, data_dir, out_dir, gpu, num_cpus)
     names = [j["name"] for j in jobs]
     chosen = names if not only else common.split_values(only)
-    common.check(all(n in names for n in chosen), f"--only {only}: jobs are {', '.join(names)}")
+    common.check(all(n in names for n in chosen), f"--only {','.join(chosen)}: jobs are {', '.join(names)}")
     jobs = [j for j in jobs if j["name"] in chosen]
     if dry_run:
         for j in jobs:

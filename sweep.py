@@ -125,9 +125,12 @@ def parse_configs(configs: list[str], script: Path, grid_keys) -> dict[str, list
     return out
 
 
-def parse_seeds(text: str) -> list[int]:
+def parse_seeds(values) -> list[int]:
+    """--seeds as typed (commas or repeats; not given: seed 0) -> distinct integers."""
+    parts = common.split_values(values) or ["0"]
+    text = ",".join(parts)
     try:
-        seeds = [int(s) for s in text.split(",") if s.strip()]
+        seeds = [int(s) for s in parts]
     except ValueError:
         raise common.UserError(f"--seeds {text}: give integers separated by commas, e.g. --seeds 0,1,2") from None
     common.check(bool(seeds) and len(set(seeds)) == len(seeds), f"--seeds {text}: give distinct integers, e.g. 0,1,2")
@@ -313,7 +316,7 @@ def main(
     # everything the user can get wrong is checked before Ray starts or anything is written
     values, flags = parse_grid(grid or [], script, allow_empty=bool(config))
     configs = parse_configs(config or [], script, values)
-    seed_list = parse_seeds(",".join(common.split_values(seeds)) or "0")
+    seed_list = parse_seeds(seeds)
     name = name or script.stem
     common.check(all(c.isalnum() or c in "-_." for c in name), f"--name {name!r}: use letters, digits, '-', '_' or '.'")
     common.check(cpus_per_trial > 0 and gpus_per_trial >= 0 and retries >= 0 and copy_limit_mb >= 0,
