@@ -251,9 +251,12 @@ def test_adam_training_imports_no_compiler(tiny_mnist, tmp_path):
 @pytest.mark.skipif(not sys.platform.startswith("linux") or platform.libc_ver()[0] != "glibc", reason="glibc's mallopt")
 def test_keep_freed_memory_stops_the_page_faults_of_each_training_step():
     """Training steps of train_cnn's model, in two fresh processes: with common.keep_freed_memory (as pick_device calls
-    it), the memory a step frees serves the next step, without the OS zeroing new pages (measured here: 1 page fault
-    a step against 650-1,750)."""
-    code = ("import resource, sys, torch, torch.nn.functional as F, common, train_cnn\n"
+    it), the memory a step frees serves the next step, so a step in steady state takes no page fault. The median over
+    20 steps after 10 warm-up steps, not the mean: a rare step with a one-off fault (seen: 206 faults once in 30 runs)
+    is not the steady state. Without it glibc's own thresholds decide, and that differs by machine and allocation
+    order (measured: medians in the thousands here; a CI machine's mean over 10 steps was 80 against 13.6 with it), so
+    the default only shows in the message."""
+    code = ("import resource, statistics, sys, torch, torch.nn.functional as F, common, train_cnn\n"
             "setting = common.keep_freed_memory() if sys.argv[1] == 'keep' else None\n"
             "torch.manual_seed(0)\n"
             "model = train_cnn.CNN('fast').to(memory_format=torch.channels_last)\n"
@@ -263,10 +266,13 @@ def test_keep_freed_memory_stops_the_page_faults_of_each_training_step():
             "    opt.zero_grad()\n"
             "    F.cross_entropy(model(x), y).backward()\n"
             "    opt.step()\n"
-            "for _ in range(3): step()\n"
-            "before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt\n"
             "for _ in range(10): step()\n"
-            "print(setting, (resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before) / 10)\n")
+            "faults = []\n"
+            "for _ in range(20):\n"
+            "    before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt\n"
+            "    step()\n"
+            "    faults.append(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)\n"
+            "print(setting, statistics.median(faults))\n")
     faults = {}
     for mode in ("keep", "default"):
         proc = subprocess.run([sys.executable, "-c", code, mode], cwd=ROOT, capture_output=True, text=True, timeout=120,
@@ -274,7 +280,7 @@ def test_keep_freed_memory_stops_the_page_faults_of_each_training_step():
         assert proc.returncode == 0, proc.stderr[-2000:]
         faults[mode] = float(proc.stdout.split()[-1])
     assert common.keep_freed_memory().startswith("glibc mallopt")
-    assert faults["keep"] * 10 < faults["default"], faults
+    assert faults["keep"] <= 2, faults
 
 
 def test_float64_guard_refuses_float64_on_the_device_only_when_armed():
