@@ -212,7 +212,8 @@ def keep_freed_memory() -> str:
     """Let the process reuse the memory it frees instead of handing it back to the OS. glibc's malloc returns every
     freed block above its mmap threshold (128 KiB, rising to 32 MiB) and the heap's top above its trim threshold;
     a training step frees and allocates the same activations and gradients every step, and each page the OS hands
-    back is zeroed on first touch: 650-1,750 page faults a step for train_cnn's batch here, 1.5-3 ms of system time.
+    back is zeroed on first touch: 650-1,750 page faults a step for train_cnn's batch here, 1.5-3 ms of system time
+    (how many depends on the machine and allocation order: a CI machine's defaults faulted 80 a step).
     The fix PyTorch's CPU tuning guide gets from preloading jemalloc or tcmalloc, with glibc's own mallopt: mmap
     threshold 32 MiB (its maximum), trim threshold 2 GiB, top pad 64 MiB (train_cnn's default run as on an AVX2
     CPU: 11.0-13.9 s -> 9.2-10.6 s here, docs/train_cnn.md). Returns what it set, for config.json; where the C
