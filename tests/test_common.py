@@ -252,10 +252,10 @@ def test_adam_training_imports_no_compiler(tiny_mnist, tmp_path):
 def test_keep_freed_memory_stops_the_page_faults_of_each_training_step():
     """Training steps of train_cnn's model, in two fresh processes: with common.keep_freed_memory (as pick_device calls
     it), the memory a step frees serves the next step, so a step in steady state takes no page fault. The median over
-    20 steps after 10 warm-up steps, not the mean: a rare step with a one-off fault (seen: 206 faults once in 30 runs)
-    is not the steady state. Without it glibc's own thresholds decide, and that differs by machine and allocation
-    order (measured: medians in the thousands here; a CI machine's mean over 10 steps was 80 against 13.6 with it), so
-    the default only shows in the message."""
+    20 steps after 10 warm-up steps, not the mean: a rare run with one-off faults (seen: a mean of 206 a step over 10
+    steps in 1 of 10 runs with it) is not the steady state. Without it glibc's own thresholds decide, and that differs
+    by machine and allocation order (measured: medians in the thousands here; a CI machine's mean over 10 steps was 80
+    against 13.6 with it), so the default only shows in the message."""
     code = ("import resource, statistics, sys, torch, torch.nn.functional as F, common, train_cnn\n"
             "setting = common.keep_freed_memory() if sys.argv[1] == 'keep' else None\n"
             "torch.manual_seed(0)\n"
