@@ -27,6 +27,7 @@ import torch.nn.functional as F
 import typer
 
 import common
+import rundir
 
 app = typer.Typer(add_completion=False, pretty_exceptions_enable=False, help=__doc__.split("\n")[0])
 DEFAULT_EPS = {"mnist": "16,32,64", "cifar10": "2,4,8"}
@@ -35,8 +36,8 @@ DEFAULT_EPS = {"mnist": "16,32,64", "cifar10": "2,4,8"}
 # ----------------------------------------------------------------------------- the attacked run
 def load_attacked_run(run_dir: Path, device, data_dir: Optional[Path]):
     """(model on pixels in [0, 1], test images in [0, 1], labels, class names, dataset name, config). The run's own
-    script rebuilds the model (common.load_run_model); its config.json says the dataset and the input scaling."""
-    model, config, _ = common.load_run_model(run_dir, "best.pt", device)
+    script rebuilds the model (rundir.load_run_model); its config.json says the dataset and the input scaling."""
+    model, config, _ = rundir.load_run_model(run_dir, "best.pt", device)
     model = model.float()
     for p in model.parameters():
         p.requires_grad_(False)
@@ -206,7 +207,7 @@ def main(
     quiet: common.Quiet = False,
 ):
     """Attack a trained model: input gradients, FGSM accuracy per eps, iterative FGSM."""
-    run = common.Run(ctx, common.args_from(locals()), __file__)
+    run = rundir.Run(ctx, common.args_from(locals()), __file__)
     args = run.args
     common.check(args.steps >= 1, f"--steps {args.steps}: must be at least 1")
     common.check(args.examples >= 1, f"--examples {args.examples}: must be at least 1")

@@ -34,6 +34,7 @@ import torch.nn.functional as F
 import typer
 
 import common
+import rundir
 import train_mlp
 from train_mlp import MLP, evaluate, fit, make_optimizer, report, train  # noqa: F401 (fit: label_audit.py's cleanlab folds)
 
@@ -266,8 +267,8 @@ def write_epoch(run, model, data: common.Data, epoch: int, plan, lr: float) -> d
         **base_meta(model, plan, len(digit), args.dtype, lr),
         "collect_seconds": seconds,
     }
-    common.write_json(partial / "metadata.json", meta)
-    common.write_json(partial / "stats.json", stats)
+    rundir.write_json(partial / "metadata.json", meta)
+    rundir.write_json(partial / "stats.json", stats)
     shutil.rmtree(final, ignore_errors=True)
     os.replace(partial, final)
     if not args.quiet:
@@ -336,7 +337,7 @@ class Epoch:
         common.check(epoch is None or epoch in epochs, f"{self.run_dir}: no gradients for epoch {epoch} (stored: {epochs})")
         self.epoch = epochs[-1] if epoch is None else epoch
         self.dir = self.run_dir / "gradients" / f"epoch_{self.epoch}"
-        self.meta = common.read_json(self.dir / "metadata.json")
+        self.meta = rundir.read_json(self.dir / "metadata.json")
         self.n = self.meta["n_samples"]
         common.check(self.meta.get("store") == "factors", f"{self.dir}: gradients stored as {self.meta.get('store')!r}, "
                                                            f"not layer factors (an older grad_collect.py's --store); collect them again")
@@ -633,7 +634,7 @@ def _analyze_run(run_dir: Path, args, device) -> dict:
         result["seconds"][str(epoch)] = time.time() - t_epoch
     result["headline"] = headline(result, shown)
     result["seconds"]["total"] = time.time() - t_all
-    common.write_json(run_dir / "analysis.json", result)
+    rundir.write_json(run_dir / "analysis.json", result)
     print(f"analysis of {len(chosen)} epoch(s): {result['seconds']['total']:.1f} s "
           f"(last epoch {result['seconds'][str(epochs[-1])]:.1f} s, of which t-SNE "
           f"{sum(result['epochs'][str(epochs[-1])][shown][v].get('tsne', {}).get('seconds', 0) for v in VIEWS):.1f} s)")
@@ -686,13 +687,13 @@ def headline_text(h: dict) -> str:
 # TracIn influence of every training sample on test images, and self-influence, from the stored factors.
 def run_model_and_data(run_dir: Path, data_dir, device):
     """The run's config, its data split (rows in the stored arrays' order) and its final model in eval mode: best.pt
-    rebuilt by the run's own script (common.load_run_model)."""
-    cfg = common.read_json(run_dir / "config.json")
+    rebuilt by the run's own script (rundir.load_run_model)."""
+    cfg = rundir.read_json(run_dir / "config.json")
     data = common.load_mnist(data_dir, device, cfg["digits"], cfg["val_fraction"], cfg["limit"], cfg["seed"], cfg.get("label_noise", 0.0))
     meta = Epoch(run_dir).meta
     common.check(meta["sample_index"] == data.train_index.tolist(),
                  f"{run_dir}: the training split loaded from {data_dir} is not the one collected; is --data-dir the run's MNIST?")
-    model, _, _ = common.load_run_model(run_dir, "best.pt", device)
+    model, _, _ = rundir.load_run_model(run_dir, "best.pt", device)
     return cfg, data, model
 
 
@@ -717,7 +718,7 @@ def influence(run_dir, images: torch.Tensor, labels: torch.Tensor, model) -> np.
         ep = Epoch(run_dir, epoch)
         path = ep.dir / ep.meta.get("weights", "weights.pt")
         common.check(path.is_file(), f"{path} is missing: influence needs each epoch's weights (collected by this version of grad_collect.py)")
-        model.load_state_dict(common.load_checkpoint(path))
+        model.load_state_dict(rundir.load_checkpoint(path))
         a, b, _, _ = layer_factors(model.eval(), common.normalize(images.to(device)), labels.to(device))
         total = total + (ep.lr if ep.lr is not None else 1.0) * ep.dot(([t.cpu() for t in a], [t.cpu() for t in b]), None).numpy().astype(np.float64)
     return total
@@ -764,7 +765,7 @@ def influence_report(run_dir: Path, args, device) -> dict:
                        "opponents_same_label": int(sum(digits[label[j]] == true for j in opp))}
     report = {"method": "TracIn: sum over stored epochs of lr_e x <g_train, g_test>, exact from the layer factors",
               "epochs": stored_epochs(run_dir), "test_indices": idx, "images": out, "seconds": time.time() - t0}
-    common.write_json(run_dir / "influence.json", report)
+    rundir.write_json(run_dir / "influence.json", report)
     for i, r in out.items():
         print(f"influence on test #{i} (digit {r['digit']}, predicted {r['prediction']}): proponents' labels "
               f"{[p['label'] for p in r['proponents']]}, opponents' labels {[p['label'] for p in r['opponents']]} -> {run_dir / r['file']}")
@@ -828,7 +829,7 @@ def main(
     if args.analyze:  # a finished run's saved gradients: nothing is trained or collected
         common.check(Path(args.analyze).is_dir(), f"--analyze {args.analyze}: no such run directory")
         return (influence_only if args.influence else analyze_only)(Path(args.analyze), args)
-    run = common.Run(ctx, args, __file__, changeable=("epochs", "device", "quiet", "data_dir") + ANALYSIS_OPTIONS)
+    run = rundir.Run(ctx, args, __file__, changeable=("epochs", "device", "quiet", "data_dir") + ANALYSIS_OPTIONS)
     return train_and_collect(run)
 
 
@@ -901,7 +902,7 @@ def influence_only(run_dir: Path, args) -> None:
 
 
 def build_model(config: dict) -> nn.Module:
-    """The model a run's config.json describes: train_mlp's MLP without BatchNorm (common.load_run_model calls this)."""
+    """The model a run's config.json describes: train_mlp's MLP without BatchNorm (rundir.load_run_model calls this)."""
     return MLP(config["hidden"], config["num_classes"], config["dropout"])
 
 

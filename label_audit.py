@@ -32,6 +32,7 @@ import torch
 import typer
 
 import common
+import rundir
 
 app = typer.Typer(add_completion=False, pretty_exceptions_enable=False, help=__doc__.split("\n")[0])
 INSPECT = (0.01, 0.05, 0.1, 0.2)  # shares of the rows inspected, most suspect first
@@ -42,10 +43,10 @@ LABELS = {"default": "default (loss before memorizing)", "tracin": "TracIn self-
 # ----------------------------------------------------------------------------- the audited run
 def load_audited_run(run_dir: Path, device, data_dir: Optional[Path]):
     """(the final model in eval mode, config, its script's module, data, input transform). The run's own script
-    rebuilds the model (common.load_run_model) with last.pt's weights (after the last epoch: the model that may have
+    rebuilds the model (rundir.load_run_model) with last.pt's weights (after the last epoch: the model that may have
     memorized the noise, not the best by validation); config.json says the dataset, the split, the injected noise and
     the input scaling."""
-    model, config, module = common.load_run_model(run_dir, "last.pt", device)
+    model, config, module = rundir.load_run_model(run_dir, "last.pt", device)
     model = model.float()
     data_dir = data_dir or Path(config["data_dir"])
     noise = config.get("label_noise") or 0.0
@@ -234,7 +235,7 @@ def mislabel_report(run, audited: Path, model, config, module, data, top: int) -
     seconds["final_model"] = time.time() - t0
     t0 = time.time()
     if epochs:
-        history = common.read_json(audited / "metrics.json", {}).get("epochs", [])
+        history = rundir.read_json(audited / "metrics.json", {}).get("epochs", [])
         scores["default"], info["default_weights"] = default_scores(folder, epochs, labels, data.train_index.numpy().astype(np.int32),
                                                                     config, history, probs)
         seconds["default"] = time.time() - t0
@@ -276,7 +277,7 @@ def mislabel_report(run, audited: Path, model, config, module, data, top: int) -
               f"{report['memorized']:.1%} of them. Found after inspecting " + " / ".join(f"{s:.0%}" for s in INSPECT) + " of the rows, AUC:")
         for name, r in report["results"].items():
             print(f"  {LABELS[name]:<33}" + "".join(f"{r['found'][f'{s:g}']:>8.1%}" for s in INSPECT) + f"   AUC {r['auc']:.4f}")
-    common.write_json(run.dir / "mislabel.json", report)
+    rundir.write_json(run.dir / "mislabel.json", report)
     return report
 
 
@@ -288,7 +289,7 @@ def tracin_held_out(audited: Path, model, images, labels, transform) -> np.ndarr
     total, names = 0.0, gc.param_names(model)
     for e in gc.stored_epochs(audited, required=True):
         ep = gc.Epoch(audited, e)
-        model.load_state_dict(common.load_checkpoint(ep.dir / ep.meta.get("weights", "weights.pt")))
+        model.load_state_dict(rundir.load_checkpoint(ep.dir / ep.meta.get("weights", "weights.pt")))
         sq = []
         for s in range(0, len(labels), 1000):
             a, b, _, _ = gc.layer_factors(model.eval(), transform(images[s:s + 1000]), labels[s:s + 1000])
@@ -322,7 +323,7 @@ def audit_report(run, audited: Path, model, config, data, top: int) -> dict:
               "files": {"ranking": f"audit_{split}.csv", "top": f"audit_{split}_top.png"},
               "top": [{"index": int(i), "label": int(labels[i]), "prediction": int(pred[i]), **{k: float(v[i]) for k, v in scores.items()}}
                       for i in order[:top]]}
-    common.write_json(run.dir / f"audit_{split}.json", report)
+    rundir.write_json(run.dir / f"audit_{split}.json", report)
     print(f"audit of the {len(labels):,} {split} images: {report['top_misclassified']} of the top {top} misclassified by the "
           f"final model ({report['misclassified']} in all) -> {run.dir / report['files']['top']}")
     return report
@@ -345,7 +346,7 @@ def main(
     quiet: common.Quiet = False,
 ):
     """Rank a run's training rows as suspect mislabels (scored when noise was injected) and audit a held-out split."""
-    run = common.Run(ctx, common.args_from(locals()), __file__)
+    run = rundir.Run(ctx, common.args_from(locals()), __file__)
     args = run.args
     common.check(args.cleanlab_folds >= 2, f"--cleanlab-folds {args.cleanlab_folds}: need at least 2")
     common.check(args.audit in (None, "test", "val"), f"--audit {args.audit}: use test or val")

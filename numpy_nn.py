@@ -27,6 +27,7 @@ import numpy as np
 import typer
 
 import common
+import rundir
 
 app = typer.Typer(add_completion=False, pretty_exceptions_enable=False, help=__doc__.split("\n")[0])
 ARCHS = ("embed", "mlp")
@@ -196,7 +197,7 @@ def save_npz(state: dict, path) -> None:
 
     meta = split(state, "")
     with open(path, "wb") as f:
-        np.savez(f, __meta__=np.array(json.dumps(meta, default=common.to_json)), **arrays)
+        np.savez(f, __meta__=np.array(json.dumps(meta, default=rundir.to_json)), **arrays)
 
 
 def load_npz(path, map_location=None) -> dict:
@@ -453,7 +454,7 @@ def main(
     quiet: common.Quiet = False,
 ):
     """Train the NumPy network on MNIST (or check its gradients) and report test accuracy with the best weights."""
-    run = common.Run(ctx, common.args_from(locals()), __file__, length_option="updates",  # named by this file
+    run = rundir.Run(ctx, common.args_from(locals()), __file__, length_option="updates",  # named by this file
                      changeable=("updates", "quiet", "data_dir"), checkpoint_format=(".npz", save_npz, load_npz))
     args = run.args
     check_options(args)

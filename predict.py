@@ -23,14 +23,15 @@ import torch
 import typer
 
 import common
+import rundir
 
 app = typer.Typer(add_completion=False, pretty_exceptions_enable=False, help=__doc__.split("\n")[0])
 
 
 def load_run(run_dir: Path, checkpoint: str = "best.pt"):
     """(the run's model on the CPU taking pixels in [0, 1] [B,1,28,28], list mapping class index -> original digit).
-    The run's own script rebuilds the model (common.load_run_model), so a copied script's runs work too."""
-    model, config, _ = common.load_run_model(run_dir, checkpoint)
+    The run's own script rebuilds the model (rundir.load_run_model), so a copied script's runs work too."""
+    model, config, _ = rundir.load_run_model(run_dir, checkpoint)
     model = model.float()
     dataset = config.get("dataset") or ("mnist" if takes_mnist_images(model) else "non-MNIST")  # older runs
     common.check(dataset == "mnist", f"{run_dir}: a {dataset} run; predict.py classifies digit images with MNIST runs")

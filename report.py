@@ -35,6 +35,7 @@ from typing import Annotated, Optional
 import typer
 
 import common
+import rundir
 
 ROOT = Path(__file__).resolve().parent
 app = typer.Typer(add_completion=False, pretty_exceptions_enable=False, help=__doc__.split("\n")[0])
@@ -44,7 +45,7 @@ NOT_POOLING_OPTIONS = {"seed", "resume", "tag", "quiet", "out_dir", "data_dir"}
 # config.json keys that are not options (for runs whose config.json does not list its "options"): machine, bookkeeping,
 # code version (report.py says when pooled runs ran different code instead of splitting them).
 MACHINE_FACTS = {"script", "script_path", "versions", "created", "resumes", "cpu", "threads", "precision_reason", "device",
-                 "script_sha256", "common_sha256", "git", "copy_of", "options", "flush_denormal", "malloc"}
+                 "script_sha256", "common_sha256", "rundir_sha256", "git", "copy_of", "options", "flush_denormal", "malloc"}
 
 
 # ----------------------------------------------------------------------------- reproduce: every source's headline claim
@@ -120,7 +121,7 @@ class Record:
             self._loaded.add(kind)
             name = "config.json" if kind == "config" else "metrics.json"
             if getattr(self, kind) is None and self.run_dir:
-                data = common.read_json(Path(self.run_dir) / name, default=None)
+                data = rundir.read_json(Path(self.run_dir) / name, default=None)
                 if isinstance(data, dict):
                     setattr(self, kind, data if kind == "config" else data.get("final"))
             if kind == "config" and isinstance(self.config, dict):  # as the run ended: its resumes' changes applied
@@ -166,7 +167,7 @@ def read_results(path: Path, notes: list[str]) -> list[Record]:
     """OUT_DIR/results.jsonl: Run.finish's lines (time, script, run_dir, tag, seed, the script's headline
     options and metrics); a run trained further after its first report has a later line, and the latest counts."""
     latest = {}
-    for i, obj in common.read_jsonl(path, notes, numbered=True):
+    for i, obj in rundir.read_jsonl(path, notes, numbered=True):
         missing = [k for k in ("script", "run_dir") if not obj.get(k)]
         if missing:
             notes.append(f"skipped {path}:{i}: partial record (no {' or '.join(missing)})")
@@ -181,13 +182,13 @@ def read_sweep(sweep_dir: Path, notes: list[str]) -> list[Record]:
     metrics, failed ones counted as failed."""
     sweep_dir = Path(sweep_dir)
     path = sweep_dir / "trials.jsonl"
-    script = common.read_json(sweep_dir / "sweep.json", default={}).get("script")
+    script = rundir.read_json(sweep_dir / "sweep.json", default={}).get("script")
     script = Path(script).stem if isinstance(script, str) else None
     latest: dict[str, Record] = {}
     if not path.is_file():
         notes.append(f"skipped {sweep_dir}: no trials.jsonl")
         return []
-    for i, row in common.read_jsonl(path, notes, numbered=True):
+    for i, row in rundir.read_jsonl(path, notes, numbered=True):
         if not isinstance(row.get("options"), dict) or "seed" not in row or row.get("status") not in ("ok", "failed"):
             notes.append(f"skipped {path}:{i}: partial trial record (needs options, seed and status ok/failed)")
             continue

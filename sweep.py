@@ -39,6 +39,7 @@ from typing import Annotated, Optional
 import typer
 
 import common
+import rundir
 import report
 
 app = typer.Typer(add_completion=False, pretty_exceptions_enable=False, help=__doc__.split("\n")[0])
@@ -181,8 +182,8 @@ def run_trial(cmd: list[str], cwd: str, threads: int, out_dir: Optional[str] = N
     if lines:  # the last printed line names the run directory: "run DIR | test accuracy ..."
         run_dir = Path(cwd) / lines[-1][4:].split(" | ")[0]
         result["run_dir"] = str(run_dir)
-        result["config"] = common.read_json(run_dir / "config.json", default=None)
-        result["final"] = common.read_json(run_dir / "metrics.json", default={}).get("final")
+        result["config"] = rundir.read_json(run_dir / "config.json", default=None)
+        result["final"] = rundir.read_json(run_dir / "metrics.json", default={}).get("final")
         shared = marker is None or os.path.isfile(marker)
         if out_dir is not None and not shared and run_dir.is_relative_to(out_dir) and result["final"] is not None:
             result["run_rel"] = str(run_dir.relative_to(out_dir))
@@ -190,7 +191,7 @@ def run_trial(cmd: list[str], cwd: str, threads: int, out_dir: Optional[str] = N
             result["copied"] = {"files": len(result["files"]), "bytes": sum(len(f[3]) for f in result["files"])}
             if left:
                 result["left_on_node"] = left
-            result["results_line"] = next((r for r in reversed(common.read_jsonl(Path(out_dir) / "results.jsonl"))
+            result["results_line"] = next((r for r in reversed(rundir.read_jsonl(Path(out_dir) / "results.jsonl"))
                                            if r.get("run_dir") == str(run_dir)), None)
     if proc.returncode == 0 and result["final"] is None:
         result["returncode"], result["stderr_tail"] = -1, "exited 0 but left no metrics.json with a final block:\n" + out[-1000:]
@@ -234,7 +235,7 @@ def land_run(out_dir: Path, result: dict) -> None:
     files, line, target = result.pop("files"), result.pop("results_line", None), out_dir / result.pop("run_rel")
     if not files:  # --copy-limit-mb 0: the run stays on its node; its results line (the metrics) still comes here
         result["run_dir"] = str(target)
-        common.append_jsonl(out_dir / "results.jsonl", {**line, "run_dir": str(target)}, unique="run_dir") if line else None
+        rundir.append_jsonl(out_dir / "results.jsonl", {**line, "run_dir": str(target)}, unique="run_dir") if line else None
         return
     target.parent.mkdir(parents=True, exist_ok=True)
     same = lambda d: all((d / rel).is_file() and (d / rel).read_bytes() == data for rel, _, _, data in files)  # noqa: E731
@@ -257,7 +258,7 @@ def land_run(out_dir: Path, result: dict) -> None:
         os.rename(incoming, target)
     result["run_dir"] = str(target)
     if line is not None:
-        common.append_jsonl(out_dir / "results.jsonl", {**line, "run_dir": str(target)}, unique="run_dir")
+        rundir.append_jsonl(out_dir / "results.jsonl", {**line, "run_dir": str(target)}, unique="run_dir")
 
 
 def trial_key(options: dict, seed: int) -> str:
@@ -336,7 +337,7 @@ def main(
         values = {"config": list(configs), **values}
     sweep_dir.mkdir(parents=True, exist_ok=True)
     trials_path = sweep_dir / "trials.jsonl"
-    done = {trial_key(r["options"], r["seed"]) for r in common.read_jsonl(trials_path) if r.get("status") == "ok"}
+    done = {trial_key(r["options"], r["seed"]) for r in rundir.read_jsonl(trials_path) if r.get("status") == "ok"}
     todo = [t for t in trials if trial_key(t["options"], t["seed"]) not in done]
 
     if not todo:  # nothing to run: no Ray (importing and starting it costs seconds); sweep.json stays as it was
@@ -356,7 +357,7 @@ def main(
         ray.init(address=address, num_cpus=None if address else num_cpus, include_dashboard=False,
                  log_to_driver=False, logging_level="ERROR", configure_logging=True)
     threads = max(1, int(cpus_per_trial))
-    common.write_json(sweep_dir / "sweep.json", {
+    rundir.write_json(sweep_dir / "sweep.json", {
         "script": str(script), "grid": values, "configs": configs, "seeds": seed_list, "name": name, "metric": metric,
         "address": address or "local", "cluster_resources": ray.cluster_resources(),
         "cpus_per_trial": cpus_per_trial, "gpus_per_trial": gpus_per_trial, "retries": retries,
@@ -404,7 +405,7 @@ def main(
                           f"{rel} ({size / 2**20:.1f} MB)" for rel, size in result["left_on_node"].items()), file=sys.stderr)
             status = "ok" if result["returncode"] == 0 else "failed"
             counts[status] += 1
-            common.append_jsonl(trials_path, {"id": t["id"], "options": t["options"], "seed": t["seed"], "status": status,
+            rundir.append_jsonl(trials_path, {"id": t["id"], "options": t["options"], "seed": t["seed"], "status": status,
                                       "attempts": t["attempts"], **result, "cmd": " ".join(t["cmd"])})
             if bar is not None:
                 bar.set_postfix(ok=counts["ok"], failed=counts["failed"], total=len(todo), refresh=False)
@@ -427,7 +428,7 @@ def main(
     table = summarize(sweep_dir, values, metric)
     if not quiet:
         print((sweep_dir / "summary.md").read_text())
-    walls = sum(r.get("wall_s") or 0 for r in common.read_jsonl(trials_path)[-len(todo):]) if todo else 0.0
+    walls = sum(r.get("wall_s") or 0 for r in rundir.read_jsonl(trials_path)[-len(todo):]) if todo else 0.0
     print(f"sweep {sweep_dir} | {counts['ok']} ok, {counts['failed']} failed of {len(todo)} run in {wall:.1f} s "
           f"(trials' own time {walls:.1f} s) | {len(table)} summary rows")
     return 1 if counts["failed"] else 0

@@ -32,6 +32,7 @@ import torch.nn.functional as F
 import typer
 
 import common
+import rundir
 
 app = typer.Typer(add_completion=False, pretty_exceptions_enable=False, help=__doc__.split("\n")[0])
 MODELS = ("allcnn", "resnet18", "resnet34", "resnet50")
@@ -274,12 +275,12 @@ def main(
     if _elastic is not None and os.environ.get("TORCHELASTIC_RESTART_COUNT", "0") == "0" and os.environ.get("RANK") == "0":
         _elastic.unlink(missing_ok=True)  # the first attempt: a pointer left by an earlier job names another run
     elif _elastic is not None and os.environ.get("TORCHELASTIC_RESTART_COUNT", "0") != "0" and _elastic.is_file():
-        resume = Path(common.read_json(_elastic)["run_dir"])  # torchrun restarted the workers: the same run goes on
-        if "final" in common.read_json(resume / "metrics.json", default={}):
+        resume = Path(rundir.read_json(_elastic)["run_dir"])  # torchrun restarted the workers: the same run goes on
+        if "final" in rundir.read_json(resume / "metrics.json", default={}):
             print(f"run {resume} | already finished before torchrun restarted the workers")
             return
     rank, world, dev = distributed(device)
-    run = common.Run(ctx, common.args_from(locals()), __file__, main_process=rank == 0)  # rank 0 alone writes files
+    run = rundir.Run(ctx, common.args_from(locals()), __file__, main_process=rank == 0)  # rank 0 alone writes files
     args = run.args
     check_options(args)
     run.fix_length({"step": "its step learning rate drops at 40% and 80% of the planned epochs",
@@ -297,7 +298,7 @@ def main(
     run.save_config(device=str(dev), precision_reason=precision_reason, cpu=common.describe_machine(), world_size=world, global_batch=args.batch_size * world, **counts,
                     **data.describe())
     if _elastic is not None and rank == 0 and not run.resumed:  # where a restarted worker group finds this run
-        common.write_json(_elastic, {"run_dir": str(run.dir), "rdzv_id": os.environ["TORCHELASTIC_RUN_ID"]})
+        rundir.write_json(_elastic, {"run_dir": str(run.dir), "rdzv_id": os.environ["TORCHELASTIC_RUN_ID"]})
     if world > 1 and not run.resumed:  # the run directory rank 0 just made: every rank knows where the run lives
         holder = [str(run.dir) if rank == 0 else None]
         dist.broadcast_object_list(holder, src=0)
@@ -313,7 +314,7 @@ def main(
 
     writer = run.tensorboard()
     steps_writer = run.tensorboard("steps", purge_step=run.epoch * len(batches) + 1)  # x axis: global step
-    predictions = common.Predictions(data.train_y, data.num_classes, data.train_index)  # for label_audit.py
+    predictions = rundir.Predictions(data.train_y, data.num_classes, data.train_index)  # for label_audit.py
     gather = (lambda t: (dist.all_reduce(t), t)[1]) if world > 1 else None  # each rank recorded its own rows
     with run.guard():
         for epoch in run.epochs(args.epochs):  # all --epochs: no early stopping (the schedule spans the planned epochs)

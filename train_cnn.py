@@ -35,6 +35,7 @@ import torch.nn.functional as F
 import typer
 
 import common
+import rundir
 
 app = typer.Typer(add_completion=False, pretty_exceptions_enable=False, help=__doc__.split("\n")[0])
 
@@ -71,7 +72,7 @@ class CNN(nn.Sequential):
 
 
 def build_model(config: dict) -> CNN:
-    """The model a run's config.json describes (common.load_run_model: predict.py, fgsm_attack.py)."""
+    """The model a run's config.json describes (rundir.load_run_model: predict.py, fgsm_attack.py)."""
     return CNN(config["arch"], config["num_classes"])
 
 
@@ -277,7 +278,7 @@ def train(run, model, optimizer, batches, data, plain, scaler=None) -> None:
     args, writer = run.args, run.tensorboard()
     steps_writer = run.tensorboard("steps", purge_step=run.epoch * len(batches) + 1)  # x axis: global step
     total_steps = args.epochs * len(batches)
-    predictions = common.Predictions(data.train_y, data.num_classes, data.train_index)  # for label_audit.py
+    predictions = rundir.Predictions(data.train_y, data.num_classes, data.train_index)  # for label_audit.py
 
     def lr_at(step: int):
         return schedule(args.lr_schedule, step, total_steps, len(batches), args.lr, args.gamma, args.cycle_momentum)
@@ -384,7 +385,7 @@ def main(
 ):
     """Train a CNN on MNIST and report test accuracy with the best (by val accuracy) weights."""
     started = time.time()
-    run = common.Run(ctx, common.args_from(locals()), __file__)  # named by this file: a copy is a new experiment
+    run = rundir.Run(ctx, common.args_from(locals()), __file__)  # named by this file: a copy is a new experiment
     args = run.args
     check_options(args)
     if args.lr_schedule in ("cosine", "onecycle"):

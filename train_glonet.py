@@ -33,6 +33,7 @@ import torch.nn.functional as F
 import typer
 
 import common
+import rundir
 
 app = typer.Typer(add_completion=False, pretty_exceptions_enable=False, help=__doc__.split("\n")[0])
 MODELS, ACTIVATIONS, INITS = ("glonet", "mlp", "resmlp"), ("relu", "leaky"), ("lecun", "default", "kaiming")
@@ -328,7 +329,7 @@ def train(run, net, opt, batches, data, precision: str = "fp32", scaler=None) ->
     args, writer = run.args, run.tensorboard()
     steps_writer = run.tensorboard("steps", purge_step=run.epoch * len(batches) + 1)  # x axis: global step
     total_steps = args.epochs * len(batches)
-    predictions = common.Predictions(data.train_y, data.num_classes, data.train_index)  # for label_audit.py
+    predictions = rundir.Predictions(data.train_y, data.num_classes, data.train_index)  # for label_audit.py
 
     def lr_of_step(step: int) -> float:
         return lr_at(args.lr_schedule, args.lr, step, total_steps)
@@ -418,7 +419,7 @@ def main(
     quiet: common.Quiet = False,
 ):
     """Train a GloNet, MLP or residual MLP of a given depth on MNIST; test accuracy and layer usage every epoch."""
-    run = common.Run(ctx, common.args_from(locals()), __file__)  # named by this file: a copy is a new experiment
+    run = rundir.Run(ctx, common.args_from(locals()), __file__)  # named by this file: a copy is a new experiment
     args = run.args
     check_options(args)
     if args.lr_schedule == "cosine":

@@ -28,6 +28,7 @@ import torch.nn.functional as F
 import typer
 
 import common
+import rundir
 
 app = typer.Typer(add_completion=False, pretty_exceptions_enable=False, help=__doc__.split("\n")[0])
 
@@ -161,7 +162,7 @@ def train(run, model, optimizer, batches, data, after_epoch=None, precision: str
     args, writer = run.args, run.tensorboard()
     steps = len(batches)
     steps_writer = run.tensorboard("steps", purge_step=run.epoch * len(batches) + 1)  # x axis: global step
-    predictions = common.Predictions(data.train_y, data.num_classes, data.train_index)  # for label_audit.py
+    predictions = rundir.Predictions(data.train_y, data.num_classes, data.train_index)  # for label_audit.py
 
     with run.guard():
         for epoch in run.epochs(args.epochs):
@@ -242,7 +243,7 @@ def main(
     quiet: common.Quiet = False,
 ):
     """Train an MLP on MNIST and report test accuracy with the best (by val accuracy) weights."""
-    run = common.Run(ctx, common.args_from(locals()), __file__)  # named by this file: a copy is a new experiment
+    run = rundir.Run(ctx, common.args_from(locals()), __file__)  # named by this file: a copy is a new experiment
     args = run.args
     check_options(args)
     if args.lr_schedule == "cosine":

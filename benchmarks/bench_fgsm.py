@@ -18,6 +18,7 @@ import typer
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import common  # noqa: E402
+import rundir  # noqa: E402
 import fgsm_attack  # noqa: E402
 import train_cnn  # noqa: E402
 
@@ -29,7 +30,7 @@ def main(data_dir: Path = typer.Option(Path("./data"), envvar="DATA_DIR"), run: 
          eps: float = 64, batch_size: int = 1000, loop_samples: int = 300):
     data = common.load_mnist(data_dir, "cpu")
     if run is not None:  # rebuilt by the run's own script (a copy of train_cnn.py too)
-        model, _, _ = common.load_run_model(run)
+        model, _, _ = rundir.load_run_model(run)
     else:
         torch.manual_seed(0)
         model = train_cnn.CNN("fast")

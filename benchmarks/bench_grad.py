@@ -32,6 +32,7 @@ import typer
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import common  # noqa: E402
+import rundir  # noqa: E402
 import grad_collect as gc  # noqa: E402
 from train_mlp import MLP  # noqa: E402
 
@@ -107,7 +108,7 @@ def main(data_dir: common.DataDir = Path("./data"), k: Annotated[int, typer.Opti
         rss = peak_rss_mb()
         print(f"exact factors of {m:,} samples written to .npy: {seconds:.1f} s ({written / 1e6:.0f} MB) | peak RSS {rss:.0f} MB "
               f"| targets <= 10 s, <= 1024 MB")
-        common.write_json(edir / "metadata.json", gc.base_meta(model, plan, m, "float32", 1.0))
+        rundir.write_json(edir / "metadata.json", gc.base_meta(model, plan, m, "float32", 1.0))
         ep = gc.Epoch(tmp)
         test_x, test_y = common.read_mnist(data_dir, train=False)
         a, b, _, _ = gc.layer_factors(model, common.normalize(test_x[:1]), test_y[:1])

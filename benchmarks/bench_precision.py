@@ -30,6 +30,7 @@ import typer
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 import common  # noqa: E402
+import rundir  # noqa: E402
 
 app = typer.Typer(add_completion=False, pretty_exceptions_enable=False, help=__doc__.split("\n")[0])
 CONFIGS = {  # name: (script, options). train_glonet at depth 200 for 2 epochs: 10 would take an hour per seed here
@@ -45,7 +46,7 @@ CONFIGS = {  # name: (script, options). train_glonet at depth 200 for 2 epochs: 
 
 def build(script: str, config: dict) -> nn.Module:
     """The model a run of `script` trains, from its config.json (the script's own build_model)."""
-    return common.import_script({"script": Path(script).stem, "script_path": str(ROOT / script)}, ROOT).build_model(config)
+    return rundir.import_script({"script": Path(script).stem, "script_path": str(ROOT / script)}, ROOT).build_model(config)
 
 
 def gemm_epoch_seconds(model: nn.Module, batch_size: int, n_train: int, dtype: torch.dtype, steps: int = 20) -> float:
@@ -84,7 +85,7 @@ def run_once(script: str, options: list, precision: str, seed: int, data_dir: Pa
     wall = time.perf_counter() - t0
     common.check(proc.returncode == 0, f"{' '.join(cmd)} failed: {(proc.stderr or proc.stdout).strip().splitlines()[-1:]}")
     (run_dir,) = (out / Path(script).stem).iterdir()
-    config, metrics = common.read_json(run_dir / "config.json"), common.read_json(run_dir / "metrics.json")
+    config, metrics = rundir.read_json(run_dir / "config.json"), rundir.read_json(run_dir / "metrics.json")
     epochs = metrics["epochs"]
     train_s = [e.get("train_time_s", e["epoch_time_s"]) for e in epochs]  # train_glonet times training alone
     return {"wall_s": wall, "test_acc": metrics["final"]["test_acc"], "epoch_s": statistics.median(train_s),
@@ -151,7 +152,7 @@ def main(
               f"{mean_sd(r['test_acc']['auto'])} | {mean_sd(r['test_acc']['fp32'])} |")
     report = {"date": time.strftime("%Y-%m-%d %H:%M"), "machine": common.describe_machine(), "torch": torch.__version__,
               "auto": auto, "seeds": seed_list, "rows": rows}
-    common.write_json(out / "bench_precision.json", report)
+    rundir.write_json(out / "bench_precision.json", report)
     print(f"{out / 'bench_precision.json'}")
 
 

@@ -1,4 +1,4 @@
-"""bench_record.py: what recording the training rows' predictions (common.Predictions: one scatter a step on the
+"""bench_record.py: what recording the training rows' predictions (rundir.Predictions: one scatter a step on the
 device, one float16 copy and an atomic .npz write an epoch) costs train_mlp and train_cnn, side by side in one process.
 
     OMP_NUM_THREADS=1 python benchmarks/bench_record.py --data-dir ../shared/data
@@ -23,6 +23,7 @@ import typer
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 import common  # noqa: E402
+import rundir  # noqa: E402
 import train_cnn  # noqa: E402
 import train_mlp  # noqa: E402
 
@@ -55,7 +56,7 @@ def main(data_dir: Annotated[Path, typer.Option(envvar="DATA_DIR")] = Path("./da
     print(f"torch {torch.__version__}, {torch.get_num_threads()} thread(s), device {device}, {len(data.train_y):,} training rows")
     with tempfile.TemporaryDirectory() as tmp:
         for name, epoch in setups(data):
-            predictions = common.Predictions(data.train_y, data.num_classes, data.train_index)
+            predictions = rundir.Predictions(data.train_y, data.num_classes, data.train_index)
             plain, recorded, saves = [], [], []
             epoch(None)  # warm-up
             for _ in range(repeats):

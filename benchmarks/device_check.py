@@ -28,6 +28,7 @@ import typer
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 import common  # noqa: E402
+import rundir  # noqa: E402
 
 app = typer.Typer(add_completion=False, pretty_exceptions_enable=False, help=__doc__.split("\n")[0])
 SCRIPTS = {  # short runs: 2 epochs on a few thousand images (train_allcnn: a few hundred, small channels)
@@ -105,7 +106,7 @@ def check_script(script: str, device: str, data_dir: Path, out: Path, tolerance:
         row["kill+resume"] = (False, t1 + t2, why(resumed))
     else:
         run_dir = the_run_dir(out / "killed", script)
-        a, b = (common.read_json(d / "metrics.json") for d in (straight_dir, run_dir))
+        a, b = (rundir.read_json(d / "metrics.json") for d in (straight_dir, run_dir))
         worst = max(differences(b, a), key=lambda d: d[1], default=("", 0.0))
         ok = worst[1] <= tolerance
         row["kill+resume"] = (ok, t1 + t2, f"largest relative difference {worst[1]:.1e}" + ("" if ok else f" at {worst[0]}"))
@@ -170,7 +171,7 @@ def main(
               "total_s": round(time.time() - t0, 1), "tolerance": tolerance,
               "checks": {s: {c: {"ok": ok, "seconds": round(sec, 2), "detail": d} for c, (ok, sec, d) in row.items()}
                          for s, row in rows.items()}}
-    common.write_json(out / "device_check.json", report)
+    rundir.write_json(out / "device_check.json", report)
     print(f"{out / 'device_check.json'} | {sum(len(r) for r in rows.values()) - len(failed)} passed, {len(failed)} failed "
           f"in {report['total_s']:.0f}s on {dev}")
     return 1 if failed else 0

@@ -14,6 +14,7 @@ import torch
 import torch.nn as nn
 
 import common
+import rundir
 import train_allcnn
 from conftest import OFFLINE_ENV, ROOT, assert_user_error, run_cli
 
@@ -161,12 +162,12 @@ def test_two_torchrun_processes_killed_and_resumed_equal_one_process_with_the_do
     killed = torchrun(*common_args, "--batch-size", 8, "--out-dir", tmp_path / "two", RUN_TEST_KILL_AT="batch:9")
     assert killed.returncode != 0, killed.stderr[-3000:]
     (dir_two,) = (tmp_path / "two" / "train_allcnn").iterdir()  # rank 0 alone made a run directory
-    assert common.load_checkpoint(dir_two / "last.pt")["run"]["epoch"] == 1
+    assert rundir.load_checkpoint(dir_two / "last.pt")["run"]["epoch"] == 1
     two = torchrun("--resume", dir_two, "--data-dir", tiny_cifar, "--quiet")
     assert two.returncode == 0, two.stderr[-3000:]
     dir_one = one_process_run
-    a = common.load_checkpoint(dir_one / "last.pt")["objects"]["model"]
-    b = common.load_checkpoint(dir_two / "last.pt")["objects"]["model"]
+    a = rundir.load_checkpoint(dir_one / "last.pt")["objects"]["model"]
+    b = rundir.load_checkpoint(dir_two / "last.pt")["objects"]["model"]
     for key in a:
         torch.testing.assert_close(b[key], a[key], atol=1e-5, rtol=1e-5)
     config = json.loads((dir_two / "config.json").read_text())
@@ -214,8 +215,8 @@ def test_torchrun_restarts_a_killed_worker_and_the_run_goes_on_from_last_pt(tiny
     assert f"resuming {run_dir} after epoch 1" in proc.stdout, proc.stdout
     config = json.loads((run_dir / "config.json").read_text())
     assert config["world_size"] == 2 and len(config["resumes"]) == 1
-    a = common.load_checkpoint(one_process_run / "last.pt")["objects"]["model"]
-    b = common.load_checkpoint(run_dir / "last.pt")["objects"]["model"]
+    a = rundir.load_checkpoint(one_process_run / "last.pt")["objects"]["model"]
+    b = rundir.load_checkpoint(run_dir / "last.pt")["objects"]["model"]
     for key in a:
         torch.testing.assert_close(b[key], a[key], atol=1e-5, rtol=1e-5)
     assert [e["epoch"] for e in json.loads((run_dir / "metrics.json").read_text())["epochs"]] == [1, 2]

@@ -1,4 +1,4 @@
-"""common.py: MNIST loading through torchvision's real IDX path, digit filtering, splits, batching,
+"""common.py and rundir.py: MNIST loading through torchvision's real IDX path, digit filtering, splits, batching,
 run directories and checkpoint I/O."""
 
 import contextlib
@@ -14,6 +14,7 @@ import pytest
 import torch
 
 import common
+import rundir
 from conftest import OFFLINE_ENV, ROOT
 
 
@@ -106,52 +107,54 @@ def test_batches_cover_every_sample_once_and_reshuffle():
 
 def test_checkpoint_roundtrip_and_damaged_file(tmp_path):
     state = {"model": {"w": torch.randn(3, 2)}, "epoch": 4, "state": {"best": 0.5, "name": "x"}}
-    common.atomic_write(tmp_path / "last.pt", lambda tmp: torch.save(state, tmp))
-    loaded = common.load_checkpoint(tmp_path / "last.pt")
+    rundir.atomic_write(tmp_path / "last.pt", lambda tmp: torch.save(state, tmp))
+    loaded = rundir.load_checkpoint(tmp_path / "last.pt")
     assert torch.equal(loaded["model"]["w"], state["model"]["w"]) and loaded["state"] == state["state"]
     assert [p.name for p in tmp_path.iterdir()] == ["last.pt"]  # no temporary file left behind
     (tmp_path / "bad.pt").write_bytes(b"not a checkpoint")
     with pytest.raises(common.UserError, match="unreadable"):
-        common.load_checkpoint(tmp_path / "bad.pt")
+        rundir.load_checkpoint(tmp_path / "bad.pt")
     with pytest.raises(common.UserError, match="not found"):
-        common.load_checkpoint(tmp_path / "missing.pt")
+        rundir.load_checkpoint(tmp_path / "missing.pt")
 
 
 def test_run_dirs_are_unique_and_results_append(tmp_path):
-    first = common.make_run_dir(tmp_path, "script", "t")
-    second = common.make_run_dir(tmp_path, "script", "t")
+    first = rundir.make_run_dir(tmp_path, "script", "t")
+    second = rundir.make_run_dir(tmp_path, "script", "t")
     assert first != second and first.parent == second.parent == tmp_path / "script"
     assert first.name.endswith("-t")
     for record in ({"run_dir": "a", "n": 1}, {"run_dir": "b", "n": 2}, {"run_dir": "a", "n": 1}, {"run_dir": "a", "n": 3}):
-        common.append_jsonl(tmp_path / "results.jsonl", {**record, "time": "now"}, unique="run_dir")
+        rundir.append_jsonl(tmp_path / "results.jsonl", {**record, "time": "now"}, unique="run_dir")
     lines = (tmp_path / "results.jsonl").read_text().splitlines()  # a redone report adds nothing, an extended run a line
     assert [json.loads(line)["n"] for line in lines] == [1, 2, 3]
     with pytest.raises(common.UserError):
-        common.make_run_dir(tmp_path, "script", "bad/tag")
+        rundir.make_run_dir(tmp_path, "script", "bad/tag")
 
 
 def test_jsonl_reader_skips_and_notes_torn_and_junk_lines_and_json_reader_is_strict_unless_told(tmp_path):
     path = tmp_path / "t.jsonl"
     path.write_text('{"a": 1}\n[1, 2]\n\n{"a": 2}\n{"a": 3, "b"')  # a list, a blank line, a line torn by a kill
     notes = []
-    assert common.read_jsonl(path, notes, numbered=True) == [(1, {"a": 1}), (4, {"a": 2})]
+    assert rundir.read_jsonl(path, notes, numbered=True) == [(1, {"a": 1}), (4, {"a": 2})]
     assert notes == [f"skipped {path}:2: not a JSON object", f"skipped {path}:5: not valid JSON "
                      "(Expecting ':' delimiter; a torn or corrupt line)"]
-    assert common.read_jsonl(tmp_path / "missing.jsonl") == []
+    assert rundir.read_jsonl(tmp_path / "missing.jsonl") == []
     (tmp_path / "bad.json").write_text("{")
-    assert common.read_json(tmp_path / "bad.json", default=None) is None and common.read_json(tmp_path / "no.json", {}) == {}
+    assert rundir.read_json(tmp_path / "bad.json", default=None) is None and rundir.read_json(tmp_path / "no.json", {}) == {}
     with pytest.raises(common.UserError, match="not valid JSON"):
-        common.read_json(tmp_path / "bad.json")
+        rundir.read_json(tmp_path / "bad.json")
     with pytest.raises(common.UserError, match="not found"):
-        common.read_json(tmp_path / "no.json")
+        rundir.read_json(tmp_path / "no.json")
 
 
 def test_a_script_is_named_by_its_file():
     assert common.script_name("/x/my_cnn.py") == "my_cnn" and common.script_name("train_cnn.py") == "train_cnn"
-    text = Path(common.__file__).read_text()
-    named = [p.stem for p in Path(common.__file__).parent.glob("*.py")
-             if p.stem != "common" and any(form in text for form in (f"{p.stem}.py", f'"{p.stem}"', f"import {p.stem}"))]
-    assert not named, f"common.py names scripts: {named}"  # a script tells common what it needs, never the reverse
+    shared = ("common", "rundir")
+    for module in shared:  # a script tells the shared modules what it needs, never the reverse
+        text = (ROOT / f"{module}.py").read_text()
+        named = [p.stem for p in ROOT.glob("*.py")
+                 if p.stem not in shared and any(form in text for form in (f"{p.stem}.py", f'"{p.stem}"', f"import {p.stem}"))]
+        assert not named, f"{module}.py names scripts: {named}"
 
 
 @pytest.mark.parametrize("cuda, mps, want", [(True, True, "cuda"), (False, True, "mps"), (False, False, "cpu")])

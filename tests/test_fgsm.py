@@ -10,6 +10,7 @@ import torch
 import torch.nn as nn
 
 import common
+import rundir
 import fgsm_attack
 import train_allcnn
 import train_mlp
@@ -92,7 +93,7 @@ def test_attack_a_copied_scripts_run(tiny_mnist, tmp_path):
                    "--device", "cpu", "--quiet", env={**ONE_THREAD, "PYTHONPATH": str(ROOT)})
     assert proc.returncode == 0, proc.stderr
     (run_dir,) = (tmp_path / "runs" / "my_mlp").iterdir()
-    weights = common.load_checkpoint(run_dir / "best.pt")["model"]
+    weights = rundir.load_checkpoint(run_dir / "best.pt")["model"]
     with pytest.raises(RuntimeError):  # the original's model cannot hold the copy's weights
         train_mlp.build_model(json.loads((run_dir / "config.json").read_text())).load_state_dict(weights)
     proc = run_cli("fgsm_attack.py", run_dir, "--out-dir", tmp_path / "attacks", "--eps", 32, "--steps", 2,
@@ -145,7 +146,7 @@ def test_bad_input_exits_2(mlp_run, tmp_path, case, words):
     elif case == "negative_eps":
         (run_dir / "best.pt").write_bytes((mlp_run / "best.pt").read_bytes())
         args = ["--eps", "-4"]
-    common.write_json(run_dir / "config.json", config)
+    rundir.write_json(run_dir / "config.json", config)
     proc = run_cli("fgsm_attack.py", run_dir, "--out-dir", tmp_path / "out", *args, cwd=tmp_path)
     assert_user_error(proc, *words)
     assert not (tmp_path / "PWNED").exists()

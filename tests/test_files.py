@@ -11,6 +11,7 @@ import sys
 import pytest
 
 import common
+import rundir
 from conftest import OFFLINE_ENV, ROOT, assert_user_error, run_cli
 
 
@@ -35,7 +36,7 @@ def test_run_files_get_the_umask_modes(tiny_mnist, tmp_path, umask, file_mode, d
 def test_atomic_write_follows_the_umask_in_process(tmp_path):
     old = os.umask(0o027)
     try:
-        common.write_json(tmp_path / "a.json", {"x": 1})
+        rundir.write_json(tmp_path / "a.json", {"x": 1})
     finally:
         os.umask(old)
     assert stat.S_IMODE((tmp_path / "a.json").stat().st_mode) == 0o640
@@ -60,7 +61,8 @@ def test_config_records_the_code_and_a_copy_says_what_it_copies(tiny_mnist, tmp_
     ca, cb = (json.loads((d / "config.json").read_text()) for d in (a, b))
     assert ca["script_sha256"] != cb["script_sha256"] == hashlib.sha256(copy.read_bytes()).hexdigest()
     assert ca["script_path"] == cb["script_path"] == str(copy) and ca["copy_of"] == "train_mlp" and ca["git"] is None
-    assert ca["common_sha256"] == hashlib.sha256((ROOT / "common.py").read_bytes()).hexdigest()
+    for module in ("common", "rundir"):
+        assert ca[f"{module}_sha256"] == hashlib.sha256((ROOT / f"{module}.py").read_bytes()).hexdigest()
 
     table = run_cli("report.py", "--out-dir", out, "--by", "script_sha256", env=env)
     assert table.returncode == 0, table.stderr
@@ -85,18 +87,18 @@ def test_code_version_in_a_git_work_tree(tmp_path):
     script = tmp_path / "exp.py"
     script.write_text('"""exp.py: an experiment."""\n')
     git("init", "-q")
-    assert common.code_version(script)["git"] is None  # no commit to name yet
+    assert rundir.code_version(script)["git"] is None  # no commit to name yet
     (tmp_path / "other.txt").write_text("x")
     git("add", "other.txt")
     git("commit", "-qm", "one")
-    assert common.code_version(script)["git"]["dirty"] is True  # the script itself is not committed
+    assert rundir.code_version(script)["git"]["dirty"] is True  # the script itself is not committed
     git("add", "exp.py")
     git("commit", "-qm", "two")
     head = subprocess.run(["git", "-C", str(tmp_path), "rev-parse", "HEAD"], capture_output=True, text=True).stdout.strip()
-    version = common.code_version(script)
+    version = rundir.code_version(script)
     assert version["git"] == {"commit": head, "dirty": False, "root": str(tmp_path.resolve())} and version["copy_of"] is None
     script.write_text('"""exp.py: an experiment, edited."""\n')
-    edited = common.code_version(script)
+    edited = rundir.code_version(script)
     assert edited["git"]["dirty"] is True and edited["script_sha256"] != version["script_sha256"]
     (tmp_path / "mine.py").write_text(script.read_text())
     assert common.copy_of(tmp_path / "mine.py") == "exp"

@@ -12,6 +12,7 @@ import torch
 import torch.nn.functional as F
 
 import common
+import rundir
 import train_glonet
 from conftest import assert_user_error, run_cli
 
@@ -205,9 +206,9 @@ def test_cli_run_writes_every_output_and_resumes(tiny_mnist, tmp_path):
     (result,) = [json.loads(line) for line in (tmp_path / "a" / "results.jsonl").read_text().splitlines()]
     assert (result["model"], result["layers"], result["features"], result["seed"]) == ("glonet", 4, 64, 0)
     assert result["test_acc"] == final["test_acc"] and result["run_dir"] == str(run_dir)
-    best = common.load_checkpoint(run_dir / "best.pt")
+    best = rundir.load_checkpoint(run_dir / "best.pt")
     assert best["epoch"] == final["best_epoch"] == 3  # no validation split: best.pt follows the last epoch
-    model, _, module = common.load_run_model(run_dir)  # what predict.py does: the run's own script rebuilds its model
+    model, _, module = rundir.load_run_model(run_dir)  # what predict.py does: the run's own script rebuilds its model
     assert module.__name__ == "train_glonet" and isinstance(model, module.DepthNet) and len(model.hidden) == 3
     torch.testing.assert_close(model.state_dict(), best["model"])
 
@@ -244,7 +245,7 @@ def test_divergence_stops_with_a_clear_message_and_keeps_last_pt(tiny_mnist, tmp
     (line,) = [line for line in proc.stderr.splitlines() if line.strip()]
     assert "diverged" in line and "epoch 1" in line and "last.pt" in line
     (run_dir,) = (tmp_path / "train_glonet").iterdir()
-    last = common.load_checkpoint(run_dir / "last.pt")
+    last = rundir.load_checkpoint(run_dir / "last.pt")
     assert last["run"]["epoch"] == 0 and all(torch.isfinite(v).all() for v in last["objects"]["model"].values())
 
 

@@ -140,7 +140,7 @@ def stored_epoch(tmp_path, model, images, y, epoch=1, batch=5, lr=0.5):
     plan = gc.plan_arrays(model, gc.param_names(model))
     edir = tmp_path / "gradients" / f"epoch_{epoch}"
     gc.collect(model, images, y, edir, plan, "float32", batch)
-    gc.common.write_json(edir / "metadata.json", gc.base_meta(model, plan, len(y), "float32", lr))
+    gc.rundir.write_json(edir / "metadata.json", gc.base_meta(model, plan, len(y), "float32", lr))
     return gc.Epoch(tmp_path, epoch)
 
 
@@ -321,11 +321,12 @@ def test_last_layer_only_in_float16_with_other_digits(tiny_mnist, tmp_path):
     check_run(run_dir, [1], ["net.3.weight", "net.3.bias"], [3, 5], analyzed=[1])
     # last-layer gradients, rebuilt from float16 factors, equal those recomputed from the collected weights
     import common
+    import rundir
 
     config = json.loads((run_dir / "config.json").read_text())
     model = MLP(config["hidden"], 2, 0.0)
     ep = gc.Epoch(run_dir)
-    model.load_state_dict(common.load_checkpoint(ep.dir / "weights.pt"))
+    model.load_state_dict(rundir.load_checkpoint(ep.dir / "weights.pt"))
     data = common.load_mnist(tiny_mnist, "cpu", "3,5", config["val_fraction"], None, config["seed"])
     assert ep.meta["sample_index"] == data.train_index.tolist() and ep.params == ["net.3.weight", "net.3.bias"]
     assert set(ep.meta["arrays"]) == {"a_net.3", "b_net.3"}
@@ -344,7 +345,7 @@ def test_factors_stay_exact_fp32_when_the_training_steps_run_in_bf16(tiny_mnist,
     assert json.loads((run_dir / "config.json").read_text())["precision"] == "bf16"
     _, data, model = gc.run_model_and_data(run_dir, tiny_mnist, "cpu")
     ep = gc.Epoch(run_dir, 1)
-    model.load_state_dict(gc.common.load_checkpoint(ep.dir / ep.meta.get("weights", "weights.pt")))
+    model.load_state_dict(gc.rundir.load_checkpoint(ep.dir / ep.meta.get("weights", "weights.pt")))
     rows = [0, 5, 17, len(data.train_y) - 1]
     want = loop_grads(model, gc.common.normalize(data.train_x[rows]), data.train_y[rows])
     for name in want:

@@ -1,7 +1,7 @@
 """Runs killed for real (SIGKILL) at every kind of moment, then resumed, end exactly where an uninterrupted run
 with the same seed ends, and leave no truncated or unreadable file behind.
 
-One run directory per training script (train_allcnn on a tiny CIFAR-10) is killed four times in a row (RUN_TEST_KILL_AT, see common._test_kill_point):
+One run directory per training script (train_allcnn on a tiny CIFAR-10) is killed four times in a row (RUN_TEST_KILL_AT, see common.failpoint):
 right after config.json (before any checkpoint), mid-epoch 1 (batch 3), right after last.pt of epoch 1, and inside
 the final report; each kill is followed by `--resume RUN_DIR`, and the last resume finishes the run.
 grad_collect is also killed mid-way through writing an epoch's gradients."""

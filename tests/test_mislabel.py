@@ -12,6 +12,7 @@ import pytest
 import torch
 
 import common
+import rundir
 import grad_collect as gc
 import label_audit
 from conftest import assert_user_error, run_cli
@@ -101,7 +102,7 @@ def test_recorded_predictions_equal_a_recomputation_from_the_checkpoint(tiny_mni
     killed = run_cli("train_mlp.py", *args, env={**ONE_THREAD, "RUN_TEST_KILL_AT": "checkpoint:1"})
     assert killed.returncode == -9, killed.stderr
     (run_dir,) = (tmp_path / "train_mlp").iterdir()
-    model, config, _ = common.load_run_model(run_dir, "last.pt")
+    model, config, _ = rundir.load_run_model(run_dir, "last.pt")
     resumed = run_cli("train_mlp.py", "--resume", run_dir, "--quiet", env=ONE_THREAD)
     assert resumed.returncode == 0, resumed.stderr
     data = common.load_mnist(tiny_mnist, "cpu", None, config["val_fraction"], None, config["seed"], config["label_noise"])
@@ -175,7 +176,7 @@ def test_grad_collect_run_tracin_cleanlab_and_test_audit(tiny_mnist, tmp_path):
     want = 0.0
     for epoch in gc.stored_epochs(run_dir):
         ep = gc.Epoch(run_dir, epoch)
-        model.load_state_dict(common.load_checkpoint(ep.dir / "weights.pt"))
+        model.load_state_dict(rundir.load_checkpoint(ep.dir / "weights.pt"))
         g = gc.per_sample_grads(model.eval(), common.normalize(data.test_x[i:i + 1]), data.test_y[i:i + 1])
         want += ep.lr * sum(float(v.square().sum()) for v in g.values())
     assert test_audit["top"][0]["tracin"] == pytest.approx(want, rel=1e-4)

@@ -13,6 +13,7 @@ import pytest
 import torch
 
 import common
+import rundir
 import train_mlp
 from conftest import OFFLINE_ENV, ROOT, assert_user_error, run_cli
 
@@ -46,7 +47,7 @@ def test_cli_run_writes_every_output(tiny_mnist, tmp_path):
     assert final["test_acc"] > 0.8  # the synthetic digits are easy: a working pipeline learns them
     (result,) = [json.loads(line) for line in (tmp_path / "results.jsonl").read_text().splitlines()]
     assert result["run_dir"] == str(run_dir) and result["test_acc"] == final["test_acc"]
-    best = common.load_checkpoint(run_dir / "best.pt")
+    best = rundir.load_checkpoint(run_dir / "best.pt")
     assert best["epoch"] == final["best_epoch"] and best["model"]["net.3.weight"].shape == (10, 512)
 
 
@@ -59,7 +60,7 @@ def test_digit_subsets_train_smaller_heads(tiny_mnist, tmp_path, digits, classes
     config = json.loads((run_dir / "config.json").read_text())
     wanted = sorted(int(d) for d in digits.split(","))
     assert config["num_classes"] == classes and config["digit_map"] == {str(d): i for i, d in enumerate(wanted)}
-    weights = common.load_checkpoint(run_dir / "best.pt")["model"]
+    weights = rundir.load_checkpoint(run_dir / "best.pt")["model"]
     assert weights["net.7.weight"].shape == (classes, 32)
     final = json.loads((run_dir / "metrics.json").read_text())["final"]
     assert sorted(final["per_class_acc"]) == [str(d) for d in wanted]
@@ -90,7 +91,7 @@ def test_ctrl_c_then_resume_matches_an_uninterrupted_run(tiny_mnist, tmp_path):
     assert proc.returncode == -signal.SIGINT, (proc.returncode, err)  # died of SIGINT: a shell loop stops
     assert "Traceback" not in err and "--resume" in err
     run_dir = metrics_files[0].parent
-    stopped_at = common.load_checkpoint(run_dir / "last.pt")["run"]["epoch"]
+    stopped_at = rundir.load_checkpoint(run_dir / "last.pt")["run"]["epoch"]
     assert 1 <= stopped_at < 5
 
     resumed = run_cli("train_mlp.py", "--resume", run_dir, "--quiet", env=one_thread)
@@ -170,7 +171,7 @@ def test_val_fraction_0_trains_on_everything_and_best_follows_the_last_epoch(tin
     assert config["val_fraction"] == 0 and config["n_val"] == 0
     metrics = json.loads((run_dir / "metrics.json").read_text())
     assert [e["epoch"] for e in metrics["epochs"]] == [1, 2] and metrics["final"]["best_epoch"] == 2
-    assert common.load_checkpoint(run_dir / "best.pt")["epoch"] == 2
+    assert rundir.load_checkpoint(run_dir / "best.pt")["epoch"] == 2
 
 
 # ----------------------------------------------------------------------------- ablation options: --init, --batch-norm, step schedule
@@ -183,9 +184,9 @@ def test_ablation_options_run_and_are_recorded(tiny_mnist, tmp_path, args):
     config = json.loads((run_dir / "config.json").read_text())
     assert config["init"] == (args[1] if args[0] == "--init" else "default")
     assert config["batch_norm"] is ("--batch-norm" in args) and config["gamma"] == 0.7
-    weights = common.load_checkpoint(run_dir / "best.pt")["model"]
+    weights = rundir.load_checkpoint(run_dir / "best.pt")["model"]
     assert ("net.2.running_mean" in weights) is ("--batch-norm" in args)  # Linear, BatchNorm1d, ReLU
-    model, _, _ = common.load_run_model(run_dir)  # as predict.py and fgsm_attack.py rebuild it from config.json
+    model, _, _ = rundir.load_run_model(run_dir)  # as predict.py and fgsm_attack.py rebuild it from config.json
     assert torch.equal(model.state_dict()["net.1.weight"], weights["net.1.weight"])
     (result,) = [json.loads(line) for line in (tmp_path / "results.jsonl").read_text().splitlines()]
     assert result["init"] == config["init"] and result["batch_norm"] == config["batch_norm"]

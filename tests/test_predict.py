@@ -10,6 +10,7 @@ import torch
 from PIL import Image
 
 import common
+import rundir
 import predict
 import train_mlp
 from conftest import ROOT, assert_user_error, run_cli
@@ -31,14 +32,14 @@ def mnist_run(real_mnist, tmp_path_factory):
 def write_run(run_dir, config: dict, model) -> None:
     """A run directory as a training script leaves it, as far as predict.py reads it: config.json and best.pt."""
     run_dir.mkdir(parents=True, exist_ok=True)
-    common.write_json(run_dir / "config.json", config)
+    rundir.write_json(run_dir / "config.json", config)
     torch.save({"model": model.state_dict()}, run_dir / "best.pt")
 
 
 def test_predicts_what_the_model_predicts_for_the_same_tensor(mnist_run, real_mnist, tmp_path):
     data = common.load_mnist(real_mnist, "cpu", limit=100)
     images = data.test_x[:8]
-    raw, config, _ = common.load_run_model(mnist_run)  # the trained model, fed the way training fed it
+    raw, config, _ = rundir.load_run_model(mnist_run)  # the trained model, fed the way training fed it
     digits = [int(d) for d in sorted(config["digit_map"], key=config["digit_map"].get)]
     with torch.inference_mode():
         expected = [digits[i] for i in raw(common.normalize(images)).argmax(1).tolist()]
@@ -110,7 +111,7 @@ def test_a_copied_script_rebuilds_its_own_model(tmp_path):
               "dataset": "mnist", "digit_map": {str(d): d for d in range(10)}}
     run_dir = tmp_path / "runs" / "my_mlp" / "run"
     torch.manual_seed(0)
-    model = common.import_script(config, run_dir).build_model(config).eval()
+    model = rundir.import_script(config, run_dir).build_model(config).eval()
     assert model.net[1].weight.shape == (32, 784)  # the copy's architecture: --hidden 16 is 32 wide
     write_run(run_dir, config, model)
     with pytest.raises(RuntimeError):  # the original's model cannot hold the copy's weights

@@ -1,7 +1,7 @@
 """Ctrl-C and SIGTERM as a terminal and a scheduler send them: the training process saves, writes how to resume
 (stderr and INTERRUPTED.txt in the run directory) and then dies *of* the signal, so a shell `for` loop of runs stops;
 a second Ctrl-C during that save changes nothing; the interrupted run resumes to the uninterrupted result.
-Real processes (bash, python), paused at a known moment by RUN_TEST_PAUSE_AT (common._test_kill_point)."""
+Real processes (bash, python), paused at a known moment by RUN_TEST_PAUSE_AT (common.failpoint)."""
 
 import json
 import os

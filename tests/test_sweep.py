@@ -14,6 +14,7 @@ import pytest
 from typer.testing import CliRunner
 
 import common
+import rundir
 import sweep
 from conftest import OFFLINE_ENV, ROOT, assert_user_error, run_cli
 
@@ -51,7 +52,7 @@ def test_grid_failure_and_idempotent_rerun(local_ray, tiny_mnist, tmp_path):
         assert r["config"]["lr"] == float(r["options"]["lr"]) and r["config"]["tag"] == f"t-{r['id']}"
         run_dir = tmp_path / "train_mlp" / r["run_dir"].split("/train_mlp/")[1]
         assert r["final"] == json.loads((run_dir / "metrics.json").read_text())["final"] and r["node"]
-        line = next(x for x in common.read_jsonl(tmp_path / "results.jsonl") if x["run_dir"] == r["run_dir"])
+        line = next(x for x in rundir.read_jsonl(tmp_path / "results.jsonl") if x["run_dir"] == r["run_dir"])
         assert line["test_acc"] == r["final"]["test_acc"] and line["tag"] == f"t-{r['id']}"
     assert (tmp_path / "train_mlp").is_dir() and len(list((tmp_path / "train_mlp").iterdir())) == 2
     meta = json.loads((sweep_dir / "sweep.json").read_text())
@@ -150,7 +151,7 @@ def fake_run(out_dir, name="20260101-000000-s-000"):
     (run_dir / "steps" / "events.out.tfevents.1").write_bytes(b"ev")
     (run_dir / "best.pt.tmp").write_bytes(b"torn")  # a write a kill interrupted: not sent
     os.chmod(run_dir / "best.pt", 0o600)
-    common.append_jsonl(out_dir / "results.jsonl", {"script": "train_mlp", "run_dir": str(run_dir), "test_acc": 0.5})
+    rundir.append_jsonl(out_dir / "results.jsonl", {"script": "train_mlp", "run_dir": str(run_dir), "test_acc": 0.5})
     return run_dir, [sys.executable, "-c", f"print('epoch 1'); print('run {run_dir} | test accuracy 50.00%')"]
 
 
@@ -173,19 +174,19 @@ def test_run_directory_comes_back_to_the_driver_without_a_shared_disk(tmp_path):
     expected = {k: v for k, v in tree(run_dir).items() if not k.endswith(".tmp")}
     assert tree(landed) == expected  # every file, byte for byte, with its mode
     assert (landed / "best.pt").stat().st_mtime == (run_dir / "best.pt").stat().st_mtime
-    (line,) = common.read_jsonl(driver / "results.jsonl")
+    (line,) = rundir.read_jsonl(driver / "results.jsonl")
     assert line == {"script": "train_mlp", "run_dir": str(landed), "test_acc": 0.5}
     assert not [p for p in (driver / "train_mlp").iterdir() if p.name.startswith(".")]  # no incoming folder left
 
     # the same run again (as on shared storage, or a repeated landing): nothing rewritten, no second results line
     sweep.land_run(driver, again)
-    assert tree(landed) == expected and len(common.read_jsonl(driver / "results.jsonl")) == 1
+    assert tree(landed) == expected and len(rundir.read_jsonl(driver / "results.jsonl")) == 1
     # another run under the same name (another node, the same second and tag): it takes the next free name
     (run_dir / "best.pt").write_bytes(b"other weights")
     other = sweep.run_trial(cmd, str(ROOT), 1, str(node), str(marker), 2**30)
     sweep.land_run(driver, other)
     assert other["run_dir"] == str(landed) + "-2" and (landed.parent / (landed.name + "-2") / "best.pt").read_bytes() == b"other weights"
-    assert [r["run_dir"] for r in common.read_jsonl(driver / "results.jsonl")] == [str(landed), other["run_dir"]]
+    assert [r["run_dir"] for r in rundir.read_jsonl(driver / "results.jsonl")] == [str(landed), other["run_dir"]]
 
 
 def test_shared_disk_copies_nothing_and_the_limit_keeps_big_files_on_the_node(tmp_path):
