@@ -24,7 +24,6 @@ import os
 import shutil
 import time
 from pathlib import Path
-from types import SimpleNamespace
 from typing import Annotated, Optional
 
 import numpy as np
@@ -36,14 +35,14 @@ import typer
 import common
 import rundir
 import train_mlp
-from train_mlp import MLP, evaluate, fit, make_optimizer, report, train  # noqa: F401 (fit: label_audit.py's cleanlab folds)
+from train_mlp import MLP, fit, make_optimizer, report, train  # noqa: F401 (fit: label_audit.py's cleanlab folds)
 
 app = typer.Typer(add_completion=False, pretty_exceptions_enable=False, help=__doc__.split("\n")[0])
 
 
 # ============================================================================= 1. factor math
-# Per-sample gradients of Linear layers from their factors (inputs a_i, output gradients b_i) and a seeded
-# projection of them, all without forming a gradient.
+# Per-sample gradients of Linear layers from their factors (inputs a_i, output gradients b_i), and their seeded
+# projection, never forming a gradient.
 def linear_layers(model: nn.Module) -> list[tuple[str, nn.Linear]]:
     """The model's Linear layers with their parameter-name prefixes ('net.1', 'net.3', ...)."""
     layers = [(name, m) for name, m in model.named_modules() if isinstance(m, nn.Linear)]
@@ -122,9 +121,7 @@ def projection_factors(shapes, k: int, seed: int, device) -> dict[str, tuple[tor
     shapes: a model, or {parameter name: shape} in named_parameters order."""
     if isinstance(shapes, nn.Module):
         shapes = {n: tuple(p.shape) for n, p in shapes.named_parameters()}
-    g = torch.Generator().manual_seed(seed)
-    scale = 1.0 / math.sqrt(k)
-    out = {}
+    g, scale, out = torch.Generator().manual_seed(seed), 1.0 / math.sqrt(k), {}
     for name, shape in shapes.items():
         if len(shape) == 2:
             u = torch.randn(shape[0], k, generator=g)
@@ -192,18 +189,13 @@ def collect(model, images, labels, epoch_dir: Path, plan: list[dict], dtype: str
     files in epoch_dir, one batch at a time: N never has to fit in memory. Returns per-sample predictions,
     losses and gradient norms (CPU tensors)."""
     model.eval()
-    n = len(labels)
+    n, names, device = len(labels), param_names(model), labels.device
     epoch_dir.mkdir(parents=True, exist_ok=True)
-    np_dtype = np.dtype(dtype)
     position = {prefix: i for i, (prefix, _) in enumerate(linear_layers(model))}
-    names = param_names(model)
-    files = {a["name"]: np.lib.format.open_memmap(epoch_dir / f"{a['name']}.npy", mode="w+", dtype=np_dtype,
+    files = {a["name"]: np.lib.format.open_memmap(epoch_dir / f"{a['name']}.npy", mode="w+", dtype=np.dtype(dtype),
                                                   shape=(n, *a["shape"])) for a in plan}
-    device = labels.device
-    preds = torch.empty(n, dtype=torch.long, device=device)
-    losses = torch.empty(n, device=device)
-    sq_norms = torch.empty(n, len(names), device=device)
-    start = 0
+    preds, losses = torch.empty(n, dtype=torch.long, device=device), torch.empty(n, device=device)
+    sq_norms, start = torch.empty(n, len(names), device=device), 0
     for x, y in common.progress(common.Batches(images, labels, batch_size), quiet, desc="gradients"):
         a, b, logits, loss = layer_factors(model, x, y)
         stop = start + len(y)
@@ -256,17 +248,13 @@ def write_epoch(run, model, data: common.Data, epoch: int, plan, lr: float) -> d
     stats = {"epoch": epoch, "norm_of": "each sample's gradient of its own loss (exact, from the layer factors)", "parameters": {
         col: {"overall": summarize(norms[:, j]), "per_digit": {str(d): summarize(norms[digit == d, j]) for d in data.digits}}
         for j, col in enumerate(param_names(model) + ["total"])}}
-    meta = {
-        "epoch": epoch, "samples": samples,
-        "model_mode": "eval (dropout off) during collection",
-        "loss": "per-sample cross-entropy of the sample's remapped label (weight decay is not part of the loss)",
-        "lr_of": "the mean learning rate over this epoch's steps (TracIn's lr_e)",
-        "digits": data.digits, "digit_map": data.digit_map,
-        "sample_index": data.train_index.tolist(), "digit": digit.tolist(), "label": data.train_y.cpu().tolist(),
-        "prediction": out["pred"].tolist(), "loss_value": [round(v, 6) for v in out["loss"].tolist()],
-        **base_meta(model, plan, len(digit), args.dtype, lr),
-        "collect_seconds": seconds,
-    }
+    meta = {"epoch": epoch, "samples": samples, "model_mode": "eval (dropout off) during collection",
+            "loss": "per-sample cross-entropy of the sample's remapped label (weight decay is not part of the loss)",
+            "lr_of": "the mean learning rate over this epoch's steps (TracIn's lr_e)", "digits": data.digits,
+            "digit_map": data.digit_map, "sample_index": data.train_index.tolist(), "digit": digit.tolist(),
+            "label": data.train_y.cpu().tolist(), "prediction": out["pred"].tolist(),
+            "loss_value": [round(v, 6) for v in out["loss"].tolist()], **base_meta(model, plan, len(digit), args.dtype, lr),
+            "collect_seconds": seconds}
     rundir.write_json(partial / "metadata.json", meta)
     rundir.write_json(partial / "stats.json", stats)
     shutil.rmtree(final, ignore_errors=True)
@@ -305,18 +293,12 @@ def load_npy(path: Path, mmap: bool = True, shape=None) -> np.ndarray:
     return arr
 
 
-def _index(idx, n: int) -> np.ndarray:
-    """idx as an int array of rows (for reading in chunks)."""
-    rows = _rows(idx, n)
-    return np.arange(n)[rows] if isinstance(rows, slice) else rows
-
-
-def _rows(idx, n: int):
-    """idx (None = all, an int, a slice, a list or array of ints) -> a slice or a sorted-as-given int array."""
-    if idx is None:
-        return slice(0, n)
-    if isinstance(idx, slice):
-        return idx
+def _rows(idx, n: int, as_array: bool = False):
+    """idx (None = all, an int, a slice, a list or array of ints) -> a slice or an int array in the order given;
+    as_array: always an int array of rows (for reading in chunks)."""
+    if idx is None or isinstance(idx, slice):
+        rows = slice(0, n) if idx is None else idx
+        return np.arange(n)[rows] if as_array else rows
     out = np.atleast_1d(np.asarray(idx.cpu() if isinstance(idx, torch.Tensor) else idx, dtype=np.int64))
     common.check(len(out) == 0 or (out.min() >= -n and out.max() < n), f"sample index out of range 0..{n - 1}")
     return out
@@ -338,10 +320,9 @@ class Epoch:
         self.epoch = epochs[-1] if epoch is None else epoch
         self.dir = self.run_dir / "gradients" / f"epoch_{self.epoch}"
         self.meta = rundir.read_json(self.dir / "metadata.json")
-        self.n = self.meta["n_samples"]
         common.check(self.meta.get("store") == "factors", f"{self.dir}: gradients stored as {self.meta.get('store')!r}, "
                                                            f"not layer factors (an older grad_collect.py's --store); collect them again")
-        self.lr = self.meta.get("lr")
+        self.n, self.lr = self.meta["n_samples"], self.meta.get("lr")
         self.shapes = {k: tuple(v) for k, v in self.meta["parameter_shapes"].items()}
         stored = {p for a in self.meta["arrays"].values() for p in a["params"]}
         self.params = [p for p in self.shapes if p in stored]
@@ -383,13 +364,8 @@ class Epoch:
         """[B, D] the flattened gradients of `names` (default all stored parameters), concatenated in model order."""
         return torch.cat([self.grad(p, idx).flatten(1) for p in self._names(names)], 1)
 
-    def _side(self, side):
-        """A side of a dot product as factors (a, b): given (e.g. of test images, layer_factors), or stored rows."""
-        return side if isinstance(side, tuple) else self.factors(side)
-
     def _dot(self, x, y, names) -> torch.Tensor:
-        (a1, b1), (a2, b2) = x, y
-        out = 0
+        (a1, b1), (a2, b2), out = x, y, 0
         for p in names:
             i, kind = self.where[p]
             bb = b1[i] @ b2[i].T
@@ -400,12 +376,11 @@ class Epoch:
         """[len(i), len(j)] dot products of the gradients of samples i and j (None = all; either side may also be
         external factors (a, b) as layer_factors returns). From factors, per layer (a_i . a_j)(b_i . b_j) for the
         weight plus b_i . b_j for the bias, summed: no gradient is formed. j is read `chunk` rows at a time."""
-        names = self._names(names)
-        left = self._side(i)
+        names, left = self._names(names), i if isinstance(i, tuple) else self.factors(i)
         if isinstance(j, tuple):
             return self._dot(left, j, names)
-        index = _index(j, self.n)
-        return torch.cat([self._dot(left, self._side(index[s:s + chunk]), names)
+        index = _rows(j, self.n, as_array=True)
+        return torch.cat([self._dot(left, self.factors(index[s:s + chunk]), names)
                           for s in range(0, max(len(index), 1), chunk)], 1)
 
     def norms(self, idx=None, names=None) -> torch.Tensor:
@@ -417,10 +392,8 @@ class Epoch:
 
     def cosine(self, i=None, j=None, names=None) -> torch.Tensor:
         """Cosine similarities of gradients, [len(i), len(j)]."""
-        d = self.dot(i, j, names)
-        ni = self._norms_of(i, names)
-        nj = self._norms_of(j, names)
-        return d / (ni[:, None] * nj[None, :]).clamp_min(1e-30)
+        ni, nj = self._norms_of(i, names), self._norms_of(j, names)
+        return self.dot(i, j, names) / (ni[:, None] * nj[None, :]).clamp_min(1e-30)
 
     def _norms_of(self, side, names) -> torch.Tensor:
         if isinstance(side, tuple):
@@ -431,7 +404,7 @@ class Epoch:
         """[B, K] the seeded structured projection (projection_factors: same seed, same matrix) of the gradients of
         `names`, computed from the factors `chunk` rows at a time."""
         names, pf = self._names(names), projection_factors(self.shapes, k, seed, "cpu")
-        index = _index(idx, self.n)
+        index = _rows(idx, self.n, as_array=True)
         return torch.cat([project(*self.factors(index[s:s + chunk]), self.where, names, pf) for s in range(0, max(len(index), 1), chunk)])
 
 
@@ -444,8 +417,7 @@ def sq_distances(x, x_sq, c) -> torch.Tensor:
 
 def kmeans_pp(x, x_sq, k: int, g: torch.Generator) -> torch.Tensor:
     """Greedy k-means++ (scikit-learn's: 2 + log k candidates per step, keep the one that lowers the potential most)."""
-    n = len(x)
-    trials = 2 + int(math.log(k))
+    n, trials = len(x), 2 + int(math.log(k))
     first = int(torch.randint(n, (1,), generator=g))
     centres = [x[first]]
     closest = sq_distances(x, x_sq, x[first:first + 1])[:, 0]
@@ -486,8 +458,7 @@ def kmeans(x: torch.Tensor, k: int, seed: int = 0, n_init: int = 3, max_iter: in
     x = x.float()
     x_sq = x.square().sum(1)
     tol_abs = tol * float(x.var(0, unbiased=False).mean())  # scikit-learn's tolerance
-    g = torch.Generator().manual_seed(seed)
-    best = None
+    g, best = torch.Generator().manual_seed(seed), None
     for _ in range(1 if init is not None else n_init):
         start = torch.as_tensor(init, dtype=x.dtype, device=x.device) if init is not None else kmeans_pp(x, x_sq, k, g)
         centres, labels, iters = lloyd(x, x_sq, start, max_iter, tol_abs)
@@ -538,8 +509,7 @@ def plot_tsne(emb, digit, cluster, pred_digit, digits, path: Path, title: str) -
     """Three panels (original digit, k-means cluster, predicted digit); returns each panel's legend entries."""
     plt = common.pyplot()
     fig, axes = plt.subplots(1, 3, figsize=(16, 5.2))
-    cmap_d = plt.get_cmap("tab10")
-    cmap_c = plt.get_cmap("tab10" if cluster.max() < 10 else "tab20")
+    cmap_d, cmap_c = plt.get_cmap("tab10"), plt.get_cmap("tab10" if cluster.max() < 10 else "tab20")
     panels = [("original digit", digit, lambda v: cmap_d(v % 10), digits),
               ("k-means cluster", cluster, lambda v: cmap_c(v % cmap_c.N), sorted(set(cluster.tolist()))),
               ("model prediction (digit)", pred_digit, lambda v: cmap_d(v % 10), digits)]
@@ -589,49 +559,43 @@ VIEWS = {"plain": "the per-sample gradients as they are",
 
 def headline_array(ep: Epoch) -> str:
     """The last layer's weight when collected (the figures in docs/grad_collect.md), else the first analyzed array."""
-    names = ep.params
     last_weight = [n for n in ep.shapes if n.endswith("weight")][-1]
-    return last_weight if last_weight in names else names[0]
+    return last_weight if last_weight in ep.params else ep.params[0]
 
 
 def analyze_run(run_dir: Path, args, device) -> dict:
     """For the last (or every) stored epoch and each parameter: k-means of the plain gradients and of their directions,
-    ARI/NMI/purity against the digits; the t-SNE of both views of the headline array; norm histograms; self-influence.
-    Writes analysis.json and the PNGs; prints the time taken."""
-    # One thread: on the shared 2-core machine (load ~4) two threads took 57 s for the default one-epoch analysis, one 28 s.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        return _analyze_run(run_dir, args, device)
-    finally:
-        torch.set_num_threads(threads)
-
-
-def _analyze_run(run_dir: Path, args, device) -> dict:
+    ARI/NMI/purity against the digits; the t-SNE of both views of the headline array; norm histograms. Writes
+    analysis.json and the PNGs; prints the time taken. In one thread: on the shared 2-core machine (load ~4) two
+    threads took 57 s for the default one-epoch analysis, one 28 s."""
     t_all = time.time()
     epochs = stored_epochs(run_dir, required=True)
     chosen = epochs if args.analysis_epochs == "all" else epochs[-1:]
     result = {"views": VIEWS, "analysis_dim": args.analysis_dim, "torch_threads": 1, "epochs": {}, "seconds": {}}
-    for epoch in chosen:
-        t_epoch = time.time()
-        ep = Epoch(run_dir, epoch)
-        meta = ep.meta
-        digit = np.asarray(meta["digit"])
-        k = args.clusters or len(meta["digits"])
-        common.check(k <= len(digit), f"--clusters {k}: more clusters than the {len(digit)} samples")
-        norms = np.asarray(load_npy(ep.dir / meta["norms"]["file"], mmap=False), dtype=np.float64)
-        total = np.sqrt(np.square(norms).sum(1, keepdims=True))
-        plot_norm_histograms(np.concatenate([norms, total], 1), meta["norms"]["columns"] + ["total"], digit, meta["digits"],
-                             run_dir / f"grad_norms_epoch_{epoch}.png", epoch)
-        shown = headline_array(ep)
-        per_array = {}
-        for name in ep.params:
-            entry = per_array[name] = analyze_array(ep, name, k, name == shown, args, device)
-            if not args.quiet:
-                print(f"  epoch {epoch} {name:>14} ({entry['vectors']}): plain ARI {entry['plain']['ari']:.3f} NMI {entry['plain']['nmi']:.3f} | "
-                      f"direction ARI {entry['direction']['ari']:.3f} NMI {entry['direction']['nmi']:.3f} purity {entry['direction']['purity']:.3f}")
-        result["epochs"][str(epoch)] = per_array
-        result["seconds"][str(epoch)] = time.time() - t_epoch
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        for epoch in chosen:
+            t_epoch = time.time()
+            ep = Epoch(run_dir, epoch)
+            meta, digit = ep.meta, np.asarray(ep.meta["digit"])
+            k = args.clusters or len(meta["digits"])
+            common.check(k <= len(digit), f"--clusters {k}: more clusters than the {len(digit)} samples")
+            norms = np.asarray(load_npy(ep.dir / meta["norms"]["file"], mmap=False), dtype=np.float64)
+            total = np.sqrt(np.square(norms).sum(1, keepdims=True))
+            plot_norm_histograms(np.concatenate([norms, total], 1), meta["norms"]["columns"] + ["total"], digit, meta["digits"],
+                                 run_dir / f"grad_norms_epoch_{epoch}.png", epoch)
+            shown = headline_array(ep)
+            per_array = {}
+            for name in ep.params:
+                entry = per_array[name] = analyze_array(ep, name, k, name == shown, args, device)
+                if not args.quiet:
+                    print(f"  epoch {epoch} {name:>14} ({entry['vectors']}): plain ARI {entry['plain']['ari']:.3f} NMI {entry['plain']['nmi']:.3f} | "
+                          f"direction ARI {entry['direction']['ari']:.3f} NMI {entry['direction']['nmi']:.3f} purity {entry['direction']['purity']:.3f}")
+            result["epochs"][str(epoch)] = per_array
+            result["seconds"][str(epoch)] = time.time() - t_epoch
+    finally:
+        torch.set_num_threads(threads)
     result["headline"] = headline(result, shown)
     result["seconds"]["total"] = time.time() - t_all
     rundir.write_json(run_dir / "analysis.json", result)
@@ -684,26 +648,16 @@ def headline_text(h: dict) -> str:
 
 
 # ============================================================================= 5. influence
-# TracIn influence of every training sample on test images, and self-influence, from the stored factors.
+# TracIn influence of every training sample on test images, from the stored factors.
 def run_model_and_data(run_dir: Path, data_dir, device):
     """The run's config, its data split (rows in the stored arrays' order) and its final model in eval mode: best.pt
     rebuilt by the run's own script (rundir.load_run_model)."""
     cfg = rundir.read_json(run_dir / "config.json")
     data = common.load_mnist(data_dir, device, cfg["digits"], cfg["val_fraction"], cfg["limit"], cfg["seed"], cfg.get("label_noise", 0.0))
-    meta = Epoch(run_dir).meta
-    common.check(meta["sample_index"] == data.train_index.tolist(),
+    common.check(Epoch(run_dir).meta["sample_index"] == data.train_index.tolist(),
                  f"{run_dir}: the training split loaded from {data_dir} is not the one collected; is --data-dir the run's MNIST?")
     model, _, _ = rundir.load_run_model(run_dir, "best.pt", device)
     return cfg, data, model
-
-
-def self_influence(run_dir) -> np.ndarray:
-    """TracIn self-influence of every training sample: sum over stored epochs of lr_e x ||g_i||^2 (exact norms)."""
-    total = 0.0
-    for epoch in stored_epochs(run_dir):
-        ep = Epoch(run_dir, epoch)
-        total = total + (ep.lr if ep.lr is not None else 1.0) * ep.norms().numpy() ** 2
-    return total
 
 
 def influence(run_dir, images: torch.Tensor, labels: torch.Tensor, model) -> np.ndarray:
@@ -711,9 +665,7 @@ def influence(run_dir, images: torch.Tensor, labels: torch.Tensor, model) -> np.
     sum over stored epochs of lr_e x <g_train, g_test>, each epoch's test gradients taken with that epoch's
     weights (weights.pt) and compared with the stored ones exactly from the factors (no gradient is formed).
     model: the run's model (run_model_and_data; its weights are overwritten)."""
-    run_dir = Path(run_dir)
-    device = next(model.parameters()).device
-    total = 0
+    run_dir, device, total = Path(run_dir), next(model.parameters()).device, 0
     for epoch in stored_epochs(run_dir):
         ep = Epoch(run_dir, epoch)
         path = ep.dir / ep.meta.get("weights", "weights.pt")
@@ -744,8 +696,7 @@ def influence_report(run_dir: Path, args, device) -> dict:
     with torch.inference_mode():
         test_pred = model(common.normalize(data.test_x[idx])).argmax(1).cpu().numpy()
     scores = influence(run_dir, data.test_x[idx].cpu(), data.test_y[idx].cpu(), model)
-    digits, label = data.digits, data.train_y.cpu().numpy()
-    out = {}
+    digits, label, out = data.digits, data.train_y.cpu().numpy(), {}
     for t, i in enumerate(idx):
         s = scores[t]
         np.save(run_dir / f"influence_{i}.npy", s)
@@ -773,7 +724,7 @@ def influence_report(run_dir: Path, args, device) -> dict:
     return report
 
 
-# ============================================================================= 6. command line: one main, one function per mode
+# ============================================================================= 6. command line
 ANALYSIS_OPTIONS = ("analysis", "influence", "clusters", "kmeans_init", "tsne_samples", "perplexity", "analysis_epochs", "analysis_dim")
 
 
@@ -825,10 +776,16 @@ def main(
 ):
     """Train the MLP (or load a run) and collect, store and analyze per-sample gradients of every training sample."""
     args = common.args_from(locals())
-    check_analysis_options(args)
-    if args.analyze:  # a finished run's saved gradients: nothing is trained or collected
-        common.check(Path(args.analyze).is_dir(), f"--analyze {args.analyze}: no such run directory")
-        return (influence_only if args.influence else analyze_only)(Path(args.analyze), args)
+    check_options(args)
+    if args.analyze:  # a finished run's saved gradients, nothing trained: --influence alone, else the clusters again
+        run_dir, device = Path(args.analyze), common.pick_device(args.device)
+        common.check(run_dir.is_dir(), f"--analyze {run_dir}: no such run directory")
+        if args.influence:
+            done = influence_report(run_dir, args, device)
+            print(f"run {run_dir} | influence of {len(done['test_indices'])} test image(s): influence.json, influence_<i>.png")
+        else:
+            print(f"run {run_dir} | {headline_text(analyze_run(run_dir, args, device)['headline'])}")
+        return
     run = rundir.Run(ctx, args, __file__, changeable=("epochs", "device", "quiet", "data_dir") + ANALYSIS_OPTIONS)
     return train_and_collect(run)
 
@@ -842,9 +799,8 @@ def train_and_collect(run) -> None:
         run.fix_length("its cosine learning rate decays to 0 at the last planned step")
     device, data, model, plan = prepare(run)
     args.precision, precision_reason = common.pick_precision(args.precision, device, run.original)  # of the training steps
-    precision = args.precision
     opt = make_optimizer(model, args.optimizer, args.lr, args.weight_decay, args.momentum)
-    scaler = common.grad_scaler(device, precision)
+    scaler = common.grad_scaler(device, args.precision)
     batches = common.Batches(data.train_x, data.train_y, args.batch_size, shuffle=True, seed=common.seed_for(args.seed, "shuffle"))
     schedule = collect_schedule(args)
     if not run.resumed:
@@ -865,10 +821,21 @@ def train_and_collect(run) -> None:
         if epoch in schedule:
             record["collect_time_s"] = collect_epoch(epoch)["collect_seconds"]
 
-    train(run, model, opt, batches, data, after_epoch, precision, scaler)  # factors: fp32, from the fp32 weights
+    train(run, model, opt, batches, data, after_epoch, args.precision, scaler)  # factors: fp32, from the fp32 weights
     if not (run.dir / "gradients" / f"epoch_{run.epoch}").is_dir():  # stopped early, or not collected: the last epoch's weights
         run.history[-1]["collect_time_s"] = collect_epoch(run.epoch)["collect_seconds"]
-    finish(run, report(run, model, data, device), data, device)
+    final = report(run, model, data, device)
+    # the analysis (unless --no-analysis), then run.finish; killed during the analysis, --resume redoes it
+    record = {"hidden": args.hidden, "digits": data.digits, "test_acc": final["test_acc"]}
+    line = f"run {run.dir} | test accuracy {final['test_acc']:.2%}"
+    if args.analysis:
+        h = analyze_run(run.dir, args, device)["headline"]
+        record.update({"grad_array": h["array"], "grad_epoch": h["epoch"], "grad_ari": h["plain"]["ari"],
+                       "grad_ari_direction": h["direction"]["ari"], "grad_nmi_direction": h["direction"]["nmi"]})
+        line += f" | {headline_text(h)}"
+        if args.influence:
+            influence_report(run.dir, args, device)
+    run.finish(final, record, summary=line)
 
 
 def collect_schedule(args) -> list[int]:
@@ -889,28 +856,14 @@ def collect_schedule(args) -> list[int]:
     return sorted(epochs)
 
 
-def analyze_only(run_dir: Path, args) -> None:
-    """--analyze RUN: the clusters and self-influence of a run's saved gradients, again (analysis.json, the PNGs)."""
-    h = analyze_run(run_dir, args, common.pick_device(args.device))["headline"]
-    print(f"run {run_dir} | {headline_text(h)}")
-
-
-def influence_only(run_dir: Path, args) -> None:
-    """--analyze RUN --influence I,J: only the TracIn influence on those test images (influence.json, influence_<i>.*)."""
-    done = influence_report(run_dir, args, common.pick_device(args.device))
-    print(f"run {run_dir} | influence of {len(done['test_indices'])} test image(s): influence.json, influence_<i>.png")
-
-
 def build_model(config: dict) -> nn.Module:
     """The model a run's config.json describes: train_mlp's MLP without BatchNorm (rundir.load_run_model calls this)."""
     return MLP(config["hidden"], config["num_classes"], config["dropout"])
 
 
 def prepare(run):
-    """The options checked, the data, the model (initialized as train_mlp.py does:
-    the same seed, the same model) and the arrays to store."""
+    """The data, the model (initialized as train_mlp.py does: the same seed, the same model) and the arrays to store."""
     args = run.args
-    check_options(args)
     device = common.pick_device(args.device, tf32=False)  # exact fp32 matmuls: the stored factors are exact
     data = common.load_mnist(args.data_dir, device, args.digits, args.val_fraction, args.limit, args.seed, args.label_noise)
     common.seed_everything(common.seed_for(args.seed, "init"))
@@ -919,7 +872,12 @@ def prepare(run):
     return device, data, model, plan
 
 
-def check_analysis_options(args) -> None:
+def check_options(args) -> None:
+    """Every option checked before anything is loaded, for a new run, a resume and --analyze alike."""
+    train_mlp.check_options(args)
+    common.check(args.dtype in ("float32", "float16"), f"--dtype {args.dtype}: use float32 or float16")
+    common.check(args.max_gb > 0, f"--max-gb {args.max_gb}: must be positive")
+    common.check(args.collect_batch_size >= 1, f"--collect-batch-size {args.collect_batch_size}: must be at least 1")
     common.check(args.clusters is None or args.clusters >= 2, f"--clusters {args.clusters}: need at least 2")
     common.check(args.kmeans_init >= 1, f"--kmeans-init {args.kmeans_init}: must be at least 1")
     common.check(args.tsne_samples >= 10, f"--tsne-samples {args.tsne_samples}: need at least 10")
@@ -927,13 +885,6 @@ def check_analysis_options(args) -> None:
     common.check(args.analysis_epochs in ("last", "all"), f"--analysis-epochs {args.analysis_epochs}: use last or all")
     common.check(args.analysis_dim >= 2, f"--analysis-dim {args.analysis_dim}: must be at least 2")
     common.check(not (args.influence and not args.analysis and not args.analyze), "--influence needs the analysis (drop --no-analysis)")
-
-
-def check_options(args) -> None:
-    train_mlp.check_options(args)
-    common.check(args.dtype in ("float32", "float16"), f"--dtype {args.dtype}: use float32 or float16")
-    common.check(args.max_gb > 0, f"--max-gb {args.max_gb}: must be positive")
-    common.check(args.collect_batch_size >= 1, f"--collect-batch-size {args.collect_batch_size}: must be at least 1")
 
 
 def chosen_params(model, params) -> list[str]:
@@ -945,21 +896,5 @@ def chosen_params(model, params) -> list[str]:
     return [n for n in names if n in chosen]
 
 
-def finish(run, final: dict, data, device) -> None:
-    """Analysis (unless --no-analysis), then run.finish (metrics.json final, results.jsonl) and the closing line.
-    Killed during the analysis, --resume redoes it."""
-    args = run.args
-    record = {"hidden": args.hidden, "digits": data.digits, "test_acc": final["test_acc"]}
-    line = f"run {run.dir} | test accuracy {final['test_acc']:.2%}"
-    if args.analysis:
-        h = analyze_run(run.dir, args, device)["headline"]
-        record.update({"grad_array": h["array"], "grad_epoch": h["epoch"], "grad_ari": h["plain"]["ari"],
-                       "grad_ari_direction": h["direction"]["ari"], "grad_nmi_direction": h["direction"]["nmi"]})
-        line += f" | {headline_text(h)}"
-        if args.influence:
-            influence_report(run.dir, args, device)
-    run.finish(final, record, summary=line)
-
-
 if __name__ == "__main__":
-    common.main(app)
+    rundir.main(app)

@@ -242,10 +242,8 @@ def mislabel_report(run, audited: Path, model, config, module, data, top: int) -
     else:
         print(f"{audited} recorded no predictions (a run of an older version of its script): no default ranking")
     if (audited / "gradients").is_dir():
-        import grad_collect
-
         t0 = time.time()
-        scores["tracin"] = grad_collect.self_influence(audited)
+        scores["tracin"] = self_influence(audited)
         seconds["tracin"] = time.time() - t0
     scores["loss"] = loss
     if args.compare_cleanlab:
@@ -279,6 +277,18 @@ def mislabel_report(run, audited: Path, model, config, module, data, top: int) -
             print(f"  {LABELS[name]:<33}" + "".join(f"{r['found'][f'{s:g}']:>8.1%}" for s in INSPECT) + f"   AUC {r['auc']:.4f}")
     rundir.write_json(run.dir / "mislabel.json", report)
     return report
+
+
+def self_influence(audited: Path) -> np.ndarray:
+    """TracIn self-influence of every training row of a grad_collect run: the sum over its stored epochs of
+    lr_e x ||g_i||^2, the exact norms stored with the layer factors."""
+    import grad_collect as gc
+
+    total = 0.0
+    for epoch in gc.stored_epochs(audited):
+        ep = gc.Epoch(audited, epoch)
+        total = total + (ep.lr if ep.lr is not None else 1.0) * ep.norms().numpy() ** 2
+    return total
 
 
 def tracin_held_out(audited: Path, model, images, labels, transform) -> np.ndarray:
@@ -375,4 +385,4 @@ def main(
 
 
 if __name__ == "__main__":
-    common.main(app)
+    rundir.main(app)

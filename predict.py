@@ -132,4 +132,4 @@ def main(
 
 
 if __name__ == "__main__":
-    common.main(app)
+    rundir.main(app)

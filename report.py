@@ -920,4 +920,4 @@ def reproduce(
 
 
 if __name__ == "__main__":
-    common.main(app)
+    rundir.main(app)

@@ -367,7 +367,7 @@ def main(
     print(f"sweep {name}: {len(trials)} trials, {len(trials) - len(todo)} already finished, {len(todo)} to run "
           f"on {ray.cluster_resources().get('CPU', 0):g} CPUs ({sweep_dir})")
     # a node that cannot see this file does not share OUT_DIR with this driver: its trials send their run directories
-    runs_parent = out_dir / common.script_name(script)
+    runs_parent = out_dir / rundir.script_name(script)
     runs_parent.mkdir(parents=True, exist_ok=True)
     marker = runs_parent / f".sweep-driver-{secrets.token_hex(8)}"
     marker.write_text(f"sweep.py driver of {sweep_dir}, pid {os.getpid()}: visible to a trial = shared storage\n")
@@ -417,7 +417,7 @@ def main(
             ray.shutdown()
         print(f"\ninterrupted: {counts['ok']} ok, {counts['failed']} failed, {len(pending)} cancelled; "
               f"{trials_path} holds the finished ones.\nresume with: python sweep.py {' '.join(sys.argv[1:])}", file=sys.stderr)
-        raise common.Interrupted(signal.SIGINT) from None  # common.main: the process dies of SIGINT, a shell loop stops
+        raise rundir.Interrupted(signal.SIGINT) from None  # rundir.main: the process dies of SIGINT, a shell loop stops
     finally:
         if bar is not None:
             bar.close()
@@ -435,4 +435,4 @@ def main(
 
 
 if __name__ == "__main__":
-    common.main(app, fast_exit=False)  # Ray shuts down at exit
+    rundir.main(app, fast_exit=False)  # Ray shuts down at exit

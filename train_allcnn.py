@@ -236,7 +236,7 @@ def elastic_pointer(out_dir) -> Optional[Path]:
     rank 0 names the run directory it made, so that a worker group torchrun restarts continues that run from last.pt
     (as --resume would) instead of starting a new one. None otherwise. Give each job its own --rdzv-id."""
     run_id, restarts = os.environ.get("TORCHELASTIC_RUN_ID"), int(os.environ.get("TORCHELASTIC_MAX_RESTARTS") or 0)
-    return Path(out_dir) / f".{common.script_name(__file__)}-torchelastic-{run_id}.json" if run_id and restarts > 0 else None
+    return Path(out_dir) / f".{rundir.script_name(__file__)}-torchelastic-{run_id}.json" if run_id and restarts > 0 else None
 
 
 def parameter_report(model: nn.Module, groups: list[dict]) -> dict:
@@ -359,4 +359,4 @@ def main(
 
 
 if __name__ == "__main__":
-    common.main(app)
+    rundir.main(app)

@@ -48,6 +48,7 @@ import typer
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 import common  # noqa: E402
+import rundir  # noqa: E402
 import train_cnn  # noqa: E402
 
 app = typer.Typer(add_completion=False, pretty_exceptions_enable=False, help=__doc__.split("\n")[0])
@@ -212,4 +213,4 @@ def main(
 
 
 if __name__ == "__main__":
-    common.main(app)
+    rundir.main(app)

@@ -66,4 +66,4 @@ def main(data_dir: Path = typer.Option(Path("./data"), envvar="DATA_DIR"), run: 
 
 
 if __name__ == "__main__":
-    common.main(app)
+    rundir.main(app)

@@ -23,6 +23,7 @@ import typer
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import common  # noqa: E402
+import rundir  # noqa: E402
 import train_glonet  # noqa: E402
 
 app = typer.Typer(add_completion=False, pretty_exceptions_enable=False)
@@ -120,4 +121,4 @@ def main(
 
 
 if __name__ == "__main__":
-    common.main(app)
+    rundir.main(app)

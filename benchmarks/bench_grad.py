@@ -189,4 +189,4 @@ def main(data_dir: common.DataDir = Path("./data"), k: Annotated[int, typer.Opti
 
 
 if __name__ == "__main__":
-    common.main(app)
+    rundir.main(app)

@@ -18,6 +18,7 @@ import typer
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import common  # noqa: E402
+import rundir  # noqa: E402
 import train_mlp  # noqa: E402
 
 app = typer.Typer(add_completion=False, pretty_exceptions_enable=False)
@@ -116,4 +117,4 @@ def main(data_dir: common.DataDir = Path("./data"), batch_size: common.BatchSize
 
 
 if __name__ == "__main__":
-    common.main(app)
+    rundir.main(app)

@@ -203,7 +203,7 @@ def test_longer_resume_of_a_onecycle_run_is_refused_and_changes_nothing(tiny_mni
     """The one-cycle schedule spans the planned --epochs (run.fix_length): a finished run resumed with more epochs
     would restart its warm-up mid-run, so one line, exit 2, and the run directory as it was. (A step schedule
     trains on: test_resume_continues_like_an_uninterrupted_run.) Both in this process: the refusal is main()'s own
-    check, and common.main's exit path is covered by a real process in test_missing_data_exits_2."""
+    check, and rundir.main's exit path is covered by a real process in test_missing_data_exits_2."""
     proc = run_in_process(train_cnn, "--data-dir", tiny_mnist, "--out-dir", tmp_path, "--arch", "small", "--epochs", 1,
                           "--limit", 200, "--quiet")
     assert proc.returncode == 0, proc.stderr
@@ -215,7 +215,7 @@ def test_longer_resume_of_a_onecycle_run_is_refused_and_changes_nothing(tiny_mni
 
 
 # ----------------------------------------------------------------------------- bad input: one line, exit 2
-# In this process (common.main, as a script runs it; no torch import per case); the missing data case below is a
+# In this process (rundir.main, as a script runs it; no torch import per case); the missing data case below is a
 # real process, so the whole path, exit code and stderr of a process included, stays covered.
 @pytest.mark.parametrize("args, words", [
     (["--arch", "resnet"], ["--arch resnet", "fast"]),

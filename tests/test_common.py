@@ -19,7 +19,7 @@ from conftest import OFFLINE_ENV, ROOT
 
 
 def run_in_process(module, *args, env: dict | None = None) -> subprocess.CompletedProcess:
-    """`python SCRIPT ARGS` in this process: the script module's Typer app through common.main (the scripts' entry
+    """`python SCRIPT ARGS` in this process: the script module's Typer app through rundir.main (the scripts' entry
     point), with sys.argv, the environment (downloads blocked, as conftest.run_cli does, plus `env`) and
     stdout/stderr swapped in, the exit code taken from its SystemExit; an unexpected exception propagates. Each
     saves a process start (torch's import, seconds), for runs whose checks do not need a fresh process."""
@@ -29,7 +29,7 @@ def run_in_process(module, *args, env: dict | None = None) -> subprocess.Complet
     os.environ.update({**OFFLINE_ENV, **(env or {})})
     try:
         with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err), pytest.raises(SystemExit) as exit_:
-            common.main(module.app, fast_exit=False)  # ends in sys.exit
+            rundir.main(module.app, fast_exit=False)  # ends in sys.exit
     finally:
         sys.argv = saved_argv
         os.environ.clear()
@@ -148,7 +148,7 @@ def test_jsonl_reader_skips_and_notes_torn_and_junk_lines_and_json_reader_is_str
 
 
 def test_a_script_is_named_by_its_file():
-    assert common.script_name("/x/my_cnn.py") == "my_cnn" and common.script_name("train_cnn.py") == "train_cnn"
+    assert rundir.script_name("/x/my_cnn.py") == "my_cnn" and rundir.script_name("train_cnn.py") == "train_cnn"
     shared = ("common", "rundir")
     for module in shared:  # a script tells the shared modules what it needs, never the reverse
         text = (ROOT / f"{module}.py").read_text()
@@ -236,12 +236,12 @@ def test_step_values_and_smooth():
 def test_adam_training_imports_no_compiler(tiny_mnist, tmp_path):
     """train_mlp's, train_glonet's and train_cnn's default Adam is common.Adam: a fresh process that trains each for an
     epoch never imports torch._dynamo (torch.optim's first step would: 1-2 s a process, see docs/benchmarks.md)."""
-    code = ("import sys, common, train_mlp, train_glonet, train_cnn\n"
+    code = ("import sys, rundir, train_mlp, train_glonet, train_cnn\n"
             f"for module, extra in ((train_mlp, []), (train_glonet, ['--layers', '3']), (train_cnn, [])):\n"
             f"    sys.argv = [module.__name__ + '.py', '--data-dir', {str(tiny_mnist)!r}, '--out-dir', {str(tmp_path)!r},\n"
             "                '--epochs', '1', '--quiet', *extra]\n"
             "    try:\n"
-            "        common.main(module.app, fast_exit=False)\n"
+            "        rundir.main(module.app, fast_exit=False)\n"
             "    except SystemExit as e:\n"
             "        assert e.code == 0, (module.__name__, e.code)\n"
             "print('torch._dynamo' in sys.modules)\n")
@@ -341,7 +341,7 @@ def test_bf16_flags_fall_back_to_cpuinfo_without_torchs_private_functions(monkey
 
 @pytest.mark.parametrize("probe", ["kept", "removed"])
 def test_atexit_handlers_of_a_copied_script_run_before_the_fast_exit(tiny_mnist, tmp_path, probe):
-    """A copy that registers an atexit handler (wandb, coverage, a profiler do) keeps what it writes: common.main
+    """A copy that registers an atexit handler (wandb, coverage, a profiler do) keeps what it writes: rundir.main
     runs the handlers before os._exit, or exits normally where atexit._run_exitfuncs is missing."""
     source = (ROOT / "train_mlp.py").read_text()
     marker = tmp_path / "atexit.txt"

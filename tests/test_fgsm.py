@@ -9,7 +9,6 @@ import pytest
 import torch
 import torch.nn as nn
 
-import common
 import rundir
 import fgsm_attack
 import train_allcnn

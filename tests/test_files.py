@@ -101,7 +101,7 @@ def test_code_version_in_a_git_work_tree(tmp_path):
     edited = rundir.code_version(script)
     assert edited["git"]["dirty"] is True and edited["script_sha256"] != version["script_sha256"]
     (tmp_path / "mine.py").write_text(script.read_text())
-    assert common.copy_of(tmp_path / "mine.py") == "exp"
+    assert rundir.copy_of(tmp_path / "mine.py") == "exp"
 
 
 @pytest.mark.parametrize("script,expected", [

@@ -265,7 +265,7 @@ def test_bad_options_exit_2_with_one_line(tiny_mnist, tmp_path, monkeypatch, cap
     argv = ["train_glonet.py", "--data-dir", str(tiny_mnist), "--out-dir", str(tmp_path), *args]
     monkeypatch.setattr(sys, "argv", argv)
     with pytest.raises(SystemExit) as exit_info:
-        common.main(train_glonet.app, fast_exit=False)
+        rundir.main(train_glonet.app, fast_exit=False)
     out, err = capsys.readouterr()
     assert_user_error(subprocess.CompletedProcess(argv, exit_info.value.code, out, err), *words)
     assert not (tmp_path / "train_glonet").exists()

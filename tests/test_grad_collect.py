@@ -14,6 +14,7 @@ import torch
 import torch.nn.functional as F
 
 import grad_collect as gc
+import label_audit
 from conftest import assert_user_error, run_cli
 from train_mlp import MLP
 
@@ -270,7 +271,7 @@ def test_end_to_end_factors_both_views_and_influence(digits012_run, tiny_mnist, 
     config, epochs = json.loads((run_dir / "config.json").read_text()), json.loads((run_dir / "metrics.json").read_text())["epochs"]
     steps = math.ceil(config["n_train"] / config["batch_size"])  # train_mlp's loop records per-step values
     assert [len(e["step_loss"]) for e in epochs] == [steps, steps] and "collect_time_s" in epochs[0]
-    si = gc.self_influence(run_dir)  # sum_e lr_e ||g||^2 of every training row
+    si = label_audit.self_influence(run_dir)  # sum_e lr_e ||g||^2 of every training row
     # influence: files for each test index; a training sample's influence on itself is its self-influence
     report = json.loads((run_dir / "influence.json").read_text())
     assert report["test_indices"] == [0, 5]
