@@ -21,10 +21,7 @@ Classify your own images with predict.py.
 
 from __future__ import annotations
 
-import contextlib
 import math
-import os
-import platform
 import time
 from pathlib import Path
 from typing import Annotated, Optional
@@ -344,7 +341,7 @@ def report(run, model, data, plain, started: float, resumed_after: Optional[int]
     plot_filters(model, run.dir / "filters.png")
     maps = feature_maps(model, plain(data.test_x[:1]).float())
     plot_feature_maps(test_x[0], maps, data.digits[int(test_y[0])], run.dir / "feature_maps.png")
-    print(f"per-class test accuracy: " + " ".join(f"{d}:{a:.2%}" for d, a in per_class.items()))
+    print("per-class test accuracy: " + " ".join(f"{d}:{a:.2%}" for d, a in per_class.items()))
     here = run.history[resumed_after or 0:]
     print(f"{len(wrong)} test mistakes; training {final['train_time_s']:.1f}s (all {run.epoch} epochs)" + (
           f", start to test accuracy {time_to_test:.1f}s" if resumed_after is None else

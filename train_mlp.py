@@ -208,7 +208,7 @@ def report(run, model, data, device) -> dict:
     common.plot_curves(run.history, run.dir / "training_curves.png")
     common.plot_predictions(data.test_x[:32].cpu(), digit_of[data.test_y[:32].cpu()], digit_of[preds[:32].cpu()], run.dir / "predictions.png")
     common.plot_confusion(cm, [str(d) for d in data.digits], run.dir / "confusion_matrix.png")
-    print(f"per-class test accuracy: " + " ".join(f"{d}:{a:.2%}" for d, a in per_class.items()))
+    print("per-class test accuracy: " + " ".join(f"{d}:{a:.2%}" for d, a in per_class.items()))
     return final
 
 

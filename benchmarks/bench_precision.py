@@ -14,7 +14,6 @@ JSON to OUT_DIR/bench_precision.json. Long: the default set is about half an hou
 
 from __future__ import annotations
 
-import json
 import os
 import statistics
 import subprocess
@@ -143,8 +142,8 @@ def main(
               f"bf16 {gemm['bf16']:.2f} fp32 {gemm['fp32']:.2f} s | test {mean_sd(row['test_acc']['auto'])} vs "
               f"{mean_sd(row['test_acc']['fp32'])}", flush=True)
 
-    print(f"\n| config | auto is | whole auto / fp32 (s) | ratio | epoch auto / fp32 (s) | GEMM bf16 / fp32 (s) | "
-          f"epoch/GEMM auto, fp32 | test auto | test fp32 |\n|---|---|---|---|---|---|---|---|---|")
+    print("\n| config | auto is | whole auto / fp32 (s) | ratio | epoch auto / fp32 (s) | GEMM bf16 / fp32 (s) | "
+          "epoch/GEMM auto, fp32 | test auto | test fp32 |\n|---|---|---|---|---|---|---|---|---|")
     for name, r in rows.items():
         print(f"| {name} | {r['auto_is']} | {r['wall_s']['auto']:.1f} / {r['wall_s']['fp32']:.1f} | {r['wall_ratio']:.2f}x | "
               f"{r['epoch_s']['auto']:.2f} / {r['epoch_s']['fp32']:.2f} | {r['gemm_epoch_s']['bf16']:.2f} / "

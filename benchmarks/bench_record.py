@@ -43,7 +43,7 @@ def setups(data):
     yield "train_mlp", lambda p: train_mlp.train_epoch(mlp, mlp_batches, mlp_opt, lambda s: 1e-3, 0, True, p)
     cnn = train_cnn.CNN("fast", 10).to(device, memory_format=train_cnn.memory_format(device))
     cnn_opt = train_cnn.make_optimizer("adam", cnn, 1e-2, 0.9, 0.0)
-    precision, _ = train_cnn.pick_precision("auto", device)
+    precision, _ = common.pick_precision("auto", device)
     cnn_batches = model_batches["train_cnn"] = common.Batches(data.train_x, data.train_y, 256, shuffle=True, seed=0, transform=train_cnn.make_transform(device, False))
     yield "train_cnn", lambda p: train_cnn.train_epoch(cnn, cnn_batches, cnn_opt, lambda s: (1e-3, None), 0, precision, 0.1, True, p)
 

@@ -119,7 +119,7 @@ class RayNode:
         cmd = [RAY, "start", "--block", "--disable-usage-stats", *args]
         if private_dir is not None:  # a mount namespace of its own, a tmpfs over the driver's out dir
             cmd = ["unshare", "-m", "--propagation", "private", "sh", "-c",
-                   f'mount -t tmpfs tmpfs "$0" && exec "$@"', str(private_dir), *cmd]
+                   'mount -t tmpfs tmpfs "$0" && exec "$@"', str(private_dir), *cmd]
         self.proc = subprocess.Popen(cmd, stdout=open(log, "w"), stderr=subprocess.STDOUT, start_new_session=True,
                                      env={**os.environ, "RAY_ADDRESS": ""})
 

@@ -8,7 +8,6 @@ grad_collect is also killed mid-way through writing an epoch's gradients."""
 
 import json
 import math
-import os
 
 import numpy as np
 import pytest

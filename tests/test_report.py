@@ -21,7 +21,7 @@ ACC = {("glonet", 6): [0.981, 0.983, 0.979], ("glonet", 24): [0.984, 0.982, 0.98
 
 
 def write_results(out_dir):
-    """results.jsonl as common.append_result writes it, plus a corrupt line, a partial one and another script's."""
+    """results.jsonl as rundir.Run.finish writes it (rundir.append_jsonl), plus a corrupt line, a partial one and another script's."""
     lines = []
     for (model, layers), accs in ACC.items():
         for seed, acc in enumerate(accs):
