@@ -43,6 +43,8 @@ import typer
 import common
 from common import UserError, check, failpoint, split_values
 
+INTERRUPTED = "INTERRUPTED.txt"  # Run.guard's note in an interrupted run's directory: how to resume it
+
 
 # ----------------------------------------------------------------------------- the process: bad input, Ctrl-C, SIGTERM
 def main(app: typer.Typer, fast_exit: bool = True) -> None:
@@ -174,10 +176,6 @@ def label_copy(app: typer.Typer, script_file) -> None:
     for command in app.registered_commands:
         command.help = prefix + (command.help or inspect.getdoc(command.callback) or "")
     app.info.help = prefix + (app.info.help if isinstance(app.info.help, str) else "")
-
-
-INTERRUPTED = "INTERRUPTED.txt"  # Run.guard's note in an interrupted run's directory: how to resume it
-
 
 
 # ----------------------------------------------------------------------------- files, written atomically
