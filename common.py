@@ -222,7 +222,8 @@ def pick_precision(name: str, device: torch.device, resumed: Optional[dict] = No
     bf16 natively: CUDA GPUs with native bf16 (Ampere on), CPUs with AVX512_BF16 or AMX (oneDNN emulates bf16 on
     other AVX-512 CPUs, slower than fp32); fp16 autocast with a GradScaler on older CUDA GPUs (V100, T4); fp32
     elsewhere. An explicit choice is honoured (fp16 on GPUs only). A script stores the choice as its --precision
-    (config.json says bf16, not auto), so a resumed run keeps it; `resumed` (Run.original) gives back its reason."""
+    (config.json says bf16, not auto), so a resumed run keeps it; `resumed` (rundir.Run.original) gives back its
+    reason."""
     check(name in PRECISIONS, f"--precision {name}: use {', '.join(PRECISIONS)}")
     if resumed and resumed.get("precision_reason") and name == resumed.get("precision"):
         return name, resumed["precision_reason"]

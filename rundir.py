@@ -325,7 +325,7 @@ def code_version(script_file) -> dict:
 # ----------------------------------------------------------------------------- a finished run's model
 def import_script(config: dict, run_dir):
     """The module of the script that made a run (config.json "script" and "script_path"): its recorded file, else
-    <script>.py beside common.py or on sys.path."""
+    <script>.py beside this file or on sys.path."""
     name, recorded = config.get("script"), config.get("script_path")
     places = ([Path(recorded)] if recorded else []) + [Path(p or ".") / f"{name}.py" for p in [str(Path(__file__).parent), *sys.path]]
     file = next((p.resolve() for p in places if name and p.is_file()), None)
