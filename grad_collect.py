@@ -495,8 +495,7 @@ def tsne(x: np.ndarray, perplexity: float, seed: int) -> tuple[np.ndarray, int]:
     from sklearn.manifold import TSNE
     from threadpoolctl import threadpool_limits
 
-    x = x.astype(np.float32)
-    dims = min(50, x.shape[1], len(x))
+    x, dims = x.astype(np.float32), min(50, x.shape[1], len(x))
     with threadpool_limits(1):
         if dims < x.shape[1]:
             x = PCA(dims, random_state=seed).fit_transform(x)
@@ -778,8 +777,9 @@ def main(
     args = common.args_from(locals())
     check_options(args)
     if args.analyze:  # a finished run's saved gradients, nothing trained: --influence alone, else the clusters again
-        run_dir, device = Path(args.analyze), common.pick_device(args.device)
+        run_dir = Path(args.analyze)
         common.check(run_dir.is_dir(), f"--analyze {run_dir}: no such run directory")
+        device = common.pick_device(args.device)
         if args.influence:
             done = influence_report(run_dir, args, device)
             print(f"run {run_dir} | influence of {len(done['test_indices'])} test image(s): influence.json, influence_<i>.png")
