@@ -18,7 +18,6 @@ import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from types import SimpleNamespace
 from typing import Annotated, Optional
 
 import numpy as np
@@ -78,26 +77,17 @@ LabelNoise = Annotated[float, typer.Option(help="Flip this share of the training
                                                 "to another class drawn uniformly, seeded from --seed.")]
 
 
-def args_from(options: dict) -> SimpleNamespace:
-    """The command's options (its locals()) as a namespace with JSON-friendly values."""
-    return SimpleNamespace(**{k: (str(v) if isinstance(v, Path) else v) for k, v in options.items()
-                              if not k.startswith("_") and k != "ctx"})
-
-
 # ----------------------------------------------------------------------------- device and seeding
 MALLOC = None  # keep_freed_memory's setting, once made
 
 
 def keep_freed_memory() -> str:
-    """Let the process reuse the memory it frees instead of handing it back to the OS. glibc's malloc returns every
-    freed block above its mmap threshold (128 KiB, rising to 32 MiB) and the heap's top above its trim threshold;
-    a training step frees and allocates the same activations and gradients every step, and each page the OS hands
-    back is zeroed on first touch: 650-1,750 page faults a step for train_cnn's batch here, 1.5-3 ms of system time
-    (how many depends on the machine and allocation order: a CI machine's defaults faulted 80 a step).
-    The fix PyTorch's CPU tuning guide gets from preloading jemalloc or tcmalloc, with glibc's own mallopt: mmap
-    threshold 32 MiB (its maximum), trim threshold 2 GiB, top pad 64 MiB (train_cnn's default run as on an AVX2
-    CPU: 11.0-13.9 s -> 9.2-10.6 s here, docs/train_cnn.md). Returns what it set, for config.json; where the C
-    library is not glibc it sets nothing."""
+    """Opt-in, called by name by the scripts that want it: let this process reuse the memory it frees instead of
+    handing it back to the OS (glibc's mallopt: mmap threshold 32 MiB, trim threshold 2 GiB, top pad 64 MiB, what
+    PyTorch's CPU tuning guide gets from jemalloc or tcmalloc). A training step frees and reallocates the same
+    activations every step, and every page handed back is zeroed again on first touch: page faults and system time
+    each step (measured in docs/train_cnn.md). The cost: the process keeps its peak memory until it ends. Where the
+    C library is not glibc it sets nothing. Returns what it set (config.json's versions.malloc)."""
     global MALLOC
     if MALLOC is None:
         MALLOC = "the C library's defaults"
@@ -110,12 +100,8 @@ def keep_freed_memory() -> str:
     return MALLOC
 
 
-def pick_device(name: str = "auto", tf32: bool = True) -> torch.device:
-    """auto = CUDA, then MPS, then CPU. Asking for a device that is not there is a UserError. Called before any
-    data is loaded, it also makes the process keep the memory it frees (keep_freed_memory), lets float32 matmuls use
-    TF32 on an Ampere or newer GPU (tf32=False keeps them exact: recorded in config.json's versions), and arms the
-    float64 guard when a test asks for it (float64_guard)."""
-    keep_freed_memory()
+def pick_device(name: str = "auto") -> torch.device:
+    """auto = CUDA, then MPS, then CPU. Asking for a device that is not there is a UserError."""
     name = name.lower()
     has_mps = getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available()
     if name == "auto":
@@ -125,32 +111,7 @@ def pick_device(name: str = "auto", tf32: bool = True) -> torch.device:
     if name == "mps" and not has_mps:
         raise UserError("--device mps: Apple MPS is not available on this machine; use --device auto or cpu")
     check(name in ("cpu", "cuda", "mps"), f"--device {name}: unknown device; use auto, cpu, cuda or mps")
-    device = torch.device(name)
-    if device.type == "cuda" and torch.cuda.get_device_capability()[0] >= 8:  # Ampere or newer: TF32 tensor cores
-        torch.set_float32_matmul_precision("high" if tf32 else "highest")
-    float64_guard(device)
-    return device
-
-
-def float64_guard(device: torch.device) -> None:
-    """A failpoint-style check armed only by tests (RUN_TEST_NO_FLOAT64=1): from here on, any torch operation that
-    makes a float64 tensor on `device` raises, as the first such operation would on Apple's MPS, which has no
-    float64. On a CPU run the device is the host, so the guard holds host code to the same rule: float64 math is
-    done in NumPy (after .cpu()), never in torch tensors a copy moved to the GPU would compute on."""
-    if os.environ.get("RUN_TEST_NO_FLOAT64") != "1":
-        return
-    from torch.utils._python_dispatch import TorchDispatchMode
-
-    class NoFloat64(TorchDispatchMode):
-        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-            out = func(*args, **(kwargs or {}))
-            for t in out if isinstance(out, (tuple, list)) else (out,):
-                if isinstance(t, torch.Tensor) and t.dtype == torch.float64 and t.device.type == device.type:
-                    raise RuntimeError(f"RUN_TEST_NO_FLOAT64: {func} made a float64 tensor on {device.type} "
-                                       f"(MPS has no float64: accumulate in float32, or in NumPy after .cpu())")
-            return out
-
-    NoFloat64().__enter__()  # for the rest of the process
+    return torch.device(name)
 
 
 def seed_everything(seed: int) -> None:
@@ -454,16 +415,30 @@ def load_cifar10(data_dir, device, val_fraction: float = 0.1, limit: Optional[in
                            val_fraction, limit, seed, dataset="cifar10", label_noise=label_noise)
 
 
-def normalize(images: torch.Tensor) -> torch.Tensor:
-    """uint8 [B,28,28] -> float [B,1,28,28] with MNIST's mean and std."""
-    return images.unsqueeze(1).float().div_(255.0).sub_(MNIST_MEAN).div_(MNIST_STD)
+class Pixels(torch.nn.Module):
+    """A model's first layer: the stored pixels as the data holds them (uint8, or float on the same 0-255 scale;
+    MNIST [B,28,28], CIFAR-10 [B,3,32,32]) -> float [B,C,H,W], (x / 255 - mean) / std per channel. Input
+    normalization travels with the model: predict.py, fgsm_attack.py and label_audit.py feed a rebuilt model the
+    pixels and re-derive nothing. mean 0, std 1: pixels in [0, 1]. No parameters, nothing in the state_dict."""
+
+    def __init__(self, mean=(MNIST_MEAN,), std=(MNIST_STD,), memory_format=torch.contiguous_format):
+        super().__init__()
+        mean, std = torch.tensor(mean, dtype=torch.float32), torch.tensor(std, dtype=torch.float32)
+        self.register_buffer("scale", (1 / (255 * std)).view(1, -1, 1, 1), persistent=False)
+        self.register_buffer("shift", (-mean / std).view(1, -1, 1, 1), persistent=False)
+        self.memory_format = memory_format  # channels_last for convolutions that run faster so
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = x.unsqueeze(1) if x.dim() == 3 else x  # MNIST's [B,28,28]: one channel
+        return (x.float() * self.scale + self.shift).contiguous(memory_format=self.memory_format)
 
 
 class Batches:
-    """Mini-batches of an in-memory dataset, normalized as they are taken. With shuffle=True the order is redrawn
-    each epoch from a generator seeded once (its state goes into checkpoints). The last, partial batch is kept."""
+    """Mini-batches of an in-memory dataset: (pixels as stored, labels), through `transform` if given (e.g. an
+    augmentation). With shuffle=True the order is redrawn each epoch from a generator seeded once (its state goes
+    into checkpoints). The last, partial batch is kept."""
 
-    def __init__(self, images, labels, batch_size: int, shuffle: bool = False, seed: int = 0, transform=normalize):
+    def __init__(self, images, labels, batch_size: int, shuffle: bool = False, seed: int = 0, transform=None):
         check(batch_size >= 1, f"--batch-size {batch_size}: must be at least 1")
         self.images, self.labels, self.batch_size, self.shuffle, self.transform = images, labels, batch_size, shuffle, transform
         self.generator = torch.Generator().manual_seed(seed)
@@ -481,18 +456,15 @@ class Batches:
         self.order = torch.arange(n, device=self.labels.device) if order is None else order
         for start in range(0, n, self.batch_size):
             idx = slice(start, start + self.batch_size) if order is None else order[start:start + self.batch_size]
-            yield self.transform(self.images[idx]), self.labels[idx]
+            x = self.images[idx]
+            yield (x if self.transform is None else self.transform(x)), self.labels[idx]
 
 
 def progress(iterable, quiet: bool = False, **kwargs):
     """A tqdm bar, off with --quiet or when stderr is not a terminal."""
     from tqdm import tqdm
 
-    bar = tqdm(iterable, disable=quiet or not sys.stderr.isatty(), leave=False, dynamic_ncols=True, **kwargs)
-    event = "batch" if kwargs.get("desc") == "train" else kwargs.get("desc")
-    if event and os.environ.get("RUN_TEST_KILL_AT", "").startswith(event + ":"):
-        return _count_batches(bar, event)
-    return bar
+    return tqdm(iterable, disable=quiet or not sys.stderr.isatty(), leave=False, dynamic_ncols=True, **kwargs)
 
 
 def parameter_table(model: torch.nn.Module) -> str:
@@ -508,130 +480,28 @@ def count_parameters(model: torch.nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())
 
 
-# ----------------------------------------------------------------------------- Adam without torch.optim
-class Adam:
-    """torch.optim.Adam(fused=True) (L2 weight decay, no amsgrad) without torch.optim, whose first step imports
-    torch._dynamo: 1.2-2.5 s a process on 2 cores (nearly as long as importing torch) for a compiler no script here
-    runs. The same call of the same fused kernel (one pass over all the parameters; bitwise equal to torch's, see
-    tests/test_cnn.py) and the same state_dict, so a checkpoint loads into either. One parameter group; a script
-    changes its lr (and betas) in param_groups[0] as with torch's. Only where torch has the fused kernel (CPU, CUDA):
-    elsewhere torch.optim.Adam (common.adam picks)."""
-
-    FLAGS = {"amsgrad": False, "maximize": False, "foreach": None, "capturable": False, "differentiable": False,
-             "fused": True, "decoupled_weight_decay": False}  # torch.optim.Adam's other settings, as it saves them
-
-    def __init__(self, params, lr: float = 1e-3, betas=(0.9, 0.999), eps: float = 1e-8, weight_decay: float = 0.0):
-        self.params = list(params)
-        self.param_groups = [{"lr": lr, "betas": tuple(betas), "eps": eps, "weight_decay": weight_decay, **self.FLAGS,
-                              "params": self.params}]
-        self.state: dict = {}  # parameter -> {"step": float32 tensor, "exp_avg": tensor, "exp_avg_sq": tensor}
-
-    def zero_grad(self, set_to_none: bool = True) -> None:
-        for p in self.params:
-            if p.grad is not None:
-                p.grad = None if set_to_none else p.grad.zero_()
-
-    @torch.no_grad()
-    def step(self) -> None:
-        group = self.param_groups[0]
-        params = [p for p in self.params if p.grad is not None]
-        if not params:
-            return
-        for p in params:
-            if p not in self.state:
-                self.state[p] = {"step": torch.zeros((), dtype=torch.float32, device=p.device),
-                                 "exp_avg": torch.zeros_like(p, memory_format=torch.preserve_format),
-                                 "exp_avg_sq": torch.zeros_like(p, memory_format=torch.preserve_format)}
-        states = [self.state[p] for p in params]
-        steps = [s["step"] for s in states]
-        torch._foreach_add_(steps, 1)
-        beta1, beta2 = group["betas"]
-        torch._fused_adam_(params, [p.grad for p in params], [s["exp_avg"] for s in states], [s["exp_avg_sq"] for s in states],
-                           [], steps, lr=group["lr"], beta1=beta1, beta2=beta2, weight_decay=group["weight_decay"],
-                           eps=group["eps"], amsgrad=False, maximize=False)
-
-    def state_dict(self) -> dict:
-        index = {p: i for i, p in enumerate(self.params)}
-        return {"state": {index[p]: dict(s) for p, s in self.state.items()},
-                "param_groups": [{**{k: v for k, v in self.param_groups[0].items() if k != "params"},
-                                  "params": list(range(len(self.params)))}]}
-
-    def load_state_dict(self, state_dict: dict) -> None:
-        """This class's or torch.optim.Adam's state_dict (one parameter group of as many parameters)."""
-        (saved,) = state_dict["param_groups"]
-        if len(saved["params"]) != len(self.params):
-            raise ValueError(f"the saved optimizer has {len(saved['params'])} parameters, the model {len(self.params)}")
-        param_of = dict(zip(saved["params"], self.params))
-        state = {}
-        for i, s in state_dict["state"].items():
-            p = param_of[i]
-            if s["exp_avg"].shape != p.shape or s["exp_avg_sq"].shape != p.shape:
-                raise ValueError(f"optimizer state of shape {tuple(s['exp_avg'].shape)} for a parameter of shape {tuple(p.shape)}")
-            state[p] = {"step": torch.as_tensor(s["step"], dtype=torch.float32).to(p.device),
-                        "exp_avg": s["exp_avg"].to(device=p.device, dtype=p.dtype),
-                        "exp_avg_sq": s["exp_avg_sq"].to(device=p.device, dtype=p.dtype)}
-        self.state = state
-        self.param_groups[0].update({k: v for k, v in saved.items() if k not in ("params", *self.FLAGS)})
-
-
-FUSED_ADAM: dict = {}  # device type -> whether common.Adam's fused kernel works there (fused_adam_works)
-
-
-def fused_adam_works(device: torch.device) -> bool:
-    """Probe, once per device type: does common.Adam (torch's private _fused_adam_ kernel) exist on this torch and
-    give Adam's update on this device? Two steps on a 3-element parameter against the textbook formula; any error
-    or mismatch (an older or newer torch, a device without the kernel) means no."""
-    kind = torch.device(device).type
-    if kind not in FUSED_ADAM:
-        try:
-            p = torch.tensor([1.0, -2.0, 3.0], device=device, requires_grad=True)
-            opt, lr, (b1, b2), eps = Adam([p], lr=0.1), 0.1, (0.9, 0.999), 1e-8
-            expected, m, v = [1.0, -2.0, 3.0], [0.0] * 3, [0.0] * 3
-            for t, g in ((1, [0.5, -1.0, 2.0]), (2, [-0.25, 0.75, 1.0])):
-                p.grad = torch.tensor(g, device=device)
-                opt.step()
-                m = [b1 * mi + (1 - b1) * gi for mi, gi in zip(m, g)]
-                v = [b2 * vi + (1 - b2) * gi * gi for vi, gi in zip(v, g)]
-                expected = [e - lr * (mi / (1 - b1**t)) / ((vi / (1 - b2**t)) ** 0.5 + eps) for e, mi, vi in zip(expected, m, v)]
-            FUSED_ADAM[kind] = bool(torch.allclose(p.detach().cpu(), torch.tensor(expected), rtol=1e-5, atol=1e-6))
-        except Exception:  # AttributeError (no such kernel), RuntimeError (not on this device), TypeError (new arguments)
-            FUSED_ADAM[kind] = False
-    return FUSED_ADAM[kind]
-
-
-def adam(params, lr: float = 1e-3, betas=(0.9, 0.999), weight_decay: float = 0.0):
-    """Adam for these parameters: common.Adam where the probe shows torch's fused kernel works on this torch and
-    device (fused_adam_works: CPU and CUDA with today's torch), torch.optim.Adam elsewhere (MPS, another torch)."""
-    params = list(params)
-    fast = fused_adam_works(params[0].device)
-    return (Adam if fast else torch.optim.Adam)(params, lr=lr, betas=betas, weight_decay=weight_decay)
-
-
 # ----------------------------------------------------------------------------- failpoints, armed only by tests
-_batches_seen: dict = {}
+_passes: dict = {}  # counted failpoint -> how many times this process reached it
 
 
-def _count_batches(iterable, event: str):
-    """Steps counted over the process for RUN_TEST_KILL_AT=batch:N (training batches) or DESC:N (another bar)."""
-    for item in iterable:
-        _batches_seen[event] = _batches_seen.get(event, 0) + 1
-        failpoint(event, _batches_seen[event])
-        yield item
-
-
-def failpoint(event: str, epoch: Optional[int] = None) -> None:
-    """SIGKILL this process at a chosen point, as fail-rs/gofail failpoints do; off unless a test sets RUN_TEST_KILL_AT:
-    config (config.json written, no checkpoint yet), checkpoint:2 (right after epoch 2's last.*), final (inside the
-    final report, before results.jsonl and metrics.json's final), batch:N or DESC:N (see progress), epoch_end:2 (after
-    epoch 2's metrics.json), interrupted (in Run.guard's Ctrl-C handling). RUN_TEST_PAUSE_AT=POINT[,POINT...] instead sleeps there
-    RUN_TEST_PAUSE_S seconds (default 60) after a line on stderr, for a test to send a signal at a known moment."""
-    here = event if epoch is None else f"{event}:{epoch}"
-    want = os.environ.get("RUN_TEST_KILL_AT")
-    if want and want == here:
+def failpoint(event: str, number: Optional[int] = None) -> None:
+    """A named place where a test can SIGKILL this process (RUN_TEST_KILL_AT=PLACE), as fail-rs/gofail failpoints do;
+    a no-op otherwise. Places: config (config.json written, no checkpoint yet), checkpoint:E (right after epoch E's
+    last.*), epoch_end:E (after its metrics.json), final (inside the final report, before results.jsonl), interrupted
+    (Ctrl-C handling), and batch:N / gradients:N, the Nth time this process reached the training loop's
+    `common.failpoint("batch")` (or grad_collect's "gradients"). RUN_TEST_PAUSE_AT=PLACE[,PLACE...] sleeps there
+    RUN_TEST_PAUSE_S seconds (default 60) after a line on stderr instead, for a test to send a signal then."""
+    kill, pause = os.environ.get("RUN_TEST_KILL_AT"), os.environ.get("RUN_TEST_PAUSE_AT")
+    if not kill and not pause:
+        return
+    if number is None and event in ("batch", "gradients"):
+        number = _passes[event] = _passes.get(event, 0) + 1
+    here = event if number is None else f"{event}:{number}"
+    if kill == here:
         import signal
 
         os.kill(os.getpid(), signal.SIGKILL)
-    if here in os.environ.get("RUN_TEST_PAUSE_AT", "").split(","):  # e.g. epoch_end:1,interrupted: wait for a signal
+    if pause and here in pause.split(","):
         with contextlib.suppress(OSError):
             print(f"test pause at {here}", file=sys.stderr, flush=True)
         time.sleep(float(os.environ.get("RUN_TEST_PAUSE_S", "60")))

@@ -207,7 +207,7 @@ def main(
     quiet: common.Quiet = False,
 ):
     """Attack a trained model: input gradients, FGSM accuracy per eps, iterative FGSM."""
-    run = rundir.Run(ctx, common.args_from(locals()), __file__)
+    run = rundir.Run(ctx, __file__)
     args = run.args
     common.check(args.steps >= 1, f"--steps {args.steps}: must be at least 1")
     common.check(args.examples >= 1, f"--examples {args.examples}: must be at least 1")

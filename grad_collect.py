@@ -774,7 +774,7 @@ def main(
     quiet: common.Quiet = False,
 ):
     """Train the MLP (or load a run) and collect, store and analyze per-sample gradients of every training sample."""
-    args = common.args_from(locals())
+    args = rundir.options_of(ctx)
     check_options(args)
     if args.analyze:  # a finished run's saved gradients, nothing trained: --influence alone, else the clusters again
         run_dir = Path(args.analyze)
@@ -786,7 +786,7 @@ def main(
         else:
             print(f"run {run_dir} | {headline_text(analyze_run(run_dir, args, device)['headline'])}")
         return
-    run = rundir.Run(ctx, args, __file__, changeable=("epochs", "device", "quiet", "data_dir") + ANALYSIS_OPTIONS)
+    run = rundir.Run(ctx, __file__, changeable=("epochs", "device", "quiet", "data_dir") + ANALYSIS_OPTIONS)
     return train_and_collect(run)
 
 
@@ -864,7 +864,7 @@ def build_model(config: dict) -> nn.Module:
 def prepare(run):
     """The data, the model (initialized as train_mlp.py does: the same seed, the same model) and the arrays to store."""
     args = run.args
-    device = common.pick_device(args.device, tf32=False)  # exact fp32 matmuls: the stored factors are exact
+    device = common.pick_device(args.device)  # float32 matmuls stay exact (torch's default; no TF32): so do the factors
     data = common.load_mnist(args.data_dir, device, args.digits, args.val_fraction, args.limit, args.seed, args.label_noise)
     common.seed_everything(common.seed_for(args.seed, "init"))
     model = build_model({**vars(args), **data.describe()}).to(device)

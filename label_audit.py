@@ -356,7 +356,7 @@ def main(
     quiet: common.Quiet = False,
 ):
     """Rank a run's training rows as suspect mislabels (scored when noise was injected) and audit a held-out split."""
-    run = rundir.Run(ctx, common.args_from(locals()), __file__)
+    run = rundir.Run(ctx, __file__)
     args = run.args
     common.check(args.cleanlab_folds >= 2, f"--cleanlab-folds {args.cleanlab_folds}: need at least 2")
     common.check(args.audit in (None, "test", "val"), f"--audit {args.audit}: use test or val")

@@ -454,7 +454,7 @@ def main(
     quiet: common.Quiet = False,
 ):
     """Train the NumPy network on MNIST (or check its gradients) and report test accuracy with the best weights."""
-    run = rundir.Run(ctx, common.args_from(locals()), __file__, length_option="updates",  # named by this file
+    run = rundir.Run(ctx, __file__, length_option="updates",  # named by this file
                      changeable=("updates", "quiet", "data_dir"), checkpoint_format=(".npz", save_npz, load_npz))
     args = run.args
     check_options(args)

@@ -4,7 +4,7 @@ name), runs/<script>/<time>[-tag]/ with config.json, best/last checkpoints writt
 results.jsonl line, the kill-proof resume (last.* is the one source of truth after a kill at any moment), and a
 finished run's model rebuilt by its own script. The script decides when anything is written:
 
-    run = rundir.Run(ctx, common.args_from(locals()), __file__)     # identity: this file's name; --resume merges
+    run = rundir.Run(ctx, __file__)       # options: the command's (ctx.params); identity: this file's name
     args = run.args
     run.save_config(device=str(device), **data.describe())          # runs/<script>/<time>[-tag]/config.json
     run.restore(device, model=model, optimizer=opt, generator=batches.generator)   # last.pt, if resuming
@@ -366,6 +366,13 @@ def _same_list(saved, typed) -> bool:
     return isinstance(typed, list) and isinstance(saved, (str, list)) and split_values([saved] if isinstance(saved, str) else saved) == split_values(typed)
 
 
+def options_of(ctx: typer.Context) -> SimpleNamespace:
+    """The command's declared options as typed or defaulted (Typer's ctx.params, after their callbacks), paths as
+    strings: what config.json records as the run's options, whatever local variables the command has."""
+    names = [p.name for p in ctx.command.params if p.name in ctx.params]  # in the order the command declares them
+    return SimpleNamespace(**{k: (str(v) if isinstance(v, Path) else v) for k in names for v in [ctx.params[k]]})
+
+
 def typed_on_command_line(ctx, name: str) -> bool:
     """Whether the user gave option `name` on the command line (not its default, nor an environment variable)."""
     source = ctx.get_parameter_source(name) if ctx is not None else None
@@ -380,8 +387,9 @@ class Run:
 
     current = None  # the process's latest Run: main says how to resume it after a Ctrl-C outside its guard
 
-    def __init__(self, ctx, args: SimpleNamespace, script_file, changeable=("epochs", "device", "quiet", "data_dir"),
+    def __init__(self, ctx: typer.Context, script_file, changeable=("epochs", "device", "quiet", "data_dir"),
                  length_option: str = "epochs", main_process: bool = True, checkpoint_format=None):
+        args = options_of(ctx)  # the command's declared options, never its local variables
         self.script, self.script_path = script_name(script_file), str(Path(script_file).resolve())
         self.ext, self._save_file, self._load_file = checkpoint_format or (".pt", torch.save, load_checkpoint)
         self.length_option, self.main_process = length_option, main_process

@@ -160,7 +160,7 @@ def main(
     quiet: common.Quiet = False,
 ):
     """Train an SVM on raw 14x14 pixels and one on Gabor features; report both test accuracies."""
-    run = rundir.Run(ctx, common.args_from(locals()), __file__)  # named by this file: a copy is a new experiment
+    run = rundir.Run(ctx, __file__)  # named by this file: a copy is a new experiment
     args = run.args
     common.check(args.kernel in ("rbf", "linear"), f"--kernel {args.kernel}: use rbf or linear")
     common.check(args.C > 0, f"--C {args.C}: must be positive")

@@ -275,12 +275,12 @@ def main(
     if _elastic is not None and os.environ.get("TORCHELASTIC_RESTART_COUNT", "0") == "0" and os.environ.get("RANK") == "0":
         _elastic.unlink(missing_ok=True)  # the first attempt: a pointer left by an earlier job names another run
     elif _elastic is not None and os.environ.get("TORCHELASTIC_RESTART_COUNT", "0") != "0" and _elastic.is_file():
-        resume = Path(rundir.read_json(_elastic)["run_dir"])  # torchrun restarted the workers: the same run goes on
+        ctx.params["resume"] = resume = Path(rundir.read_json(_elastic)["run_dir"])  # torchrun restarted the workers: the same run goes on
         if "final" in rundir.read_json(resume / "metrics.json", default={}):
             print(f"run {resume} | already finished before torchrun restarted the workers")
             return
     rank, world, dev = distributed(device)
-    run = rundir.Run(ctx, common.args_from(locals()), __file__, main_process=rank == 0)  # rank 0 alone writes files
+    run = rundir.Run(ctx, __file__, main_process=rank == 0)  # rank 0 alone writes files
     args = run.args
     check_options(args)
     run.fix_length({"step": "its step learning rate drops at 40% and 80% of the planned epochs",

@@ -24,6 +24,7 @@ from __future__ import annotations
 import math
 import time
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Annotated, Optional
 
 import torch
@@ -61,15 +62,16 @@ def make_layers(arch: str, num_classes: int = 10) -> list[nn.Module]:
 
 
 class CNN(nn.Sequential):
-    """[B,1,28,28] normalized images -> [B,num_classes] logits, one of the layouts in make_layers."""
+    """MNIST pixels [B,28,28] (as stored: uint8, or float 0-255) -> [B,num_classes] logits: common.Pixels (the
+    normalization, in the layout the convolutions prefer), then one of the layouts in make_layers."""
 
-    def __init__(self, arch: str = "fast", num_classes: int = 10):
-        super().__init__(*make_layers(arch, num_classes))
+    def __init__(self, arch: str = "fast", num_classes: int = 10, memory_format=torch.contiguous_format):
+        super().__init__(common.Pixels(memory_format=memory_format), *make_layers(arch, num_classes))
         self.arch = arch
 
 
 def build_model(config: dict) -> CNN:
-    """The model a run's config.json describes (rundir.load_run_model: predict.py, fgsm_attack.py)."""
+    """The model a run's config.json describes (rundir.load_run_model: predict.py, fgsm_attack.py, label_audit.py)."""
     return CNN(config["arch"], config["num_classes"])
 
 
@@ -80,9 +82,9 @@ def memory_format(device: torch.device):
 
 
 def augment_batch(images: torch.Tensor, max_shift: float = 2.0, max_degrees: float = 10.0) -> torch.Tensor:
-    """uint8 [B,28,28] -> float [B,1,28,28] in [0,1], each image shifted by up to max_shift pixels and rotated by up
-    to max_degrees, in one affine_grid/grid_sample call on the batch's device (torch's global RNG)."""
-    x = images.unsqueeze(1).float().div_(255.0)
+    """uint8 [B,28,28] -> float [B,1,28,28] on the same 0-255 scale, each image shifted by up to max_shift pixels and
+    rotated by up to max_degrees, in one affine_grid/grid_sample call on the batch's device (torch's global RNG)."""
+    x = images.unsqueeze(1).float()
     b = len(x)
     angle = (torch.rand(b, device=x.device) * 2 - 1) * math.radians(max_degrees)
     shift = (torch.rand(b, 2, device=x.device) * 2 - 1) * (2 * max_shift / 28)  # grid coordinates span 2 over 28 px
@@ -92,86 +94,78 @@ def augment_batch(images: torch.Tensor, max_shift: float = 2.0, max_degrees: flo
     return F.grid_sample(x, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
 
 
-def make_transform(device: torch.device, augmented: bool):
-    """What Batches applies to each uint8 batch: (augment), normalize, channels_last."""
-    fmt = memory_format(device)
-
-    def transform(images):
-        x = augment_batch(images) if augmented else images.unsqueeze(1).float().div_(255.0)
-        return x.sub_(common.MNIST_MEAN).div_(common.MNIST_STD).contiguous(memory_format=fmt)
-
-    return transform
-
-
 # ----------------------------------------------------------------------------- schedules, training, evaluation
-def schedule(kind: str, step: int, total_steps: int, steps_per_epoch: int, lr: float, gamma: float,
-             cycle_momentum: bool = True):
-    """(learning rate, momentum or None) for a global step. onecycle is torch's OneCycleLR with its defaults:
-    cosine warm-up from lr/25 to lr over the first 30% of steps, then cosine decay to lr/25e4, and with
-    cycle_momentum the momentum (Adam's beta1) cycled 0.95 -> 0.85 -> 0.95; step multiplies lr by gamma after
-    each epoch (StepLR)."""
-    if kind == "none":
-        return lr, None
-    if kind == "step":
-        return lr * gamma ** (step // steps_per_epoch), None
-    if kind == "cosine":
-        return lr * 0.5 * (1 + math.cos(math.pi * step / total_steps)), None
-
-    def anneal(start, end, pct):
-        return end + (start - end) / 2 * (math.cos(math.pi * pct) + 1)
-
-    warm_end = 0.3 * total_steps - 1
-    if step <= warm_end:
-        pct = step / warm_end if warm_end > 0 else 1.0
-        return anneal(lr / 25, lr, pct), anneal(0.95, 0.85, pct) if cycle_momentum else None
-    pct = min((step - warm_end) / max(total_steps - 1 - warm_end, 1e-9), 1.0)
-    return anneal(lr, lr / 25 / 1e4, pct), anneal(0.85, 0.95, pct) if cycle_momentum else None
+def make_optimizer(model, args) -> torch.optim.Optimizer:
+    """Adam (tuomaso/train_mnist_fast's betas 0.7/0.9; --cycle-momentum cycles beta1 instead), SGD with Nesterov
+    momentum, or Adadelta; Adam and SGD fused (one kernel over all parameters) where the device has the kernel."""
+    fused = next(model.parameters()).device.type in ("cpu", "cuda")
+    if args.optimizer == "adam":
+        return torch.optim.Adam(model.parameters(), lr=args.lr, betas=(0.7, 0.9), weight_decay=args.weight_decay, fused=fused)
+    if args.optimizer == "sgd":
+        return torch.optim.SGD(model.parameters(), lr=args.lr, momentum=args.momentum, nesterov=True,
+                               weight_decay=args.weight_decay, fused=fused)
+    return torch.optim.Adadelta(model.parameters(), lr=args.lr, weight_decay=args.weight_decay)
 
 
-def set_lr(optimizer, lr: float, momentum: Optional[float]) -> None:
-    for group in optimizer.param_groups:
-        group["lr"] = lr
-        if momentum is not None and "betas" in group:
-            group["betas"] = (momentum, group["betas"][1])
-        elif momentum is not None and "momentum" in group:
-            group["momentum"] = momentum
+def make_scheduler(optimizer, args, steps_per_epoch: int):
+    """A torch LR scheduler stepped after every training step: onecycle (torch's OneCycleLR: warm-up from lr/25 to
+    --lr over 30% of the steps, cosine decay to lr/25e4; with --cycle-momentum, momentum or beta1 0.95-0.85-0.95),
+    cosine (to 0 at the last step), step (x --gamma each epoch) or none."""
+    total = args.epochs * steps_per_epoch
+    if args.lr_schedule == "onecycle":
+        return torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=args.lr, total_steps=total,
+                                                   cycle_momentum=args.cycle_momentum)
+    factor = {"none": lambda step: 1.0,
+              "step": lambda step: args.gamma ** (step // steps_per_epoch),
+              "cosine": lambda step: 0.5 * (1 + math.cos(math.pi * step / total))}[args.lr_schedule]
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+
+
+def make_training(args, images, labels, num_classes: int, device):
+    """Everything a training run starts from, built one way for the command and for fit(): the model (seeded from
+    --seed), the optimizer, the lr scheduler, the loss scaler (fp16 only) and the shuffled (augmented) batches."""
+    common.seed_everything(common.seed_for(args.seed, "init"))
+    fmt = memory_format(device)
+    model = CNN(args.arch, num_classes, fmt).to(device, memory_format=fmt)
+    optimizer = make_optimizer(model, args)
+    batches = common.Batches(images, labels, args.batch_size, shuffle=True, seed=common.seed_for(args.seed, "shuffle"),
+                             transform=augment_batch if args.augment else None)
+    scheduler = make_scheduler(optimizer, args, len(batches))
+    return model, optimizer, scheduler, common.grad_scaler(device, args.precision), batches
 
 
 @torch.inference_mode()
-def evaluate(model, images, labels, transform, precision="fp32", batch_size: int = 500):
+def evaluate(model, images, labels, precision="fp32", batch_size: int = 500):
     """(mean loss, accuracy, predictions, probabilities) over a whole split, in batches of 500: the first conv's
-    output for 500 images (28 MB in fp32) stays in a large L3 cache; 1,000 (55 MB) took 35-40% longer on a 2-core
-    Zen 4 EPYC, AVX-512 or AVX2 alike (docs/train_cnn.md)."""
+    output for 500 images stays in a large L3 cache (docs/train_cnn.md)."""
     model.eval()
-    device = labels.device
-    with common.autocast(device, precision):
-        logits = torch.cat([model(x) for x, _ in common.Batches(images, labels, batch_size, transform=transform)]).float()
+    with common.autocast(labels.device, precision):
+        logits = torch.cat([model(x) for x, _ in common.Batches(images, labels, batch_size)]).float()
     loss = F.cross_entropy(logits, labels).item()
     preds = logits.argmax(1)
     return loss, (preds == labels).float().mean().item(), preds, logits.softmax(1)
 
 
-def train_epoch(model, batches, optimizer, lr_at, first_step: int, precision: str, label_smoothing: float, quiet: bool,
-                predictions=None, scaler=None):
-    """One pass over the training batches; lr_at(step) gives (lr, momentum) of each global step. Returns the
-    epoch's mean loss (plain cross-entropy, comparable with val loss, also when training with label smoothing)
-    and accuracy, and the per-step values as a [steps, 2] tensor, written on the device during the epoch and
-    read once at its end (no per-step synchronisation). predictions: records each row's probabilities."""
+def train_epoch(model, batches, optimizer, scheduler, scaler, args, predictions=None):
+    """One pass over the training batches, the scheduler stepped after each step, under common.autocast(--precision),
+    with --label-smoothing. Returns the epoch's mean loss (plain cross-entropy, comparable with val loss) and
+    accuracy, and the per-step values as a [steps, 2] tensor, written on the device during the epoch and read once at
+    its end (no per-step synchronisation). predictions: records each row's probabilities."""
     model.train()
     device = batches.labels.device
-    scaler = scaler or common.grad_scaler(device, "fp32")  # loss scaling for fp16 only; else it passes straight through
     step_stats = torch.zeros(len(batches), 2, device=device)  # loss, accuracy of each step
     sizes = torch.zeros(len(batches), device=device)
-    for i, (x, y) in enumerate(common.progress(batches, quiet, desc="train")):
-        set_lr(optimizer, *lr_at(first_step + i))
-        with common.autocast(device, precision):
+    for i, (x, y) in enumerate(common.progress(batches, args.quiet, desc="train")):
+        common.failpoint("batch")  # tests kill the process here (RUN_TEST_KILL_AT=batch:N); a no-op otherwise
+        with common.autocast(device, args.precision):
             logits = model(x)
-            loss = F.cross_entropy(logits, y, label_smoothing=label_smoothing)
+            loss = F.cross_entropy(logits, y, label_smoothing=args.label_smoothing)
         optimizer.zero_grad(set_to_none=True)
         scaler.scale(loss).backward()
         scaler.step(optimizer)
         scaler.update()
-        step_stats[i, 0] = F.cross_entropy(logits.detach().float(), y) if label_smoothing else loss.detach().float()
+        scheduler.step()
+        step_stats[i, 0] = F.cross_entropy(logits.detach().float(), y) if args.label_smoothing else loss.detach().float()
         step_stats[i, 1] = (logits.detach().argmax(1) == y).float().mean()
         sizes[i] = len(y)
         if predictions is not None:
@@ -181,28 +175,13 @@ def train_epoch(model, batches, optimizer, lr_at, first_step: int, precision: st
 
 
 def fit(config: dict, images, labels, num_classes: int, seed: int) -> nn.Module:
-    """A fresh model of the run's config trained on these rows as train() trains it (its options, --epochs, lr
-    schedule; no validation or checkpoints): label_audit.py's cleanlab folds."""
-    device = images.device
-    common.seed_everything(common.seed_for(seed, "init"))
-    model = CNN(config["arch"], num_classes).to(device, memory_format=memory_format(device))
-    opt = make_optimizer(config["optimizer"], model, config["lr"], config["momentum"], config["weight_decay"])
-    batches = common.Batches(images, labels, config["batch_size"], shuffle=True, seed=common.seed_for(seed, "shuffle"),
-                             transform=make_transform(device, config["augment"]))
-    total = config["epochs"] * len(batches)
-    lr_at = lambda step: schedule(config["lr_schedule"], step, total, len(batches), config["lr"], config["gamma"], config["cycle_momentum"])  # noqa: E731
-    for epoch in range(config["epochs"]):
-        train_epoch(model, batches, opt, lr_at, epoch * len(batches), config["precision"], config["label_smoothing"], True)
+    """A fresh model of a run's config trained on these rows the way the command trains (make_training, train_epoch;
+    no validation or checkpoints): label_audit.py's cleanlab folds."""
+    args = SimpleNamespace(**{**config, "seed": seed, "quiet": True})
+    model, optimizer, scheduler, scaler, batches = make_training(args, images, labels, num_classes, images.device)
+    for _ in range(args.epochs):
+        train_epoch(model, batches, optimizer, scheduler, scaler, args)
     return model.eval()
-
-
-def make_optimizer(name: str, model, lr: float, momentum: float, weight_decay: float):
-    if name == "adam":
-        # tuomaso/train_mnist_fast's betas; with --cycle-momentum, onecycle cycles beta1 0.95-0.85 instead.
-        return common.adam(model.parameters(), lr=lr, betas=(0.7, 0.9), weight_decay=weight_decay)
-    if name == "sgd":
-        return torch.optim.SGD(model.parameters(), lr=lr, momentum=momentum, nesterov=True, weight_decay=weight_decay)
-    return torch.optim.Adadelta(model.parameters(), lr=lr, weight_decay=weight_decay)
 
 
 # ----------------------------------------------------------------------------- plots only this script makes
@@ -222,7 +201,7 @@ def plot_filters(model: CNN, path) -> None:
 
 @torch.inference_mode()
 def feature_maps(model: CNN, x: torch.Tensor) -> list[torch.Tensor]:
-    """Each conv layer's output after ReLU, before pooling, for one normalized image [1,1,28,28]."""
+    """Each conv layer's output after ReLU, before pooling, for one image's pixels [1,28,28]."""
     model.eval()
     maps = []
     for layer in model:
@@ -269,26 +248,20 @@ def check_options(args) -> None:
     common.check(args.patience is None or args.patience >= 1, f"--patience {args.patience}: must be at least 1")
 
 
-def train(run, model, optimizer, batches, data, plain, scaler=None) -> None:
-    """The epochs still to run: train with the per-step schedule, validate, then best.pt, early stopping and
-    last.pt, each decided here."""
+def train(run, model, optimizer, scheduler, scaler, batches, data) -> None:
+    """The epochs still to run: train, validate, then best.pt, early stopping and last.pt, each decided here."""
     args, writer = run.args, run.tensorboard()
     steps_writer = run.tensorboard("steps", purge_step=run.epoch * len(batches) + 1)  # x axis: global step
-    total_steps = args.epochs * len(batches)
     predictions = rundir.Predictions(data.train_y, data.num_classes, data.train_index)  # for label_audit.py
-
-    def lr_at(step: int):
-        return schedule(args.lr_schedule, step, total_steps, len(batches), args.lr, args.gamma, args.cycle_momentum)
 
     with run.guard():
         for epoch in run.epochs(args.epochs):
             t0 = time.time()
-            train_loss, train_acc, step_stats = train_epoch(model, batches, optimizer, lr_at, (epoch - 1) * len(batches),
-                                                            args.precision, args.label_smoothing, args.quiet, predictions, scaler)
-            val_loss, val_acc = evaluate(model, data.val_x, data.val_y, plain, args.precision)[:2] if len(data.val_y) else (None, None)
+            train_loss, train_acc, step_stats = train_epoch(model, batches, optimizer, scheduler, scaler, args, predictions)
+            val_loss, val_acc = evaluate(model, data.val_x, data.val_y, args.precision)[:2] if len(data.val_y) else (None, None)
             predictions.save(run.dir, epoch)  # predictions/epoch_<n>.npz, before last.pt records the epoch
             record = {"epoch": epoch, "train_loss": train_loss, "train_acc": train_acc, "val_loss": val_loss,
-                      "val_acc": val_acc, "lr_end": lr_at(epoch * len(batches) - 1)[0], "epoch_time_s": time.time() - t0,
+                      "val_acc": val_acc, "lr_end": optimizer.param_groups[0]["lr"], "epoch_time_s": time.time() - t0,
                       **common.step_values(step_stats)}
             common.add_step_scalars(steps_writer, record, (epoch - 1) * len(batches))
             for key in ("train_loss", "val_loss", "train_acc", "val_acc"):
@@ -306,14 +279,14 @@ def train(run, model, optimizer, batches, data, plain, scaler=None) -> None:
                 break
 
 
-def report(run, model, data, plain, started: float, resumed_after: Optional[int] = None) -> dict:
+def report(run, model, data, started: float, resumed_after: Optional[int] = None) -> dict:
     """Best weights on the test set (the timed part ends here), then metrics, TensorBoard and the plots. Timings:
     train_time_s, the training of every epoch (of all the processes of a resumed run); time_to_test_acc_s, this
     process's start to its test accuracy (a resumed run's: only the part after epoch resumed_after, which
     time_to_test_acc_from_epoch names; 0 for a run in one process)."""
     args = run.args
     model.load_state_dict(run.load_best()["model"])
-    test_loss, test_acc, preds, probs = evaluate(model, data.test_x, data.test_y, plain, args.precision)
+    test_loss, test_acc, preds, probs = evaluate(model, data.test_x, data.test_y, args.precision)
     time_to_test = time.time() - started
     cm = common.confusion_matrix(data.test_y, preds, data.num_classes)
     per_class = {str(d): float(cm[i, i] / max(cm[i].sum(), 1)) for i, d in enumerate(data.digits)}
@@ -339,7 +312,7 @@ def report(run, model, data, plain, started: float, resumed_after: Optional[int]
                   confidence[worst].tolist(), run.dir / "failures.png")
     model = model.float().to(memory_format=torch.contiguous_format)
     plot_filters(model, run.dir / "filters.png")
-    maps = feature_maps(model, plain(data.test_x[:1]).float())
+    maps = feature_maps(model, data.test_x[:1])
     plot_feature_maps(test_x[0], maps, data.digits[int(test_y[0])], run.dir / "feature_maps.png")
     print("per-class test accuracy: " + " ".join(f"{d}:{a:.2%}" for d, a in per_class.items()))
     here = run.history[resumed_after or 0:]
@@ -382,7 +355,7 @@ def main(
 ):
     """Train a CNN on MNIST and report test accuracy with the best (by val accuracy) weights."""
     started = time.time()
-    run = rundir.Run(ctx, common.args_from(locals()), __file__)  # named by this file: a copy is a new experiment
+    run = rundir.Run(ctx, __file__)  # named by this file: a copy is a new experiment
     args = run.args
     check_options(args)
     if args.lr_schedule in ("cosine", "onecycle"):
@@ -390,14 +363,10 @@ def main(
     if args.lr is None:
         args.lr = DEFAULT_LR[args.optimizer]
     device = common.pick_device(args.device)
+    common.keep_freed_memory()  # reuse freed memory: fewer page faults each step (docs/train_cnn.md)
     args.precision, precision_reason = common.pick_precision(args.precision, device, run.original)  # the choice, not "auto"
     data = common.load_mnist(args.data_dir, device, args.digits, args.val_fraction, args.limit, args.seed, args.label_noise)
-    common.seed_everything(common.seed_for(args.seed, "init"))
-    model = CNN(args.arch, data.num_classes).to(device, memory_format=memory_format(device))
-    opt = make_optimizer(args.optimizer, model, args.lr, args.momentum, args.weight_decay)
-    plain = make_transform(device, augmented=False)
-    batches = common.Batches(data.train_x, data.train_y, args.batch_size, shuffle=True,
-                             seed=common.seed_for(args.seed, "shuffle"), transform=make_transform(device, args.augment))
+    model, opt, scheduler, scaler, batches = make_training(args, data.train_x, data.train_y, data.num_classes, device)
     n_params = common.count_parameters(model)
     run.save_config(device=str(device), cpu=common.describe_machine(), precision_reason=precision_reason, n_parameters=n_params,
                     threads=torch.get_num_threads(), **data.describe())
@@ -405,12 +374,11 @@ def main(
         print(common.parameter_table(model))
     print(f"device {device} ({args.precision}: {precision_reason}) | arch {args.arch} | train {len(data.train_y)} "
           f"val {len(data.val_y)} test {len(data.test_y)} | digits {data.digits} | {n_params:,} parameters | run {run.dir}")
-    scaler = common.grad_scaler(device, args.precision)  # loss scaling for fp16 (GPUs without native bf16) only
-    run.restore(device, model=model, optimizer=opt, scaler=scaler, generator=batches.generator)
+    run.restore(device, model=model, optimizer=opt, scheduler=scheduler, scaler=scaler, generator=batches.generator)
     resumed_after = run.epoch if run.resumed else None  # where this process's training starts
 
-    train(run, model, opt, batches, data, plain, scaler)
-    final = report(run, model, data, plain, started, resumed_after)
+    train(run, model, opt, scheduler, scaler, batches, data)
+    final = report(run, model, data, started, resumed_after)
     run.finish(final, {"arch": args.arch, "digits": data.digits, "epochs": run.epoch, "test_acc": final["test_acc"],
                        "time_to_test_acc_s": final["time_to_test_acc_s"]},
                summary=f"run {run.dir} | test accuracy {final['test_acc']:.2%} (best epoch {final['best_epoch']})")

@@ -25,6 +25,7 @@ import math
 import sys
 import time
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Annotated
 
 import torch
@@ -41,11 +42,13 @@ SCHEDULES, INPUT_SCALES = ("none", "cosine"), ("unit", "standard")
 
 
 class DepthNet(nn.Module):
-    """784 -> (layers-1) hidden Dense+activation layers of `features` units -> Dense head. `layers=1` is linear."""
+    """MNIST pixels [B,28,28] -> 784 (in [0, 1], --input-scale unit, or standardized) -> (layers-1) hidden
+    Dense+activation layers of `features` units -> Dense head. `layers=1` is linear."""
 
     def __init__(self, model: str = "glonet", layers: int = 10, features: int = 256, num_classes: int = 10,
-                 activation: str = "relu", init: str = "lecun"):
+                 activation: str = "relu", init: str = "lecun", input_scale: str = "unit"):
         super().__init__()
+        self.pixels = common.Pixels((0.0,), (1.0,)) if input_scale == "unit" else common.Pixels()  # normalized inside
         self.model, self.slope = model, 0.2 if activation == "leaky" else 0.0
         widths = [28 * 28] + [features] * (layers - 1)
         self.hidden = nn.ModuleList(nn.Linear(a, b) for a, b in zip(widths[:-1], widths[1:]))
@@ -71,7 +74,7 @@ class DepthNet(nn.Module):
 
     def forward(self, x, outputs: list | None = None):
         """Logits; if `outputs` is a list, each hidden layer's contribution is appended to it."""
-        h = x.flatten(1)
+        h = self.pixels(x).flatten(1)
         total = None
         for i, layer in enumerate(self.hidden):
             if self.norms is not None and i > 0:  # resmlp block: h + W relu(LayerNorm(h)), zero-mean branch
@@ -93,11 +96,11 @@ class DepthNet(nn.Module):
 def build_model(config: dict) -> DepthNet:
     """The model a run's config.json describes."""
     return DepthNet(config["model"], config["layers"], config["features"], config["num_classes"],
-                    config["activation"], config.get("init", "default"))
+                    config["activation"], config["init"], config["input_scale"])
 
 
 @torch.inference_mode()
-def evaluate(model, images, labels, usage: bool = False, batch_size: int = 2000, transform=common.normalize) -> dict:
+def evaluate(model, images, labels, usage: bool = False, batch_size: int = 2000) -> dict:
     """Loss and accuracy over a split. With usage=True also, per hidden layer: output_l1 (mean L1 norm of its
     output), output_spread (sum over units of the output's std over the split: the input-dependent part; a layer
     whose output is the same for every image only shifts the head's bias) and weight_l1; and for glonet
@@ -109,7 +112,7 @@ def evaluate(model, images, labels, usage: bool = False, batch_size: int = 2000,
     l1, prefix_correct = torch.zeros(n_hidden, device=dev), torch.zeros(n_hidden, device=dev)
     # per layer and unit: sums of (o - shift) and its square, shift = the first batch's mean (accurate in float32)
     s1, s2, shift = (torch.zeros(n_hidden, model.head.in_features, device=dev) for _ in range(3))
-    for b, (x, y) in enumerate(common.Batches(images, labels, batch_size if not usage else min(batch_size, 500), transform=transform)):
+    for b, (x, y) in enumerate(common.Batches(images, labels, batch_size if not usage else min(batch_size, 500))):
         outputs = [] if usage else None
         logits = model(x, outputs)
         loss_sum += F.cross_entropy(logits, y, reduction="sum")
@@ -138,39 +141,26 @@ def evaluate(model, images, labels, usage: bool = False, batch_size: int = 2000,
     return result
 
 
-def unit_scale(images: torch.Tensor) -> torch.Tensor:
-    """uint8 [B,28,28] -> float [B,1,28,28] in [0, 1], as the source feeds its nets (--input-scale unit)."""
-    return images.unsqueeze(1).float().div_(255.0)
-
-
-def lr_at(schedule: str, lr: float, step: int, total_steps: int) -> float:
-    """none: constant; cosine: per step from lr down to 0 over the whole run."""
-    return lr if schedule == "none" else lr * 0.5 * (1 + math.cos(math.pi * step / total_steps))
-
-
-def train_epoch(model, batches, optimizer, lr_of_step=None, first_step: int = 0, quiet: bool = True, predictions=None,
-                precision: str = "fp32", scaler=None):
-    """One pass over the training batches, lr_of_step(global step) giving each step's rate; the forward pass under
-    common.autocast(precision) (bf16 matmuls where the hardware has them natively), the loss in fp32, the backward
-    through `scaler` (fp16: loss scaling). Returns the epoch's mean loss and accuracy, and the per-step values as a
+def train_epoch(model, batches, optimizer, scheduler, scaler, args, predictions=None):
+    """One pass over the training batches: the forward pass under common.autocast(--precision) (bf16 matmuls where
+    the hardware has them natively), the loss in fp32, the backward through `scaler` (fp16: loss scaling), the
+    scheduler stepped after each step. Returns the epoch's mean loss and accuracy, and the per-step values as a
     [steps, 2] tensor, written on the device during the epoch and read once at its end (no per-step sync).
     predictions: records each row's probabilities."""
     model.train()
     device = batches.labels.device
-    scaler = scaler or common.grad_scaler(device, "fp32")  # fp32: passes straight through
     step_stats = torch.zeros(len(batches), 2, device=device)  # loss, accuracy of each step
     sizes = torch.zeros(len(batches), device=device)
-    for i, (x, y) in enumerate(common.progress(batches, quiet, desc="train")):
-        if lr_of_step is not None:
-            for group in optimizer.param_groups:
-                group["lr"] = lr_of_step(first_step + i)
-        with common.autocast(device, precision):
+    for i, (x, y) in enumerate(common.progress(batches, args.quiet, desc="train")):
+        common.failpoint("batch")  # tests kill the process here (RUN_TEST_KILL_AT=batch:N); a no-op otherwise
+        with common.autocast(device, args.precision):
             logits = model(x)
         loss = F.cross_entropy(logits.float(), y)
         optimizer.zero_grad(set_to_none=True)
         scaler.scale(loss).backward()
         scaler.step(optimizer)
         scaler.update()
+        scheduler.step()
         step_stats[i, 0] = loss.detach()
         step_stats[i, 1] = (logits.detach().argmax(1) == y).float().mean()
         sizes[i] = len(y)
@@ -180,24 +170,40 @@ def train_epoch(model, batches, optimizer, lr_of_step=None, first_step: int = 0,
     return loss_mean, acc_mean, step_stats
 
 
-def make_optimizer(net, name: str, lr: float, momentum: float):
-    if name == "adam":
-        return common.adam(net.parameters(), lr=lr)  # torch's fused kernel (~15% faster), without torch.optim
-    return torch.optim.SGD(net.parameters(), lr=lr, momentum=momentum)
+def make_optimizer(model, args) -> torch.optim.Optimizer:
+    """Adam or SGD with momentum, fused (one kernel over all parameters) where the device has the kernel."""
+    fused = next(model.parameters()).device.type in ("cpu", "cuda")
+    if args.optimizer == "adam":
+        return torch.optim.Adam(model.parameters(), lr=args.lr, fused=fused)
+    return torch.optim.SGD(model.parameters(), lr=args.lr, momentum=args.momentum, fused=fused)
+
+
+def make_scheduler(optimizer, args, steps_per_epoch: int):
+    """A torch LR scheduler stepped after every training step: cosine (from --lr to 0 at the last step) or none."""
+    total = args.epochs * steps_per_epoch
+    factor = {"none": lambda step: 1.0, "cosine": lambda step: 0.5 * (1 + math.cos(math.pi * step / total))}[args.lr_schedule]
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+
+
+def make_training(args, images, labels, num_classes: int, device):
+    """Everything a training run starts from, built one way for the command and for fit(): the model (seeded from
+    --seed), the optimizer, the lr scheduler, the loss scaler (fp16 only) and the shuffled batches."""
+    common.seed_everything(common.seed_for(args.seed, "init"))
+    model = DepthNet(args.model, args.layers, args.features, num_classes, args.activation, args.init, args.input_scale).to(device)
+    optimizer = make_optimizer(model, args)
+    batches = common.Batches(images, labels, args.batch_size, shuffle=True, seed=common.seed_for(args.seed, "shuffle"))
+    scheduler = make_scheduler(optimizer, args, len(batches))
+    return model, optimizer, scheduler, common.grad_scaler(device, args.precision), batches
 
 
 def fit(config: dict, images, labels, num_classes: int, seed: int) -> nn.Module:
-    """A fresh model of the run's config trained on these rows as train() trains it (its options, --epochs, lr
-    schedule; no evaluation or checkpoints): label_audit.py's cleanlab folds."""
-    common.seed_everything(common.seed_for(seed, "init"))
-    net = build_model({**config, "num_classes": num_classes}).to(images.device)
-    opt = make_optimizer(net, config["optimizer"], config["lr"], config["momentum"])
-    batches = common.Batches(images, labels, config["batch_size"], shuffle=True, seed=common.seed_for(seed, "shuffle"),
-                             transform=unit_scale if config["input_scale"] == "unit" else common.normalize)
-    total = config["epochs"] * len(batches)
-    for epoch in range(config["epochs"]):
-        train_epoch(net, batches, opt, lambda step: lr_at(config["lr_schedule"], config["lr"], step, total), epoch * len(batches))
-    return net.eval()
+    """A fresh model of a run's config trained on these rows the way the command trains (make_training, train_epoch;
+    no evaluation or checkpoints): label_audit.py's cleanlab folds."""
+    args = SimpleNamespace(**{**config, "seed": seed, "quiet": True})
+    model, optimizer, scheduler, scaler, batches = make_training(args, images, labels, num_classes, images.device)
+    for _ in range(args.epochs):
+        train_epoch(model, batches, optimizer, scheduler, scaler, args)
+    return model.eval()
 
 
 def usage_summary(record: dict) -> dict:
@@ -323,30 +329,25 @@ def check_options(args) -> None:
     common.check(args.input_scale in INPUT_SCALES, f"--input-scale {args.input_scale}: use unit or standard")
 
 
-def train(run, net, opt, batches, data, precision: str = "fp32", scaler=None) -> None:
-    """The epochs still to run: train (in `precision`), evaluate val and test (with layer usage; fp32) every epoch,
+def train(run, net, opt, scheduler, scaler, batches, data) -> None:
+    """The epochs still to run: train (in --precision), evaluate val and test (with layer usage; fp32) every epoch,
     then best.pt and last.pt, each decided here. A NaN/inf training loss stops the run with exit 1; last.pt keeps the last finite epoch."""
     args, writer = run.args, run.tensorboard()
     steps_writer = run.tensorboard("steps", purge_step=run.epoch * len(batches) + 1)  # x axis: global step
-    total_steps = args.epochs * len(batches)
     predictions = rundir.Predictions(data.train_y, data.num_classes, data.train_index)  # for label_audit.py
-
-    def lr_of_step(step: int) -> float:
-        return lr_at(args.lr_schedule, args.lr, step, total_steps)
 
     with run.guard():
         for epoch in run.epochs(args.epochs):  # all --epochs: no early stopping (fixed epochs, as the source)
             t0 = time.time()
-            train_loss, train_acc, step_stats = train_epoch(net, batches, opt, lr_of_step, (epoch - 1) * len(batches), args.quiet,
-                                                            predictions, precision, scaler)
+            train_loss, train_acc, step_stats = train_epoch(net, batches, opt, scheduler, scaler, args, predictions)
             train_time = time.time() - t0
             if not math.isfinite(train_loss):
                 writer.close()
                 print(f"error: training diverged: the training loss became {train_loss} in epoch {epoch}; last.pt in "
                       f"{run.dir} holds epoch {run.epoch}; start a new run with a smaller --lr", file=sys.stderr)
                 sys.exit(1)
-            val = evaluate(net, data.val_x, data.val_y, transform=batches.transform) if len(data.val_y) else {"loss": None, "acc": None}
-            test = evaluate(net, data.test_x, data.test_y, usage=True, transform=batches.transform)
+            val = evaluate(net, data.val_x, data.val_y) if len(data.val_y) else {"loss": None, "acc": None}
+            test = evaluate(net, data.test_x, data.test_y, usage=True)
             predictions.save(run.dir, epoch)  # predictions/epoch_<n>.npz, before last.pt records the epoch
             record = {"epoch": epoch, "train_loss": train_loss, "train_acc": train_acc, "val_loss": val["loss"],
                       "val_acc": val["acc"], "test_loss": test["loss"], "test_acc": test["acc"],
@@ -419,24 +420,18 @@ def main(
     quiet: common.Quiet = False,
 ):
     """Train a GloNet, MLP or residual MLP of a given depth on MNIST; test accuracy and layer usage every epoch."""
-    run = rundir.Run(ctx, common.args_from(locals()), __file__)  # named by this file: a copy is a new experiment
+    run = rundir.Run(ctx, __file__)  # named by this file: a copy is a new experiment
     args = run.args
     check_options(args)
     if args.lr_schedule == "cosine":
         run.fix_length("its cosine learning rate decays to 0 at the last planned step")
     device = common.pick_device(args.device)
     args.precision, precision_reason = common.pick_precision(args.precision, device, run.original)  # the choice, not "auto"
-    precision = args.precision
     # Deep nets whose unused layers shrink toward 0 drive the CPU into denormal floats: a depth-200 MLP's steps went
     # from 0.2 s to 3.3 s within 16 steps; flushing them to zero keeps every step at 0.2 s (same loss to 7 digits).
     flush_denormal = device.type == "cpu" and torch.set_flush_denormal(True)
     data = common.load_mnist(args.data_dir, device, args.digits, args.val_fraction, args.limit, args.seed, args.label_noise)
-    common.seed_everything(common.seed_for(args.seed, "init"))
-    net = DepthNet(args.model, args.layers, args.features, data.num_classes, args.activation, args.init).to(device)
-    opt = make_optimizer(net, args.optimizer, args.lr, args.momentum)
-    scaler = common.grad_scaler(device, precision)  # loss scaling for fp16 only
-    batches = common.Batches(data.train_x, data.train_y, args.batch_size, shuffle=True, seed=common.seed_for(args.seed, "shuffle"),
-                             transform=unit_scale if args.input_scale == "unit" else common.normalize)
+    net, opt, scheduler, scaler, batches = make_training(args, data.train_x, data.train_y, data.num_classes, device)
     n_params = common.count_parameters(net)
     config = run.save_config(device=str(device), precision_reason=precision_reason,
                              cpu=common.describe_machine(), flush_denormal=flush_denormal, n_parameters=n_params,
@@ -445,11 +440,11 @@ def main(
     if not args.quiet and args.layers <= 12:
         print(table)
     print(f"{args.model} depth {args.layers} ({len(net.hidden)} hidden x {args.features}) | device {device} | "
-          f"{precision} ({precision_reason}) | train {len(data.train_y)} val {len(data.val_y)} test {len(data.test_y)} | "
+          f"{args.precision} ({precision_reason}) | train {len(data.train_y)} val {len(data.val_y)} test {len(data.test_y)} | "
           f"{n_params:,} parameters | run {run.dir}")
-    run.restore(device, model=net, optimizer=opt, scaler=scaler, generator=batches.generator)
+    run.restore(device, model=net, optimizer=opt, scheduler=scheduler, scaler=scaler, generator=batches.generator)
 
-    train(run, net, opt, batches, data, precision, scaler)
+    train(run, net, opt, scheduler, scaler, batches, data)
     title = f"{args.model}, depth {args.layers}, width {args.features}, {args.activation}, {args.init} init, " \
             f"{args.input_scale} inputs, {args.optimizer} lr {args.lr} ({args.lr_schedule})"
     final = report(run, config, table, title)

@@ -37,13 +37,15 @@ INITS, SCHEDULES = ("default", "xavier", "kaiming"), ("cosine", "step", "none")
 
 
 class MLP(nn.Module):
-    """784 -> hidden... -> classes: each hidden layer is Linear [-> BatchNorm1d] -> ReLU [-> Dropout].
+    """MNIST pixels [B,28,28] -> 784 -> hidden... -> classes: each hidden layer is Linear [-> BatchNorm1d] -> ReLU
+    [-> Dropout].
     init: default (PyTorch's: Kaiming-uniform with a=sqrt(5), bias uniform in +-1/sqrt(fan_in)), xavier (Glorot
     uniform, zero bias) or kaiming (He normal for ReLU, zero bias), applied to every Linear layer, the head too."""
 
     def __init__(self, hidden=(512,), num_classes: int = 10, dropout: float = 0.0, init: str = "default",
                  batch_norm: bool = False):
         super().__init__()
+        self.pixels = common.Pixels()  # stored pixels in, normalized inside: the model takes what the data holds
         layers, width = [nn.Flatten()], 28 * 28
         for h in hidden:
             layers += [nn.Linear(width, h)] + ([nn.BatchNorm1d(h)] if batch_norm else []) + [nn.ReLU()]
@@ -62,21 +64,41 @@ class MLP(nn.Module):
                         nn.init.zeros_(layer.bias)
 
     def forward(self, x):
-        return self.net(x)
+        return self.net(self.pixels(x))
 
 
 def build_model(config: dict) -> MLP:
-    """The model a run's config.json describes (used by predict.py, label_audit.py and grad_collect.py)."""
-    return MLP(config["hidden"], config["num_classes"], config["dropout"], batch_norm=config.get("batch_norm", False))
+    """The model a run's config.json describes (predict.py, fgsm_attack.py and label_audit.py rebuild it)."""
+    return MLP(config["hidden"], config["num_classes"], config["dropout"], batch_norm=config["batch_norm"])
 
 
-def make_optimizer(model, name: str, lr: float, weight_decay: float, momentum: float):
-    """Adam or SGD with momentum; fused (one kernel over all parameters, ~30% faster steps here) where the device has it.
-    Adam is common.adam: torch's fused kernel without torch.optim, whose first step imports torch._dynamo (1-2 s)."""
-    if name == "adam":
-        return common.adam(model.parameters(), lr=lr, weight_decay=weight_decay)
+def make_optimizer(model, args) -> torch.optim.Optimizer:
+    """Adam or SGD with momentum, fused (one kernel over all parameters) where the device has the kernel."""
     fused = next(model.parameters()).device.type in ("cpu", "cuda")
-    return torch.optim.SGD(model.parameters(), lr=lr, momentum=momentum, weight_decay=weight_decay, fused=fused)
+    if args.optimizer == "adam":
+        return torch.optim.Adam(model.parameters(), lr=args.lr, weight_decay=args.weight_decay, fused=fused)
+    return torch.optim.SGD(model.parameters(), lr=args.lr, momentum=args.momentum, weight_decay=args.weight_decay, fused=fused)
+
+
+def make_scheduler(optimizer, args, steps_per_epoch: int):
+    """A torch LR scheduler stepped after every training step: cosine (from --lr to 0 at the last step of --epochs),
+    step (x --gamma each epoch, like StepLR(1, gamma)) or none."""
+    total = args.epochs * steps_per_epoch
+    factor = {"none": lambda step: 1.0,
+              "step": lambda step: args.gamma ** (step // steps_per_epoch),
+              "cosine": lambda step: 0.5 * (1 + math.cos(math.pi * step / total))}[args.lr_schedule]
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+
+
+def make_training(args, images, labels, num_classes: int, device):
+    """Everything a training run starts from, built one way for the command and for fit(): the model (seeded from
+    --seed), the optimizer, the lr scheduler, the loss scaler (fp16 only) and the shuffled batches."""
+    common.seed_everything(common.seed_for(args.seed, "init"))
+    model = MLP(args.hidden, num_classes, args.dropout, args.init, args.batch_norm).to(device)
+    optimizer = make_optimizer(model, args)
+    batches = common.Batches(images, labels, args.batch_size, shuffle=True, seed=common.seed_for(args.seed, "shuffle"))
+    scheduler = make_scheduler(optimizer, args, len(batches))
+    return model, optimizer, scheduler, common.grad_scaler(device, args.precision), batches
 
 
 @torch.inference_mode()
@@ -89,27 +111,25 @@ def evaluate(model, images, labels, batch_size: int = 2000):
     return loss, (preds == labels).float().mean().item(), preds, logits.softmax(1)
 
 
-def train_epoch(model, batches, optimizer, lr_at, first_step: int, quiet: bool, predictions=None, precision: str = "fp32",
-                scaler=None):
-    """One pass over the training batches; lr_at(step) gives the learning rate of each global step; the forward pass
-    under common.autocast(precision), the loss in fp32, the backward through `scaler` (fp16: loss scaling). Returns
-    the epoch's mean loss and accuracy, and the per-step values as a [steps, 2] tensor, written on the device during
-    the epoch and read once at its end (no per-step synchronisation). predictions: records each row's probabilities."""
-    scaler = scaler or common.grad_scaler(batches.labels.device, "fp32")  # fp32: passes straight through
+def train_epoch(model, batches, optimizer, scheduler, scaler, args, predictions=None):
+    """One pass over the training batches: the forward pass under common.autocast(--precision), the loss in fp32,
+    the backward through `scaler` (fp16: loss scaling), the scheduler stepped after each step. Returns the epoch's
+    mean loss and accuracy, and the per-step values as a [steps, 2] tensor, written on the device during the epoch
+    and read once at its end (no per-step synchronisation). predictions: records each row's probabilities."""
     model.train()
     device = batches.labels.device
     step_stats = torch.zeros(len(batches), 2, device=device)  # loss, accuracy of each step
     sizes = torch.zeros(len(batches), device=device)
-    for i, (x, y) in enumerate(common.progress(batches, quiet, desc="train")):
-        for group in optimizer.param_groups:
-            group["lr"] = lr_at(first_step + i)
-        with common.autocast(device, precision):
+    for i, (x, y) in enumerate(common.progress(batches, args.quiet, desc="train")):
+        common.failpoint("batch")  # tests kill the process here (RUN_TEST_KILL_AT=batch:N); a no-op otherwise
+        with common.autocast(device, args.precision):
             logits = model(x)
         loss = F.cross_entropy(logits.float(), y)
         optimizer.zero_grad(set_to_none=True)
         scaler.scale(loss).backward()
         scaler.step(optimizer)
         scaler.update()
+        scheduler.step()
         step_stats[i, 0] = loss.detach()
         step_stats[i, 1] = (logits.detach().argmax(1) == y).float().mean()
         sizes[i] = len(y)
@@ -120,26 +140,13 @@ def train_epoch(model, batches, optimizer, lr_at, first_step: int, quiet: bool, 
 
 
 def fit(config: dict, images, labels, num_classes: int, seed: int) -> nn.Module:
-    """A fresh model of the run's config trained on these rows as train() trains it (its options, --epochs, lr
-    schedule; no validation or checkpoints): label_audit.py's cleanlab folds."""
-    args = SimpleNamespace(**config)
-    common.seed_everything(common.seed_for(seed, "init"))
-    model = MLP(args.hidden, num_classes, args.dropout, config.get("init", "default"), config.get("batch_norm", False)).to(images.device)
-    opt = make_optimizer(model, args.optimizer, args.lr, args.weight_decay, args.momentum)
-    batches = common.Batches(images, labels, args.batch_size, shuffle=True, seed=common.seed_for(seed, "shuffle"))
-    for epoch in range(args.epochs):
-        train_epoch(model, batches, opt, lambda s: lr_at(args, s, len(batches)), epoch * len(batches), True)
+    """A fresh model of a run's config trained on these rows the way the command trains (make_training, train_epoch;
+    no validation or checkpoints): label_audit.py's cleanlab folds."""
+    args = SimpleNamespace(**{**config, "seed": seed, "quiet": True})
+    model, optimizer, scheduler, scaler, batches = make_training(args, images, labels, num_classes, images.device)
+    for _ in range(args.epochs):
+        train_epoch(model, batches, optimizer, scheduler, scaler, args)
     return model.eval()
-
-
-def lr_at(args, step: int, steps_per_epoch: int) -> float:
-    """The learning rate of global step `step` (0-based): cosine (per step, from --lr to 0 at the last step of
-    --epochs), step (--lr x --gamma^(epoch-1), constant within an epoch, like torch's StepLR(1, gamma)) or none."""
-    if args.lr_schedule == "none":
-        return args.lr
-    if args.lr_schedule == "step":
-        return args.lr * getattr(args, "gamma", 0.7) ** (step // steps_per_epoch)
-    return args.lr * 0.5 * (1 + math.cos(math.pi * step / (args.epochs * steps_per_epoch)))
 
 
 def check_options(args) -> None:
@@ -150,32 +157,25 @@ def check_options(args) -> None:
     common.check(args.batch_size >= 1, f"--batch-size {args.batch_size}: must be at least 1")
     common.check(args.lr > 0, f"--lr {args.lr}: must be positive")
     common.check(args.lr_schedule in SCHEDULES, f"--lr-schedule {args.lr_schedule}: use cosine, step or none")
-    common.check(0 < getattr(args, "gamma", 0.7) <= 1, f"--gamma {getattr(args, 'gamma', None)}: must be in (0, 1]")
-    common.check(getattr(args, "init", "default") in INITS, f"--init {getattr(args, 'init', None)}: use default, xavier or kaiming")
+    common.check(0 < args.gamma <= 1, f"--gamma {args.gamma}: must be in (0, 1]")
+    common.check(args.init in INITS, f"--init {args.init}: use default, xavier or kaiming")
     common.check(args.patience is None or args.patience >= 1, f"--patience {args.patience}: must be at least 1")
 
 
-def train(run, model, optimizer, batches, data, after_epoch=None, precision: str = "fp32", scaler=None) -> None:
-    """The epochs still to run: train (in `precision`), validate (fp32), then best.pt, early stopping and last.pt, each
-    decided here. after_epoch(epoch, record) runs before the epoch is recorded (grad_collect.py collects gradients
-    there, in fp32 from the fp32 weights whatever the training precision)."""
+def train(run, model, optimizer, scheduler, scaler, batches, data) -> None:
+    """The epochs still to run: train, validate (fp32), then best.pt, early stopping and last.pt, each decided here."""
     args, writer = run.args, run.tensorboard()
-    steps = len(batches)
     steps_writer = run.tensorboard("steps", purge_step=run.epoch * len(batches) + 1)  # x axis: global step
     predictions = rundir.Predictions(data.train_y, data.num_classes, data.train_index)  # for label_audit.py
 
     with run.guard():
         for epoch in run.epochs(args.epochs):
             t0 = time.time()
-            train_loss, train_acc, step_stats = train_epoch(model, batches, optimizer, lambda s: lr_at(args, s, steps),
-                                                            (epoch - 1) * len(batches), args.quiet, predictions, precision,
-                                                            scaler)
+            train_loss, train_acc, step_stats = train_epoch(model, batches, optimizer, scheduler, scaler, args, predictions)
             val_loss, val_acc, _, _ = evaluate(model, data.val_x, data.val_y) if len(data.val_y) else (None, None, None, None)
             predictions.save(run.dir, epoch)  # predictions/epoch_<n>.npz, before last.pt records the epoch
             record = {"epoch": epoch, "train_loss": train_loss, "train_acc": train_acc, "val_loss": val_loss,
                       "val_acc": val_acc, "epoch_time_s": time.time() - t0, **common.step_values(step_stats)}
-            if after_epoch is not None:
-                after_epoch(epoch, record)
             common.add_step_scalars(steps_writer, record, (epoch - 1) * len(batches))
             for key in ("train_loss", "val_loss", "train_acc", "val_acc"):
                 if record[key] is not None:
@@ -186,7 +186,7 @@ def train(run, model, optimizer, batches, data, after_epoch=None, precision: str
             run.save_last(record)  # last.pt (the resume point), then metrics.json: every epoch
             print(f"epoch {epoch:3d} | train loss {train_loss:.4f} acc {train_acc:.2%} | "
                   + (f"val loss {val_loss:.4f} acc {val_acc:.2%} | " if val_acc is not None else "")
-                  + f"{record['epoch_time_s']:.1f}s" + (f" + gradients {record['collect_time_s']:.1f}s" if "collect_time_s" in record else ""))
+                  + f"{record['epoch_time_s']:.1f}s")
             if stop:
                 print(f"early stopping: val loss has not improved for {args.patience} epochs")
                 break
@@ -243,32 +243,27 @@ def main(
     quiet: common.Quiet = False,
 ):
     """Train an MLP on MNIST and report test accuracy with the best (by val accuracy) weights."""
-    run = rundir.Run(ctx, common.args_from(locals()), __file__)  # named by this file: a copy is a new experiment
+    run = rundir.Run(ctx, __file__)  # options: this command's; named by this file: a copy is a new experiment
     args = run.args
     check_options(args)
     if args.lr_schedule == "cosine":
         run.fix_length("its cosine learning rate decays to 0 at the last planned step")
     device = common.pick_device(args.device)
     args.precision, precision_reason = common.pick_precision(args.precision, device, run.original)  # the choice, not "auto"
-    precision = args.precision
     data = common.load_mnist(args.data_dir, device, args.digits, args.val_fraction, args.limit, args.seed, args.label_noise)
-    common.seed_everything(common.seed_for(args.seed, "init"))
-    model = MLP(args.hidden, data.num_classes, args.dropout, args.init, args.batch_norm).to(device)
-    opt = make_optimizer(model, args.optimizer, args.lr, args.weight_decay, args.momentum)
-    scaler = common.grad_scaler(device, precision)  # loss scaling for fp16 only
-    batches = common.Batches(data.train_x, data.train_y, args.batch_size, shuffle=True, seed=common.seed_for(args.seed, "shuffle"))
+    model, opt, scheduler, scaler, batches = make_training(args, data.train_x, data.train_y, data.num_classes, device)
     n_params = common.count_parameters(model)
     run.save_config(device=str(device), precision_reason=precision_reason, cpu=common.describe_machine(),
                     n_parameters=n_params, **data.describe())
     if not args.quiet:
         print(common.parameter_table(model))
-    print(f"device {device} ({precision}: {precision_reason}) | train {len(data.train_y)} val {len(data.val_y)} "
+    print(f"device {device} ({args.precision}: {precision_reason}) | train {len(data.train_y)} val {len(data.val_y)} "
           f"test {len(data.test_y)} | digits {data.digits} | {n_params:,} parameters | run {run.dir}")
-    run.restore(device, model=model, optimizer=opt, scaler=scaler, generator=batches.generator)
+    run.restore(device, model=model, optimizer=opt, scheduler=scheduler, scaler=scaler, generator=batches.generator)
     if run.epoch == 0:
         common.plot_samples(data.train_x[:32].cpu(), [data.digits[y] for y in data.train_y[:32].tolist()], run.dir / "mnist_samples.png")
 
-    train(run, model, opt, batches, data, precision=precision, scaler=scaler)
+    train(run, model, opt, scheduler, scaler, batches, data)
     final = report(run, model, data, device)
     run.finish(final, {"hidden": args.hidden, "dropout": args.dropout, "init": args.init, "batch_norm": args.batch_norm,
                        "lr_schedule": args.lr_schedule, "digits": data.digits, "epochs": run.epoch, "test_acc": final["test_acc"]},
