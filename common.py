@@ -418,8 +418,8 @@ def load_cifar10(data_dir, device, val_fraction: float = 0.1, limit: Optional[in
 class Pixels(torch.nn.Module):
     """A model's first layer: the stored pixels as the data holds them (uint8, or float on the same 0-255 scale;
     MNIST [B,28,28], CIFAR-10 [B,3,32,32]) -> float [B,C,H,W], (x / 255 - mean) / std per channel. Input
-    normalization travels with the model: predict.py, fgsm_attack.py and label_audit.py feed a rebuilt model the
-    pixels and re-derive nothing. mean 0, std 1: pixels in [0, 1]. No parameters, nothing in the state_dict."""
+    normalization travels with the model: whatever reads a run feeds its rebuilt model the pixels and re-derives
+    nothing. mean 0, std 1: pixels in [0, 1]. No parameters, nothing in the state_dict."""
 
     def __init__(self, mean=(MNIST_MEAN,), std=(MNIST_STD,), memory_format=torch.contiguous_format):
         super().__init__()

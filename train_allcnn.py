@@ -53,16 +53,19 @@ def allcnn_t(c1: int = 96, c2: int = 192, norm: str = "bn", dropout: float = 0.5
     return nn.Sequential(*layers)
 
 
-def build_model(config: dict) -> nn.Module:
-    """The model a run's config.json describes (used by fgsm_attack.py)."""
+def build_model(config: dict, memory_format=torch.contiguous_format) -> nn.Module:
+    """The model a run's config.json describes, taking CIFAR-10's stored pixels [B,3,32,32] (uint8, or float 0-255):
+    common.Pixels (normalization per channel with CIFAR-10's mean and std, in `memory_format`), then the network.
+    rundir.load_run_model calls it for fgsm_attack.py, predict.py and label_audit.py."""
+    pixels = common.Pixels(common.CIFAR_MEAN, common.CIFAR_STD, memory_format)
     if config["model"] == "allcnn":
-        return allcnn_t(config["c1"], config["c2"], config["norm"], config["dropout"], config.get("num_classes", 10))
+        return nn.Sequential(pixels, *allcnn_t(config["c1"], config["c2"], config["norm"], config["dropout"], config["num_classes"]))
     import torchvision
 
-    model = getattr(torchvision.models, config["model"])(num_classes=config.get("num_classes", 10))
+    model = getattr(torchvision.models, config["model"])(num_classes=config["num_classes"])
     model.conv1 = nn.Conv2d(3, 64, 3, 1, 1, bias=False)  # 32x32 inputs: a 3x3 stem, no max-pool
     model.maxpool = nn.Identity()
-    return model
+    return nn.Sequential(pixels, model)
 
 
 def parameter_groups(model: nn.Module, weight_decay: float) -> list[dict]:
@@ -76,14 +79,14 @@ def parameter_groups(model: nn.Module, weight_decay: float) -> list[dict]:
 
 # ----------------------------------------------------------------------------- data: augmentation on the device, shards
 def augment(images: torch.Tensor, generator: torch.Generator, total: Optional[int] = None, first: int = 0) -> torch.Tensor:
-    """uint8 [B,3,32,32] -> float in [0, 1]: random 32x32 crop of the 4-pixel reflect-padded image, horizontal flip,
+    """uint8 [B,3,32,32] -> float on the same 0-255 scale: random 32x32 crop of the 4-pixel reflect-padded image, horizontal flip,
     brightness and contrast factors in [0.8, 1.2]; one set of tensor operations for the whole batch. The images are
     rows first..first+B-1 of a batch of `total` (default B): the draws are made for all `total` and these rows kept.
     `generator` lives on the images' device: the five random factors of each image are one draw there, no host copy
     and no synchronisation."""
     b, dev, total = len(images), images.device, total or len(images)
     u = torch.rand(5, total, generator=generator, device=dev)[:, first:first + b]  # shift y, shift x, flip, brightness, contrast
-    x = F.pad(images.float().div(255.0), (4, 4, 4, 4), mode="reflect")
+    x = F.pad(images.float(), (4, 4, 4, 4), mode="reflect")
     dy, dx = (u[0] * 9).long(), (u[1] * 9).long()
     rows = (dy[:, None] + torch.arange(32, device=dev))[:, :, None]  # [B,32,1]
     cols = (dx[:, None] + torch.arange(32, device=dev))[:, None, :]  # [B,1,32]
@@ -92,20 +95,7 @@ def augment(images: torch.Tensor, generator: torch.Generator, total: Optional[in
     x = x * (0.8 + 0.4 * u[3])[:, None, None, None]
     gray = x.mean((1, 2, 3), keepdim=True)
     x = (x - gray) * (0.8 + 0.4 * u[4])[:, None, None, None] + gray
-    return x.clamp_(0, 1)
-
-
-class NormalizeCIFAR:
-    """uint8 [B,3,32,32] (or float in [0, 1]) -> float normalized per channel with CIFAR-10's mean and std, held on
-    the device once (not rebuilt from Python lists every batch)."""
-
-    def __init__(self, device: torch.device):
-        self.mean = torch.tensor(common.CIFAR_MEAN, device=device).view(1, 3, 1, 1)
-        self.inv_std = 1 / torch.tensor(common.CIFAR_STD, device=device).view(1, 3, 1, 1)
-
-    def __call__(self, images: torch.Tensor) -> torch.Tensor:
-        x = images.float().div(255.0) if images.dtype == torch.uint8 else images
-        return (x - self.mean) * self.inv_std
+    return x.clamp_(0, 255)
 
 
 class ShardedBatches:
@@ -116,7 +106,7 @@ class ShardedBatches:
 
     def __init__(self, images, labels, batch_size: int, seed: int, rank: int = 0, world: int = 1, augmented: bool = True):
         self.images, self.labels, self.batch_size, self.rank, self.world = images, labels, batch_size, rank, world
-        self.augmented, self.normalize = augmented, NormalizeCIFAR(images.device)
+        self.augmented = augmented
         self.generator = torch.Generator().manual_seed(seed)  # the permutation (on the CPU): identical on all ranks
         self.aug_generator = torch.Generator(images.device).manual_seed(seed + 1)  # augmentation draws, on the device
 
@@ -129,8 +119,7 @@ class ShardedBatches:
         for step in range(len(self)):
             idx = order[step * g + self.rank * self.batch_size: step * g + (self.rank + 1) * self.batch_size]
             x = self.images[idx]
-            x = augment(x, self.aug_generator, g, self.rank * self.batch_size) if self.augmented else x.float().div(255.0)
-            yield self.normalize(x), self.labels[idx]
+            yield (augment(x, self.aug_generator, g, self.rank * self.batch_size) if self.augmented else x), self.labels[idx]
 
     def rows(self, step: int) -> torch.Tensor:
         """The training rows of this rank's batch `step` this epoch (a device index tensor: no host sync)."""
@@ -146,11 +135,25 @@ class ShardedBatches:
 
 
 # ----------------------------------------------------------------------------- training and evaluation
-def lr_at(schedule: str, lr: float, epoch_float: float, epochs: int) -> float:
-    """step: lr, lr/10 from 40% of the epochs, lr/100 from 80% (100 epochs: 0-39, 40-79, 80-99); cosine: per step."""
+def lr_factor(schedule: str, epoch_float: float, epochs: int) -> float:
+    """step: 1, 1/10 from 40% of the epochs, 1/100 from 80% (100 epochs: 0-39, 40-79, 80-99); cosine: to 0 at the end."""
     if schedule == "cosine":
-        return lr * 0.5 * (1 + math.cos(math.pi * epoch_float / epochs))
-    return lr * (0.1 ** ((epoch_float >= 0.4 * epochs) + (epoch_float >= 0.8 * epochs)))
+        return 0.5 * (1 + math.cos(math.pi * epoch_float / epochs))
+    return 0.1 ** ((epoch_float >= 0.4 * epochs) + (epoch_float >= 0.8 * epochs))
+
+
+def make_training(args, images, labels, device, rank: int = 0, world: int = 1):
+    """Everything a training run starts from: the model (the same seeded initial weights on every rank), SGD with
+    Nesterov momentum and weight decay on conv/linear weights only, the lr scheduler (stepped after every step:
+    lr_factor at the step's fractional epoch), the loss scaler (fp16 only) and this rank's share of the batches."""
+    common.seed_everything(common.seed_for(args.seed, "init"))
+    config = {"model": args.model, "c1": args.c1, "c2": args.c2, "norm": args.norm, "dropout": args.dropout, "num_classes": 10}
+    model = build_model(config, memory_format(device)).to(device, memory_format=memory_format(device))
+    optimizer = torch.optim.SGD(parameter_groups(model, args.weight_decay), lr=args.lr, momentum=0.9, nesterov=True)
+    batches = ShardedBatches(images, labels, args.batch_size, common.seed_for(args.seed, "shuffle"), rank, world, args.augment)
+    steps = len(batches)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: lr_factor(args.lr_schedule, step / steps, args.epochs))
+    return model, optimizer, scheduler, common.grad_scaler(device, args.precision), batches
 
 
 def memory_format(device: torch.device):
@@ -162,10 +165,9 @@ def memory_format(device: torch.device):
 def evaluate(model, images, labels, device, precision: str = "fp32", batch_size: int = 500):
     """(mean loss, top-1 accuracy) over a split (every rank evaluates the whole split: the models are identical)."""
     model.eval()
-    normalize = NormalizeCIFAR(device)
     loss_sum, correct = torch.zeros((), device=device), torch.zeros((), device=device, dtype=torch.long)
     for s in range(0, len(labels), batch_size):
-        x, y = normalize(images[s:s + batch_size]), labels[s:s + batch_size]
+        x, y = images[s:s + batch_size], labels[s:s + batch_size]
         with common.autocast(device, precision):
             logits = model(x).float()
         loss_sum += F.cross_entropy(logits, y, reduction="sum")
@@ -173,16 +175,16 @@ def evaluate(model, images, labels, device, precision: str = "fp32", batch_size:
     return loss_sum.item() / len(labels), correct.item() / len(labels)
 
 
-def train_epoch(model, batches, optimizer, scaler, epoch: int, args, device, predictions=None):
-    """One pass over this rank's batches. Returns the epoch's mean loss and accuracy over all ranks, and this
-    rank's per-step values as a [steps, 2] tensor, written on the device during the epoch and read once at its
-    end (no per-step synchronisation). predictions: records each of this rank's rows' probabilities."""
+def train_epoch(model, batches, optimizer, scheduler, scaler, args, device, predictions=None):
+    """One pass over this rank's batches, the scheduler stepped after each step. Returns the epoch's mean loss and
+    accuracy over all ranks, and this rank's per-step values as a [steps, 2] tensor, written on the device during
+    the epoch and read once at its end (no per-step synchronisation). predictions: records each of this rank's
+    rows' probabilities."""
     model.train()
     step_stats = torch.zeros(len(batches), 2, device=device)  # loss, accuracy of each step (this rank's batch)
     sizes = torch.zeros(len(batches), device=device)
     for i, (x, y) in enumerate(common.progress(batches, args.quiet or batches.rank != 0, desc="train")):
-        for group in optimizer.param_groups:
-            group["lr"] = lr_at(args.lr_schedule, args.lr, epoch - 1 + i / len(batches), args.epochs)
+        common.failpoint("batch")  # tests kill the process here (RUN_TEST_KILL_AT=batch:N); a no-op otherwise
         with common.autocast(device, args.precision):
             logits = model(x)
             loss = F.cross_entropy(logits.float(), y)
@@ -190,6 +192,7 @@ def train_epoch(model, batches, optimizer, scaler, epoch: int, args, device, pre
         scaler.scale(loss).backward()
         scaler.step(optimizer)
         scaler.update()
+        scheduler.step()
         step_stats[i, 0] = loss.detach()
         step_stats[i, 1] = (logits.detach().argmax(1) == y).float().mean()
         sizes[i] = len(y)
@@ -285,16 +288,11 @@ def main(
     check_options(args)
     run.fix_length({"step": "its step learning rate drops at 40% and 80% of the planned epochs",
                     "cosine": "its cosine learning rate decays to 0 at the last planned step"}[args.lr_schedule])
-    data = common.load_cifar10(args.data_dir, dev, args.val_fraction, args.limit, args.seed, args.label_noise)
-    common.seed_everything(common.seed_for(args.seed, "init"))  # the same initial weights on every rank
-    config = {"model": args.model, "c1": args.c1, "c2": args.c2, "norm": args.norm, "dropout": args.dropout, "num_classes": 10}
-    net = build_model(config).to(dev, memory_format=memory_format(dev))
-    groups = parameter_groups(net, args.weight_decay)
-    opt = torch.optim.SGD(groups, lr=args.lr, momentum=0.9, nesterov=True)
+    common.keep_freed_memory()  # reuse freed memory: fewer page faults each step (docs/train_cnn.md)
     args.precision, precision_reason = common.pick_precision(args.precision, dev, run.original)  # the choice, not "auto"
-    scaler = common.grad_scaler(dev, args.precision)  # loss scaling for fp16 (GPUs without native bf16) only
-    batches = ShardedBatches(data.train_x, data.train_y, args.batch_size, common.seed_for(args.seed, "shuffle"), rank, world, args.augment)
-    counts = parameter_report(net, groups)
+    data = common.load_cifar10(args.data_dir, dev, args.val_fraction, args.limit, args.seed, args.label_noise)
+    net, opt, scheduler, scaler, batches = make_training(args, data.train_x, data.train_y, dev, rank, world)
+    counts = parameter_report(net, opt.param_groups)
     run.save_config(device=str(dev), precision_reason=precision_reason, cpu=common.describe_machine(), world_size=world, global_batch=args.batch_size * world, **counts,
                     **data.describe())
     if _elastic is not None and rank == 0 and not run.resumed:  # where a restarted worker group finds this run
@@ -309,7 +307,7 @@ def main(
         print(f"{args.model} | {counts['n_parameters']:,} parameters ({counts['n_decay']:,} with weight decay, "
               f"{counts['n_no_decay']:,} without) | {world} process(es) on {dev}, {args.precision} ({precision_reason}) | train {len(data.train_y)} "
               f"val {len(data.val_y)} test {len(data.test_y)} | run {run.dir}")
-    run.restore(dev, model=net, optimizer=opt, scaler=scaler, batches=batches)
+    run.restore(dev, model=net, optimizer=opt, scheduler=scheduler, scaler=scaler, batches=batches)
     ddp = nn.parallel.DistributedDataParallel(net) if world > 1 else net
 
     writer = run.tensorboard()
@@ -319,13 +317,13 @@ def main(
     with run.guard():
         for epoch in run.epochs(args.epochs):  # all --epochs: no early stopping (the schedule spans the planned epochs)
             t0 = time.time()
-            train_loss, train_acc, step_stats = train_epoch(ddp, batches, opt, scaler, epoch, args, dev, predictions)
+            train_loss, train_acc, step_stats = train_epoch(ddp, batches, opt, scheduler, scaler, args, dev, predictions)
             step_error = torch.stack([step_stats[:, 0], 1 - step_stats[:, 1]], 1)  # under torchrun: rank 0's own batches
             val_loss, val_acc = evaluate(net, data.val_x, data.val_y, dev, args.precision) if len(data.val_y) else (None, None)
             predictions.save(run.dir if rank == 0 else None, epoch, gather)  # predictions/epoch_<n>.npz, before last.pt
             record = {"epoch": epoch, "train_loss": train_loss, "train_acc": train_acc, "val_loss": val_loss, "val_acc": val_acc,
                       "train_error": 1 - train_acc, "val_error": None if val_acc is None else 1 - val_acc,
-                      "lr_end": lr_at(args.lr_schedule, args.lr, epoch - 1e-9, args.epochs), "epoch_time_s": time.time() - t0,
+                      "lr_end": opt.param_groups[0]["lr"], "epoch_time_s": time.time() - t0,
                       **(common.step_values(step_error, names=("loss", "error")) if rank == 0 else {})}
             common.add_step_scalars(steps_writer, record, (epoch - 1) * len(batches))
             if writer is not None:

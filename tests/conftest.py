@@ -110,8 +110,8 @@ def real_mnist() -> Path:
     return SHARED_DATA
 
 
-# Every script a test runs computes under common.float64_guard: a torch float64 tensor on its device (the host, here)
-# fails the run, as it would fail on Apple's MPS. A test may pass env={"RUN_TEST_NO_FLOAT64": "0"}.
+# Every script a test runs computes under tests/float64_guard.py: a torch float64 tensor on its device (the host,
+# here) fails the run, as it would fail on Apple's MPS. A test may pass env={"RUN_TEST_NO_FLOAT64": "0"}.
 FLOAT64_GUARD = {"RUN_TEST_NO_FLOAT64": "1"}
 
 
@@ -137,6 +137,8 @@ def run_cli(script: str, *args, cwd=None, timeout: float = 600, env: dict | None
             _log("forked", cmd)
             return proc
     _log(f"fresh ({why_fresh or 'another run_cli in progress'})", cmd)
+    if full_env.get("RUN_TEST_NO_FLOAT64") == "1":  # the guard armed first, then the script as __main__
+        cmd = [cmd[0], str(ROOT / "tests" / "float64_guard.py"), *cmd[1:]]
     return subprocess.run(cmd, cwd=cwd, env=full_env, capture_output=True, text=True, timeout=timeout)
 
 

@@ -15,7 +15,7 @@ import torch
 
 import common
 import rundir
-from conftest import OFFLINE_ENV, ROOT
+from conftest import OFFLINE_ENV, ROOT, run_cli
 
 
 def run_in_process(module, *args, env: dict | None = None) -> subprocess.CompletedProcess:
@@ -49,10 +49,14 @@ def test_load_mnist_shapes_split_and_normalization(tiny_mnist):
     other = common.load_mnist(tiny_mnist, "cpu", val_fraction=0.1, seed=1)
     assert torch.equal(again.val_y, data.val_y) and torch.equal(again.train_index, data.train_index)
     assert not torch.equal(other.train_index, data.train_index)
-    x = common.normalize(data.train_x)
+    x = common.Pixels()(data.train_x)  # a model's first layer: the stored pixels in, normalized out
     assert x.shape == (540, 1, 28, 28) and x.dtype == torch.float32
     expected = (data.train_x.float() / 255 - common.MNIST_MEAN) / common.MNIST_STD
-    assert torch.allclose(x[:, 0], expected)
+    assert torch.allclose(x[:, 0], expected, atol=1e-6)
+    assert torch.allclose(common.Pixels()(data.train_x.float()), x)  # float pixels on the 0-255 scale alike
+    cifar = common.Pixels(common.CIFAR_MEAN, common.CIFAR_STD)(torch.full((2, 3, 32, 32), 255, dtype=torch.uint8))
+    assert torch.allclose(cifar[0, :, 0, 0], (1 - torch.tensor(common.CIFAR_MEAN)) / torch.tensor(common.CIFAR_STD))
+    assert common.Pixels().state_dict() == {}  # nothing to save: a checkpoint holds the weights only
 
 
 def test_val_fraction_0_trains_on_every_sample(tiny_mnist):
@@ -102,7 +106,7 @@ def test_batches_cover_every_sample_once_and_reshuffle():
     replay = common.Batches(images, labels, batch_size=4, shuffle=True, seed=3)
     assert torch.cat([y for _, y in replay]).tolist() == torch.cat(epoch1).tolist()
     x, y = next(iter(common.Batches(images, labels, batch_size=4)))
-    assert y.tolist() == [0, 1, 2, 3] and torch.allclose(x[:, 0, 0, 0], common.normalize(images[:4])[:, 0, 0, 0])
+    assert y.tolist() == [0, 1, 2, 3] and torch.equal(x, images[:4])  # the pixels as stored: models normalize
 
 
 def test_checkpoint_roundtrip_and_damaged_file(tmp_path):
@@ -233,28 +237,10 @@ def test_step_values_and_smooth():
     assert common.smooth([1, 2], 1).tolist() == [1.0, 2.0]
 
 
-def test_adam_training_imports_no_compiler(tiny_mnist, tmp_path):
-    """train_mlp's, train_glonet's and train_cnn's default Adam is common.Adam: a fresh process that trains each for an
-    epoch never imports torch._dynamo (torch.optim's first step would: 1-2 s a process, see docs/benchmarks.md)."""
-    code = ("import sys, rundir, train_mlp, train_glonet, train_cnn\n"
-            f"for module, extra in ((train_mlp, []), (train_glonet, ['--layers', '3']), (train_cnn, [])):\n"
-            f"    sys.argv = [module.__name__ + '.py', '--data-dir', {str(tiny_mnist)!r}, '--out-dir', {str(tmp_path)!r},\n"
-            "                '--epochs', '1', '--quiet', *extra]\n"
-            "    try:\n"
-            "        rundir.main(module.app, fast_exit=False)\n"
-            "    except SystemExit as e:\n"
-            "        assert e.code == 0, (module.__name__, e.code)\n"
-            "print('torch._dynamo' in sys.modules)\n")
-    proc = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=300,
-                          env={**os.environ, **OFFLINE_ENV, "PYTHONPATH": str(ROOT)})
-    assert proc.returncode == 0, proc.stderr[-2000:]
-    assert proc.stdout.strip().splitlines()[-1] == "False"
-
-
 @pytest.mark.skipif(not sys.platform.startswith("linux") or platform.libc_ver()[0] != "glibc", reason="glibc's mallopt")
 def test_keep_freed_memory_stops_the_page_faults_of_each_training_step():
-    """Training steps of train_cnn's model, in two fresh processes: with common.keep_freed_memory (as pick_device calls
-    it), the memory a step frees serves the next step, so a step in steady state takes no page fault. The median over
+    """Training steps of train_cnn's model, in two fresh processes: with common.keep_freed_memory (as train_cnn and
+    train_allcnn call it), the memory a step frees serves the next step, so a step in steady state takes no page fault. The median over
     20 steps after 10 warm-up steps, not the mean: a rare run with one-off faults (seen: a mean of 206 a step over 10
     steps in 1 of 10 runs with it) is not the steady state. Without it glibc's own thresholds decide, and that differs
     by machine and allocation order (measured: medians in the thousands here; a CI machine's mean over 10 steps was 80
@@ -263,8 +249,8 @@ def test_keep_freed_memory_stops_the_page_faults_of_each_training_step():
             "setting = common.keep_freed_memory() if sys.argv[1] == 'keep' else None\n"
             "torch.manual_seed(0)\n"
             "model = train_cnn.CNN('fast').to(memory_format=torch.channels_last)\n"
-            "opt = common.Adam(model.parameters(), lr=1e-3)\n"
-            "x, y = torch.randn(256, 1, 28, 28).contiguous(memory_format=torch.channels_last), torch.randint(0, 10, (256,))\n"
+            "opt = torch.optim.Adam(model.parameters(), lr=1e-3, fused=True)\n"
+            "x, y = torch.randint(0, 256, (256, 28, 28), dtype=torch.uint8), torch.randint(0, 10, (256,))\n"
             "def step():\n"
             "    opt.zero_grad()\n"
             "    F.cross_entropy(model(x), y).backward()\n"
@@ -286,47 +272,22 @@ def test_keep_freed_memory_stops_the_page_faults_of_each_training_step():
     assert faults["keep"] <= 2, faults
 
 
-def test_float64_guard_refuses_float64_on_the_device_only_when_armed():
-    """common.float64_guard, armed by RUN_TEST_NO_FLOAT64=1 (run_cli arms it for every script a test runs): the first
-    torch op making a float64 tensor on the device raises, as MPS would; float32 and NumPy float64 pass."""
-    code = ("import numpy as np, torch, common\n"
-            "device = common.pick_device('cpu')\n"
-            "x = float(torch.ones(3, device=device).sum()) + np.ones(3).sum()  # float32 in torch; float64 in NumPy\n"
-            "try:\n"
-            "    torch.zeros((), device=device, dtype=torch.float64)\n"
-            "    print('allowed')\n"
-            "except RuntimeError as e:\n"
-            "    print('refused' if 'RUN_TEST_NO_FLOAT64' in str(e) else e)\n")
-    for armed, want in (("1", "refused"), ("0", "allowed")):
-        proc = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120,
-                              env={**os.environ, "PYTHONPATH": str(ROOT), "RUN_TEST_NO_FLOAT64": armed})
-        assert proc.returncode == 0 and proc.stdout.split() == [want], (armed, proc.stdout, proc.stderr[-2000:])
-
-
-def test_adam_is_the_fused_kernel_only_where_the_probe_says_it_works(monkeypatch):
-    """common.adam: common.Adam where fused_adam_works (here: this torch on the CPU), torch.optim.Adam where the
-    probe fails (an older or newer torch without the private kernel); both train, and either's state loads into the
-    other."""
-    monkeypatch.setattr(common, "FUSED_ADAM", {})
-    assert common.fused_adam_works(torch.device("cpu")) and type(common.adam([torch.zeros(2, requires_grad=True)])) is common.Adam
-    monkeypatch.setattr(common, "FUSED_ADAM", {})
-    monkeypatch.delattr(torch, "_fused_adam_")
-    assert not common.fused_adam_works(torch.device("cpu"))
-    results = []
-    for kind in (common.Adam, torch.optim.Adam):
-        torch.manual_seed(0)
-        model = torch.nn.Linear(4, 2)
-        opt = common.adam(model.parameters(), lr=0.1)
-        assert type(opt) is torch.optim.Adam  # the fallback, whatever kind was asked for in the loop
-        for _ in range(3):
-            opt.zero_grad()
-            model(torch.ones(5, 4)).square().sum().backward()
-            opt.step()
-        results.append(model.weight.detach().clone())
-        other = common.Adam(list(model.parameters()), lr=0.1)
-        other.load_state_dict(opt.state_dict())  # the fallback's checkpoint resumes with the fused one
-        assert other.state_dict()["state"][0]["exp_avg"].equal(opt.state_dict()["state"][0]["exp_avg"])
-    assert results[0].equal(results[1])
+def test_float64_guard_refuses_float64_on_the_device_only_when_armed(tmp_path):
+    """tests/float64_guard.py, armed by run_cli for every script a test runs (RUN_TEST_NO_FLOAT64=1), in a zygote's
+    child and in a fresh process alike (PYTHONNOUSERSITE makes run_cli start a fresh one): the first torch op making
+    a float64 tensor on the CPU raises, as MPS would; float32 and NumPy float64 pass."""
+    script = tmp_path / "f64.py"
+    script.write_text("import numpy as np, torch\n"
+                      "x = float(torch.ones(3).sum()) + np.ones(3).sum()  # float32 in torch; float64 in NumPy\n"
+                      "try:\n"
+                      "    torch.zeros((), dtype=torch.float64)\n"
+                      "    print('allowed')\n"
+                      "except RuntimeError as e:\n"
+                      "    print('refused' if 'RUN_TEST_NO_FLOAT64' in str(e) else e)\n")
+    for fresh in ({}, {"PYTHONNOUSERSITE": "1"}):
+        for armed, want in (("1", "refused"), ("0", "allowed")):
+            proc = run_cli(str(script), env={"RUN_TEST_NO_FLOAT64": armed, **fresh})
+            assert proc.returncode == 0 and proc.stdout.split() == [want], (fresh, armed, proc.stdout, proc.stderr[-2000:])
 
 
 def test_bf16_flags_fall_back_to_cpuinfo_without_torchs_private_functions(monkeypatch):

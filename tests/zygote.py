@@ -33,7 +33,7 @@ import sys
 import traceback
 
 SOCK_FD = int(sys.argv[1])
-sys.path.pop(0)  # this file's folder (tests/): not on a script's path
+TESTS = sys.path.pop(0)  # this file's folder (tests/): not on a script's path
 BASE_PATH = list(sys.path)  # the interpreter's own path (started without PYTHONPATH)
 BASELINE = set(sys.modules)  # what a bare `python` has imported before it looks at sys.path[0]
 sock = socket.socket(fileno=SOCK_FD)
@@ -184,6 +184,13 @@ if "numpy" in sys.modules:  # a new process's global RandomState is seeded from 
 import types as _types  # noqa: E402
 from importlib.machinery import SourceFileLoader as _Loader  # noqa: E402
 
+if os.environ.get("RUN_TEST_NO_FLOAT64") == "1":  # tests/float64_guard.py, as a fresh process would run under it
+    import importlib.util as _util  # noqa: E402
+
+    _spec = _util.spec_from_file_location("float64_guard", os.path.join(TESTS, "float64_guard.py"))
+    _guard = _util.module_from_spec(_spec)
+    _spec.loader.exec_module(_guard)
+    _guard.arm()
 _main = _types.ModuleType("__main__")
 _main.__dict__.update(__file__=os.path.abspath(script), __cached__=None, __loader__=_Loader("__main__", script), __builtins__=__builtins__)
 sys.modules["__main__"] = _main
