@@ -47,8 +47,8 @@ Device = Annotated[str, typer.Option(help="auto (CUDA, then MPS, then CPU), cpu,
 
 
 def split_values(values) -> list[str]:
-    """A list option's values as typed, commas and repeats alike: ["256,128"], ["256", "128"] -> ["256", "128"]; a
-    string (a config.json's from before list options) as one value: "256,128" -> ["256", "128"]."""
+    """A list option's values as typed, commas and repeats alike: ["256,128"], ["256", "128"] and "256,128" ->
+    ["256", "128"]."""
     values = [values] if isinstance(values, str) else values
     return [part.strip() for v in ([] if values is None else values) for part in str(v).split(",") if part.strip()]
 

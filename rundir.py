@@ -24,10 +24,12 @@ from __future__ import annotations
 
 import atexit
 import contextlib
+import errno
 import importlib.util
 import json
 import os
 import platform
+import shutil
 import sys
 import threading
 import time
@@ -41,7 +43,7 @@ import torch
 import typer
 
 import common
-from common import UserError, check, failpoint, split_values
+from common import UserError, check, failpoint
 
 INTERRUPTED = "INTERRUPTED.txt"  # Run.guard's note in an interrupted run's directory: how to resume it
 
@@ -50,9 +52,9 @@ INTERRUPTED = "INTERRUPTED.txt"  # Run.guard's note in an interrupted run's dire
 def main(app: typer.Typer, fast_exit: bool = True) -> None:
     """Run a Typer app; bad input of any kind ends with one line on stderr and exit code 2. With fast_exit the
     process then ends with os._exit, after the atexit handlers have run (a copy's wandb, coverage or profiler keeps
-    its data): the interpreter's teardown of torch's modules and libraries takes about 1 s a process (measured here:
-    `python -c "import torch"` 4.2 s, with os._exit 3.0 s) and has nothing left to do, because every file is written
-    atomically and fsynced and Run.finish and Ctrl-C close the TensorBoard writers. Where this Python has no
+    its data): the interpreter's teardown of torch's modules and libraries takes a second or so (docs/benchmarks.md)
+    and has nothing left to do, because every file is written atomically and fsynced and Run.finish and Ctrl-C close
+    the TensorBoard writers. A full disk ends with one line naming the file and the resume command, exit code 1. Where this Python has no
     atexit._run_exitfuncs (a private function, probed), the normal exit. A script whose libraries clean up at exit
     (Ray) or a caller in the same process passes fast_exit=False.
     Ctrl-C (SIGINT) or SIGTERM, inside Run.guard or anywhere else, ends the process *by that signal* (die_of), the
@@ -70,6 +72,13 @@ def main(app: typer.Typer, fast_exit: bool = True) -> None:
         code = 130
     except Interrupted as e:  # Run.guard's end after Ctrl-C or SIGTERM
         code, signum = e.code, e.signum
+    except OSError as e:  # a full disk: which file, and how to go on; any other OSError is a bug to see in full
+        if e.errno != errno.ENOSPC:
+            raise
+        resume = f"; free some space, then resume with: {Run.current.resume_command()}" if Run.current and Run.current.dir else ""
+        print(f"error: could not write {e.filename or 'a file'}: the disk is full (every file written before is whole)"
+              f"{resume}", file=sys.stderr)
+        code = 1
     except SystemExit as e:  # a script's own sys.exit
         code = e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
         if not isinstance(e.code, int) and e.code is not None:
@@ -192,9 +201,14 @@ def atomic_write(path, write) -> None:
     else:
         raise FileExistsError(f"no free temporary name beside {path}")
     try:
-        write(tmp)
-        with open(tmp, "rb") as f:
-            os.fsync(f.fileno())
+        try:
+            write(tmp)
+            with open(tmp, "rb") as f:
+                os.fsync(f.fileno())
+        except Exception as e:  # torch.save on a full disk raises a RuntimeError without errno: look at the disk
+            if getattr(e, "errno", None) == errno.ENOSPC or shutil.disk_usage(path.parent).free < 1 << 20:
+                raise OSError(errno.ENOSPC, "No space left on device", str(path)) from None
+            raise
         os.replace(tmp, path)
         with contextlib.suppress(OSError):  # some filesystems do not fsync folders
             dir_fd = os.open(path.parent, os.O_RDONLY)
@@ -361,11 +375,6 @@ def load_run_model(run_dir, checkpoint: str = "best.pt", device="cpu"):
 
 
 # ----------------------------------------------------------------------------- a run: the one bookkeeping path
-def _same_list(saved, typed) -> bool:
-    """A list option saved as a comma string by an older run ("0,1") and typed now (["0", "1"]) is the same value."""
-    return isinstance(typed, list) and isinstance(saved, (str, list)) and split_values([saved] if isinstance(saved, str) else saved) == split_values(typed)
-
-
 def options_of(ctx: typer.Context) -> SimpleNamespace:
     """The command's declared options as typed or defaulted (Typer's ctx.params, after their callbacks), paths as
     strings: what config.json records as the run's options, whatever local variables the command has."""
@@ -419,7 +428,7 @@ class Run:
         a new --device, --data-dir or --quiet changes nothing a finished run would do."""
         metrics = read_json(self.dir / "metrics.json", {})
         asked = {name for name in self.typed if name in self._saved and name not in ("resume", "tag", "quiet", "device", "data_dir")
-                 and self._saved[name] != getattr(args, name) and not _same_list(self._saved[name], getattr(args, name))}
+                 and self._saved[name] != getattr(args, name)}
         if "final" in metrics and not asked:
             print(metrics.get("summary") or f"run {self.dir} | finished; its results are in {self.dir / 'metrics.json'}")
             raise SystemExit(0)
@@ -438,7 +447,7 @@ class Run:
             typed = name in self.typed
             if typed and name in changeable:
                 continue
-            if typed and saved[name] != getattr(args, name) and not _same_list(saved[name], getattr(args, name)):
+            if typed and saved[name] != getattr(args, name):
                 raise UserError(f"--{name.replace('_', '-')} cannot change when resuming ({saved[name]!r} in {self.dir}); "
                                 f"start a new run instead")
             merged[name] = saved[name]
