@@ -12,9 +12,11 @@ over KEY instead, and the table names the values it pooled); reruns with the sam
 latest. Each group's --metric is mean +- sample std over its seeds with their count n (accuracies in percent; one
 run: its value alone). Groups mixing versions of a script (config.json's script_sha256) are named on stderr; --by
 script_sha256, git_commit or git_dirty splits them. Unreadable or partial lines are reported (file:line, why) and
-skipped. Writes Markdown to stdout and --out, and --plot: the metric against the first numeric --by key, one line per
-group of the other keys (categories: unjoined points; error bars of an accuracy kept within 0-100%).
-sweep.py's summary.md/summary.png are made by these same functions.
+skipped. A --by or --pool key, --script or --metric that none of the runs found has is refused (one line naming
+those they have, exit 2) rather than tabled as a column of dashes. Writes Markdown to stdout and --out, and --plot:
+the metric against the first numeric --by key, one line per group of the other keys (categories: unjoined points;
+error bars of an accuracy kept within 0-100%), each point labelled with its n, the settings every run shares and
+those pooled under the title. sweep.py's summary.md/summary.png are made by these same functions.
 """
 
 from __future__ import annotations
@@ -26,6 +28,7 @@ import platform
 import shlex
 import subprocess
 import sys
+import textwrap
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -227,9 +230,18 @@ def load_records(out_dir=Path("runs"), sweeps: Optional[list] = None, script=Non
         seen.add(key)
         unique.append(r)
     if script:  # a name, or several (a list, or commas)
-        names = {Path(n).stem for n in common.split_values([script] if isinstance(script, str) else script)}
+        names = [Path(n).stem for n in common.split_values([script] if isinstance(script, str) else script)]
+        present = sorted({r.script for r in unique if r.script})
+        unknown = [n for n in names if n not in present]
+        if unique and unknown:  # with no runs at all, the caller's own "no runs" message says so
+            raise common.UserError(f"--script {','.join(unknown)}: no runs of it in {_where(out_dir, sweeps)}; "
+                                   f"give one of the scripts found: {', '.join(present) or 'none named'}")
         unique = [r for r in unique if r.script in names]
     return unique, notes
+
+
+def _where(out_dir, sweeps) -> str:
+    return ", ".join(map(str, sweeps)) if sweeps else str(out_dir)
 
 
 # ----------------------------------------------------------------------------- grouping and statistics
@@ -398,6 +410,65 @@ def left_out(records: list[Record], metric: str) -> Optional[str]:
     return f"left out {len(lacking)} run(s) without a numeric {metric} (scripts: {', '.join(scripts)}); see --metric and --script"
 
 
+# ----------------------------------------------------------------------------- checking --by, --pool, --metric
+def key_names(records: list[Record]) -> list[str]:
+    """The keys a table of these records can group by, for a message: the runs' options, the fields of their records
+    and script_sha256, git_commit, git_dirty where config.json has them; metrics and bookkeeping (run_dir, time,
+    quiet, out_dir, resume) left out (they, and the runs' other config.json facts, still group when asked for)."""
+    names, options, metrics = {"script"}, set(), set()
+    for r in records:
+        config = r._file("config")
+        listed = set(config["options"]) if isinstance(config.get("options"), list) else set(config) - MACHINE_FACTS
+        options |= {n for n in listed if not n.startswith("git_")}
+        names |= set(r.fields) | {k for k in ("script_sha256", "git_commit", "git_dirty") if k in config}
+        metrics |= set(r._file("final"))
+    return sorted({n.replace("-", "_") for n in (names - metrics) | options} - {"run_dir", "time", "quiet", "out_dir", "resume"})
+
+
+def check_keys(records: list[Record], keys, flag: str) -> None:
+    """Every key names something at least one of the records has (a typo would group everything under '–')."""
+    unknown = [k for k in keys if k != "script" and all(r.get(k) is MISSING for r in records)]
+    common.check(not unknown, f"{flag} {','.join(unknown)}: no such key in the {len(records)} run(s) found; "
+                              f"give keys they have: {', '.join(key_names(records))}")
+
+
+def metric_names(records: list[Record]) -> list[str]:
+    """The numeric metrics of the finished records: their final metrics, and the fields of a results line that are
+    neither options (config.json) nor bookkeeping."""
+    names = set()
+    for r in records:
+        if r.ok:
+            config = r._file("config")
+            candidates = set(r._file("final")) | (set(r.fields) - set(config) - r.option_names() - {"seed", "time", "sweep"})
+            names |= {k for k in candidates if _number(r.metric(k)) is not None}
+    return sorted(names)
+
+
+def check_metric(records: list[Record], metric: str) -> None:
+    """Some finished record has `metric` as a number (with only failed trials, or none, there is nothing to check)."""
+    ok = [r for r in records if r.ok]
+    common.check(not ok or any(_number(r.metric(metric)) is not None for r in ok),
+                 f"--metric {metric}: none of the {len(ok)} finished run(s) found has it as a number; "
+                 f"give one they have: {', '.join(metric_names(ok)) or 'none'}")
+
+
+def fixed_settings(records: list[Record], keys: list[str]) -> dict[str, str]:
+    """What a table or plot of these records holds fixed: each option (but the group keys) that every finished run
+    records with one and the same value, and the script when they are all of one."""
+    ok = [r for r in records if r.ok]
+    if not ok:
+        return {}
+    fixed = {}
+    scripts = {r.script for r in ok}
+    if "script" not in keys and len(scripts) == 1 and None not in scripts:
+        fixed["script"] = str(next(iter(scripts)))
+    for name in sorted(set.intersection(*(r.option_names() for r in ok)) - set(keys)):
+        values = [r.get(name) for r in ok]
+        if MISSING not in values and len({canon(v) for v in values}) == 1:
+            fixed[name] = _shown(values[0])
+    return fixed
+
+
 # ----------------------------------------------------------------------------- Markdown and plots
 def is_fraction(metric: str) -> bool:
     """Accuracies and error rates are stored as fractions and shown in percent; counts named after one
@@ -439,10 +510,13 @@ def numeric_key(rows: list[dict], by: list[str]) -> Optional[str]:
     return None
 
 
-def plot(rows: list[dict], by: list[str], metric: str, path, x_key: Optional[str] = None, title: Optional[str] = None) -> None:
+def plot(rows: list[dict], by: list[str], metric: str, path, x_key: Optional[str] = None, title: Optional[str] = None,
+         fixed: Optional[dict] = None, pooled: Optional[list[str]] = None) -> None:
     """metric (mean, std as error bars; for an accuracy or error clipped to [0, 100%]) against x_key (default: the
     first numeric by key, else the first key, as categories: points, not joined), one line per combination of the
-    other by keys."""
+    other by keys. Each point is labelled with its n (runs averaged), so a mean of one run is not read as a mean of
+    many; a line under the title states the settings held fixed (`fixed`, see fixed_settings) and those pooled
+    (`pooled`: split_pooled's lines), so the figure says what it compares without its command."""
     plt = common.pyplot()
     x_key = x_key or numeric_key(rows, by) or (by[0] if by else None)
     others = [k for k in by if k != x_key]
@@ -450,7 +524,10 @@ def plot(rows: list[dict], by: list[str], metric: str, path, x_key: Optional[str
     xs_all = list(dict.fromkeys(r["group"][x_key] for r in rows)) if x_key else [metric]
     numeric = x_key is not None and numeric_key(rows, [x_key]) == x_key
     scale = 100 if is_fraction(metric) else 1
-    fig, ax = plt.subplots(figsize=(6.5, 4))
+    setting = ([f"held fixed: {', '.join(f'{k}={v}' for k, v in fixed.items())}"] if fixed else []) + \
+        ([f"pooled over {'; '.join(pooled)}"] if pooled else []) + ["n = runs averaged"]
+    subtitle = textwrap.fill("; ".join(setting), 105)
+    fig, ax = plt.subplots(figsize=(6.5, 4 + 0.15 * subtitle.count("\n")))
     lines: dict[tuple, list[dict]] = {}
     for r in shown:
         lines.setdefault(tuple(r["group"][k] for k in others), []).append(r)
@@ -463,7 +540,10 @@ def plot(rows: list[dict], by: list[str], metric: str, path, x_key: Optional[str
         if not numeric and len(lines) > 1:  # categories side by side: each line's points a little apart
             offset = (list(lines).index(combo) - (len(lines) - 1) / 2) * 0.8 / len(lines)
             pos = [p + offset for p in pos]
-        ax.errorbar(pos, means, yerr=[low, high], marker="o", capsize=3, label=label, linestyle="-" if numeric else "none")
+        bars = ax.errorbar(pos, means, yerr=[low, high], marker="o", capsize=3, label=label, linestyle="-" if numeric else "none")
+        for p, m, r in zip(pos, means, members):
+            ax.annotate(f"n={r['n']}", (p, m), textcoords="offset points", xytext=(4, 4), fontsize=7,
+                        color=bars[0].get_color())
     if numeric:
         xs = [float(x) for x in xs_all]
         if xs and min(xs) > 0 and max(xs) / min(xs) >= 20:
@@ -472,9 +552,11 @@ def plot(rows: list[dict], by: list[str], metric: str, path, x_key: Optional[str
         ax.minorticks_off()
     else:
         ax.set_xticks(range(len(xs_all)), xs_all, rotation=30 if len(xs_all) > 4 else 0)
+    ax.margins(x=0.1, y=0.08)  # room for the n labels beside the outermost points
     ax.set_xlabel(x_key or "")
     ax.set_ylabel(f"{metric}{' (%)' if scale == 100 else ''}, mean +- std")
-    ax.set_title(title or f"{metric} against {x_key}")
+    fig.suptitle(title or f"{metric} against {x_key}", fontsize=11)
+    ax.set_title(subtitle, fontsize=7)
     ax.grid(alpha=0.3)
     if ax.get_legend_handles_labels()[0] and others:
         ax.legend(fontsize=8)
@@ -499,7 +581,7 @@ def table(
     script: Annotated[Optional[list[str]], typer.Option(callback=common.strs_option, help="Only runs of these scripts: train_glonet, or train_mlp,my_mlp, or repeat --script.")] = None,
     sweep: Annotated[Optional[list[Path]], typer.Option(help="Read only this sweep directory (OUT_DIR/sweeps/NAME); repeat for more.")] = None,
     out: Annotated[Optional[Path], typer.Option(help="Also write the Markdown table to this file.")] = None,
-    plot_file: Annotated[Optional[Path], typer.Option("--plot", help="Plot the metric against the first numeric --by key to this PNG.")] = None,
+    plot_file: Annotated[Optional[Path], typer.Option("--plot", help="Plot the metric against the first numeric --by key to this PNG; each point says its n, the title what was held fixed.")] = None,
     out_dir: Annotated[Path, typer.Option(help="Folder holding results.jsonl and sweeps/.")] = Path("runs"),
 ):
     """Table (and plot) of finished runs: mean +- std of --metric over the seeds of each group (the --by keys and any
@@ -507,9 +589,13 @@ def table(
     if ctx.invoked_subcommand is not None:
         return
     keys = parse_by(",".join(by or []))
-    records, notes = load_records(out_dir, sweep, script)
+    records, notes = load_records(out_dir, sweep, script)  # an unknown --script: one line naming those found
+    check_metric(records, metric)  # and so on for the other options, before any note is printed
     note = left_out(records, metric)
     records = [r for r in records if not r.ok or _number(r.metric(metric)) is not None]
+    if records:  # none: the "no runs" line below, as for a folder without runs
+        check_keys(records, keys, "--by")
+        check_keys(records, [k.replace("-", "_") for k in common.split_values(pool)], "--pool")
     keys, pooled, pool_notes = split_pooled(records, keys, pool or [])
     records, rerun_note = latest_per_seed(records, keys)
     for line in notes + ([note] if note else []) + pool_notes + ([rerun_note] if rerun_note else []):
@@ -524,7 +610,7 @@ def table(
     if out is not None:
         out.write_text(text)
     if plot_file is not None:
-        plot(rows, keys, metric, plot_file)
+        plot(rows, keys, metric, plot_file, fixed=fixed_settings(records, keys), pooled=pooled)
         print(f"plot: {plot_file}", file=sys.stderr)
 
 
@@ -682,10 +768,6 @@ def reproduce_plan(quick: bool, data_dir, out_dir, gpu: bool = False, num_cpus: 
     return jobs
 
 
-def _pct(x: Optional[float]) -> str:
-    return MISSING if x is None else f"{100 * x:.2f}%"
-
-
 def _shown_number(x: float, metric: str) -> str:
     return f"{100 * x:.2f}%" if is_fraction(metric) else f"{x:.4g}"
 
@@ -818,7 +900,7 @@ def machine() -> str:
 
 @app.command()
 def reproduce(
-    quick: Annotated[bool, typer.Option("--quick/--full", help="quick: CPU settings, 10-25 minutes on 2 cores; full: the sources' settings (hours; All-CNN-T only with a GPU).")] = False,
+    quick: Annotated[bool, typer.Option("--quick/--full", help="quick: settings a CPU finishes in minutes (fewer epochs, depths, seeds or images; each row of the report says how it differs); full: the sources' settings (All-CNN-T only with a GPU). Timings: docs/report.md.")] = False,
     dry_run: Annotated[bool, typer.Option(help="List the commands without running them.")] = False,
     only: Annotated[Optional[list[str]], typer.Option(callback=common.strs_option, help="Run only these jobs, e.g. mlp,cnn (or "
                     "repeat; see --dry-run); the other claims are marked not run.")] = None,
@@ -903,7 +985,8 @@ def reproduce(
     if "depth" in done and done["depth"].get("records"):
         rows = aggregate(done["depth"]["records"], ["model", "layers"], "test_acc")
         figure = out.with_name(out.stem + "-depth.png")
-        plot(rows, ["model", "layers"], "test_acc", figure, x_key="layers", title="GloNet vs MLP: test accuracy against depth")
+        plot(rows, ["model", "layers"], "test_acc", figure, x_key="layers", title="GloNet vs MLP: test accuracy against depth",
+             fixed=fixed_settings(done["depth"]["records"], ["model", "layers"]))
         md += ["", "## The GloNet depth study", "", f"![test accuracy against depth]({figure.name})", "",
                markdown(rows, ["model", "layers"], "test_acc")]
     if "ablations" in done and done["ablations"].get("records"):

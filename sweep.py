@@ -270,8 +270,8 @@ def trial_key(options: dict, seed: int) -> str:
 
 def summarize(sweep_dir: Path, grid: dict[str, list[str]], metric: str) -> list[dict]:
     """summary.md and summary.png from trials.jsonl (latest record per trial), by report.py: `metric` against the
-    first varying grid key (a configuration counts as the key `config`), mean +- std over seeds, one line per
-    combination of the other varying keys."""
+    first varying grid key (a configuration counts as the key `config`), mean +- std over seeds and their count n at
+    each point, one line per combination of the other varying keys, the settings every trial shares under the title."""
     varying = [k for k, v in grid.items() if len(v) > 1] or list(grid)[:1]
     x_key, others = varying[0], varying[1:]
     records, notes = report.load_records(sweeps=[sweep_dir])
@@ -282,16 +282,9 @@ def summarize(sweep_dir: Path, grid: dict[str, list[str]], metric: str) -> list[
     table = report.aggregate(records, by, metric, order=order)
     title = f"Sweep {sweep_dir.name}: {metric} against {x_key}"
     (sweep_dir / "summary.md").write_text(report.markdown(table, by, metric, title=title, show_failed=True))
-    report.plot(table, by, metric, sweep_dir / "summary.png", x_key=by[-1], title=f"sweep {sweep_dir.name}")
+    report.plot(table, by, metric, sweep_dir / "summary.png", x_key=by[-1], title=f"sweep {sweep_dir.name}",
+                fixed=report.fixed_settings(records, by))
     return table
-
-
-def _is_number(text: str) -> bool:
-    try:
-        float(text)
-        return True
-    except ValueError:
-        return False
 
 
 # ----------------------------------------------------------------------------- the command

@@ -255,3 +255,47 @@ def test_categorical_plot_draws_points_with_error_bars_inside_0_100(tmp_path, mo
     assert high[0] == pytest.approx(1.0) and low[1] == pytest.approx(2.0)  # clipped at 100% and at 0%
     report.plot([{**r, "group": {"layers": str(i)}} for i, r in enumerate(rows, 1)], ["layers"], "test_acc", tmp_path / "n.png")
     assert drawn[-1]["linestyle"] == "-"  # a numeric x stays a line
+
+
+# ----------------------------------------------------------------------------- bad input: one line, exit 2
+GLONET_RUNS = [("train_glonet", {"model": m, "layers": d, "epochs": 3}, s, 0.9 + d / 1000 + s / 100, f"2026-12-01T10:0{i}:00")
+               for i, (m, d, s) in enumerate((("glonet", 6, 0), ("glonet", 6, 1), ("glonet", 24, 0), ("mlp", 6, 0)))]
+
+
+@pytest.mark.parametrize("args, words", [
+    (["--by", "model,modle"], ["--by modle", "model", "layers", "epochs", "script"]),
+    (["--by", "model", "--pool", "epoch"], ["--pool epoch", "epochs"]),
+    (["--script", "train_glonet,train_glonett"], ["--script train_glonett", "train_glonet", "train_mlp"]),
+    (["--metric", "test_ac"], ["--metric test_ac", "test_acc"]),
+])
+def test_unknown_keys_scripts_and_metrics_exit_2_naming_what_exists(tmp_path, args, words):
+    from conftest import assert_user_error
+    from test_common import run_in_process
+
+    write_runs(tmp_path, [*GLONET_RUNS, ("train_mlp", {"hidden": [16]}, 0, 0.9, "2026-12-01T10:09:00")])
+    with (tmp_path / "results.jsonl").open("a") as f:
+        f.write('{"torn')  # a note on stderr that the refusal comes before
+    assert_user_error(run_in_process(report, "--out-dir", tmp_path, *args), *words)
+
+
+def test_plot_labels_each_point_with_n_and_states_the_fixed_settings(tmp_path, monkeypatch):
+    from matplotlib.figure import Figure
+
+    saved, savefig = [], Figure.savefig
+
+    def keep(self, *args, **kwargs):
+        saved.append(self)
+        return savefig(self, *args, **kwargs)
+
+    monkeypatch.setattr(Figure, "savefig", keep)
+    write_runs(tmp_path, GLONET_RUNS)
+    png = tmp_path / "p.png"
+    invoke("--out-dir", tmp_path, "--by", "model,layers", "--plot", png)
+    assert png.stat().st_size > 5000
+    (ax,) = saved[-1].axes
+    assert sorted(t.get_text() for t in ax.texts) == ["n=1", "n=1", "n=2"]  # glonet 6 (seeds 0, 1), glonet 24, mlp 6
+    assert "held fixed: script=train_glonet, epochs=3" in ax.get_title() and "n = runs averaged" in ax.get_title()
+
+    invoke("--out-dir", tmp_path, "--by", "model", "--pool", "layers", "--plot", png)
+    assert "pooled over layers (6, 24)" in saved[-1].axes[0].get_title()
+    assert sorted(t.get_text() for t in saved[-1].axes[0].texts) == ["n=1", "n=3"]
