@@ -5,8 +5,8 @@ cross-entropy), checked them with finite differences and compared them with PyTo
 ~40-60% test accuracy), and a from-scratch fully connected net that reached 91.66%. Every layer here is
 vectorized over the batch; the model and its training import no torch (torch only loads MNIST and, with
 --compare-torch, trains the twin). Minibatch SGD at the source's settings: batch 32, lr 0.1, 10,000 updates.
-    python numpy_nn.py                        # --arch embed (4x4 patches -> 8 channels, ReLU, linear): 96.43% test
-    python numpy_nn.py --arch mlp             # 784-128-10 fully connected: 97.72% test
+    python numpy_nn.py                        # --arch embed (4x4 patches -> 8 channels, ReLU, linear): ~96.4% test
+    python numpy_nn.py --arch mlp             # 784-128-10 fully connected: ~97.7% test
     python numpy_nn.py --grad-check           # finite differences in float64: max relative error per layer < 1e-6
     python numpy_nn.py --compare-torch        # the same model in PyTorch, same initial weights, same batches
 Writes runs/numpy_nn/<timestamp>[-tag]/: config.json, metrics.json (per evaluation and final), best.npz, last.npz

@@ -6,9 +6,8 @@ glonet: the head reads the SUM of all hidden outputs (Dense -> ReLU each); mlp: 
 pre-activation residual blocks h + W relu(LayerNorm(h)). Defaults: the source's setting (pixels in [0, 1], Flax's
 LeCun-normal init, all 60,000 training images, test accuracy after every epoch, Adam, batch 256, 10 epochs) at
 lr 1e-3 with a per-step cosine decay; docs/train_glonet.md has the depth table and why these defaults.
-    python train_glonet.py --layers 50                   # GloNet: expect ~98% (98.2-98.4% at depths 6-200); bf16
-                                                         # autocast where native (--precision auto): 94 s vs 122 s fp32
-    python train_glonet.py --model mlp --layers 50       # the plain MLP at that depth: chance (11.35%)
+    python train_glonet.py --layers 50                   # GloNet: expect ~98% at any depth from 6 to 200
+    python train_glonet.py --model mlp --layers 50       # the plain MLP at that depth: chance (~11%)
     for d in 6 10 24 50 100 200; do python train_glonet.py --layers $d; python train_glonet.py --model mlp --layers $d; done
 Per hidden layer and epoch, on the test set: output_l1 (mean L1 norm of what it adds to the head's input),
 output_spread (its input-dependent part), weight_l1, and for glonet prefix_acc[k] (the head reading the sum of layers
@@ -427,8 +426,8 @@ def main(
         run.fix_length("its cosine learning rate decays to 0 at the last planned step")
     device = common.pick_device(args.device)
     args.precision, precision_reason = common.pick_precision(args.precision, device, run.original)  # the choice, not "auto"
-    # Deep nets whose unused layers shrink toward 0 drive the CPU into denormal floats: a depth-200 MLP's steps went
-    # from 0.2 s to 3.3 s within 16 steps; flushing them to zero keeps every step at 0.2 s (same loss to 7 digits).
+    # Deep nets whose unused layers shrink toward 0 drive the CPU into denormal floats, many times slower per step;
+    # flushing them to zero keeps every step as fast, at the same loss (docs/train_glonet.md).
     flush_denormal = device.type == "cpu" and torch.set_flush_denormal(True)
     data = common.load_mnist(args.data_dir, device, args.digits, args.val_fraction, args.limit, args.seed, args.label_noise)
     net, opt, scheduler, scaler, batches = make_training(args, data.train_x, data.train_y, data.num_classes, device)
