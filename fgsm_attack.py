@@ -2,15 +2,18 @@
 
 Reproduces the course project's attack section: the gradient of the loss with respect to the input image, drawn for
 correctly and incorrectly classified test images; the 1-step signed-gradient attack (FGSM: x + eps sign(dL/dx)) on
-the whole test set against clean accuracy; and a 5-step iterative FGSM (step eps/steps, each step projected back to
-the eps-ball around the image and to valid pixels). eps is in pixel units (0..255) and the attack works on pixels:
-the model's own per-channel normalization (training mean/std) sits inside the attacked function.
+the whole test set against clean accuracy; and a 5-step iterative FGSM (BIM: step eps/steps, each step projected back
+to the eps-ball around the image and to valid pixels). The attack works on the pixels the model takes, as the data
+stores them (float on the 0-255 scale): the model's normalization is its own first layer (common.Pixels), so eps is
+in pixel units, the same for every channel, and images are clamped to [0, 255].
 Defaults: CIFAR-10 eps 2,4,8 (8 is the usual CIFAR budget); MNIST eps 16,32,64 (64 = 0.25 of the range, the FGSM
 paper's MNIST setting: MNIST pixels are nearly binary and small budgets barely move a trained model).
-    python fgsm_attack.py runs/SCRIPT/RUN                 # default CNN: 99.22% clean, 34.87% FGSM at eps 64
+    python fgsm_attack.py runs/SCRIPT/RUN                 # eps 16,32,64 (MNIST) or 2,4,8 (CIFAR-10)
     python fgsm_attack.py runs/SCRIPT/RUN --eps 8 --steps 10
 The attacked run's own script rebuilds its model (build_model(config), so a copied script's runs work too) and its
-config.json names the dataset (runs from before it did: the input shape the model accepts).
+config.json names the dataset (runs from before it did: the input shape the model accepts). Accuracies are measured
+the way the run's script measured its test accuracy (under its --precision autocast where its evaluate() takes one),
+so the clean accuracy is the run's test accuracy; the attack's gradients are fp32.
 Writes runs/fgsm_attack/<timestamp>[-tag]/: config.json (naming the attacked run), metrics.json (clean, 1-step and
 iterative accuracy per eps, mean loss per step), grad_visuals_correct.png, grad_visuals_incorrect.png,
 attack_loss_curve.png, attack_image_progression_example0.png, fgsm_accuracy_vs_eps.png; one line in runs/results.jsonl.
@@ -18,6 +21,7 @@ attack_loss_curve.png, attack_image_progression_example0.png, fgsm_accuracy_vs_e
 
 from __future__ import annotations
 
+import inspect
 import time
 from pathlib import Path
 from typing import Annotated, Optional
@@ -35,9 +39,10 @@ DEFAULT_EPS = {"mnist": "16,32,64", "cifar10": "2,4,8"}
 
 # ----------------------------------------------------------------------------- the attacked run
 def load_attacked_run(run_dir: Path, device, data_dir: Optional[Path]):
-    """(model on pixels in [0, 1], test images in [0, 1], labels, class names, dataset name, config). The run's own
-    script rebuilds the model (rundir.load_run_model); its config.json says the dataset and the input scaling."""
-    model, config, _ = rundir.load_run_model(run_dir, "best.pt", device)
+    """(model, test images float [N,C,H,W] on the 0-255 scale, labels, class names, dataset name, config, precision of
+    its accuracies). The run's own script rebuilds the model (rundir.load_run_model) with its normalization inside
+    (common.Pixels): it takes the pixels as the data holds them, and those are what the attack perturbs."""
+    model, config, module = rundir.load_run_model(run_dir, "best.pt", device)
     model = model.float()
     for p in model.parameters():
         p.requires_grad_(False)
@@ -46,25 +51,32 @@ def load_attacked_run(run_dir: Path, device, data_dir: Optional[Path]):
     data_dir = data_dir or Path(config["data_dir"])
     if dataset == "cifar10":
         data = common.load_cifar10(data_dir, device, config["val_fraction"], config.get("limit"), config["seed"])
-        images, names = data.test_x.float() / 255, common.CIFAR_CLASSES
-        mean = torch.tensor(common.CIFAR_MEAN, device=device).view(1, 3, 1, 1)
-        std = torch.tensor(common.CIFAR_STD, device=device).view(1, 3, 1, 1)
+        names = common.CIFAR_CLASSES
     else:
         data = common.load_mnist(data_dir, device, config.get("digits"), config["val_fraction"], config.get("limit"), config["seed"])
-        images, names = data.test_x.float().unsqueeze(1) / 255, [str(d) for d in data.digits]
-        mean, std = common.MNIST_MEAN, common.MNIST_STD
-    if config.get("input_scale") == "unit":  # a run trained on raw pixels in [0, 1]
-        mean, std = 0.0, 1.0
+        names = [str(d) for d in data.digits]
+    images = data.test_x.float()
+    images = images.unsqueeze(1) if images.dim() == 3 else images  # MNIST [N,28,28]: one channel, like CIFAR's three
+    return model, images, data.test_y, names, dataset, config, evaluation_precision(module, config)
 
-    def on_pixels(x):  # the normalization with the training statistics is part of the attacked function
-        return model((x - mean) / std)
 
-    return on_pixels, images, data.test_y, names, dataset, config
+def evaluation_precision(module, config: dict) -> str:
+    """The precision the run's script measured its test accuracy in: its --precision (config.json: bf16, fp16 or
+    fp32) where its evaluate() takes a precision (train_cnn, train_allcnn evaluate under that autocast), else fp32
+    (train_mlp, train_glonet, grad_collect). A copy of a script is judged by its own evaluate()."""
+    evaluate = getattr(module, "evaluate", None)
+    try:
+        takes = evaluate is not None and "precision" in inspect.signature(evaluate).parameters
+    except (TypeError, ValueError):  # not a Python function
+        takes = False
+    return (config.get("precision") or "fp32") if takes else "fp32"
 
 
 def dataset_of_model(model, device) -> str:
-    """"mnist" when the model accepts a [1,1,28,28] image, else "cifar10" (which must take [1,3,32,32])."""
-    for dataset, shape in (("mnist", (1, 1, 28, 28)), ("cifar10", (1, 3, 32, 32))):
+    """"cifar10" when the model takes a [1,3,32,32] image, else "mnist" when it takes a [1,1,28,28] one. CIFAR-10 is
+    tried first: an MNIST model rejects three channels, but a CIFAR-10 model that pools globally takes a 28x28
+    image (common.Pixels broadcasts its one channel to three)."""
+    for dataset, shape in (("cifar10", (1, 3, 32, 32)), ("mnist", (1, 1, 28, 28))):
         try:
             with torch.no_grad():
                 model(torch.zeros(shape, device=device))
@@ -76,46 +88,55 @@ def dataset_of_model(model, device) -> str:
 
 # ----------------------------------------------------------------------------- gradients and attacks, whole batches
 def input_gradients(f, x, y):
-    """(loss per sample, dL/dx) for a batch of pixel images."""
+    """(loss per sample, dL/dx) for a batch of float pixel images (fp32: the exact gradient)."""
     x = x.clone().requires_grad_(True)
-    losses = F.cross_entropy(f(x), y, reduction="none")
+    losses = F.cross_entropy(f(x).float(), y, reduction="none")
     (grad,) = torch.autograd.grad(losses.sum(), x)
     return losses.detach(), grad
 
 
 def fgsm(f, x, y, eps: float):
-    """One signed-gradient step of size eps (in [0, 1] units), clipped to valid pixels."""
+    """One signed-gradient step of size eps (pixel units), clamped to valid pixels [0, 255]."""
     _, grad = input_gradients(f, x, y)
-    return (x + eps * grad.sign()).clamp_(0, 1)
+    return (x + eps * grad.sign()).clamp_(0, 255)
+
+
+def bim_step(adv, x, grad, eps: float, steps: int):
+    """One step of the iterative attack: eps/steps along sign(grad), projected to the L-inf eps-ball around x and to
+    [0, 255]."""
+    return torch.min(torch.max(adv + eps / steps * grad.sign(), x - eps), x + eps).clamp_(0, 255)
 
 
 def iterative_fgsm(f, x, y, eps: float, steps: int):
-    """steps signed-gradient steps of eps/steps, each projected to the L-inf eps-ball around x and to [0, 1].
-    Returns the final images and the mean loss before each step and after the last ([steps + 1])."""
+    """steps signed-gradient steps of eps/steps (pixel units), each projected to the L-inf eps-ball around x and to
+    [0, 255]. Returns the final images and the mean loss before each step and after the last ([steps + 1])."""
     adv, losses = x.clone(), []
     for _ in range(steps):
         loss, grad = input_gradients(f, adv, y)
         losses.append(loss.mean().item())
-        adv = torch.min(torch.max(adv + eps / steps * grad.sign(), x - eps), x + eps).clamp_(0, 1)
+        adv = bim_step(adv, x, grad, eps, steps)
     with torch.no_grad():
-        losses.append(F.cross_entropy(f(adv), y).item())
+        losses.append(F.cross_entropy(f(adv).float(), y).item())
     return adv, losses
 
 
-def attack_accuracy(f, images, labels, eps: float, steps: int, batch_size: int):
-    """Clean, 1-step FGSM and iterative FGSM accuracy over a whole split, and the iterative attack's mean loss per step."""
+def predict(model, x, precision: str) -> torch.Tensor:
+    """The model's logits (float) as the run's script evaluates it: under its autocast for `precision`."""
+    with torch.no_grad(), common.autocast(x.device, precision):
+        return model(x).float()
+
+
+def attack_accuracy(model, images, labels, eps: float, steps: int, batch_size: int, precision: str = "fp32"):
+    """Clean, 1-step FGSM and iterative FGSM accuracy over a whole split (predictions in `precision`, the run's
+    evaluation precision; gradients fp32), and the iterative attack's mean loss per step."""
     clean = one = many = 0
     loss_curve = torch.zeros(steps + 1)
     for s in range(0, len(labels), batch_size):
         x, y = images[s:s + batch_size], labels[s:s + batch_size]
-        with torch.no_grad():
-            clean += (f(x).argmax(1) == y).sum().item()
-        adv = fgsm(f, x, y, eps)
-        with torch.no_grad():
-            one += (f(adv).argmax(1) == y).sum().item()
-        adv, losses = iterative_fgsm(f, x, y, eps, steps)
-        with torch.no_grad():
-            many += (f(adv).argmax(1) == y).sum().item()
+        clean += (predict(model, x, precision).argmax(1) == y).sum().item()
+        one += (predict(model, fgsm(model, x, y, eps), precision).argmax(1) == y).sum().item()
+        adv, losses = iterative_fgsm(model, x, y, eps, steps)
+        many += (predict(model, adv, precision).argmax(1) == y).sum().item()
         loss_curve += torch.tensor(losses) * len(y)
     n = len(labels)
     return clean / n, one / n, many / n, (loss_curve / n).tolist()
@@ -123,44 +144,58 @@ def attack_accuracy(f, images, labels, eps: float, steps: int, batch_size: int):
 
 # ----------------------------------------------------------------------------- figures
 def show(ax, img):
-    """An image [C,H,W] in [0, 1]: grayscale or RGB."""
-    img = img.detach().cpu()
+    """An image [C,H,W] on the 0-255 scale: grayscale or RGB."""
+    img = (img.detach().float().cpu() / 255).clamp(0, 1)
     ax.imshow(img[0] if img.shape[0] == 1 else img.permute(1, 2, 0), cmap="gray" if img.shape[0] == 1 else None, vmin=0, vmax=1)
     ax.axis("off")
 
 
 def plot_gradients(images, grads, titles, path, heading) -> None:
-    """Image row over gradient row (signed, summed over channels, blue negative, red positive)."""
+    """Image row over gradient row: dL/dx summed over channels, each map divided by its own largest |dL/dx| (written
+    under it, per pixel unit) so that faint maps show; the colour bar reads those shares (blue lowers the loss, red
+    raises it)."""
+    from matplotlib.cm import ScalarMappable
+    from matplotlib.colors import Normalize
+
     plt = common.pyplot()
     n = max(len(images), 1)
-    fig, axes = plt.subplots(2, n, figsize=(1.6 * n, 3.6), squeeze=False)
+    fig, axes = plt.subplots(2, n, figsize=(1.6 * n + 1.1, 3.9), squeeze=False)
     for j in range(n):
         axes[0, j].axis("off")
-        axes[1, j].axis("off")
+        axes[1, j].set_axis_off()
     for j, (img, g, t) in enumerate(zip(images, grads, titles)):
         show(axes[0, j], img)
         axes[0, j].set_title(t, fontsize=7)
-        g = g.sum(0).cpu()
-        axes[1, j].imshow(g, cmap="RdBu_r", vmin=-g.abs().max(), vmax=g.abs().max())
+        g = g.float().sum(0).cpu()
+        peak = float(g.abs().max())
+        axes[1, j].imshow(g / peak if peak > 0 else g, cmap="RdBu_r", vmin=-1, vmax=1)
+        axes[1, j].set_axis_on()
+        axes[1, j].set(xticks=[], yticks=[])
+        axes[1, j].set_xlabel(f"max |dL/dx| {peak:.1e}", fontsize=7)
+    common.set_margins(fig, left=0.1, right=1.0, bottom=0.3, top=0.75, wspace=0.15)
+    row = axes[1, -1].get_position()
+    cax = fig.add_axes([row.x1 + 0.2 / fig.get_figwidth(), row.y0, 0.12 / fig.get_figwidth(), row.height])
+    bar = fig.colorbar(ScalarMappable(Normalize(-1, 1), "RdBu_r"), cax=cax)
+    bar.set_label("dL/dx / max |dL/dx|", fontsize=7)
+    bar.ax.tick_params(labelsize=6)
     fig.suptitle(heading, fontsize=9)
-    fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)
 
 
-def plot_progression(f, x, y, eps: float, steps: int, names, path) -> None:
+def plot_progression(model, x, y, eps: float, steps: int, names, path, precision: str = "fp32") -> None:
+    """The iterative attack on test image 0, step by step, with the model's prediction (in `precision`) at each."""
     plt = common.pyplot()
     fig, axes = plt.subplots(1, steps + 1, figsize=(1.8 * (steps + 1), 2.3), squeeze=False)
     adv = x[:1].clone()
     for k in range(steps + 1):
-        with torch.no_grad():
-            prob = f(adv).softmax(1)[0]
+        prob = predict(model, adv, precision).softmax(1)[0]
         show(axes[0, k], adv[0])
         axes[0, k].set_title(f"step {k}: {names[int(prob.argmax())]}\n{prob.max():.0%} (true {names[int(y[0])]})", fontsize=7)
         if k < steps:
-            _, grad = input_gradients(f, adv, y[:1])
-            adv = torch.min(torch.max(adv + eps / steps * grad.sign(), x[:1] - eps), x[:1] + eps).clamp_(0, 1)
-    fig.suptitle(f"iterative FGSM on test image 0, eps {eps * 255:g}/255", fontsize=9)
+            _, grad = input_gradients(model, adv, y[:1])
+            adv = bim_step(adv, x[:1], grad, eps, steps)
+    fig.suptitle(f"iterative FGSM on test image 0, eps {eps:g}/255", fontsize=9)
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)
@@ -213,31 +248,32 @@ def main(
     common.check(args.examples >= 1, f"--examples {args.examples}: must be at least 1")
     eps_list = parse_eps(args.eps) if args.eps is not None else None
     dev = common.pick_device(args.device)
-    f, images, labels, names, dataset, attacked = load_attacked_run(Path(args.run_dir), dev, args.data_dir)
+    model, images, labels, names, dataset, attacked, precision = load_attacked_run(Path(args.run_dir), dev, args.data_dir)
     eps_list = eps_list or parse_eps(DEFAULT_EPS[dataset])
     run.save_config(attacked_run=str(args.run_dir), attacked_script=attacked["script"], dataset=dataset,
-                    eps_pixels=eps_list, device=str(dev), n_test=len(labels))
-    print(f"attacking {args.run_dir} ({attacked['script']}, {dataset}) | {len(labels)} test images | eps {eps_list} | run {run.dir}")
+                    eps_pixels=eps_list, device=str(dev), n_test=len(labels), evaluation_precision=precision)
+    print(f"attacking {args.run_dir} ({attacked['script']}, {dataset}) | {len(labels)} test images | eps {eps_list} | "
+          f"accuracies in {precision} | run {run.dir}")
 
     t0 = time.time()
-    with torch.no_grad():
-        preds = torch.cat([f(images[s:s + args.batch_size]).argmax(1) for s in range(0, len(labels), args.batch_size)])
+    preds = torch.cat([predict(model, images[s:s + args.batch_size], precision).argmax(1) for s in range(0, len(labels), args.batch_size)])
     for kind, mask in (("correct", preds == labels), ("incorrect", preds != labels)):
         idx = torch.nonzero(mask).squeeze(1)[:args.examples]
-        _, grads = input_gradients(f, images[idx], labels[idx]) if len(idx) else (None, [])
+        _, grads = input_gradients(model, images[idx], labels[idx]) if len(idx) else (None, [])
         titles = [f"true {names[int(labels[i])]}\npred {names[int(preds[i])]}" for i in idx]
         plot_gradients(images[idx], grads, titles, run.dir / f"grad_visuals_{kind}.png",
                        f"test images the model gets {'right' if kind == 'correct' else 'wrong'} (top) and dL/dx (bottom)")
     results = {}
     for e in eps_list:
-        clean, one, many, curve = attack_accuracy(f, images, labels, e / 255, args.steps, args.batch_size)
+        clean, one, many, curve = attack_accuracy(model, images, labels, e, args.steps, args.batch_size, precision)
         results[f"{e:g}"] = {"clean_acc": clean, "fgsm_acc": one, "iterative_acc": many, "iterative_loss_per_step": curve}
         print(f"eps {e:5g}/255 | clean {clean:.2%} | FGSM {one:.2%} | {args.steps}-step FGSM {many:.2%} | "
               f"loss {curve[0]:.3f} -> {curve[-1]:.3f}")
     attack_s = time.time() - t0
     plot_lines(list(range(args.steps + 1)), {f"eps {k}": r["iterative_loss_per_step"] for k, r in results.items()},
                "iterative FGSM step", "mean test loss", run.dir / "attack_loss_curve.png", "loss rises with every step")
-    plot_progression(f, images, labels, eps_list[-1] / 255, args.steps, names, run.dir / "attack_image_progression_example0.png")
+    plot_progression(model, images, labels, eps_list[-1], args.steps, names, run.dir / "attack_image_progression_example0.png",
+                     precision)
     plot_lines(eps_list, {"clean": [r["clean_acc"] for r in results.values()], "FGSM (1 step)": [r["fgsm_acc"] for r in results.values()],
                           f"iterative ({args.steps} steps)": [r["iterative_acc"] for r in results.values()]},
                "eps (pixel units, 0-255)", "test accuracy", run.dir / "fgsm_accuracy_vs_eps.png", f"{attacked['script']} on {dataset}")

@@ -42,32 +42,29 @@ LABELS = {"default": "default (loss before memorizing)", "tracin": "TracIn self-
 
 # ----------------------------------------------------------------------------- the audited run
 def load_audited_run(run_dir: Path, device, data_dir: Optional[Path]):
-    """(the final model in eval mode, config, its script's module, data, input transform). The run's own script
-    rebuilds the model (rundir.load_run_model) with last.pt's weights (after the last epoch: the model that may have
-    memorized the noise, not the best by validation); config.json says the dataset, the split, the injected noise and
-    the input scaling."""
+    """(the final model in eval mode, config, its script's module, data). The run's own script rebuilds the model
+    (rundir.load_run_model) with last.pt's weights (after the last epoch: the model that may have memorized the
+    noise, not the best by validation) and its normalization inside (common.Pixels): it takes the pixels as the data
+    holds them. config.json says the dataset, the split and the injected noise."""
     model, config, module = rundir.load_run_model(run_dir, "last.pt", device)
     model = model.float()
     data_dir = data_dir or Path(config["data_dir"])
     noise = config.get("label_noise") or 0.0
     if config.get("dataset") == "cifar10":
         data = common.load_cifar10(data_dir, device, config["val_fraction"], config.get("limit"), config["seed"], noise)
-        mean = torch.tensor(common.CIFAR_MEAN, device=device).view(1, 3, 1, 1)
-        std = torch.tensor(common.CIFAR_STD, device=device).view(1, 3, 1, 1)
-        transform = lambda x: (x.float() / 255 - mean) / std  # noqa: E731
         data.names = common.CIFAR_CLASSES
     else:
         data = common.load_mnist(data_dir, device, config.get("digits"), config["val_fraction"], config.get("limit"), config["seed"], noise)
-        unit = config.get("input_scale") == "unit"  # a run trained on raw pixels in [0, 1]
-        transform = (lambda x: x.unsqueeze(1).float() / 255) if unit else common.normalize
         data.names = [str(d) for d in data.digits]
-    return model, config, module, data, transform
+    return model, config, module, data
 
 
 @torch.inference_mode()
-def probabilities(model, images, transform, batch_size: int = 500) -> np.ndarray:
-    """Softmax of the model over a split, float32 [N, classes] on the CPU (one copy at the end)."""
-    probs = torch.cat([model(transform(images[s:s + batch_size])).float().softmax(1) for s in range(0, len(images), batch_size)])
+def probabilities(model, images, batch_size: int = 500) -> np.ndarray:
+    """Softmax of the model over a split of stored pixels, float32 [N, classes] on the CPU (one copy at the end). In
+    fp32, whatever the run's --precision: the rankings compare losses of well-fitted rows, which bf16 logits would
+    round to ties."""
+    probs = torch.cat([model(images[s:s + batch_size]).float().softmax(1) for s in range(0, len(images), batch_size)])
     return probs.cpu().numpy()
 
 
@@ -150,12 +147,11 @@ def cleanlab_scores(module, config: dict, data, folds: int) -> tuple[np.ndarray,
     labels = data.train_y.cpu().numpy()
     probs = np.zeros((len(labels), data.num_classes), dtype=np.float32)
     split = StratifiedKFold(folds, shuffle=True, random_state=common.seed_for(config["seed"], "cleanlab") % 2**32)
-    transform = data.transform
     for k, (fit, held) in enumerate(split.split(np.zeros(len(labels)), labels)):
         fit_rows, held_rows = (torch.as_tensor(i, device=data.train_y.device) for i in (fit, held))
         model = module.fit(config, data.train_x[fit_rows], data.train_y[fit_rows], data.num_classes,
                            common.seed_for(config["seed"], f"cleanlab fold {k}"))
-        probs[held] = probabilities(model.float(), data.train_x[held_rows], transform)
+        probs[held] = probabilities(model.float(), data.train_x[held_rows])
     quality = get_label_quality_scores(labels, probs)
     # find_label_issues with n_jobs=1: by default it forks a multiprocessing.Pool from this process, whose torch and
     # OpenMP threads may hold locks at the fork; a child then waits forever (seen once in CI: the audit hung 600 s)
@@ -201,18 +197,24 @@ def plot_found(results: dict, share: float, path: Path, title: str) -> None:
     plt.close(fig)
 
 
-def plot_suspects(images, rows, label, pred, names, path: Path, title: str, original=None, what="row") -> None:
-    """The top suspects with given label and prediction, and the original label when noise was injected (red:
-    flipped; without injected noise red: the prediction differs from the label)."""
+def plot_suspects(images, rows, label, pred, names, path: Path, title: str, original=None, what="row", index=None) -> None:
+    """The top suspects, most suspect first: each named by its rank and, with `index` (the training split's
+    sample_index, suspects.csv's column), its index in the dataset and its row; else by its row of split `what`.
+    Then the given label, the final model's prediction and, with injected noise, the original label. The colours
+    (said under the title): with injected noise red = the label was flipped, black = clean; without, red = the
+    prediction differs from the label."""
     titles, colors = [], []
     for r, i in enumerate(rows):
         was = "" if original is None else (f"\nwas {names[original[i]]}" if original[i] != label[i] else "\nclean")
-        titles.append(f"#{r + 1} {what} {i}\nlabel {names[label[i]]}\npred {names[pred[i]]}{was}")
+        name = f"#{r + 1} index {index[i]}\nrow {i}" if index is not None else f"#{r + 1} {what} {i}"
+        titles.append(f"{name}\nlabel {names[label[i]]}\npred {names[pred[i]]}{was}")
         colors.append("red" if (original if original is not None else pred)[i] != label[i] else "black")
+    key = ("red: label flipped by --label-noise (was: the original), black: clean label" if original is not None
+           else "red: the final model predicts another class than the label")
     images = images.float()
     if images.dim() == 4:  # CIFAR [N,3,H,W]: shown as gray (plot_image_grid draws one channel)
         images = images.mean(1)
-    common.plot_image_grid(images, titles, path, colors=colors, cols=5, suptitle=title)
+    common.plot_image_grid(images, titles, path, colors=colors, cols=5, suptitle=f"{title}\n{key}")
 
 
 def write_ranking_csv(path: Path, order, columns: dict) -> None:
@@ -230,7 +232,7 @@ def mislabel_report(run, audited: Path, model, config, module, data, top: int) -
     labels = data.train_y.cpu().numpy()
     folder, epochs = recorded_epochs(audited, config)
     t0 = time.time()
-    probs = probabilities(model, data.train_x, data.transform)  # the final model's: the loss, and the default's last term
+    probs = probabilities(model, data.train_x)  # the final model's: the loss, and the default's last term
     loss, pred = losses(probs, labels), probs.argmax(1)
     seconds["final_model"] = time.time() - t0
     t0 = time.time()
@@ -260,7 +262,7 @@ def mislabel_report(run, audited: Path, model, config, module, data, top: int) -
     rows = order[:top]
     plot_suspects(data.train_x[torch.as_tensor(rows, device=data.train_x.device)].cpu(), rows, labels, pred, data.names,
                   run.dir / "suspects_top.png", f"top {top} training rows by {LABELS[first]} (pred: final model)",
-                  original if noisy else None)
+                  original if noisy else None, index=data.train_index.numpy())
     report = {"rows": len(labels), "order": first, "rankings": {k: LABELS[k] for k in scores}, "seconds": seconds, **info,
               "top": [{"row": int(i), "sample_index": int(data.train_index[i]), "label": int(labels[i]), "prediction": int(pred[i]),
                        "original_label": int(original[i]) if noisy else None} for i in rows]}
@@ -291,7 +293,7 @@ def self_influence(audited: Path) -> np.ndarray:
     return total
 
 
-def tracin_held_out(audited: Path, model, images, labels, transform) -> np.ndarray:
+def tracin_held_out(audited: Path, model, images, labels) -> np.ndarray:
     """TracIn's sum_e lr_e ||g||^2 of each held-out image under its label, at each stored checkpoint of a grad_collect
     run (its weights.pt), exact from the layer factors."""
     import grad_collect as gc
@@ -302,7 +304,7 @@ def tracin_held_out(audited: Path, model, images, labels, transform) -> np.ndarr
         model.load_state_dict(rundir.load_checkpoint(ep.dir / ep.meta.get("weights", "weights.pt")))
         sq = []
         for s in range(0, len(labels), 1000):
-            a, b, _, _ = gc.layer_factors(model.eval(), transform(images[s:s + 1000]), labels[s:s + 1000])
+            a, b, _, _ = gc.layer_factors(model.eval(), images[s:s + 1000], labels[s:s + 1000])
             sq.append(gc.squared_norms(a, b, model, names).sum(1).cpu())
         total = total + (ep.lr if ep.lr is not None else 1.0) * torch.cat(sq).numpy().astype(np.float64)
     return total
@@ -316,16 +318,16 @@ def audit_report(run, audited: Path, model, config, data, top: int) -> dict:
     images, labels_t = (data.test_x, data.test_y) if split == "test" else (data.val_x, data.val_y)
     common.check(len(labels_t) > 0, f"--audit {split}: the run has no {split} split (its --val-fraction is 0)")
     labels = labels_t.cpu().numpy()
-    probs = probabilities(model, images, data.transform)
+    probs = probabilities(model, images)
     pred = probs.argmax(1)
     scores = {"loss": losses(probs, labels)}
     if (audited / "gradients").is_dir():
-        scores["tracin"] = tracin_held_out(audited, model, images, labels_t, data.transform)
+        scores["tracin"] = tracin_held_out(audited, model, images, labels_t)
     order = np.argsort(-scores["loss"], kind="stable")
     write_ranking_csv(run.dir / f"audit_{split}.csv", order, {"index": np.arange(len(labels)), "label": labels, "prediction": pred, **scores})
     plot_suspects(images[torch.as_tensor(order[:top], device=images.device)].cpu(), order[:top], labels, pred, data.names,
-                  run.dir / f"audit_{split}_top.png", f"{split}: top {top} suspects of {config['script']}'s final model "
-                  f"(red: prediction differs)", what=split)
+                  run.dir / f"audit_{split}_top.png", f"{split}: top {top} suspects of {config['script']}'s final model",
+                  what=split)
     in_top = lambda s: set(np.argsort(-s, kind="stable")[:top].tolist())  # noqa: E731
     report = {"split": split, "n": len(labels), "seconds": time.time() - t0, "methods": {k: LABELS[k] for k in scores},
               "top_misclassified": int((pred[order[:top]] != labels[order[:top]]).sum()), "misclassified": int((pred != labels).sum()),
@@ -364,8 +366,7 @@ def main(
     audited = Path(args.run_dir)
     common.check(audited.is_dir(), f"{audited}: no such run directory")
     dev = common.pick_device(args.device)
-    model, config, module, data, transform = load_audited_run(audited, dev, args.data_dir)
-    data.transform = transform
+    model, config, module, data = load_audited_run(audited, dev, args.data_dir)
     run.save_config(audited_run=str(audited), audited_script=config["script"], dataset=config.get("dataset", "mnist"),
                     device=str(dev), n_train=len(data.train_y), label_noise=config.get("label_noise") or 0.0)
     print(f"auditing {audited} ({config['script']}) | {len(data.train_y):,} training rows | run {run.dir}")

@@ -29,27 +29,32 @@ app = typer.Typer(add_completion=False, pretty_exceptions_enable=False, help=__d
 
 
 def load_run(run_dir: Path, checkpoint: str = "best.pt"):
-    """(the run's model on the CPU taking pixels in [0, 1] [B,1,28,28], list mapping class index -> original digit).
-    The run's own script rebuilds the model (rundir.load_run_model), so a copied script's runs work too."""
+    """(the run's model on the CPU, list mapping class index -> original digit). The run's own script rebuilds the
+    model (rundir.load_run_model), so a copied script's runs work too; its normalization is inside it (common.Pixels):
+    it takes MNIST pixels as the data holds them, [B,28,28] on the 0-255 scale, and nothing is re-derived here."""
     model, config, _ = rundir.load_run_model(run_dir, checkpoint)
     model = model.float()
     dataset = config.get("dataset") or ("mnist" if takes_mnist_images(model) else "non-MNIST")  # older runs
     common.check(dataset == "mnist", f"{run_dir}: a {dataset} run; predict.py classifies digit images with MNIST runs")
-    # the inputs the run trained on: MNIST mean/std, or raw pixels in [0, 1] (--input-scale unit)
-    mean, std = (0.0, 1.0) if config.get("input_scale") == "unit" else (common.MNIST_MEAN, common.MNIST_STD)
     digit_map = config.get("digit_map", {str(d): d for d in range(10)})
     digits = [int(d) for d, _ in sorted(digit_map.items(), key=lambda item: item[1])]
-    return (lambda x: model((x - mean) / std)), digits
+    return model, digits
 
 
-def takes_mnist_images(model) -> bool:
-    """Whether the model accepts a [1,1,28,28] image (runs from before config.json recorded "dataset")."""
+def accepts(model, shape) -> bool:
     try:
         with torch.inference_mode():
-            model(torch.zeros(1, 1, 28, 28))
+            model(torch.zeros(shape))
         return True
     except RuntimeError:
         return False
+
+
+def takes_mnist_images(model) -> bool:
+    """Whether the model takes an MNIST image [1,28,28] and not a CIFAR-10 one [1,3,32,32] (runs from before
+    config.json recorded "dataset"). Both are tried: a CIFAR-10 model that pools globally also takes a 28x28 image
+    (common.Pixels broadcasts its one channel to three)."""
+    return accepts(model, (1, 28, 28)) and not accepts(model, (1, 3, 32, 32))
 
 
 def read_image(path: Path) -> np.ndarray:
@@ -99,8 +104,9 @@ def mnist_style(gray: np.ndarray) -> np.ndarray:
 
 
 def to_tensor(field: np.ndarray) -> torch.Tensor:
-    """[28,28] in [0,1] -> [1,1,28,28] (load_run's model normalizes it the way the run's training batches were)."""
-    return torch.from_numpy(field).float()[None, None]
+    """[28,28] in [0,1] -> [1,28,28] on the 0-255 scale of the stored MNIST pixels: what load_run's model takes (it
+    normalizes them itself, as it did its training batches)."""
+    return torch.from_numpy(field).float()[None] * 255
 
 
 @torch.inference_mode()

@@ -1,9 +1,12 @@
-"""fgsm_attack.py: adversarial images stay in the eps-ball and the pixel range, the iterative loss rises, adversarial
-accuracy is at most clean accuracy, end-to-end attacks on an MLP (MNIST), a copied script's run and an All-CNN-T
-(CIFAR) run, the dataset of runs that do not record it, bad input."""
+"""fgsm_attack.py: adversarial images stay in the eps-ball and the pixel range (0-255), the iterative loss rises, FGSM
+and the iterative attack equal torchattacks' FGSM and BIM (where it is installed), adversarial accuracy is at most
+clean accuracy and clean accuracy is the run's test accuracy (measured in the precision its script evaluates in),
+end-to-end attacks on an MLP (MNIST), a copied script's run and an All-CNN-T (CIFAR) run, the gradient figure, the
+dataset of runs that do not record it, bad input."""
 
 import json
 import pickle
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -12,6 +15,7 @@ import torch.nn as nn
 import rundir
 import fgsm_attack
 import train_allcnn
+import train_cnn
 import train_mlp
 from conftest import ROOT, assert_user_error, run_cli
 from conftest import write_cifar
@@ -27,18 +31,87 @@ def tiny_model():
 
 def test_adversarial_images_stay_in_the_eps_ball_and_pixel_range():
     f = tiny_model()
-    x = torch.rand(32, 3, 8, 8)
+    x = torch.rand(32, 3, 8, 8) * 255  # pixels as the data holds them: the 0-255 scale
     x[0] = 0  # pixels at the range's edges must stay inside it
-    x[1] = 1
+    x[1] = 255
     y = torch.randint(0, 4, (32,))
-    eps = 8 / 255
+    eps = 8.0  # pixel units
     one = fgsm_attack.fgsm(f, x, y, eps)
     many, losses = fgsm_attack.iterative_fgsm(f, x, y, eps, steps=5)
     for adv in (one, many):
-        assert adv.min() >= 0 and adv.max() <= 1
-        assert (adv - x).abs().max() <= eps + 1e-6
+        assert adv.min() >= 0 and adv.max() <= 255
+        assert (adv - x).abs().max() <= eps + 1e-4
     assert (one - x).abs().max() > 0.9 * eps  # FGSM moves the free pixels by the whole budget
     assert len(losses) == 6 and losses[-1] > losses[0]  # the loss rises over the steps
+
+
+def test_fgsm_and_the_iterative_attack_equal_torchattacks():
+    """torchattacks attacks images in [0, 1]: the same model on pixels, fed x01 * 255, and eps / 255."""
+    torchattacks = pytest.importorskip("torchattacks")
+    torch.manual_seed(0)
+    model = train_cnn.build_model({"arch": "fast", "num_classes": 10}).eval()
+    for p in model.parameters():
+        p.requires_grad_(False)
+    x = torch.randint(0, 256, (16, 28, 28), generator=torch.Generator().manual_seed(1)).float().unsqueeze(1)
+    x[0] = 0
+    x[1] = 255
+    y = torch.arange(16) % 10
+
+    class OnUnit(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.model = model
+
+        def forward(self, x01):
+            return self.model(x01 * 255)
+
+    unit = OnUnit().eval()
+    eps, steps = 16.0, 4
+    ours = fgsm_attack.fgsm(model, x, y, eps)
+    theirs = torchattacks.FGSM(unit, eps=eps / 255)(x / 255, y) * 255
+    assert (ours - x).abs().max() > 0.9 * eps
+    # the same images, but for the odd pixel whose gradient is at rounding level: its sign may be taken differently
+    assert ((ours - theirs).abs() > 1e-3).float().mean() < 1e-3
+    ours, _ = fgsm_attack.iterative_fgsm(model, x, y, eps, steps)
+    theirs = torchattacks.BIM(unit, eps=eps / 255, alpha=eps / 255 / steps, steps=steps)(x / 255, y) * 255
+    assert ((ours - theirs).abs() > 1e-3).float().mean() < 1e-3
+
+
+def test_the_precision_accuracies_are_measured_in_is_the_one_the_run_evaluated_in():
+    """train_cnn and train_allcnn evaluate under their --precision autocast, train_mlp (and grad_collect, through it)
+    in fp32: the clean accuracy then equals the run's test accuracy (bf16 and fp32 predictions differ on a few
+    images of 10,000)."""
+    assert fgsm_attack.evaluation_precision(train_cnn, {"precision": "bf16"}) == "bf16"
+    assert fgsm_attack.evaluation_precision(train_allcnn, {"precision": "bf16"}) == "bf16"
+    assert fgsm_attack.evaluation_precision(train_cnn, {"precision": "fp32"}) == "fp32"
+    assert fgsm_attack.evaluation_precision(train_cnn, {}) == "fp32"  # a run from before --precision
+    assert fgsm_attack.evaluation_precision(train_mlp, {"precision": "bf16"}) == "fp32"
+    assert fgsm_attack.evaluation_precision(SimpleNamespace(), {"precision": "bf16"}) == "fp32"  # no evaluate()
+    model = train_cnn.build_model({"arch": "fast", "num_classes": 10}).eval()
+    x = torch.rand(4, 28, 28) * 255
+    assert fgsm_attack.predict(model, x, "bf16").dtype == torch.float32
+    assert torch.allclose(fgsm_attack.predict(model, x, "fp32"), model(x), atol=1e-5)
+
+
+def test_the_gradient_figure_has_a_colour_bar(tmp_path, monkeypatch):
+    """RGB and gray images; no images at all (a model that gets every test image right) still draws the bar."""
+    saved = []
+    real_savefig = __import__("matplotlib.figure", fromlist=["Figure"]).Figure.savefig
+
+    def savefig(fig, path, **kwargs):
+        saved.append([ax.get_ylabel() for ax in fig.axes])
+        return real_savefig(fig, path, **kwargs)
+
+    monkeypatch.setattr("matplotlib.figure.Figure.savefig", savefig)
+    torch.manual_seed(0)
+    for channels in (3, 1):
+        images = torch.rand(3, channels, 8, 8) * 255
+        grads = torch.randn(3, channels, 8, 8)
+        fgsm_attack.plot_gradients(images, grads, ["a", "b", "c"], tmp_path / f"g{channels}.png", "heading")
+    fgsm_attack.plot_gradients(images[:0], [], [], tmp_path / "none.png", "heading")
+    for name in ("g3.png", "g1.png", "none.png"):
+        assert (tmp_path / name).stat().st_size > 1000
+    assert all("dL/dx / max |dL/dx|" in labels for labels in saved) and len(saved) == 3
 
 
 @pytest.fixture(scope="module")
@@ -60,7 +133,10 @@ def test_attack_an_mnist_mlp_end_to_end(mlp_run, tmp_path):
         assert (run_dir / name).is_file(), name
     config = json.loads((run_dir / "config.json").read_text())
     assert config["attacked_run"] == str(mlp_run) and config["attacked_script"] == "train_mlp" and config["eps_pixels"] == [8, 32]
+    assert config["evaluation_precision"] == "fp32"  # train_mlp evaluates in fp32, whatever its --precision
     final = json.loads((run_dir / "metrics.json").read_text())["final"]
+    (trained,) = [json.loads(line) for line in (mlp_run.parents[1] / "results.jsonl").read_text().splitlines()]
+    assert final["clean_acc"] == pytest.approx(trained["test_acc"], abs=1e-6)  # the run's own test accuracy
     for eps, r in final["per_eps"].items():
         assert r["iterative_acc"] <= r["fgsm_acc"] + 0.05 and r["fgsm_acc"] <= r["clean_acc"]
         assert r["iterative_loss_per_step"][-1] > r["iterative_loss_per_step"][0]
@@ -80,6 +156,8 @@ def test_attack_a_cifar_allcnn_end_to_end(tmp_path):
     final = json.loads((attack_dir / "metrics.json").read_text())["final"]
     assert final["eps"] == 8 and sorted(final["per_eps"]) == ["2", "4", "8"]  # the CIFAR default
     assert all(r["fgsm_acc"] <= r["clean_acc"] for r in final["per_eps"].values())
+    (trained,) = [json.loads(line) for line in (tmp_path / "runs" / "results.jsonl").read_text().splitlines()]
+    assert final["clean_acc"] == pytest.approx(trained["test_acc"], abs=1e-6)  # evaluated in the run's precision
 
 
 def test_attack_a_copied_scripts_run(tiny_mnist, tmp_path):
@@ -107,8 +185,8 @@ def test_attack_a_copied_scripts_run(tiny_mnist, tmp_path):
 
 def test_the_dataset_of_a_run_without_it_in_config_json():
     """Runs from before config.json recorded "dataset": the input shape the model accepts decides."""
-    mlp = train_mlp.build_model({"hidden": [16], "num_classes": 10, "dropout": 0.0}).eval()
-    allcnn = train_allcnn.build_model({"model": "allcnn", "c1": 8, "c2": 8, "norm": "bn", "dropout": 0.0}).eval()
+    mlp = train_mlp.build_model({"hidden": [16], "num_classes": 10, "dropout": 0.0, "batch_norm": False}).eval()
+    allcnn = train_allcnn.build_model({"model": "allcnn", "c1": 8, "c2": 8, "norm": "bn", "dropout": 0.0, "num_classes": 10}).eval()
     assert fgsm_attack.dataset_of_model(mlp, "cpu") == "mnist"
     assert fgsm_attack.dataset_of_model(allcnn, "cpu") == "cifar10"
 

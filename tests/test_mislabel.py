@@ -2,7 +2,8 @@
 rows are exactly the recorded ones and only in the training split; the ranking scores of perfect and reversed rankings;
 the recorded probabilities equal a recomputation from the checkpoint, also across a kill and resume; a ranking of a
 killed and resumed run equals the uninterrupted run's; train_cnn's flipped rows are found; a grad_collect run gets
-TracIn, cleanlab and a test audit whose TracIn score is recomputed here. (A copied script's audit: tests/test_copy.py.)"""
+TracIn, cleanlab and a test audit whose TracIn score is recomputed here; the suspects grid names each image by its
+dataset index and says what its colours mean. (A copied script's audit: tests/test_copy.py.)"""
 
 import csv
 import json
@@ -107,7 +108,7 @@ def test_recorded_predictions_equal_a_recomputation_from_the_checkpoint(tiny_mni
     assert resumed.returncode == 0, resumed.stderr
     data = common.load_mnist(tiny_mnist, "cpu", None, config["val_fraction"], None, config["seed"], config["label_noise"])
     with torch.no_grad():
-        want = model(common.normalize(data.train_x)).softmax(1).numpy()
+        want = model(data.train_x).softmax(1).numpy()  # the model takes the stored pixels
     got = recorded(run_dir, 2)
     assert got["probs"].dtype == np.float16 and got["probs"].shape == (540, 10) and got["seen"].all()
     assert np.array_equal(got["sample_index"], data.train_index.numpy()) and np.array_equal(got["label"], data.train_y.numpy())
@@ -177,7 +178,7 @@ def test_grad_collect_run_tracin_cleanlab_and_test_audit(tiny_mnist, tmp_path):
     for epoch in gc.stored_epochs(run_dir):
         ep = gc.Epoch(run_dir, epoch)
         model.load_state_dict(rundir.load_checkpoint(ep.dir / "weights.pt"))
-        g = gc.per_sample_grads(model.eval(), common.normalize(data.test_x[i:i + 1]), data.test_y[i:i + 1])
+        g = gc.per_sample_grads(model.eval(), data.test_x[i:i + 1], data.test_y[i:i + 1])
         want += ep.lr * sum(float(v.square().sum()) for v in g.values())
     assert test_audit["top"][0]["tracin"] == pytest.approx(want, rel=1e-4)
 
@@ -208,17 +209,47 @@ def test_cleanlab_comparison_forks_no_process_pool(monkeypatch):
     g = torch.Generator().manual_seed(0)
     labels = torch.arange(90) % 3
     images = (torch.rand(90, 28, 28, generator=g) * 60 + labels.view(-1, 1, 1) * 60).to(torch.uint8)
-    data = SimpleNamespace(train_x=images, train_y=labels, num_classes=3, transform=common.normalize)
+    data = SimpleNamespace(train_x=images, train_y=labels, num_classes=3)
 
-    def fit(config, x, y, num_classes, seed):
+    def fit(config, x, y, num_classes, seed):  # a model that takes the stored pixels, like every script's
         torch.manual_seed(seed)
-        model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(784, num_classes))
+        model = torch.nn.Sequential(common.Pixels(), torch.nn.Flatten(), torch.nn.Linear(784, num_classes))
         opt = torch.optim.SGD(model.parameters(), lr=0.1)
         for _ in range(20):
             opt.zero_grad()
-            torch.nn.functional.cross_entropy(model(common.normalize(x)), y).backward()
+            torch.nn.functional.cross_entropy(model(x), y).backward()
             opt.step()
         return model.eval()
 
     scores, info = label_audit.cleanlab_scores(SimpleNamespace(fit=fit), {"script": "fake", "seed": 0, "epochs": 1}, data, 2)
     assert scores.shape == (90,) and info["folds"] == 2 and info["issues_flagged"] >= 0
+
+
+@pytest.mark.parametrize("noisy", [True, False])
+def test_the_suspects_grid_names_dataset_indices_and_says_what_red_means(tmp_path, monkeypatch, noisy):
+    """Each image by its rank, its dataset index (suspects.csv's sample_index) and its row; the colours in the title.
+    CIFAR-sized [N,3,H,W] images are drawn (as gray)."""
+    drawn = {}
+    real = common.plot_image_grid
+
+    def spy(images, titles, path, colors=None, suptitle=None, cols=8):
+        drawn.update(images=images, titles=titles, colors=colors, suptitle=suptitle)
+        real(images, titles, path, colors=colors, suptitle=suptitle, cols=cols)
+
+    monkeypatch.setattr(common, "plot_image_grid", spy)
+    label, pred = np.array([0, 1, 2, 1]), np.array([1, 1, 2, 0])
+    original = np.array([0, 2, 2, 1]) if noisy else None  # row 1 was flipped from 2
+    index = np.array([50_000, 7, 12, 3])  # the training split's sample_index
+    images = torch.randint(0, 256, (2, 3, 32, 32), dtype=torch.uint8)
+    label_audit.plot_suspects(images, [1, 3], label, pred, ["a", "b", "c"], tmp_path / "top.png", "top 2",
+                              original, index=index)
+    assert (tmp_path / "top.png").stat().st_size > 1000 and drawn["images"].shape == (2, 32, 32)
+    assert drawn["titles"][0].startswith("#1 index 7\nrow 1\nlabel b\npred b")
+    assert drawn["titles"][1].startswith("#2 index 3\nrow 3\nlabel b\npred a")
+    if noisy:
+        assert drawn["titles"][0].endswith("was c") and drawn["titles"][1].endswith("clean")
+        assert drawn["colors"] == ["red", "black"] and "red: label flipped" in drawn["suptitle"]
+    else:
+        assert drawn["colors"] == ["black", "red"] and "red: the final model predicts another class" in drawn["suptitle"]
+    label_audit.plot_suspects(images[:1].float(), [2], label, pred, ["a", "b", "c"], tmp_path / "audit.png", "test", what="test")
+    assert drawn["titles"] == ["#1 test 2\nlabel c\npred c"]

@@ -39,10 +39,10 @@ def write_run(run_dir, config: dict, model) -> None:
 def test_predicts_what_the_model_predicts_for_the_same_tensor(mnist_run, real_mnist, tmp_path):
     data = common.load_mnist(real_mnist, "cpu", limit=100)
     images = data.test_x[:8]
-    raw, config, _ = rundir.load_run_model(mnist_run)  # the trained model, fed the way training fed it
+    raw, config, _ = rundir.load_run_model(mnist_run)  # the trained model: it takes the stored pixels, as training fed it
     digits = [int(d) for d in sorted(config["digit_map"], key=config["digit_map"].get)]
     with torch.inference_mode():
-        expected = [digits[i] for i in raw(common.normalize(images)).argmax(1).tolist()]
+        expected = [digits[i] for i in raw(images).argmax(1).tolist()]
     files = []
     for k, img in enumerate(images.numpy()):
         dark = tmp_path / f"dark_{k}.png"  # MNIST as it is: white digit on black, 28x28
@@ -62,8 +62,9 @@ def test_predicts_what_the_model_predicts_for_the_same_tensor(mnist_run, real_mn
     assert sum(e == t for e, t in zip(expected, data.test_y[:8].tolist())) >= 6  # the model is a real classifier
     for r, path in zip(results, files):  # top 3 = the model's own softmax of the prepared image, highest first
         pixels = predict.to_tensor(predict.mnist_style(predict.read_image(path)))
+        assert pixels.shape == (1, 28, 28) and 200 < pixels.max() <= 255  # the 0-255 scale of the stored pixels
         with torch.inference_mode():
-            probs = raw((pixels - common.MNIST_MEAN) / common.MNIST_STD).softmax(1)[0]
+            probs = raw(pixels).softmax(1)[0]
         top = probs.topk(3)
         assert [t["digit"] for t in r["top"]] == [digits[i] for i in top.indices.tolist()]
         assert [t["prob"] for t in r["top"]] == pytest.approx(top.values.tolist(), abs=1e-5)
@@ -81,7 +82,7 @@ def test_last_checkpoint(mnist_run, tmp_path):
 def test_mlp_run_with_a_digit_subset(tmp_path):
     """A run written without "dataset" in config.json (older runs): predict.py tells MNIST from the model's input."""
     run_dir = tmp_path / "mlp_run"
-    config = {"script": "train_mlp", "hidden": [16], "num_classes": 2, "dropout": 0.0, "digit_map": {"3": 0, "8": 1}}
+    config = {"script": "train_mlp", "hidden": [16], "num_classes": 2, "dropout": 0.0, "batch_norm": False, "digit_map": {"3": 0, "8": 1}}
     torch.manual_seed(0)
     model = train_mlp.build_model(config).eval()
     write_run(run_dir, config, model)
@@ -92,12 +93,22 @@ def test_mlp_run_with_a_digit_subset(tmp_path):
     field = predict.mnist_style(predict.read_image(path))
     assert field.shape == (28, 28) and field.max() == pytest.approx(1.0, abs=0.05) and field[:, :4].max() < 0.05
     with torch.inference_mode():  # the digit map is applied: class 0 is digit 3, class 1 is digit 8
-        probs = model((predict.to_tensor(field) - common.MNIST_MEAN) / common.MNIST_STD).softmax(1)[0].tolist()
+        probs = model(predict.to_tensor(field)).softmax(1)[0].tolist()
     order = sorted(range(2), key=lambda i: -probs[i])
     proc = run_cli("predict.py", run_dir, path)
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.strip() == f"{path}: {[3, 8][order[0]]}  (top 2: " + ", ".join(
         f"{[3, 8][i]}: {probs[i]:.1%}" for i in order) + ")"
+
+
+def test_mnist_models_are_told_from_cifar_ones_without_dataset_in_config_json():
+    """A CIFAR-10 model that pools globally takes a 28x28 image too (common.Pixels broadcasts one channel to three):
+    it is the three-channel 32x32 image that tells them apart."""
+    import train_allcnn
+
+    mlp = train_mlp.build_model({"hidden": [16], "num_classes": 10, "dropout": 0.0, "batch_norm": False}).eval()
+    allcnn = train_allcnn.build_model({"model": "allcnn", "c1": 8, "c2": 8, "norm": "bn", "dropout": 0.0, "num_classes": 10}).eval()
+    assert predict.takes_mnist_images(mlp) and not predict.takes_mnist_images(allcnn)
 
 
 def test_a_copied_script_rebuilds_its_own_model(tmp_path):
@@ -107,7 +118,7 @@ def test_a_copied_script_rebuilds_its_own_model(tmp_path):
     copy = tmp_path / "scripts" / "my_mlp.py"
     copy.parent.mkdir()
     copy.write_text(source.replace("nn.Linear(width, h)", "nn.Linear(width, 2 * h)").replace("width = h\n", "width = 2 * h\n"))
-    config = {"script": "my_mlp", "script_path": str(copy), "hidden": [16], "num_classes": 10, "dropout": 0.0,
+    config = {"script": "my_mlp", "script_path": str(copy), "hidden": [16], "num_classes": 10, "dropout": 0.0, "batch_norm": False,
               "dataset": "mnist", "digit_map": {str(d): d for d in range(10)}}
     run_dir = tmp_path / "runs" / "my_mlp" / "run"
     torch.manual_seed(0)
@@ -122,7 +133,7 @@ def test_a_copied_script_rebuilds_its_own_model(tmp_path):
     Image.fromarray(digit).save(image)
     with torch.inference_mode():
         x = predict.to_tensor(predict.mnist_style(predict.read_image(image)))
-        want = int(model((x - common.MNIST_MEAN) / common.MNIST_STD).argmax(1))
+        want = int(model(x).argmax(1))
     proc = run_cli("predict.py", run_dir, image, "--json", cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr
     assert json.loads(proc.stdout)["predictions"][0]["digit"] == want
@@ -144,7 +155,7 @@ def test_bad_input_exits_2(tmp_path, case, words):
     Image.fromarray(np.zeros((28, 28), dtype=np.uint8)).save(image)
     text = tmp_path / "notes.png"
     text.write_text("not an image\n")
-    config = {"script": "train_mlp", "hidden": [16], "num_classes": 10, "dropout": 0.0}
+    config = {"script": "train_mlp", "hidden": [16], "num_classes": 10, "dropout": 0.0, "batch_norm": False}
     if case == "cifar_run":
         config["dataset"] = "cifar10"
     elif case == "no_build_model":
