@@ -11,7 +11,7 @@ paper's MNIST setting: MNIST pixels are nearly binary and small budgets barely m
     python fgsm_attack.py runs/SCRIPT/RUN                 # eps 16,32,64 (MNIST) or 2,4,8 (CIFAR-10)
     python fgsm_attack.py runs/SCRIPT/RUN --eps 8 --steps 10
 The attacked run's own script rebuilds its model (build_model(config), so a copied script's runs work too) and its
-config.json names the dataset (runs from before it did: the input shape the model accepts). Accuracies are measured
+config.json names the dataset. Accuracies are measured
 the way the run's script measured its test accuracy (under its --precision autocast where its evaluate() takes one),
 so the clean accuracy is the run's test accuracy; the attack's gradients are fp32.
 Writes runs/fgsm_attack/<timestamp>[-tag]/: config.json (naming the attacked run), metrics.json (clean, 1-step and
@@ -46,7 +46,7 @@ def load_attacked_run(run_dir: Path, device, data_dir: Optional[Path]):
     model = model.float()
     for p in model.parameters():
         p.requires_grad_(False)
-    dataset = config.get("dataset") or dataset_of_model(model, device)  # runs from before "dataset" was recorded
+    dataset = config["dataset"]
     common.check(dataset in DEFAULT_EPS, f"{run_dir}: a run on {dataset!r}; fgsm_attack.py attacks MNIST and CIFAR-10 runs")
     data_dir = data_dir or Path(config["data_dir"])
     if dataset == "cifar10":
@@ -70,20 +70,6 @@ def evaluation_precision(module, config: dict) -> str:
     except (TypeError, ValueError):  # not a Python function
         takes = False
     return (config.get("precision") or "fp32") if takes else "fp32"
-
-
-def dataset_of_model(model, device) -> str:
-    """"cifar10" when the model takes a [1,3,32,32] image, else "mnist" when it takes a [1,1,28,28] one. CIFAR-10 is
-    tried first: an MNIST model rejects three channels, but a CIFAR-10 model that pools globally takes a 28x28
-    image (common.Pixels broadcasts its one channel to three)."""
-    for dataset, shape in (("cifar10", (1, 3, 32, 32)), ("mnist", (1, 1, 28, 28))):
-        try:
-            with torch.no_grad():
-                model(torch.zeros(shape, device=device))
-            return dataset
-        except RuntimeError:
-            pass
-    return "unknown"
 
 
 # ----------------------------------------------------------------------------- gradients and attacks, whole batches

@@ -10,11 +10,12 @@ sample instead of 407,050, exact (Epoch rebuilds gradients, dot products, norms,
     python grad_collect.py --digits 3,5           # last-layer clusters: plain ARI 0.00, directions ARI 1.00
     python grad_collect.py --analyze runs/grad_collect/RUN --influence 0,247   # TracIn proponents/opponents
     python grad_collect.py --label-noise 0.1 && python label_audit.py runs/grad_collect/RUN   # who finds the flipped labels?
-Writes runs/grad_collect/<timestamp>[-tag]/: the run files of train_mlp.py (predictions/ too), gradients/epoch_<n>/
-(a_*.npy, b_*.npy, norms.npy, weights.pt, metadata.json, stats.json), analysis.json, t-SNE and norm plots,
-self-influence, influence; docs/grad_collect.md lists them. label_audit.py ranks suspect labels of a run (TracIn
+Writes runs/grad_collect/<timestamp>[-tag]/: config.json, metrics.json, best.pt, last.pt, training_curves.png,
+predictions.png, confusion_matrix.png, TensorBoard events, predictions/epoch_<n>.npz (for label_audit.py),
+gradients/epoch_<n>/ (a_*.npy, b_*.npy, norms.npy, weights.pt, metadata.json, stats.json), analysis.json, t-SNE and
+norm plots, influence; docs/grad_collect.md lists them. label_audit.py ranks suspect labels of a run (TracIn
 self-influence from the stored factors among them). Sections: 1. factor math, 2. collection, 3. the Epoch reader,
-4. clusters, 5. influence, 6. command line.
+4. clusters, 5. influence, 6. the model and its training, 7. command line.
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ import os
 import shutil
 import time
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Annotated, Optional
 
 import numpy as np
@@ -34,8 +36,6 @@ import typer
 
 import common
 import rundir
-import train_mlp
-from train_mlp import MLP, fit, make_optimizer, report, train  # noqa: F401 (fit: label_audit.py's cleanlab folds)
 
 app = typer.Typer(add_completion=False, pretty_exceptions_enable=False, help=__doc__.split("\n")[0])
 
@@ -52,9 +52,9 @@ def linear_layers(model: nn.Module) -> list[tuple[str, nn.Linear]]:
 
 
 def layer_factors(model: nn.Module, x: torch.Tensor, y: torch.Tensor):
-    """One forward/backward of the summed per-sample loss. Returns, for each Linear layer, its inputs a [B,in]
-    and the gradients b [B,out] of sample i's own loss with respect to its outputs, plus logits and losses.
-    Sample i's weight gradient is b_i a_i^T and its bias gradient b_i."""
+    """One forward/backward of the summed per-sample loss (x: what the model takes, the stored pixels). Returns, for
+    each Linear layer, its inputs a [B,in] and the gradients b [B,out] of sample i's own loss with respect to its
+    outputs, plus logits and losses. Sample i's weight gradient is b_i a_i^T and its bias gradient b_i."""
     inputs, outputs = [], []
 
     def keep(module, args, output):
@@ -185,9 +185,9 @@ def check_size(model, plan, n: int, dtype: str, collections: int, max_gb: float,
 
 
 def collect(model, images, labels, epoch_dir: Path, plan: list[dict], dtype: str, batch_size: int, quiet: bool = True) -> dict:
-    """Per-sample gradients of every sample (model in eval mode: dropout off) written to memory-mapped .npy
-    files in epoch_dir, one batch at a time: N never has to fit in memory. Returns per-sample predictions,
-    losses and gradient norms (CPU tensors)."""
+    """Per-sample gradients of every sample (images: the stored pixels; model in eval mode: dropout off) written to
+    memory-mapped .npy files in epoch_dir, one batch at a time: N never has to fit in memory. Returns per-sample
+    predictions, losses and gradient norms (CPU tensors)."""
     model.eval()
     n, names, device = len(labels), param_names(model), labels.device
     epoch_dir.mkdir(parents=True, exist_ok=True)
@@ -197,6 +197,7 @@ def collect(model, images, labels, epoch_dir: Path, plan: list[dict], dtype: str
     preds, losses = torch.empty(n, dtype=torch.long, device=device), torch.empty(n, device=device)
     sq_norms, start = torch.empty(n, len(names), device=device), 0
     for x, y in common.progress(common.Batches(images, labels, batch_size), quiet, desc="gradients"):
+        common.failpoint("gradients")  # tests kill the process here (RUN_TEST_KILL_AT=gradients:N); a no-op otherwise
         a, b, logits, loss = layer_factors(model, x, y)
         stop = start + len(y)
         preds[start:stop], losses[start:stop] = logits.argmax(1), loss
@@ -250,7 +251,7 @@ def write_epoch(run, model, data: common.Data, epoch: int, plan, lr: float) -> d
         for j, col in enumerate(param_names(model) + ["total"])}}
     meta = {"epoch": epoch, "samples": samples, "model_mode": "eval (dropout off) during collection",
             "loss": "per-sample cross-entropy of the sample's remapped label (weight decay is not part of the loss)",
-            "lr_of": "the mean learning rate over this epoch's steps (TracIn's lr_e)", "digits": data.digits,
+            "lr_of": "the mean of the learning rates the optimizer used in this epoch's steps (TracIn's lr_e)", "digits": data.digits,
             "digit_map": data.digit_map, "sample_index": data.train_index.tolist(), "digit": digit.tolist(),
             "label": data.train_y.cpu().tolist(), "prediction": out["pred"].tolist(),
             "loss_value": [round(v, 6) for v in out["loss"].tolist()], **base_meta(model, plan, len(digit), args.dtype, lr),
@@ -262,11 +263,6 @@ def write_epoch(run, model, data: common.Data, epoch: int, plan, lr: float) -> d
     if not args.quiet:
         print(f"  gradients of {len(digit):,} samples for epoch {epoch} -> {final} ({seconds:.1f}s)")
     return meta
-
-
-def epoch_lr(args, epoch: int, steps: int) -> float:
-    """The mean learning rate of an epoch's steps under train_mlp.train's schedule."""
-    return float(np.mean([train_mlp.lr_at(args, s, steps) for s in range((epoch - 1) * steps, epoch * steps)]))
 
 
 # ============================================================================= 3. the Epoch reader
@@ -489,8 +485,8 @@ def analysis_vectors(ep: Epoch, name: str, dim: int, seed: int) -> tuple[torch.T
 
 
 def tsne(x: np.ndarray, perplexity: float, seed: int) -> tuple[np.ndarray, int]:
-    """2-d t-SNE (scikit-learn, Barnes-Hut) after PCA to at most 50 dimensions; one OpenMP thread (on a busy
-    machine scikit-learn's threaded t-SNE ran ~100x slower)."""
+    """2-d t-SNE (scikit-learn, Barnes-Hut) after PCA to at most 50 dimensions; one OpenMP thread (threaded, it ran
+    far slower on a busy machine: docs/grad_collect.md#speed)."""
     from sklearn.decomposition import PCA
     from sklearn.manifold import TSNE
     from threadpoolctl import threadpool_limits
@@ -565,8 +561,8 @@ def headline_array(ep: Epoch) -> str:
 def analyze_run(run_dir: Path, args, device) -> dict:
     """For the last (or every) stored epoch and each parameter: k-means of the plain gradients and of their directions,
     ARI/NMI/purity against the digits; the t-SNE of both views of the headline array; norm histograms. Writes
-    analysis.json and the PNGs; prints the time taken. In one thread: on the shared 2-core machine (load ~4) two
-    threads took 57 s for the default one-epoch analysis, one 28 s."""
+    analysis.json and the PNGs; prints the time taken. In one torch thread: faster on a busy machine than two
+    (docs/grad_collect.md#speed)."""
     t_all = time.time()
     epochs = stored_epochs(run_dir, required=True)
     chosen = epochs if args.analysis_epochs == "all" else epochs[-1:]
@@ -670,7 +666,7 @@ def influence(run_dir, images: torch.Tensor, labels: torch.Tensor, model) -> np.
         path = ep.dir / ep.meta.get("weights", "weights.pt")
         common.check(path.is_file(), f"{path} is missing: influence needs each epoch's weights (collected by this version of grad_collect.py)")
         model.load_state_dict(rundir.load_checkpoint(path))
-        a, b, _, _ = layer_factors(model.eval(), common.normalize(images.to(device)), labels.to(device))
+        a, b, _, _ = layer_factors(model.eval(), images.to(device), labels.to(device))
         total = total + (ep.lr if ep.lr is not None else 1.0) * ep.dot(([t.cpu() for t in a], [t.cpu() for t in b]), None).numpy().astype(np.float64)
     return total
 
@@ -693,7 +689,7 @@ def influence_report(run_dir: Path, args, device) -> dict:
     cfg, data, model = run_model_and_data(run_dir, args.data_dir, device)
     idx = parse_indices(args.influence, len(data.test_y))
     with torch.inference_mode():
-        test_pred = model(common.normalize(data.test_x[idx])).argmax(1).cpu().numpy()
+        test_pred = model(data.test_x[idx]).argmax(1).cpu().numpy()
     scores = influence(run_dir, data.test_x[idx].cpu(), data.test_y[idx].cpu(), model)
     digits, label, out = data.digits, data.train_y.cpu().numpy(), {}
     for t, i in enumerate(idx):
@@ -723,19 +719,148 @@ def influence_report(run_dir: Path, args, device) -> dict:
     return report
 
 
-# ============================================================================= 6. command line
+# ============================================================================= 6. the model and its training
+# The per-sample-gradient project's MLP and its training step, built one way for the command (train_and_collect,
+# section 7) and for fit() (label_audit.py's cleanlab folds).
+SCHEDULES = ("cosine", "step", "none")
+
+
+class MLP(nn.Module):
+    """MNIST pixels [B,28,28] -> 784 -> hidden... -> classes: each hidden layer Linear -> ReLU [-> Dropout], PyTorch's
+    default init (train_mlp.py's default model: the same seed gives the same weights). Only Linear layers hold
+    parameters, so section 1's per-layer formulas give every gradient. The pixels are normalized inside
+    (common.Pixels): the first Linear layer's input a_i is the normalized, flattened image."""
+
+    def __init__(self, hidden=(512,), num_classes: int = 10, dropout: float = 0.0):
+        super().__init__()
+        self.pixels = common.Pixels()
+        layers, width = [nn.Flatten()], 28 * 28
+        for h in hidden:
+            layers += [nn.Linear(width, h), nn.ReLU()] + ([nn.Dropout(dropout)] if dropout > 0 else [])
+            width = h
+        self.net = nn.Sequential(*layers, nn.Linear(width, num_classes))
+
+    def forward(self, x):
+        return self.net(self.pixels(x))
+
+
+def build_model(config: dict) -> MLP:
+    """The model a run's config.json describes (rundir.load_run_model calls this)."""
+    return MLP(config["hidden"], config["num_classes"], config["dropout"])
+
+
+def make_optimizer(model, args) -> torch.optim.Optimizer:
+    """Adam or SGD with momentum, fused (one kernel over all parameters) where the device has the kernel."""
+    fused = next(model.parameters()).device.type in ("cpu", "cuda")
+    if args.optimizer == "adam":
+        return torch.optim.Adam(model.parameters(), lr=args.lr, weight_decay=args.weight_decay, fused=fused)
+    return torch.optim.SGD(model.parameters(), lr=args.lr, momentum=args.momentum, weight_decay=args.weight_decay, fused=fused)
+
+
+def make_scheduler(optimizer, args, steps_per_epoch: int):
+    """A torch LR scheduler stepped after every training step: cosine (from --lr to 0 at the last step of --epochs),
+    step (x --gamma each epoch, like StepLR(1, gamma)) or none."""
+    total = args.epochs * steps_per_epoch
+    factor = {"none": lambda step: 1.0,
+              "step": lambda step: args.gamma ** (step // steps_per_epoch),
+              "cosine": lambda step: 0.5 * (1 + math.cos(math.pi * step / total))}[args.lr_schedule]
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+
+
+def make_training(args, images, labels, num_classes: int, device):
+    """What a training run starts from, for the command and for fit() alike: the model (seeded from --seed), the
+    optimizer, the lr scheduler, the loss scaler (fp16 only) and the shuffled batches."""
+    common.seed_everything(common.seed_for(args.seed, "init"))
+    model = MLP(args.hidden, num_classes, args.dropout).to(device)
+    optimizer = make_optimizer(model, args)
+    batches = common.Batches(images, labels, args.batch_size, shuffle=True, seed=common.seed_for(args.seed, "shuffle"))
+    scheduler = make_scheduler(optimizer, args, len(batches))
+    return model, optimizer, scheduler, common.grad_scaler(device, args.precision), batches
+
+
+@torch.inference_mode()
+def evaluate(model, images, labels, batch_size: int = 2000):
+    """(mean loss, accuracy, predictions) over a whole split, in fp32."""
+    model.eval()
+    logits = torch.cat([model(x) for x, _ in common.Batches(images, labels, batch_size)])
+    preds = logits.argmax(1)
+    return F.cross_entropy(logits, labels).item(), (preds == labels).float().mean().item(), preds
+
+
+def train_epoch(model, batches, optimizer, scheduler, scaler, args, predictions=None):
+    """One pass over the training batches: the forward pass under common.autocast(--precision), the loss in fp32, the
+    backward through `scaler` (fp16: loss scaling), the scheduler stepped after each step. Returns the epoch's mean
+    loss and accuracy, the per-step values [steps, 2] (written on the device, read once at the end) and the learning
+    rate each step used, as the optimizer had it (Python floats: no sync); their mean is TracIn's lr_e.
+    predictions: records each row's probabilities."""
+    model.train()
+    device = batches.labels.device
+    step_stats = torch.zeros(len(batches), 2, device=device)  # loss, accuracy of each step
+    sizes, lrs = torch.zeros(len(batches), device=device), []
+    for i, (x, y) in enumerate(common.progress(batches, args.quiet, desc="train")):
+        common.failpoint("batch")  # tests kill the process here (RUN_TEST_KILL_AT=batch:N); a no-op otherwise
+        with common.autocast(device, args.precision):
+            logits = model(x)
+        loss = F.cross_entropy(logits.float(), y)
+        optimizer.zero_grad(set_to_none=True)
+        scaler.scale(loss).backward()
+        lrs.append(optimizer.param_groups[0]["lr"])  # the lr of this step
+        scaler.step(optimizer)
+        scaler.update()
+        scheduler.step()
+        step_stats[i, 0] = loss.detach()
+        step_stats[i, 1] = (logits.detach().argmax(1) == y).float().mean()
+        sizes[i] = len(y)
+        if predictions is not None:
+            predictions.record(batches.rows(i), logits)
+    loss_mean, acc_mean = ((step_stats * sizes[:, None]).sum(0) / sizes.sum()).tolist()
+    return loss_mean, acc_mean, step_stats, lrs
+
+
+def fit(config: dict, images, labels, num_classes: int, seed: int) -> nn.Module:
+    """A fresh model of a run's config trained on these rows the way the command trains (make_training, train_epoch:
+    the same precision and lr schedule; no validation, checkpoints or gradients): label_audit.py's cleanlab folds."""
+    args = SimpleNamespace(**{**config, "seed": seed, "quiet": True})
+    model, optimizer, scheduler, scaler, batches = make_training(args, images, labels, num_classes, images.device)
+    for _ in range(args.epochs):
+        train_epoch(model, batches, optimizer, scheduler, scaler, args)
+    return model.eval()
+
+
+def report(run, model, data) -> dict:
+    """The final report: the best weights (best.pt) on the test set, metrics.json's final, TensorBoard's test point,
+    training_curves.png, predictions.png and confusion_matrix.png."""
+    model.load_state_dict(run.load_best()["model"])
+    test_loss, test_acc, preds = evaluate(model, data.test_x, data.test_y)
+    cm = common.confusion_matrix(data.test_y, preds, data.num_classes)
+    per_class = {str(d): float(cm[i, i] / max(cm[i].sum(), 1)) for i, d in enumerate(data.digits)}
+    final = {"test_loss": test_loss, "test_acc": test_acc, "per_class_acc": per_class, "best_epoch": run.best["epoch"],
+             "best_val_acc": run.best["score"], "epochs_run": run.epoch, "stopped_early": run.stopped_early,
+             "train_time_s": sum(h["epoch_time_s"] for h in run.history)}
+    writer = run.tensorboard()
+    writer.add_scalar("loss/test", test_loss, run.epoch)
+    writer.add_scalar("acc/test", test_acc, run.epoch)
+    digit_of = torch.tensor(data.digits)
+    common.plot_curves(run.history, run.dir / "training_curves.png")
+    common.plot_predictions(data.test_x[:32].cpu(), digit_of[data.test_y[:32].cpu()], digit_of[preds[:32].cpu()], run.dir / "predictions.png")
+    common.plot_confusion(cm, [str(d) for d in data.digits], run.dir / "confusion_matrix.png")
+    print("per-class test accuracy: " + " ".join(f"{d}:{a:.2%}" for d, a in per_class.items()))
+    return final
+
+
+# ============================================================================= 7. command line
 ANALYSIS_OPTIONS = ("analysis", "influence", "clusters", "kmeans_init", "tsne_samples", "perplexity", "analysis_epochs", "analysis_dim")
 
 
 @app.command()
 def main(
     ctx: typer.Context,
-    hidden: Annotated[list[str], typer.Option(callback=common.ints_option, help="Hidden layer widths: --hidden 256,128 or --hidden 256 --hidden 128 (as train_mlp.py).")] = ["512"],
+    hidden: Annotated[list[str], typer.Option(callback=common.ints_option, help="Hidden layer widths: --hidden 256,128 or --hidden 256 --hidden 128.")] = ["512"],
     dropout: Annotated[float, typer.Option(help="Dropout after each hidden layer (off while collecting).")] = 0.0,
     weight_decay: Annotated[float, typer.Option(help="L2 weight decay.")] = 1e-4,
     optimizer: Annotated[str, typer.Option(help="adam or sgd.")] = "adam",
     momentum: Annotated[float, typer.Option(help="SGD momentum.")] = 0.9,
-    lr_schedule: Annotated[str, typer.Option(help="cosine, step or none (as train_mlp.py).")] = "cosine",
+    lr_schedule: Annotated[str, typer.Option(help="cosine (decay to 0 over all steps), step (x --gamma every epoch) or none (constant).")] = "cosine",
     gamma: Annotated[float, typer.Option(help="Per-epoch lr factor of --lr-schedule step.")] = 0.7,
     patience: Annotated[Optional[int], typer.Option(help="Early stopping patience in epochs (off unless given).")] = None,
     min_delta: Annotated[float, typer.Option(help="Smallest val-loss decrease that counts as improvement.")] = 0.0,
@@ -791,40 +916,62 @@ def main(
 
 
 def train_and_collect(run) -> None:
-    """Train with train_mlp.py's loop (train_mlp.train decides, visibly, when best.pt is written,
-    when training stops early and when last.pt is written) and collect every sample's gradients after each epoch,
-    before last.pt records it (a kill redoes both); then the final report and the analysis."""
+    """Train, collecting every training sample's gradients after the scheduled epochs; then the final report and the
+    analysis. Each epoch, in this order: train, validate, predictions/epoch_<n>.npz, best.pt if val accuracy
+    improved, the early-stopping decision, the gradients (collect_schedule's epochs and the one that stops training),
+    then last.pt and metrics.json record the epoch: a kill before that redoes the epoch's training and collection."""
     args = run.args
     if args.lr_schedule == "cosine":
         run.fix_length("its cosine learning rate decays to 0 at the last planned step")
-    device, data, model, plan = prepare(run)
+    device = common.pick_device(args.device)  # float32 matmuls stay exact (torch's default; no TF32): so do the factors
     args.precision, precision_reason = common.pick_precision(args.precision, device, run.original)  # of the training steps
-    opt = make_optimizer(model, args.optimizer, args.lr, args.weight_decay, args.momentum)
-    scaler = common.grad_scaler(device, args.precision)
-    batches = common.Batches(data.train_x, data.train_y, args.batch_size, shuffle=True, seed=common.seed_for(args.seed, "shuffle"))
-    schedule = collect_schedule(args)
-    if not run.resumed:
-        check_size(model, plan, len(data.train_y), args.dtype, len(schedule), args.max_gb, args.out_dir)
+    data = common.load_mnist(args.data_dir, device, args.digits, args.val_fraction, args.limit, args.seed, args.label_noise)
+    model, opt, scheduler, scaler, batches = make_training(args, data.train_x, data.train_y, data.num_classes, device)
+    plan, schedule, n = plan_arrays(model, chosen_params(model, args.params)), collect_schedule(args), len(data.train_y)
+    if not run.resumed:  # before the run directory exists: a run too big for --max-gb leaves nothing behind
+        check_size(model, plan, n, args.dtype, len(schedule), args.max_gb, args.out_dir)
     run.save_config(device=str(device), precision_reason=precision_reason, n_parameters=common.count_parameters(model),
                     arrays=plan, **data.describe())
     if not args.quiet:
         print(common.parameter_table(model))
-    print(f"device {device} | train {len(data.train_y)} val {len(data.val_y)} test {len(data.test_y)} | digits {data.digits} | "
-          f"{common.count_parameters(model):,} parameters | gradients {', '.join(a['name'] + ':' + a['kind'] for a in plan)} "
-          f"{epoch_bytes(model, plan, len(data.train_y), args.dtype) / 1e6:,.1f} MB per epoch | run {run.dir}")
-    run.restore(device, model=model, optimizer=opt, scaler=scaler, generator=batches.generator)
+    print(f"device {device} ({args.precision}: {precision_reason}) | train {n} val {len(data.val_y)} test {len(data.test_y)} | "
+          f"digits {data.digits} | {common.count_parameters(model):,} parameters | gradients "
+          f"{', '.join(a['name'] + ':' + a['kind'] for a in plan)} {epoch_bytes(model, plan, n, args.dtype) / 1e6:,.1f} MB per epoch | run {run.dir}")
+    run.restore(device, model=model, optimizer=opt, scheduler=scheduler, scaler=scaler, generator=batches.generator)
     if run.resumed:
-        check_size(model, plan, len(data.train_y), args.dtype, len([e for e in schedule if e > run.epoch]), args.max_gb, args.out_dir)
-    collect_epoch = lambda epoch: write_epoch(run, model, data, epoch, plan, epoch_lr(args, epoch, len(batches)))  # noqa: E731
+        check_size(model, plan, n, args.dtype, len([e for e in schedule if e > run.epoch]), args.max_gb, args.out_dir)
+    writer, steps = run.tensorboard(), len(batches)
+    steps_writer = run.tensorboard("steps", purge_step=run.epoch * steps + 1)  # x axis: global step
+    predictions = rundir.Predictions(data.train_y, data.num_classes, data.train_index)  # for label_audit.py
 
-    def after_epoch(epoch, record):
-        if epoch in schedule:
-            record["collect_time_s"] = collect_epoch(epoch)["collect_seconds"]
-
-    train(run, model, opt, batches, data, after_epoch, args.precision, scaler)  # factors: fp32, from the fp32 weights
-    if not (run.dir / "gradients" / f"epoch_{run.epoch}").is_dir():  # stopped early, or not collected: the last epoch's weights
-        run.history[-1]["collect_time_s"] = collect_epoch(run.epoch)["collect_seconds"]
-    final = report(run, model, data, device)
+    with run.guard():
+        for epoch in run.epochs(args.epochs):
+            t0 = time.time()
+            train_loss, train_acc, step_stats, lrs = train_epoch(model, batches, opt, scheduler, scaler, args, predictions)
+            val_loss, val_acc, _ = evaluate(model, data.val_x, data.val_y) if len(data.val_y) else (None, None, None)
+            predictions.save(run.dir, epoch)  # predictions/epoch_<n>.npz, before last.pt records the epoch
+            record = {"epoch": epoch, "train_loss": train_loss, "train_acc": train_acc, "val_loss": val_loss,
+                      "val_acc": val_acc, "lr_mean": sum(lrs) / len(lrs), "epoch_time_s": time.time() - t0,
+                      **common.step_values(step_stats)}
+            common.add_step_scalars(steps_writer, record, (epoch - 1) * steps)
+            for key in ("train_loss", "val_loss", "train_acc", "val_acc"):
+                if record[key] is not None:
+                    writer.add_scalar("{1}/{0}".format(*key.split("_")), record[key], epoch)
+            if run.improved(val_acc, epoch):  # best.pt: the weights of the best val accuracy (the last, without val)
+                run.save_best({"model": model.state_dict()})
+            stop = run.early_stop(val_loss, args.patience, args.min_delta)
+            if epoch in schedule or stop:  # in fp32 from the fp32 weights, whatever --precision the steps ran in
+                record["collect_time_s"] = write_epoch(run, model, data, epoch, plan, record["lr_mean"])["collect_seconds"]
+            run.save_last(record)  # last.pt (the resume point), then metrics.json: every epoch
+            print(f"epoch {epoch:3d} | train loss {train_loss:.4f} acc {train_acc:.2%} | "
+                  + (f"val loss {val_loss:.4f} acc {val_acc:.2%} | " if val_acc is not None else "")
+                  + f"{record['epoch_time_s']:.1f}s" + (f" + gradients {record['collect_time_s']:.1f}s" if "collect_time_s" in record else ""))
+            if stop:
+                print(f"early stopping: val loss has not improved for {args.patience} epochs")
+                break
+    if not (run.dir / "gradients" / f"epoch_{run.epoch}").is_dir():  # a resume that shortened --epochs: the last weights
+        write_epoch(run, model, data, run.epoch, plan, run.history[-1]["lr_mean"])
+    final = report(run, model, data)
     # the analysis (unless --no-analysis), then run.finish; killed during the analysis, --resume redoes it
     record = {"hidden": args.hidden, "digits": data.digits, "test_acc": final["test_acc"]}
     line = f"run {run.dir} | test accuracy {final['test_acc']:.2%}"
@@ -840,7 +987,7 @@ def train_and_collect(run) -> None:
 
 def collect_schedule(args) -> list[int]:
     """The epochs after which gradients are collected: --collect-epochs (e.g. 1-10,20), every epoch, or none; the last
-    planned epoch always (a run that stops early collects its last epoch after training)."""
+    planned epoch always (a run that stops early collects the epoch it stops at as well)."""
     if args.collect_epochs is None:
         return list(range(1, args.epochs + 1)) if args.every_epoch else [args.epochs]
     common.check(args.every_epoch, "--collect-epochs and --no-every-epoch do not go together")
@@ -856,25 +1003,17 @@ def collect_schedule(args) -> list[int]:
     return sorted(epochs)
 
 
-def build_model(config: dict) -> nn.Module:
-    """The model a run's config.json describes: train_mlp's MLP without BatchNorm (rundir.load_run_model calls this)."""
-    return MLP(config["hidden"], config["num_classes"], config["dropout"])
-
-
-def prepare(run):
-    """The data, the model (initialized as train_mlp.py does: the same seed, the same model) and the arrays to store."""
-    args = run.args
-    device = common.pick_device(args.device)  # float32 matmuls stay exact (torch's default; no TF32): so do the factors
-    data = common.load_mnist(args.data_dir, device, args.digits, args.val_fraction, args.limit, args.seed, args.label_noise)
-    common.seed_everything(common.seed_for(args.seed, "init"))
-    model = build_model({**vars(args), **data.describe()}).to(device)
-    plan = plan_arrays(model, chosen_params(model, args.params))
-    return device, data, model, plan
-
-
 def check_options(args) -> None:
     """Every option checked before anything is loaded, for a new run, a resume and --analyze alike."""
-    train_mlp.check_options(args)
+    common.check(all(h >= 1 for h in args.hidden), f"--hidden {args.hidden}: every layer needs at least 1 unit")
+    common.check(0 <= args.dropout < 1, f"--dropout {args.dropout}: must be in [0, 1)")
+    common.check(args.optimizer in ("adam", "sgd"), f"--optimizer {args.optimizer}: use adam or sgd")
+    common.check(args.epochs >= 1, f"--epochs {args.epochs}: must be at least 1")
+    common.check(args.batch_size >= 1, f"--batch-size {args.batch_size}: must be at least 1")
+    common.check(args.lr > 0, f"--lr {args.lr}: must be positive")
+    common.check(args.lr_schedule in SCHEDULES, f"--lr-schedule {args.lr_schedule}: use cosine, step or none")
+    common.check(0 < args.gamma <= 1, f"--gamma {args.gamma}: must be in (0, 1]")
+    common.check(args.patience is None or args.patience >= 1, f"--patience {args.patience}: must be at least 1")
     common.check(args.dtype in ("float32", "float16"), f"--dtype {args.dtype}: use float32 or float16")
     common.check(args.max_gb > 0, f"--max-gb {args.max_gb}: must be positive")
     common.check(args.collect_batch_size >= 1, f"--collect-batch-size {args.collect_batch_size}: must be at least 1")

@@ -242,7 +242,7 @@ def mislabel_report(run, audited: Path, model, config, module, data, top: int) -
                                                                     config, history, probs)
         seconds["default"] = time.time() - t0
     else:
-        print(f"{audited} recorded no predictions (a run of an older version of its script): no default ranking")
+        print(f"{audited} recorded no predictions (its script keeps no rundir.Predictions): no default ranking")
     if (audited / "gradients").is_dir():
         t0 = time.time()
         scores["tracin"] = self_influence(audited)

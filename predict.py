@@ -34,27 +34,10 @@ def load_run(run_dir: Path, checkpoint: str = "best.pt"):
     it takes MNIST pixels as the data holds them, [B,28,28] on the 0-255 scale, and nothing is re-derived here."""
     model, config, _ = rundir.load_run_model(run_dir, checkpoint)
     model = model.float()
-    dataset = config.get("dataset") or ("mnist" if takes_mnist_images(model) else "non-MNIST")  # older runs
-    common.check(dataset == "mnist", f"{run_dir}: a {dataset} run; predict.py classifies digit images with MNIST runs")
-    digit_map = config.get("digit_map", {str(d): d for d in range(10)})
+    common.check(config["dataset"] == "mnist", f"{run_dir}: a {config['dataset']} run; predict.py classifies digit images with MNIST runs")
+    digit_map = config["digit_map"]
     digits = [int(d) for d, _ in sorted(digit_map.items(), key=lambda item: item[1])]
     return model, digits
-
-
-def accepts(model, shape) -> bool:
-    try:
-        with torch.inference_mode():
-            model(torch.zeros(shape))
-        return True
-    except RuntimeError:
-        return False
-
-
-def takes_mnist_images(model) -> bool:
-    """Whether the model takes an MNIST image [1,28,28] and not a CIFAR-10 one [1,3,32,32] (runs from before
-    config.json recorded "dataset"). Both are tried: a CIFAR-10 model that pools globally also takes a 28x28 image
-    (common.Pixels broadcasts its one channel to three)."""
-    return accepts(model, (1, 28, 28)) and not accepts(model, (1, 3, 32, 32))
 
 
 def read_image(path: Path) -> np.ndarray:

@@ -183,14 +183,6 @@ def test_attack_a_copied_scripts_run(tiny_mnist, tmp_path):
     assert final["clean_acc"] > 0.5 and final["fgsm_acc"] < final["clean_acc"]  # a trained model, then attacked
 
 
-def test_the_dataset_of_a_run_without_it_in_config_json():
-    """Runs from before config.json recorded "dataset": the input shape the model accepts decides."""
-    mlp = train_mlp.build_model({"hidden": [16], "num_classes": 10, "dropout": 0.0, "batch_norm": False}).eval()
-    allcnn = train_allcnn.build_model({"model": "allcnn", "c1": 8, "c2": 8, "norm": "bn", "dropout": 0.0, "num_classes": 10}).eval()
-    assert fgsm_attack.dataset_of_model(mlp, "cpu") == "mnist"
-    assert fgsm_attack.dataset_of_model(allcnn, "cpu") == "cifar10"
-
-
 class Payload:
     def __reduce__(self):
         import os

