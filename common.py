@@ -1,6 +1,7 @@
 """Shared plumbing for the experiment scripts: errors the user can fix, the shared options, device, precision and
-seeding, MNIST and CIFAR-10 held on the device and batched by index, Adam, progress bars, failpoints and plots.
-A run's directory and files, the one kill-proof resume path, are rundir.py's. Nothing here knows a script or a model.
+seeding, MNIST and CIFAR-10 held on the device and batched by index, the models' input layer (Pixels), progress bars,
+failpoints and plots. A run's directory and files, the one kill-proof resume path, are rundir.py's. Nothing here
+knows a script, and nothing here changes a process-wide setting unless a script calls it by name.
 
 Errors the user can fix are raised as `UserError("what is wrong: what to do")`; `rundir.main(app)` turns them (and
 Typer's own option errors) into one line on stderr and exit code 2.
