@@ -371,6 +371,7 @@ def train(run, net, sampler, data, twin=None) -> None:
             first, last = done, min(block * args.eval_every, args.updates)
             losses, accs, twin_losses = [], [], []  # per update, the NumPy net's (and its twin's)
             for _ in common.progress(range(first, last), args.quiet, desc="train"):
+                common.failpoint("batch")  # tests kill the process here (RUN_TEST_KILL_AT=batch:N); a no-op otherwise
                 idx = sampler.next()
                 x, y = train_x[idx], train_y[idx]
                 losses.append(net.loss(x, y))

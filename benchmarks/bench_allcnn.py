@@ -3,7 +3,8 @@ in all), one process against 2 torchrun processes (gloo, 64 images each, gradien
 
     python benchmarks/bench_allcnn.py [--steps 10] [--c1 96 --c2 192]
 
-Each side runs --steps timed steps after 2 warm-up steps on random CIFAR-sized batches; the 2-process side is a
+Each side runs --steps timed steps after 2 warm-up steps on random CIFAR-sized batches of pixels as the data holds
+them (uint8; the model's first layer, common.Pixels, normalizes them in the channels_last layout); the 2-process side is a
 `python -m torch.distributed.run --nproc-per-node 2` of this file (--worker), started from here. On a 2-core CPU
 the two processes share the cores the single process uses, so expect little or no gain: report what you see.
 """
@@ -28,10 +29,11 @@ app = typer.Typer(add_completion=False, pretty_exceptions_enable=False)
 
 def steps_per_second(batch: int, steps: int, c1: int, c2: int, ddp: bool) -> float:
     torch.manual_seed(0)
-    model = train_allcnn.allcnn_t(c1, c2).to(memory_format=torch.channels_last)
+    config = {"model": "allcnn", "c1": c1, "c2": c2, "norm": "bn", "dropout": 0.5, "num_classes": 10}  # the defaults
+    model = train_allcnn.build_model(config, torch.channels_last).to(memory_format=torch.channels_last)
     net = torch.nn.parallel.DistributedDataParallel(model) if ddp else model
     opt = torch.optim.SGD(train_allcnn.parameter_groups(model, 1e-3), lr=0.05, momentum=0.9, nesterov=True)
-    x, y = torch.randn(batch, 3, 32, 32), torch.randint(0, 10, (batch,))
+    x, y = torch.randint(0, 256, (batch, 3, 32, 32), dtype=torch.uint8), torch.randint(0, 10, (batch,))
     for i in range(steps + 2):
         if i == 2:
             t0 = time.perf_counter()

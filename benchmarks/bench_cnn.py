@@ -89,7 +89,7 @@ def reference(data_dir: Path, ref_batches: int, ref_epochs: int, full: bool, see
     test_set = datasets.MNIST(str(data_dir), train=False, download=False, transform=transform)
     train_loader = DataLoader(train_set, batch_size=64)
     test_loader = DataLoader(test_set, batch_size=1000)
-    model = train_cnn.CNN("classic")
+    model = torch.nn.Sequential(*train_cnn.make_layers("classic"))  # train_cnn's classic layers, without its Pixels: the transform normalizes
     opt = torch.optim.Adadelta(model.parameters(), lr=1.0)
     sched = torch.optim.lr_scheduler.StepLR(opt, step_size=1, gamma=0.7)
 

@@ -1,4 +1,4 @@
-"""bench_glonet.py: one training epoch of train_glonet.py (the real train_epoch, model and fused Adam) at depth
+"""bench_glonet.py: one training epoch of train_glonet.py (the real train_epoch, model, fused Adam and lr scheduler) at depth
 50 and 200, against the time of the bare matrix multiplications that epoch has to do (the same forward and
 backward GEMMs, on preallocated tensors, same shapes, same number of steps), measured in the same process.
 
@@ -16,6 +16,7 @@ import math
 import sys
 import time
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Annotated
 
 import torch
@@ -97,18 +98,23 @@ def main(
     for d, prec in [(d, p) for d in depth for p in precision]:
         common.check(prec in ("fp32", "bf16"), f"--precision {prec}: use fp32 or bf16")
         torch.manual_seed(seed)
+        # train_glonet's defaults (Adam lr 1e-3, the per-step cosine schedule), the pixels as stored (uint8: its
+        # DepthNet scales them to [0, 1] itself), in this precision
+        args = SimpleNamespace(optimizer="adam", lr=1e-3, momentum=0.9, lr_schedule="cosine", epochs=repeats + 1,
+                               precision=prec, quiet=True)
         net = train_glonet.DepthNet(model, d, features)
-        opt = common.adam(net.parameters(), lr=1e-3)
+        opt = train_glonet.make_optimizer(net, args)
+        scheduler, scaler = train_glonet.make_scheduler(opt, args, len(sizes)), common.grad_scaler(torch.device("cpu"), prec)
         buffers = matmul_buffers(net, batch_size, torch.bfloat16 if prec == "bf16" else torch.float32)
-        warm = common.Batches(images[:2 * batch_size], labels[:2 * batch_size], batch_size, transform=train_glonet.unit_scale)
-        train_glonet.train_epoch(net, warm, opt, precision=prec)  # warm-up: allocator, Adam state
+        warm = common.Batches(images[:2 * batch_size], labels[:2 * batch_size], batch_size)
+        train_glonet.train_epoch(net, warm, opt, scheduler, scaler, args)  # warm-up: allocator, Adam state
         matmuls_only(buffers, sizes[:2])
         epoch = base = float("inf")
         for _ in range(repeats):  # alternating, best of each: a burst of load on a shared machine hits both alike
             base = min(base, matmuls_only(buffers, sizes))
+            batches = common.Batches(images, labels, batch_size, shuffle=True, seed=seed)
             start = time.perf_counter()
-            train_glonet.train_epoch(net, common.Batches(images, labels, batch_size, shuffle=True, seed=seed,
-                                                         transform=train_glonet.unit_scale), opt, precision=prec)
+            train_glonet.train_epoch(net, batches, opt, scheduler, scaler, args)
             epoch = min(epoch, time.perf_counter() - start)
         start = time.perf_counter()
         train_glonet.evaluate(net, test_x[:6000], test_y[:6000])
@@ -117,7 +123,7 @@ def main(
         flops = flops_per_sample(net) * n
         print(f"{d:>5}  {prec:>9}  {common.count_parameters(net):>10,}  {epoch * scale:>8.2f}  {base * scale:>8.2f}  {epoch / base:>5.2f}x  "
               f"{flops / epoch / 1e9:>7.1f}  {flops / base / 1e9:>14.1f}  {eval_time:>6.2f}")
-        del buffers, net, opt
+        del buffers, net, opt, scheduler
 
 
 if __name__ == "__main__":

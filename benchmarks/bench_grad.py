@@ -111,9 +111,9 @@ def main(data_dir: common.DataDir = Path("./data"), k: Annotated[int, typer.Opti
         rundir.write_json(edir / "metadata.json", gc.base_meta(model, plan, m, "float32", 1.0))
         ep = gc.Epoch(tmp)
         test_x, test_y = common.read_mnist(data_dir, train=False)
-        a, b, _, _ = gc.layer_factors(model, common.normalize(test_x[:1]), test_y[:1])
+        a, b, _, _ = gc.layer_factors(model, test_x[:1], test_y[:1])  # the stored pixels: the model normalizes them
         t_fac, s_fac = timed(lambda: ep.dot((a, b), None)[0], repeat=3)
-        g_test = torch.cat([g.flatten(1) for g in gc.per_sample_grads(model, common.normalize(test_x[:1]), test_y[:1]).values()], 1)[0]
+        g_test = torch.cat([g.flatten(1) for g in gc.per_sample_grads(model, test_x[:1], test_y[:1]).values()], 1)[0]
 
         def materialized():
             return torch.cat([ep.flat(range(s, min(s + chunk, m))) @ g_test for s in range(0, m, chunk)])
@@ -129,7 +129,7 @@ def main(data_dir: common.DataDir = Path("./data"), k: Annotated[int, typer.Opti
     factors, where = gc.projection_factors(model, k, seed, "cpu"), gc.factor_of(model)
 
     def project_all():
-        return torch.cat([gc.project(*gc.layer_factors(model, common.normalize(images[i:i + batch_size]), labels[i:i + batch_size])[:2],
+        return torch.cat([gc.project(*gc.layer_factors(model, images[i:i + batch_size], labels[i:i + batch_size])[:2],
                                      where, names, factors) for i in range(0, len(labels), batch_size)])
 
     seconds, projected = timed(project_all)
@@ -139,7 +139,7 @@ def main(data_dir: common.DataDir = Path("./data"), k: Annotated[int, typer.Opti
 
     # 2. The same S samples by every method.
     s = loop_samples
-    x, y = common.normalize(images[:s]), labels[:s]
+    x, y = images[:s].float(), labels[:s]  # float pixels on the stored 0-255 scale (vmap's input): the model normalizes
     t_loop, want = timed(lambda: loop_grads(model, x, y))
     t_vmap, got_vmap = timed(lambda: vmap_grads(model, x, y)) if vmap else (None, None)
 

@@ -1,6 +1,7 @@
 """bench_mlp.py: one training epoch of train_mlp.py's loop (data resident as a uint8 tensor, batched by
-index) against the same model and optimizer fed by torchvision's DataLoader with ToTensor/Normalize,
-and against the time of the bare matrix multiplications that epoch has to do. All in one process.
+index, normalized inside the model) against the same model and optimizer fed by torchvision's DataLoader with
+ToTensor/Normalize (the model less its common.Pixels layer: the transform normalizes), and against the time of
+the bare matrix multiplications that epoch has to do. All in one process.
 
     python benchmarks/bench_mlp.py --data-dir ../shared/data
 
@@ -11,6 +12,7 @@ matmul-only time of the same epoch (target <= 2x), plus a large square matmul's 
 import sys
 import time
 from pathlib import Path
+from types import SimpleNamespace
 
 import torch
 import torch.nn.functional as F
@@ -32,17 +34,19 @@ def flops_per_sample(model) -> int:
     return fwd + fwd + sum(2 * m.in_features * m.out_features for m in linears[1:])
 
 
-def make_model(seed: int):
-    torch.manual_seed(seed)
-    model = train_mlp.MLP([512], 10)
-    return model, train_mlp.make_optimizer(model, "adam", 1e-3, 1e-4, 0.9)
+def options(batch_size: int, seed: int) -> SimpleNamespace:
+    """train_mlp.py's defaults (784-512-10, Adam lr 1e-3, weight decay 1e-4) in fp32, at a constant lr."""
+    return SimpleNamespace(hidden=[512], dropout=0.0, init="default", batch_norm=False, optimizer="adam", lr=1e-3,
+                           weight_decay=1e-4, momentum=0.9, lr_schedule="none", gamma=0.7, epochs=1,
+                           batch_size=batch_size, seed=seed, precision="fp32", quiet=True)
 
 
 def epoch_ours(data, batch_size: int, seed: int) -> float:
-    model, opt = make_model(seed)
-    batches = common.Batches(data.train_x, data.train_y, batch_size, shuffle=True, seed=seed)
+    """train_mlp.py's own make_training and train_epoch: the model, fused Adam, the lr scheduler, the batches."""
+    args = options(batch_size, seed)
+    model, opt, scheduler, scaler, batches = train_mlp.make_training(args, data.train_x, data.train_y, 10, torch.device("cpu"))
     start = time.perf_counter()
-    train_mlp.train_epoch(model, batches, opt, lambda step: 1e-3, 0, quiet=True)
+    train_mlp.train_epoch(model, batches, opt, scheduler, scaler, args)
     return time.perf_counter() - start
 
 
@@ -54,13 +58,16 @@ def epoch_dataloader(data_dir, train_index, batch_size: int, seed: int, max_batc
     transform = transforms.Compose([transforms.ToTensor(), transforms.Normalize((common.MNIST_MEAN,), (common.MNIST_STD,))])
     dataset = torch.utils.data.Subset(torchvision.datasets.MNIST(str(data_dir), train=True, transform=transform), train_index.tolist())
     loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size, shuffle=True, generator=torch.Generator().manual_seed(seed))
-    model, opt = make_model(seed)
+    args = options(batch_size, seed)
+    torch.manual_seed(common.seed_for(seed, "init"))  # the same initial weights as make_training's
+    model = train_mlp.MLP(args.hidden, 10)
+    opt = train_mlp.make_optimizer(model, args)
     model.train()
     start, seen = time.perf_counter(), 0
     for i, (x, y) in enumerate(loader):
         if max_batches is not None and i == max_batches:
             break
-        loss = F.cross_entropy(model(x), y)
+        loss = F.cross_entropy(model.net(x), y)  # the model past its Pixels layer: the transform normalized x
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()

@@ -15,6 +15,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Annotated
 
 import torch
@@ -34,18 +35,21 @@ model_batches = {}
 
 
 def setups(data):
-    """(name, model, optimizer, batches, epoch(predictions)) for each script, with its default options."""
+    """(name, epoch(predictions)) for each script: its own make_training and train_epoch with its default options (a
+    constant lr: the schedule is not what is timed); each script's batches are kept in model_batches."""
     device = data.train_y.device
-    torch.manual_seed(0)
-    mlp = train_mlp.MLP([512], 10).to(device)
-    mlp_opt = train_mlp.make_optimizer(mlp, "adam", 1e-3, 1e-4, 0.9)
-    mlp_batches = model_batches["train_mlp"] = common.Batches(data.train_x, data.train_y, 64, shuffle=True, seed=0)
-    yield "train_mlp", lambda p: train_mlp.train_epoch(mlp, mlp_batches, mlp_opt, lambda s: 1e-3, 0, True, p)
-    cnn = train_cnn.CNN("fast", 10).to(device, memory_format=train_cnn.memory_format(device))
-    cnn_opt = train_cnn.make_optimizer("adam", cnn, 1e-2, 0.9, 0.0)
     precision, _ = common.pick_precision("auto", device)
-    cnn_batches = model_batches["train_cnn"] = common.Batches(data.train_x, data.train_y, 256, shuffle=True, seed=0, transform=train_cnn.make_transform(device, False))
-    yield "train_cnn", lambda p: train_cnn.train_epoch(cnn, cnn_batches, cnn_opt, lambda s: (1e-3, None), 0, precision, 0.1, True, p)
+    shared = {"lr_schedule": "none", "gamma": 0.7, "epochs": 1, "seed": 0, "precision": precision, "quiet": True}
+    mlp_args = SimpleNamespace(**shared, hidden=[512], dropout=0.0, init="default", batch_norm=False, optimizer="adam",
+                               lr=1e-3, weight_decay=1e-4, momentum=0.9, batch_size=64)
+    mlp, mlp_opt, mlp_sched, mlp_scaler, mlp_batches = train_mlp.make_training(mlp_args, data.train_x, data.train_y, 10, device)
+    model_batches["train_mlp"] = mlp_batches
+    yield "train_mlp", lambda p: train_mlp.train_epoch(mlp, mlp_batches, mlp_opt, mlp_sched, mlp_scaler, mlp_args, p)
+    cnn_args = SimpleNamespace(**shared, arch="fast", augment=False, optimizer="adam", lr=1e-2, momentum=0.9,
+                               weight_decay=0.0, cycle_momentum=False, label_smoothing=0.1, batch_size=256)
+    cnn, cnn_opt, cnn_sched, cnn_scaler, cnn_batches = train_cnn.make_training(cnn_args, data.train_x, data.train_y, 10, device)
+    model_batches["train_cnn"] = cnn_batches
+    yield "train_cnn", lambda p: train_cnn.train_epoch(cnn, cnn_batches, cnn_opt, cnn_sched, cnn_scaler, cnn_args, p)
 
 
 @app.command()

@@ -7,6 +7,7 @@ import os
 import socket
 import subprocess
 import sys
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -19,6 +20,7 @@ import train_allcnn
 from conftest import OFFLINE_ENV, ROOT, assert_user_error, run_cli
 
 ONE_THREAD = {"OMP_NUM_THREADS": "1"}
+CONFIG = {"model": "allcnn", "c1": 8, "c2": 16, "norm": "bn", "dropout": 0.5, "num_classes": 10}  # a config.json's keys
 
 
 def free_port() -> int:
@@ -48,21 +50,27 @@ def test_load_cifar10_split_and_limit(tiny_cifar):
     data = common.load_cifar10(tiny_cifar, "cpu", val_fraction=0.25, limit=80, seed=0)
     assert (len(data.train_y), len(data.val_y), len(data.test_y)) == (60, 20, 32)
     assert sorted(data.train_index.tolist() + [i for i in range(80) if i not in data.train_index.tolist()]) == list(range(80))
-    x = train_allcnn.NormalizeCIFAR(data.train_x.device)(data.train_x[:4])
+    pixels = train_allcnn.build_model(CONFIG)[0]  # the model's first layer normalizes the stored pixels
+    assert isinstance(pixels, common.Pixels)
+    x = pixels(data.train_x[:4])
     assert x.shape == (4, 3, 32, 32) and x.dtype == torch.float32
+    mean, std = (torch.tensor(v).view(1, 3, 1, 1) for v in (common.CIFAR_MEAN, common.CIFAR_STD))
+    torch.testing.assert_close(x, (data.train_x[:4].float() / 255 - mean) / std)
 
 
 @pytest.mark.parametrize("name", ["allcnn", "resnet18", "resnet50"])
 def test_models_give_10_logits(name):
     torch.manual_seed(0)
-    model = train_allcnn.build_model({"model": name, "c1": 8, "c2": 16, "norm": "bn", "dropout": 0.5}).eval()
-    assert model(torch.randn(2, 3, 32, 32)).shape == (2, 10)
+    model = train_allcnn.build_model({**CONFIG, "model": name}).eval()
+    pixels = torch.randint(0, 256, (2, 3, 32, 32), dtype=torch.uint8)  # CIFAR-10 as stored
+    assert model(pixels).shape == (2, 10)
+    torch.testing.assert_close(model(pixels.float()), model(pixels))  # float pixels on the 0-255 scale alike
 
 
 def test_parameter_counts():
     import torchvision
     assert common.count_parameters(torchvision.models.resnet18()) == 11_689_512  # torchvision's ImageNet ResNet-18
-    ours = train_allcnn.build_model({"model": "resnet18"})
+    ours = train_allcnn.build_model({**CONFIG, "model": "resnet18"})  # common.Pixels adds no parameters
     # 3x3 stem (3*64*9 = 1,728 instead of 7x7's 9,408) and a 10-class head (512*10 + 10 instead of 513,000)
     assert common.count_parameters(ours) == 11_689_512 - 9_408 + 1_728 - 513_000 + 5_130
     allcnn = train_allcnn.allcnn_t()
@@ -71,7 +79,7 @@ def test_parameter_counts():
 
 
 def test_no_decay_group_holds_exactly_biases_and_norm_parameters():
-    for model in (train_allcnn.allcnn_t(8, 16), train_allcnn.allcnn_t(8, 16, norm="none"), train_allcnn.build_model({"model": "resnet18"})):
+    for model in (train_allcnn.allcnn_t(8, 16), train_allcnn.allcnn_t(8, 16, norm="none"), train_allcnn.build_model({**CONFIG, "model": "resnet18"})):
         decay, no_decay = train_allcnn.parameter_groups(model, 1e-3)
         by_id = {id(p): name for name, p in model.named_parameters()}
         decay_names = {by_id[id(p)] for p in decay["params"]}
@@ -84,7 +92,8 @@ def test_no_decay_group_holds_exactly_biases_and_norm_parameters():
 def crop_fits(out: torch.Tensor, image: torch.Tensor) -> list[tuple]:
     """Every (dy, dx, flipped, brightness, contrast) with out == (brightness * crop - gray) * contrast + gray (to 1e-4;
     gray: the mean of brightness * crop), where crop is the 32x32 window at (dy, dx) of the 4-pixel reflect-padded
-    image in [0, 1], mirrored left-right if flipped: what a random crop, a flip and the jitter (unclamped) make of it."""
+    image in [0, 1], mirrored left-right if flipped: what a random crop, a flip and the jitter (unclamped) make of it
+    (`out` on that scale too: augment's output / 255)."""
     padded = torch.nn.functional.pad(image.double()[None] / 255, (4, 4, 4, 4), mode="reflect")[0]  # [3,40,40]
     windows = padded.unfold(1, 32, 1).unfold(2, 32, 1).permute(1, 2, 0, 3, 4)  # [9,9,3,32,32]: window (dy, dx)
     crops = torch.stack([windows, windows.flip(-1)]).reshape(2 * 81, -1)  # [flipped][dy][dx]
@@ -99,11 +108,11 @@ def crop_fits(out: torch.Tensor, image: torch.Tensor) -> list[tuple]:
 
 def test_augment_crops_flips_and_jitters_the_padded_image():
     g = torch.Generator().manual_seed(0)
-    # mid-gray pixels: brightness and contrast factors in [0.8, 1.2] never push them past [0, 1]
+    # mid-gray pixels: brightness and contrast factors in [0.8, 1.2] never push them past [0, 255]
     images = torch.randint(64, 192, (64, 3, 32, 32), dtype=torch.uint8, generator=torch.Generator().manual_seed(1))
-    out = train_allcnn.augment(images, g)
-    assert out.shape == images.shape and out.dtype == torch.float32 and out.min() >= 0 and out.max() <= 1
-    fits = [crop_fits(o, image) for o, image in zip(out, images)]
+    out = train_allcnn.augment(images, g)  # float pixels on the stored 0-255 scale: the model normalizes them
+    assert out.shape == images.shape and out.dtype == torch.float32 and out.min() >= 0 and out.max() <= 255
+    fits = [crop_fits(o / 255, image) for o, image in zip(out, images)]
     assert all(len(f) == 1 for f in fits), [len(f) for f in fits]  # exactly one window (and mirror) explains each
     dy, dx, flipped, brightness, contrast = zip(*[f[0] for f in fits])
     assert 0 < sum(flipped) < len(flipped)  # some mirrored, some not (64 fair coins)
@@ -112,25 +121,38 @@ def test_augment_crops_flips_and_jitters_the_padded_image():
         assert all(0.8 - 1e-6 <= f <= 1.2 + 1e-6 for f in factors) and max(factors) - min(factors) > 0.2, factors
     torch.testing.assert_close(train_allcnn.augment(images, torch.Generator().manual_seed(0)), out, rtol=0, atol=0)
     full_range = train_allcnn.augment(torch.randint(0, 256, (64, 3, 32, 32), dtype=torch.uint8, generator=g), g)
-    assert full_range.min() == 0 and full_range.max() == 1  # jitter past [0, 1] is clamped
+    assert full_range.min() == 0 and full_range.max() == 255  # jitter past [0, 255] is clamped
 
 
 def test_sharded_batches_keep_each_label_with_its_own_augmented_image():
     images = torch.randint(64, 192, (40, 3, 32, 32), dtype=torch.uint8, generator=torch.Generator().manual_seed(2))
     labels = torch.arange(40) + 100  # each sample's label names it
     batches = train_allcnn.ShardedBatches(images, labels, 8, seed=0)
-    mean, std = (torch.tensor(v).view(1, 3, 1, 1) for v in (common.CIFAR_MEAN, common.CIFAR_STD))
     seen = []
     for x, y in batches:
         assert x.shape == (8, 3, 32, 32) and x.dtype == torch.float32 and y.dtype == labels.dtype
-        for o, label in zip(x * std + mean, y):  # undo the normalization: the augmented image in [0, 1]
+        for o, label in zip(x / 255, y):  # the augmented pixels (0-255; the model normalizes them) in [0, 1]
             assert len(crop_fits(o, images[label - 100])) == 1
         seen += y.tolist()
     assert sorted(seen) == labels.tolist()  # every sample once an epoch
 
 
 def test_lr_step_schedule():
-    assert [train_allcnn.lr_at("step", 0.1, e, 100) for e in (0, 39.9, 40, 79.9, 80, 99)] == pytest.approx([0.1, 0.1, 0.01, 0.01, 0.001, 0.001])
+    assert [train_allcnn.lr_factor("step", e, 100) for e in (0, 39.9, 40, 79.9, 80, 99)] == pytest.approx([1, 1, 0.1, 0.1, 0.01, 0.01])
+    assert train_allcnn.lr_factor("cosine", 50, 100) == pytest.approx(0.5)
+    # make_training's scheduler, stepped after every step: 40 images in batches of 8 are 5 steps an epoch, so over
+    # 5 epochs the lr drops at step 10 (epoch 2.0 = 40%) and step 20 (epoch 4.0 = 80%)
+    args = SimpleNamespace(**{**CONFIG, "c1": 4, "c2": 4, "seed": 0, "weight_decay": 1e-3, "lr": 0.1, "batch_size": 8,
+                              "augment": False, "lr_schedule": "step", "epochs": 5, "precision": "fp32"})
+    images, labels = torch.zeros(40, 3, 32, 32, dtype=torch.uint8), torch.zeros(40, dtype=torch.long)
+    _, opt, scheduler, _, batches = train_allcnn.make_training(args, images, labels, torch.device("cpu"))
+    assert len(batches) == 5
+    lrs = []
+    for _ in range(25):
+        lrs.append(opt.param_groups[0]["lr"])
+        opt.step()
+        scheduler.step()
+    assert lrs == pytest.approx([0.1] * 10 + [0.01] * 10 + [0.001] * 5)
 
 
 SMALL_RUN = ["--c1", 8, "--c2", 16, "--norm", "none", "--dropout", 0, "--epochs", 2, "--val-fraction", 0, "--lr", 0.05, "--quiet",

@@ -1,10 +1,11 @@
-"""train_cnn.py: every arch's shapes and sizes, the one-cycle schedule and Adam against torch's, augmentation,
-an end-to-end CLI run writing every output, resume matching an uninterrupted run, a longer resume of a one-cycle
-run refused, and bad input."""
+"""train_cnn.py: every arch's shapes and sizes (the stored pixels in, normalized inside), the lr schedules as the
+script builds them, augmentation, an end-to-end CLI run writing every output, resume matching an uninterrupted run,
+a longer resume of a one-cycle run refused, and bad input."""
 
 import json
 import math
 import re
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -29,63 +30,55 @@ PARAMETERS = {
 def test_arch_output_shape_and_parameter_count(arch):
     model = train_cnn.CNN(arch)
     assert sum(p.numel() for p in model.parameters()) == PARAMETERS[arch]
+    assert isinstance(model[0], common.Pixels)  # the normalization is the model's first layer
     model.eval()
-    assert model(torch.randn(3, 1, 28, 28)).shape == (3, 10)
-    assert train_cnn.CNN(arch, num_classes=2)(torch.randn(5, 1, 28, 28)).shape == (5, 2)
-    assert train_cnn.build_model({"arch": arch, "num_classes": 4})(torch.randn(1, 1, 28, 28)).shape == (1, 4)
+    pixels = torch.randint(0, 256, (3, 28, 28), dtype=torch.uint8)  # MNIST as stored
+    assert model(pixels).shape == (3, 10)
+    torch.testing.assert_close(model(pixels.float()), model(pixels))  # float pixels on the 0-255 scale alike
+    assert train_cnn.CNN(arch, num_classes=2)(pixels[:2]).shape == (2, 2)
+    assert train_cnn.build_model({"arch": arch, "num_classes": 4})(pixels[:1]).shape == (1, 4)
+    fast = train_cnn.CNN(arch, memory_format=torch.channels_last)
+    assert fast[0](pixels).is_contiguous(memory_format=torch.channels_last)  # the layout the convolutions prefer
 
 
-def test_onecycle_matches_torch():
+def lrs_of(args, steps_per_epoch: int, steps: int, betas: bool = False) -> list:
+    """The learning rate (and Adam's beta1) of each step, as train_cnn.make_optimizer and make_scheduler set them
+    and train_epoch steps them (the scheduler after every optimizer step)."""
     model = torch.nn.Linear(2, 2)
-    opt = torch.optim.Adam(model.parameters(), lr=0.01, betas=(0.7, 0.9))
-    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=0.01, total_steps=57)
-    for step in range(57):
-        lr, beta1 = train_cnn.schedule("onecycle", step, 57, 19, 0.01, 0.7)
-        assert math.isclose(lr, opt.param_groups[0]["lr"], rel_tol=1e-9, abs_tol=1e-12), step
-        assert math.isclose(beta1, opt.param_groups[0]["betas"][0], rel_tol=1e-9), step
+    opt = train_cnn.make_optimizer(model, args)
+    scheduler, out = train_cnn.make_scheduler(opt, args, steps_per_epoch), []
+    for _ in range(steps):
+        group = opt.param_groups[0]
+        out.append((group["lr"], group["betas"][0]) if betas else group["lr"])
         opt.step()
-        sched.step()
+        scheduler.step()
+    return out
 
 
-def test_onecycle_without_momentum_cycling_matches_torch():
-    model = torch.nn.Linear(2, 2)
-    opt = torch.optim.Adam(model.parameters(), lr=0.01, betas=(0.7, 0.9))
-    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=0.01, total_steps=40, cycle_momentum=False)
-    for step in range(40):
-        lr, beta1 = train_cnn.schedule("onecycle", step, 40, 40, 0.01, 0.7, cycle_momentum=False)
-        assert math.isclose(lr, opt.param_groups[0]["lr"], rel_tol=1e-9, abs_tol=1e-12) and beta1 is None, step
-        opt.step()
-        sched.step()
+def cnn_args(**kwargs) -> SimpleNamespace:
+    return SimpleNamespace(**{"optimizer": "adam", "lr": 0.01, "momentum": 0.9, "weight_decay": 0.0, "lr_schedule": "onecycle",
+                              "gamma": 0.7, "epochs": 3, "cycle_momentum": False, **kwargs})
 
 
-def test_adam_steps_and_saves_as_torchs_fused_adam():
-    """common.Adam (no torch.optim, so no torch._dynamo import): bitwise the parameters and state of
-    torch.optim.Adam(fused=True) after steps with weight decay and an lr and beta1 changed each step (set_lr), and
-    state_dicts that load into each other."""
-    torch.manual_seed(0)
-    ours, theirs = train_cnn.CNN("fast"), train_cnn.CNN("fast")
-    theirs.load_state_dict(ours.state_dict())
-    ours, theirs = (m.to(memory_format=torch.channels_last) for m in (ours, theirs))
-    opts = [common.Adam(ours.parameters(), lr=0.01, betas=(0.7, 0.9), weight_decay=1e-4),
-            torch.optim.Adam(theirs.parameters(), lr=0.01, betas=(0.7, 0.9), weight_decay=1e-4, fused=True)]
-    for step in range(6):
-        x, y = torch.randn(16, 1, 28, 28).contiguous(memory_format=torch.channels_last), torch.randint(0, 10, (16,))
-        for model, opt in zip((ours, theirs), opts):
-            train_cnn.set_lr(opt, *train_cnn.schedule("onecycle", step, 6, 6, 0.01, 0.7))
-            opt.zero_grad(set_to_none=True)
-            torch.nn.functional.cross_entropy(model(x), y).backward()
-            opt.step()
-    assert all(torch.equal(p, q) for p, q in zip(ours.parameters(), theirs.parameters()))
-    mine, torchs = (opt.state_dict() for opt in opts)
-    assert mine["param_groups"] == torchs["param_groups"] and mine["state"].keys() == torchs["state"].keys()
-    assert all(torch.equal(mine["state"][i][k], torchs["state"][i][k]) for i in mine["state"] for k in ("step", "exp_avg", "exp_avg_sq"))
-    loaded = common.Adam(train_cnn.CNN("fast").parameters())
-    loaded.load_state_dict(torchs)
-    assert loaded.param_groups[0]["betas"] == opts[1].param_groups[0]["betas"]
-    assert all(torch.equal(loaded.state_dict()["state"][i]["exp_avg"], torchs["state"][i]["exp_avg"]) for i in torchs["state"])
-    opts[1].load_state_dict(mine)  # and torch's reads ours
-    with pytest.raises(ValueError):
-        common.Adam(train_cnn.CNN("small").parameters()).load_state_dict(mine)
+def test_onecycle_warms_up_then_decays_and_keeps_beta1_unless_cycled():
+    """The fast recipe's schedule: lr from lr/25 up to lr at 30% of the steps, then down to lr/25e4 at the last;
+    beta1 stays 0.7 (the recipe's), or with --cycle-momentum goes 0.95 -> 0.85 -> 0.95."""
+    steps = lrs_of(cnn_args(), 19, 57, betas=True)
+    lrs, beta1 = [lr for lr, _ in steps], [b for _, b in steps]
+    peak = max(range(57), key=lrs.__getitem__)
+    assert lrs[0] == pytest.approx(0.01 / 25) and lrs[peak] == pytest.approx(0.01, rel=1e-3) and peak == round(0.3 * 57) - 1
+    assert lrs[-1] == pytest.approx(0.01 / 25 / 1e4)
+    assert all(a < b for a, b in zip(lrs[:peak], lrs[1:peak + 1])) and all(a > b for a, b in zip(lrs[peak:], lrs[peak + 1:]))
+    assert set(beta1) == {0.7}
+    cycled = [b for _, b in lrs_of(cnn_args(cycle_momentum=True), 19, 57, betas=True)]
+    assert cycled[0] == pytest.approx(0.95) and cycled[peak] == pytest.approx(0.85, rel=1e-3) and cycled[-1] == pytest.approx(0.95)
+
+
+def test_step_and_cosine_schedules():
+    lrs = lrs_of(cnn_args(lr=1.0, lr_schedule="step"), 10, 30)
+    assert lrs[9] == 1.0 and lrs[10] == pytest.approx(0.7) and lrs[25] == pytest.approx(0.49)  # x gamma each epoch
+    assert lrs_of(cnn_args(lr=1.0, lr_schedule="cosine", epochs=10), 10, 51)[50] == pytest.approx(0.5)  # half way: half
+    assert set(lrs_of(cnn_args(lr=0.3, lr_schedule="none"), 10, 100)) == {0.3}
 
 
 def test_auto_precision_is_fp32_where_the_environment_caps_the_instruction_set(monkeypatch):
@@ -114,20 +107,14 @@ def test_auto_precision_is_fp32_where_the_environment_caps_the_instruction_set(m
     assert common.pick_precision("auto", cpu)[0] == "fp32"
 
 
-def test_step_and_cosine_schedules():
-    assert train_cnn.schedule("step", 25, 100, 10, 1.0, 0.7)[0] == pytest.approx(0.49)
-    assert train_cnn.schedule("cosine", 50, 100, 10, 1.0, 0.7)[0] == pytest.approx(0.5)
-    assert train_cnn.schedule("none", 99, 100, 10, 0.3, 0.7) == (0.3, None)
-
-
 def test_augment_moves_pixels_but_keeps_the_image():
     torch.manual_seed(0)
     images = (torch.rand(16, 28, 28) * 255).to(torch.uint8)
-    same = train_cnn.augment_batch(images, max_shift=0.0, max_degrees=0.0)
-    assert torch.allclose(same, images.unsqueeze(1).float() / 255, atol=1e-5)  # zero shift and angle: identity
+    same = train_cnn.augment_batch(images, max_shift=0.0, max_degrees=0.0)  # pixels on the stored 0-255 scale
+    assert torch.allclose(same, images.unsqueeze(1).float(), atol=255e-5)  # zero shift and angle: identity
     moved = train_cnn.augment_batch(images)
-    assert moved.shape == (16, 1, 28, 28) and moved.min() >= 0 and moved.max() <= 1
-    assert (moved - same).abs().mean() > 0.05
+    assert moved.shape == (16, 1, 28, 28) and moved.min() >= 0 and moved.max() <= 255
+    assert (moved - same).abs().mean() > 0.05 * 255
 
 
 # ----------------------------------------------------------------------------- the CLI, end to end
@@ -157,8 +144,9 @@ def test_cli_run_writes_every_output(two_epoch_run):
     assert config["versions"]["cpu_capability"] == torch.backends.cpu.get_cpu_capability()  # e.g. AVX2, AVX512
     imported = {line.rsplit("|", 1)[-1].strip() for line in proc.stderr.splitlines() if line.startswith("import time:")}
     assert "matplotlib.pyplot" in imported and "torch.utils.tensorboard" in imported
-    # nothing the run does not use: torch.optim would import the compiler (2-4 s); torchvision only downloads
-    unused = imported & {"torch._dynamo", "torchvision", "scipy", "sklearn", "ray"}
+    # nothing the run does not use: torchvision only downloads (torch._dynamo is torch.optim's: its optimizers import
+    # the compiler when they are made)
+    unused = imported & {"torchvision", "scipy", "sklearn", "ray"}
     assert not unused, unused
     steps = math.ceil(config["n_train"] / config["batch_size"])  # per-step training values for the curves
     assert [(len(e["step_loss"]), len(e["step_acc"])) for e in metrics["epochs"]] == [(steps, steps)] * 2

@@ -6,6 +6,7 @@ import json
 import math
 import subprocess
 import sys
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -30,7 +31,8 @@ def one_thread():
 
 
 def by_hand(model, x):
-    """Each hidden layer's output and the head's input, written out with plain matrix products."""
+    """Each hidden layer's output and the head's input, written out with plain matrix products; x: the pixels
+    already scaled as the model's input scale does (unit, the default: pixels / 255)."""
     h, outputs = x.flatten(1), []
     for i, layer in enumerate(model.hidden):
         if model.model == "resmlp" and i > 0:  # pre-activation block: W relu(LayerNorm(h))
@@ -46,12 +48,12 @@ def by_hand(model, x):
 def test_head_input_matches_a_hand_computation(kind):
     torch.manual_seed(0)
     model = train_glonet.DepthNet(kind, layers=4, features=3)
-    x = torch.randn(5, 1, 28, 28)
+    x = torch.randint(0, 256, (5, 28, 28), dtype=torch.uint8)  # the stored pixels: the model scales them to [0, 1]
     seen = {}
     model.head.register_forward_pre_hook(lambda module, inputs: seen.update(head_input=inputs[0]))
     outputs = []
     logits = model(x, outputs)
-    hand_outputs, hand_head_input = by_hand(model, x)
+    hand_outputs, hand_head_input = by_hand(model, x.float() / 255)
     assert len(outputs) == 3
     for got, want in zip(outputs, hand_outputs):
         torch.testing.assert_close(got, want)
@@ -68,7 +70,7 @@ def test_usage_vectors_have_one_entry_per_hidden_layer():
     labels = torch.randint(0, 10, (50,))
     result = train_glonet.evaluate(model, images, labels, usage=True, batch_size=16)  # 4 batches, the last partial
     assert len(result["output_l1"]) == len(result["output_spread"]) == len(result["weight_l1"]) == len(result["prefix_acc"]) == 5
-    outputs, _ = by_hand(model, common.normalize(images))
+    outputs, _ = by_hand(model, images.float() / 255)
     torch.testing.assert_close(torch.tensor(result["output_l1"]), torch.stack([o.abs().sum(1).mean() for o in outputs]))
     torch.testing.assert_close(torch.tensor(result["output_spread"]), torch.stack([o.std(0, correction=0).sum() for o in outputs]))
     torch.testing.assert_close(torch.tensor(result["weight_l1"]), torch.stack([l.weight.abs().sum() for l in model.hidden]))
@@ -83,8 +85,8 @@ def test_depth_1_is_a_linear_model():
     for kind in ("glonet", "mlp", "resmlp"):
         model = train_glonet.DepthNet(kind, layers=1)
         assert len(model.hidden) == 0 and common.count_parameters(model) == 784 * 10 + 10
-        x, outputs = torch.randn(4, 1, 28, 28), []
-        torch.testing.assert_close(model(x, outputs), x.flatten(1) @ model.head.weight.T + model.head.bias)
+        x, outputs = torch.randint(0, 256, (4, 28, 28), dtype=torch.uint8), []
+        torch.testing.assert_close(model(x, outputs), (x.float() / 255).flatten(1) @ model.head.weight.T + model.head.bias)
         assert outputs == []
 
 
@@ -95,7 +97,7 @@ def test_depth_200_trains_a_few_steps_without_nans(kind):
     model = train_glonet.DepthNet(kind, layers=200, features=32)
     assert len(model.hidden) == 199
     opt = torch.optim.Adam(model.parameters(), lr=1e-3)
-    x, y = train_glonet.unit_scale(torch.randint(0, 256, (64, 28, 28), dtype=torch.uint8)), torch.randint(0, 10, (64,))
+    x, y = torch.randint(0, 256, (64, 28, 28), dtype=torch.uint8), torch.randint(0, 10, (64,))  # pixels as stored
     for _ in range(3):
         logits = model(x)
         loss = F.cross_entropy(logits, y)
@@ -110,7 +112,7 @@ def test_depth_200_forward_scale_default_vs_kaiming_init():
     """He init keeps the signal's scale through 199 layers (within finite-width drift); PyTorch's default
     init shrinks the input-dependent part to nothing, which is what leaves a deep plain MLP at chance."""
     torch.manual_seed(0)
-    x = torch.randn(64, 1, 28, 28)
+    x = torch.randint(0, 256, (64, 28, 28), dtype=torch.uint8)  # the stored pixels (the model scales them to [0, 1])
     for init, low, high in (("kaiming", 1e-2, 1e2), ("default", 0, 1e-6)):
         outputs = []
         logits = train_glonet.DepthNet("mlp", layers=200, features=64, init=init)(x, outputs)
@@ -125,7 +127,7 @@ def test_glonet_usage_decays_with_depth_at_pytorchs_init():
     outputs nearly the same vector for every image."""
     torch.manual_seed(0)
     images = torch.randint(0, 256, (256, 28, 28), dtype=torch.uint8)
-    model = train_glonet.DepthNet("glonet", layers=50, init="default")
+    model = train_glonet.DepthNet("glonet", layers=50, init="default", input_scale="standard")  # standardized pixels
     usage = train_glonet.evaluate(model, images, torch.randint(0, 10, (256,)), usage=True)
     l1, spread = usage["output_l1"], usage["output_spread"]
     assert l1[0] > 10 * l1[-1]
@@ -147,20 +149,28 @@ def test_lecun_init_is_flax_dense_default():
     assert torch.count_nonzero(default.hidden[0].bias) > 0  # PyTorch's init is another thing
 
 
-def test_unit_input_scale_is_pixels_in_0_1():
+def test_unit_input_scale_is_pixels_in_0_1_and_the_cosine_schedule_decays_per_step():
     images = torch.tensor([[[0, 128], [255, 3]]], dtype=torch.uint8)
-    x = train_glonet.unit_scale(images)
+    x = train_glonet.DepthNet(input_scale="unit").pixels(images)  # the model's first layer: what its Linear layers see
     assert x.shape == (1, 1, 2, 2) and x.min() == 0 and x.max() == 1
     torch.testing.assert_close(x.flatten(), images.flatten().float() / 255)
-    assert train_glonet.lr_at("cosine", 0.1, 0, 100) == pytest.approx(0.1)
-    assert train_glonet.lr_at("cosine", 0.1, 50, 100) == pytest.approx(0.05)
-    assert train_glonet.lr_at("none", 0.1, 99, 100) == 0.1
+    standard = train_glonet.DepthNet(input_scale="standard").pixels(images)  # MNIST's mean and std
+    torch.testing.assert_close(standard.flatten(), (images.flatten().float() / 255 - common.MNIST_MEAN) / common.MNIST_STD)
+    for schedule, want in (("cosine", {0: 0.1, 50: 0.05, 99: 0.1 * 0.5 * (1 + math.cos(math.pi * 0.99))}), ("none", {0: 0.1, 99: 0.1})):
+        opt = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=0.1)
+        scheduler = train_glonet.make_scheduler(opt, SimpleNamespace(lr_schedule=schedule, epochs=2), steps_per_epoch=50)
+        lrs = []
+        for _ in range(100):  # stepped after every training step, as train_epoch does
+            lrs.append(opt.param_groups[0]["lr"])
+            opt.step()
+            scheduler.step()
+        assert {step: lrs[step] for step in want} == pytest.approx(want), schedule
 
 
 def test_depth_100_at_the_defaults_learns_a_few_steps_with_a_finite_loss():
     from conftest import synthetic_digits
     images, labels = synthetic_digits(256, seed=3)
-    x, y = train_glonet.unit_scale(torch.from_numpy(images)), torch.from_numpy(labels).long()
+    x, y = torch.from_numpy(images), torch.from_numpy(labels).long()  # pixels as stored: the model scales them
     torch.manual_seed(0)
     model = train_glonet.DepthNet("glonet", layers=100, features=64)
     opt = torch.optim.Adam(model.parameters(), lr=1e-3)

@@ -8,11 +8,11 @@ import signal
 import subprocess
 import sys
 import time
+from types import SimpleNamespace
 
 import pytest
 import torch
 
-import common
 import rundir
 import train_mlp
 from conftest import OFFLINE_ENV, ROOT, assert_user_error, run_cli
@@ -203,7 +203,14 @@ def test_init_schemes_and_step_schedule():
     bn = train_mlp.MLP((64, 32), 10, dropout=0.2, batch_norm=True).net
     assert [type(m).__name__ for m in bn] == ["Flatten", "Linear", "BatchNorm1d", "ReLU", "Dropout",
                                               "Linear", "BatchNorm1d", "ReLU", "Dropout", "Linear"]
-    args = common.args_from({"lr": 0.1, "lr_schedule": "step", "gamma": 0.5, "epochs": 3})
-    assert [train_mlp.lr_at(args, s, 10) for s in (0, 9, 10, 25)] == [0.1, 0.1, 0.05, 0.025]
-    args.lr_schedule = "cosine"
-    assert train_mlp.lr_at(args, 0, 10) == 0.1 and abs(train_mlp.lr_at(args, 15, 10) - 0.05) < 1e-12
+    # the step schedule (x gamma each epoch, as StepLR(1, gamma)) and the cosine one, as train_epoch steps them: the
+    # script's own scheduler, stepped after every training step
+    for schedule, steps, want in (("step", (0, 9, 10, 25), [0.1, 0.1, 0.05, 0.025]), ("cosine", (0, 15), [0.1, 0.05])):
+        args = SimpleNamespace(lr=0.1, lr_schedule=schedule, gamma=0.5, epochs=3)
+        opt = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=args.lr)
+        scheduler, lrs = train_mlp.make_scheduler(opt, args, steps_per_epoch=10), []
+        for step in range(max(steps) + 1):
+            lrs.append(opt.param_groups[0]["lr"])
+            opt.step()
+            scheduler.step()
+        assert [lrs[s] for s in steps] == pytest.approx(want, rel=1e-12), (schedule, lrs)

@@ -1,7 +1,7 @@
 """The production source's sanity checks, for the MLP, the CNN and GloNet, run through each script's own training
-code (its train_epoch, its batch transform, its optimizer where it has a function for one, its evaluate), on
-synthetic digits (conftest's synthetic_digits: learnable class templates, shifted and noised), so they run on a
-fresh clone without any data:
+code (its model, which normalizes the stored pixels itself, its make_optimizer and make_scheduler, its train_epoch and
+its evaluate), on synthetic digits (conftest's synthetic_digits: learnable class templates, shifted and noised), so
+they run on a fresh clone without any data:
 - a model overfits 128 samples (training accuracy >= 99%);
 - with shuffled labels it fits the noise (training loss falls) but stays at chance on held-out samples;
 - on a single batch the loss goes below 0.05."""
@@ -17,35 +17,39 @@ import train_glonet
 import train_mlp
 from conftest import synthetic_digits
 
-LR = 1e-3  # one learning rate for every model, constant (each script's lr_at gets a constant schedule)
+LR = 1e-3  # one learning rate for every model, constant (each script's scheduler with --lr-schedule none)
 CPU = torch.device("cpu")
+# the options train_epoch and the optimizer and scheduler read: fp32, no progress bar, a constant learning rate
+OPTIONS = {"lr": LR, "lr_schedule": "none", "epochs": 1, "precision": "fp32", "quiet": True, "weight_decay": 0.0,
+           "momentum": 0.9, "optimizer": "adam", "gamma": 0.7, "cycle_momentum": False}
+
+
+def trainer(module, model, **options):
+    """One epoch over the given batches with `module`'s own optimizer, scheduler (stepped after each step) and
+    train_epoch, as its command trains: (mean loss, accuracy)."""
+    args = SimpleNamespace(**{**OPTIONS, **options})
+    opt, scaler = module.make_optimizer(model, args), common.grad_scaler(CPU, args.precision)
+    scheduler = module.make_scheduler(opt, args, steps_per_epoch=1)  # constant: the steps per epoch do not matter
+    return lambda batches: module.train_epoch(model, batches, opt, scheduler, scaler, args)[:2]
 
 
 def mlp() -> SimpleNamespace:
     model = train_mlp.MLP([256], 10)
-    opt = train_mlp.make_optimizer(model, "adam", LR, weight_decay=0.0, momentum=0.9)
-    return SimpleNamespace(model=model, transform=common.normalize,
-                           epoch=lambda batches: train_mlp.train_epoch(model, batches, opt, lambda step: LR, 0, quiet=True)[:2],
-                           accuracy=lambda x, y: train_mlp.evaluate(model, x, y)[1])
+    return SimpleNamespace(model=model, epoch=trainer(train_mlp, model), accuracy=lambda x, y: train_mlp.evaluate(model, x, y)[1])
 
 
 def cnn() -> SimpleNamespace:
-    model = train_cnn.CNN("small", 10).to(memory_format=train_cnn.memory_format(CPU))
-    opt = train_cnn.make_optimizer("adam", model, LR, momentum=0.9, weight_decay=0.0)  # the script's Adam, betas 0.7/0.9
-    transform = train_cnn.make_transform(CPU, augmented=False)
-    # fp32 and no label smoothing: the single-batch check wants a cross-entropy below 0.05, which smoothing 0.1 forbids
-    return SimpleNamespace(model=model, transform=transform,
-                           epoch=lambda batches: train_cnn.train_epoch(model, batches, opt, lambda step: (LR, None), 0,
-                                                                       "fp32", 0.0, True)[:2],
-                           accuracy=lambda x, y: train_cnn.evaluate(model, x, y, transform)[1])
+    model = train_cnn.CNN("small", 10, train_cnn.memory_format(CPU)).to(memory_format=train_cnn.memory_format(CPU))
+    # the script's Adam (betas 0.7/0.9); fp32 and no label smoothing: the single-batch check wants a cross-entropy
+    # below 0.05, which smoothing 0.1 forbids
+    return SimpleNamespace(model=model, epoch=trainer(train_cnn, model, label_smoothing=0.0),
+                           accuracy=lambda x, y: train_cnn.evaluate(model, x, y)[1])
 
 
 def glonet() -> SimpleNamespace:
-    model = train_glonet.DepthNet("glonet", layers=10, features=128)
-    opt = torch.optim.Adam(model.parameters(), lr=LR)  # train_glonet.py builds its Adam inline in main()
-    return SimpleNamespace(model=model, transform=common.normalize,
-                           epoch=lambda batches: train_glonet.train_epoch(model, batches, opt, lambda step: LR, 0, quiet=True)[:2],
-                           accuracy=lambda x, y: train_glonet.evaluate(model, x, y, transform=common.normalize)["acc"])
+    model = train_glonet.DepthNet("glonet", layers=10, features=128, input_scale="standard")  # MNIST's mean and std
+    return SimpleNamespace(model=model, epoch=trainer(train_glonet, model),
+                           accuracy=lambda x, y: train_glonet.evaluate(model, x, y)["acc"])
 
 
 SCRIPTS = {"mlp": mlp, "cnn": cnn, "glonet": glonet}
@@ -57,7 +61,7 @@ def make(kind: str) -> SimpleNamespace:
 
 
 def data(n: int, seed: int):
-    """uint8 images [n,28,28] and int64 labels, as the scripts hold MNIST (each script's transform normalizes)."""
+    """uint8 images [n,28,28] and int64 labels, as the scripts hold MNIST (each script's model normalizes them)."""
     images, labels = synthetic_digits(n, seed)
     return torch.from_numpy(images), torch.from_numpy(labels).long()
 
@@ -65,7 +69,7 @@ def data(n: int, seed: int):
 def fit(net: SimpleNamespace, x, y, epochs: int, batch_size: int = 32, stop_at_acc: float = 2.0):
     """The script's train_epoch over shuffled minibatches (common.Batches, the scripts' loader) for up to `epochs`
     epochs; (per-epoch mean losses, last epoch's training accuracy)."""
-    batches = common.Batches(x, y, batch_size, shuffle=True, seed=0, transform=net.transform)
+    batches = common.Batches(x, y, batch_size, shuffle=True, seed=0)
     losses, acc = [], 0.0
     for _ in range(epochs):
         loss, acc = net.epoch(batches)
@@ -111,7 +115,7 @@ def test_random_labels_are_fitted_but_not_learned(kind):
 def test_single_batch_loss_goes_below_005(kind):
     net = make(kind)
     x, y = data(64, seed=12)
-    batches = common.Batches(x, y, 64, transform=net.transform)  # one step per train_epoch: the same batch again
+    batches = common.Batches(x, y, 64)  # one step per train_epoch: the same batch again
     for step in range(300):
         loss, _ = net.epoch(batches)  # the loss of the batch before this step's update
         if loss < 0.05:
