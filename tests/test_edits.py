@@ -165,3 +165,26 @@ def test_an_edited_copy_trains_resumes_reports_and_is_read_back(script, edit, re
     if predicts or audits:
         gone = run_cli("label_audit.py" if audits else "predict.py", run_dir, "--quiet", env=ONE_THREAD)
         assert gone.returncode == 2 and copy.name in gone.stderr and "Traceback" not in gone.stderr
+
+
+@pytest.mark.parametrize("script", ["train_mlp", "train_cnn", "train_glonet", "grad_collect"])
+def test_fit_trains_as_the_command_does(script, tiny_mnist, tmp_path):
+    """One training path per script: fit() (label_audit.py's cleanlab folds) on the run's own training rows ends
+    with the very weights the command saved in last.pt (the same model, precision, schedule and batches)."""
+    import importlib
+
+    import common
+
+    module = importlib.import_module(script)
+    extra = {"train_glonet": ["--layers", 3, "--features", 32], "grad_collect": ["--no-analysis", "--hidden", 32]}.get(script, [])
+    done = run_cli(f"{script}.py", "--data-dir", tiny_mnist, "--out-dir", tmp_path, "--epochs", 2, "--batch-size", 90,
+                   "--val-fraction", 0.1, "--quiet", *extra, env=ONE_THREAD)
+    assert done.returncode == 0, done.stderr[-3000:]
+    (run_dir,) = (tmp_path / script).iterdir()
+    config = json.loads((run_dir / "config.json").read_text())
+    data = common.load_mnist(tiny_mnist, "cpu", config["digits"], config["val_fraction"], config["limit"], config["seed"])
+    torch.set_num_threads(1)
+    model = module.fit(config, data.train_x, data.train_y, data.num_classes, config["seed"])
+    saved = torch.load(run_dir / "last.pt", map_location="cpu", weights_only=True)["objects"]["model"]
+    assert saved.keys() == model.state_dict().keys()
+    assert all(torch.equal(saved[k], v) for k, v in model.state_dict().items()), script
