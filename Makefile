@@ -5,8 +5,8 @@
 # make ablations: train_mlp's ablations (init, dropout, lr schedule, batch norm) x 3 seeds as one sweep, then the
 #   table and which differences exceed the seed noise (report.py ablations; a few minutes on 2 cores).
 # make reproduce-quick / make reproduce: every source's headline claim measured -> REPRODUCE.md (report.py reproduce;
-#   quick: CPU settings, 10-25 minutes on 2 cores (10.5 on 2026-11-30, 22.2 on 2026-12-02, 9.6 on 2026-12-04, 9.4 on 2026-12-07: REPRODUCE.md's first line); full: the sources'
-#   settings, hours).
+#   quick: CPU settings, about 10 minutes on 2 cores (REPRODUCE.md's first line says how long it took); full: the
+#   sources' settings, hours).
 PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
