@@ -53,27 +53,15 @@ def preimport() -> str:
         os.dup2(log.fileno(), 2)
         os.dup2(log.fileno(), 1)
         try:
-            import numpy  # noqa: F401
-            import torch  # noqa: F401
-            import torch.distributed  # noqa: F401
-            import torch.nn  # noqa: F401
-            import torch.nn.functional  # noqa: F401
-            import torch.optim  # noqa: F401
-            import torch._dynamo  # noqa: F401  (torch.optim's optimizers import it when the first one is made: 2-4 s)
-            import torch.utils.tensorboard  # noqa: F401
-            import typer  # noqa: F401
-            import tqdm  # noqa: F401
-            import matplotlib  # noqa: F401
-            import matplotlib.pyplot  # noqa: F401  (the backend is chosen on first use, by the script)
-            import matplotlib.backends.backend_agg  # noqa: F401
-            import PIL.Image  # noqa: F401
-            import scipy.stats  # noqa: F401
-            import sklearn.cluster  # noqa: F401
-            import sklearn.decomposition  # noqa: F401
-            import sklearn.manifold  # noqa: F401
-            import sklearn.metrics  # noqa: F401
-            import sklearn.model_selection  # noqa: F401
-            import threadpoolctl  # noqa: F401
+            import importlib
+
+            # what the scripts import (torch._dynamo: torch.optim's first optimizer imports it, seconds; matplotlib.pyplot:
+            # the backend is chosen on first use, by the script)
+            for name in ["numpy", "torch", "torch.distributed", "torch.nn", "torch.nn.functional", "torch.optim", "torch._dynamo",
+                         "torch.utils.tensorboard", "typer", "tqdm", "matplotlib", "matplotlib.pyplot",
+                         "matplotlib.backends.backend_agg", "PIL.Image", "scipy.stats", "sklearn.cluster", "sklearn.decomposition",
+                         "sklearn.manifold", "sklearn.metrics", "sklearn.model_selection", "threadpoolctl"]:
+                importlib.import_module(name)
         except Exception:
             problem = traceback.format_exc()
         else:
