@@ -188,3 +188,40 @@ def test_fit_trains_as_the_command_does(script, tiny_mnist, tmp_path):
     saved = torch.load(run_dir / "last.pt", map_location="cpu", weights_only=True)["objects"]["model"]
     assert saved.keys() == model.state_dict().keys()
     assert all(torch.equal(saved[k], v) for k, v in model.state_dict().items()), script
+
+
+@pytest.mark.parametrize("script", ["train_mlp", "train_cnn", "train_glonet", "grad_collect", "train_allcnn"])
+def test_the_optimizer_is_torchs_so_every_scheduler_and_tool_takes_it(script, tiny_mnist, tiny_cifar):
+    """make_training's optimizer is a torch.optim.Optimizer: torch's LR schedulers, SWA, add_param_group and
+    clip_grad_norm_ take it, and an Adam's state_dict loads into a plain torch.optim.Adam."""
+    import importlib
+    from types import SimpleNamespace
+
+    import common
+
+    module = importlib.import_module(script)
+    ctx = module.typer.main.get_command(module.app).make_context(f"{script}.py", ["--quiet"])
+    args = SimpleNamespace(**ctx.params)
+    args.precision, args.lr, args.batch_size = "fp32", args.lr or 0.01, 16
+    if script == "train_allcnn":
+        data = common.load_cifar10(tiny_cifar, "cpu", 0.1, None, 0)
+        model, optimizer, scheduler, scaler, batches = module.make_training(args, data.train_x, data.train_y, torch.device("cpu"))
+    else:
+        data = common.load_mnist(tiny_mnist, "cpu")
+        model, optimizer, scheduler, scaler, batches = module.make_training(args, data.train_x, data.train_y, 10, torch.device("cpu"))
+    assert isinstance(optimizer, torch.optim.Optimizer) and isinstance(scheduler, torch.optim.lr_scheduler.LRScheduler)
+    x, y = next(iter(batches))
+    torch.nn.functional.cross_entropy(model(x), y).backward()
+    torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+    optimizer.step()
+    for make in (lambda o: torch.optim.lr_scheduler.OneCycleLR(o, max_lr=0.01, total_steps=10),
+                 lambda o: torch.optim.lr_scheduler.CosineAnnealingLR(o, T_max=3),
+                 lambda o: torch.optim.swa_utils.SWALR(o, swa_lr=0.001)):
+        make(optimizer).step()
+    if isinstance(optimizer, torch.optim.Adam):
+        plain = torch.optim.Adam(model.parameters())
+        plain.load_state_dict(optimizer.state_dict())
+        assert torch.equal(plain.state_dict()["state"][0]["exp_avg"], optimizer.state_dict()["state"][0]["exp_avg"])
+    groups = len(optimizer.param_groups)
+    optimizer.add_param_group({"params": [torch.nn.Parameter(torch.zeros(3))], "weight_decay": 0.0})
+    assert len(optimizer.param_groups) == groups + 1
