@@ -1,20 +1,21 @@
-"""Shared plumbing for the experiment scripts: errors the user can fix, the shared options, device, precision and
-seeding, MNIST and CIFAR-10 held on the device and batched by index, the models' input layer (Pixels), progress bars,
-failpoints and plots. A run's directory and files, the one kill-proof resume path, are rundir.py's. Nothing here
-knows a script, and nothing here changes a process-wide setting unless a script calls it by name.
-
-Errors the user can fix are raised as `UserError("what is wrong: what to do")`; `rundir.main(app)` turns them (and
-Typer's own option errors) into one line on stderr and exit code 2.
+"""Shared plumbing for the experiment scripts: user errors, shared options, device, precision, seeding, MNIST and
+CIFAR-10 held on the device and batched by index, the models' input layer (Pixels), progress bars, failpoints and
+plots (a run's files are rundir.py's). Nothing here knows a script or changes a process-wide setting unless called
+by name. Errors the user can fix: UserError("what is wrong: what to do"); rundir.main prints one line, exit code 2.
 """
 
 from __future__ import annotations
 
 import contextlib
+import ctypes
+import hashlib
 import io
 import math
 import os
 import platform
 import random
+import shutil
+import signal
 import sys
 import time
 from dataclasses import dataclass, field
@@ -48,8 +49,7 @@ Device = Annotated[str, typer.Option(help="auto (CUDA, then MPS, then CPU), cpu,
 
 
 def split_values(values) -> list[str]:
-    """A list option's values as typed, commas and repeats alike: ["256,128"], ["256", "128"] and "256,128" ->
-    ["256", "128"]."""
+    """A list option's values, commas and repeats alike: ["256,128"], ["256", "128"], "256,128" -> ["256", "128"]."""
     values = [values] if isinstance(values, str) else values
     return [part.strip() for v in ([] if values is None else values) for part in str(v).split(",") if part.strip()]
 
@@ -83,18 +83,14 @@ MALLOC = None  # keep_freed_memory's setting, once made
 
 
 def keep_freed_memory() -> str:
-    """Opt-in, called by name by the scripts that want it: let this process reuse the memory it frees instead of
-    handing it back to the OS (glibc's mallopt: mmap threshold 32 MiB, trim threshold 2 GiB, top pad 64 MiB, what
-    PyTorch's CPU tuning guide gets from jemalloc or tcmalloc). A training step frees and reallocates the same
-    activations every step, and every page handed back is zeroed again on first touch: page faults and system time
-    each step (measured in docs/train_cnn.md). The cost: the process keeps its peak memory until it ends. Where the
-    C library is not glibc it sets nothing. Returns what it set (config.json's versions.malloc)."""
+    """Opt-in: let this process reuse the memory it frees rather than hand it back to the OS (glibc mallopt, as
+    returned; what PyTorch's CPU tuning guide gets from jemalloc or tcmalloc): a training step frees and reallocates
+    the same activations, and each page handed back is zeroed again on first touch (page faults, system time). Cost:
+    the process keeps its peak memory. Sets nothing where libc is not glibc. Returns config.json's versions.malloc."""
     global MALLOC
     if MALLOC is None:
         MALLOC = "the C library's defaults"
         with contextlib.suppress(OSError, AttributeError):
-            import ctypes
-
             mallopt = ctypes.CDLL("libc.so.6").mallopt  # M_MMAP_THRESHOLD -3, M_TRIM_THRESHOLD -1, M_TOP_PAD -2
             if all(mallopt(option, value) == 1 for option, value in ((-3, 32 << 20), (-1, 2**31 - 1), (-2, 64 << 20))):
                 MALLOC = "glibc mallopt: mmap threshold 32 MiB, trim threshold 2 GiB, top pad 64 MiB"
@@ -124,8 +120,6 @@ def seed_everything(seed: int) -> None:
 def seed_for(seed: int, purpose: str) -> int:
     """A 63-bit seed derived from --seed for one purpose ("split", "shuffle", "init", ...): independent streams, so
     changing how one is used does not change what another draws."""
-    import hashlib
-
     return int.from_bytes(hashlib.sha256(f"{int(seed)}:{purpose}".encode()).digest()[:8], "little") >> 1
 
 
@@ -137,25 +131,22 @@ PrecisionOption = Annotated[str, typer.Option(help="auto (bf16 autocast where th
 
 
 def bf16_cpu_flags() -> list[str]:
-    """The CPU's native-bf16 instruction sets: a subset of ["avx512_bf16", "amx"], as torch sees them (its private
-    torch.cpu._is_avx512_bf16_supported / _is_amx_tile_supported), else where this torch lacks those functions as
-    /proc/cpuinfo lists them (Linux), else none."""
+    """The CPU's native-bf16 instruction sets, a subset of ["avx512_bf16", "amx"]: as torch's private probes see them,
+    else (a torch without them) as /proc/cpuinfo lists them, else none."""
     probes = [getattr(torch.cpu, name, None) for name in ("_is_avx512_bf16_supported", "_is_amx_tile_supported")]
     if all(callable(probe) for probe in probes):
         with contextlib.suppress(Exception):
             return [f for f, probe in zip(("avx512_bf16", "amx"), probes) if probe()]
-    try:
+    with contextlib.suppress(OSError):
         words = set(Path("/proc/cpuinfo").read_text().split())
-    except OSError:
-        return []
-    return [f for f, word in (("avx512_bf16", "avx512_bf16"), ("amx", "amx_tile")) if word in words]
+        return [f for f, word in (("avx512_bf16", "avx512_bf16"), ("amx", "amx_tile")) if word in words]
+    return []
 
 
 def isa_limits() -> list[str]:
-    """The environment's caps on the instruction sets torch's kernels use, where they exclude native bf16:
-    ATEN_CPU_CAPABILITY below avx512 (ATen's kernels) and ONEDNN_MAX_CPU_ISA below AVX512_CORE_BF16 (oneDNN's
-    convolutions and matmuls). Both at avx2 make an AVX-512 machine compute like an AVX2-only one. Empty where
-    neither is set: a CPU without AVX-512 is not capped, it has no native bf16 to cap."""
+    """The environment's caps on torch's instruction sets that exclude native bf16: ATEN_CPU_CAPABILITY below avx512
+    (ATen's kernels), ONEDNN_MAX_CPU_ISA below AVX512_CORE_BF16 (oneDNN's convolutions and matmuls). Empty where
+    neither is set (a CPU without AVX-512 has no native bf16 to cap)."""
     limits = []
     if os.environ.get("ATEN_CPU_CAPABILITY") and torch.backends.cpu.get_cpu_capability() != "AVX512":
         limits.append(f"ATEN_CPU_CAPABILITY={os.environ['ATEN_CPU_CAPABILITY']}")
@@ -168,11 +159,9 @@ def isa_limits() -> list[str]:
 def describe_machine() -> str:
     """CPU model, cores, native-bf16 instructions (with any cap) and GPU, for config.json and benchmark headers."""
     cpu = platform.processor() or platform.machine()
-    try:
+    with contextlib.suppress(OSError, StopIteration):
         cpu = next(line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
                    if line.startswith("model name"))
-    except (OSError, StopIteration):
-        pass
     flags, limits = bf16_cpu_flags(), isa_limits()
     bf16 = " + ".join(flags) if flags else "no native bf16"
     gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "no GPU"
@@ -180,12 +169,9 @@ def describe_machine() -> str:
 
 
 def pick_precision(name: str, device: torch.device, resumed: Optional[dict] = None) -> tuple[str, str]:
-    """(precision, reason) for --precision NAME on `device`. auto = bf16 autocast only where the hardware computes
-    bf16 natively: CUDA GPUs with native bf16 (Ampere on), CPUs with AVX512_BF16 or AMX (oneDNN emulates bf16 on
-    other AVX-512 CPUs, slower than fp32); fp16 autocast with a GradScaler on older CUDA GPUs (V100, T4); fp32
-    elsewhere. An explicit choice is honoured (fp16 on GPUs only). A script stores the choice as its --precision
-    (config.json says bf16, not auto), so a resumed run keeps it; `resumed` (rundir.Run.original) gives back its
-    reason."""
+    """(precision, reason) for --precision NAME on `device`: auto as PrecisionOption says (oneDNN emulates bf16 on
+    other AVX-512 CPUs, slower than fp32); an explicit choice is honoured (fp16 on GPUs only). Scripts store the
+    choice (bf16, not auto) as --precision, so a resume keeps it; `resumed` (Run.original) gives back its reason."""
     check(name in PRECISIONS, f"--precision {name}: use {', '.join(PRECISIONS)}")
     if resumed and resumed.get("precision_reason") and name == resumed.get("precision"):
         return name, resumed["precision_reason"]
@@ -257,11 +243,8 @@ def read_idx(path: Path, ndim: int) -> torch.Tensor:
 
 
 def _download(what: str, data_dir, folder: Path, fetch, layout: str) -> None:
-    """fetch() (torchvision's downloader) when the data is missing; its failure as one UserError line naming the
-    layout expected, with nothing of the attempt left behind: the folders it created (a mistyped --data-dir leaves no
-    tree) and any new entry in an existing data folder (a partial archive)."""
-    import shutil
-
+    """fetch() (torchvision's downloader) when the data is missing; a failure is one UserError naming the layout
+    expected, and leaves nothing behind: no folder it made (a mistyped --data-dir), no new entry (a partial archive)."""
     data_dir = Path(data_dir)
     top = next((p for p in reversed([folder, *folder.parents]) if not p.exists()), None)  # highest folder to create
     before = set(os.listdir(data_dir)) if data_dir.is_dir() else None
@@ -282,8 +265,8 @@ def _download(what: str, data_dir, folder: Path, fetch, layout: str) -> None:
 
 
 def read_mnist(data_dir, train: bool) -> tuple[torch.Tensor, torch.Tensor]:
-    """MNIST as (uint8 [N,28,28], int64 [N]) on the CPU, read from the raw IDX files (torchvision only downloads
-    them when absent: importing it costs about 1.5 s per process)."""
+    """MNIST as (uint8 [N,28,28], int64 [N]) on the CPU, read from the raw IDX files (torchvision, slow to import,
+    only downloads them when absent)."""
     raw = Path(data_dir) / "MNIST" / "raw"
     if any(not (raw / f).is_file() for f in MNIST_FILES):
         import torchvision
@@ -335,9 +318,8 @@ class Data:
 
 def load_mnist(data_dir, device, digits: Optional[str] = None, val_fraction: float = 0.1,
                limit: Optional[int] = None, seed: int = 0, label_noise: float = 0.0) -> Data:
-    """MNIST on `device`: only `digits` (labels remapped 0..k-1 in sorted digit order), the first `limit` training
-    samples, `val_fraction` of them split off for validation, `label_noise` of the training split's labels flipped
-    (see split_and_place)."""
+    """MNIST on `device`: only `digits` (labels 0..k-1 in sorted digit order), the first `limit` training samples,
+    `val_fraction` of them held out for validation, `label_noise` of the training labels flipped (split_and_place)."""
     digit_list = parse_digits(digits)
     lookup = torch.full((10,), -1, dtype=torch.long)
     lookup[digit_list] = torch.arange(len(digit_list))
@@ -354,10 +336,9 @@ def load_mnist(data_dir, device, digits: Optional[str] = None, val_fraction: flo
 
 def split_and_place(train_x, train_y, train_index, test_x, test_y, classes, device, val_fraction, limit, seed,
                     dataset: str = "mnist", label_noise: float = 0.0) -> Data:
-    """Keep the first `limit` training samples, split off `val_fraction` by a permutation seeded with
-    seed_for(seed, "split") (0: no validation split), and move every split to `device`. label_noise P: round(P x n)
-    rows of the training split (never val or test), drawn with seed_for(seed, "label_noise"), get a label drawn
-    uniformly from the other classes; Data records the rows and their original labels."""
+    """Keep the first `limit` training samples, split off `val_fraction` (0: none) by seed_for(seed, "split"), move
+    every split to `device`. label_noise P: round(P x n) training rows (never val or test), drawn by seed_for(seed,
+    "label_noise"), get a label drawn uniformly from the other classes; Data records the rows and original labels."""
     check(0.0 <= val_fraction < 1.0, f"--val-fraction {val_fraction}: must be in [0, 1) (0: no validation split)")
     check(0.0 <= label_noise < 1.0, f"--label-noise {label_noise}: must be in [0, 1) (the share of training labels flipped)")
     check(limit is None or limit >= 2, f"--limit {limit}: need at least 2 samples")
@@ -417,10 +398,9 @@ def load_cifar10(data_dir, device, val_fraction: float = 0.1, limit: Optional[in
 
 
 class Pixels(torch.nn.Module):
-    """A model's first layer: the stored pixels as the data holds them (uint8, or float on the same 0-255 scale;
-    MNIST [B,28,28], CIFAR-10 [B,3,32,32]) -> float [B,C,H,W], (x / 255 - mean) / std per channel. Input
-    normalization travels with the model: whatever reads a run feeds its rebuilt model the pixels and re-derives
-    nothing. mean 0, std 1: pixels in [0, 1]. No parameters, nothing in the state_dict."""
+    """A model's first layer: stored pixels (uint8, or float on the 0-255 scale; MNIST [B,28,28], CIFAR-10
+    [B,3,32,32]) -> float [B,C,H,W], (x / 255 - mean) / std per channel (mean 0, std 1: pixels in [0, 1]). Input
+    normalization travels with the model: whatever reads a run feeds it pixels. No parameters, no state_dict entry."""
 
     def __init__(self, mean=(MNIST_MEAN,), std=(MNIST_STD,), memory_format=torch.contiguous_format):
         super().__init__()
@@ -486,12 +466,11 @@ _passes: dict = {}  # counted failpoint -> how many times this process reached i
 
 
 def failpoint(event: str, number: Optional[int] = None) -> None:
-    """A named place where a test can SIGKILL this process (RUN_TEST_KILL_AT=PLACE), as fail-rs/gofail failpoints do;
-    a no-op otherwise. Places: config (config.json written, no checkpoint yet), checkpoint:E (right after epoch E's
-    last.*), epoch_end:E (after its metrics.json), final (inside the final report, before results.jsonl), interrupted
-    (Ctrl-C handling), and batch:N / gradients:N, the Nth time this process reached the training loop's
-    `common.failpoint("batch")` (or grad_collect's "gradients"). RUN_TEST_PAUSE_AT=PLACE[,PLACE...] sleeps there
-    RUN_TEST_PAUSE_S seconds (default 60) after a line on stderr instead, for a test to send a signal then."""
+    """Where a test can SIGKILL this process (RUN_TEST_KILL_AT=PLACE), as fail-rs/gofail failpoints do; else a no-op.
+    Places: config (config.json written, no checkpoint yet), checkpoint:E (right after epoch E's last.*), epoch_end:E
+    (after its metrics.json), final (in the final report, before results.jsonl), interrupted (Ctrl-C handling), and
+    batch:N / gradients:N (this process's Nth failpoint("batch") / ("gradients") call). RUN_TEST_PAUSE_AT=PLACE[,...]
+    instead prints a line on stderr and sleeps RUN_TEST_PAUSE_S seconds (default 60), for a test to send a signal."""
     kill, pause = os.environ.get("RUN_TEST_KILL_AT"), os.environ.get("RUN_TEST_PAUSE_AT")
     if not kill and not pause:
         return
@@ -499,8 +478,6 @@ def failpoint(event: str, number: Optional[int] = None) -> None:
         number = _passes[event] = _passes.get(event, 0) + 1
     here = event if number is None else f"{event}:{number}"
     if kill == here:
-        import signal
-
         os.kill(os.getpid(), signal.SIGKILL)
     if pause and here in pause.split(","):
         with contextlib.suppress(OSError):
@@ -543,8 +520,8 @@ def mosaic(images: np.ndarray, cols: int, pad_x: int, pad_top: int = 0) -> np.nd
 
 
 def plot_image_grid(images, titles, path, colors=None, suptitle=None, cols=8) -> None:
-    """Grayscale images [N,H,W] in a grid with titles (colored if given), drawn as one mosaic in one axes (a figure
-    of 32 small axes takes seconds to lay out)."""
+    """Grayscale images [N,H,W] in a grid with titles (colored if given), as one mosaic in one axes (a figure of 32
+    small axes is slow to lay out)."""
     plt = pyplot()
     images = images.detach().float().cpu().numpy() if isinstance(images, torch.Tensor) else np.asarray(images, dtype=np.float32)
     n = len(images)

@@ -1,8 +1,8 @@
-"""A run, kept on disk: the one bookkeeping path every script shares. The process (main: bad input as one line and
-exit code 2; Ctrl-C or SIGTERM as the resume command, then death by that signal), the script's identity (its file
-name), runs/<script>/<time>[-tag]/ with config.json, best/last checkpoints written atomically, metrics.json and a
-results.jsonl line, the kill-proof resume (last.* is the one source of truth after a kill at any moment), and a
-finished run's model rebuilt by its own script. The script decides when anything is written:
+"""A run, kept on disk, the bookkeeping every script shares: main (bad input as one line, exit code 2; Ctrl-C or
+SIGTERM as the resume command, then death by that signal), a script named by its file, runs/<script>/<time>[-tag]/
+(config.json, atomic best/last checkpoints, metrics.json, a results.jsonl line), the kill-proof resume from last.*,
+and a finished run's model rebuilt by its own script. The script decides when anything is written, and ends with
+`if __name__ == "__main__": rundir.main(app)`:
 
     run = rundir.Run(ctx, __file__)       # options: the command's (ctx.params); identity: this file's name
     args = run.args
@@ -16,8 +16,6 @@ finished run's model rebuilt by its own script. The script decides when anything
             run.save_last(record)                                    # last.pt, then metrics.json
             if stop: break
     run.finish(final, result, summary=line)                          # metrics.json, results.jsonl, the last line
-
-and at the end of every script: `if __name__ == "__main__": rundir.main(app)`.
 """
 
 from __future__ import annotations
@@ -25,11 +23,17 @@ from __future__ import annotations
 import atexit
 import contextlib
 import errno
+import hashlib
+import importlib.metadata
 import importlib.util
+import inspect
 import json
 import os
 import platform
+import re
 import shutil
+import signal
+import subprocess
 import sys
 import threading
 import time
@@ -50,15 +54,12 @@ INTERRUPTED = "INTERRUPTED.txt"  # Run.guard's note in an interrupted run's dire
 
 # ----------------------------------------------------------------------------- the process: bad input, Ctrl-C, SIGTERM
 def main(app: typer.Typer, fast_exit: bool = True) -> None:
-    """Run a Typer app; bad input of any kind ends with one line on stderr and exit code 2. With fast_exit the
-    process then ends with os._exit, after the atexit handlers have run (a copy's wandb, coverage or profiler keeps
-    its data): the interpreter's teardown of torch's modules and libraries takes a second or so (docs/benchmarks.md)
-    and has nothing left to do, because every file is written atomically and fsynced and Run.finish and Ctrl-C close
-    the TensorBoard writers. A full disk ends with one line naming the file and the resume command, exit code 1. Where this Python has no
-    atexit._run_exitfuncs (a private function, probed), the normal exit. A script whose libraries clean up at exit
-    (Ray) or a caller in the same process passes fast_exit=False.
-    Ctrl-C (SIGINT) or SIGTERM, inside Run.guard or anywhere else, ends the process *by that signal* (die_of), the
-    Unix convention a shell loop, make or a job runner reads as "stop": an exit code of 130 would let them go on."""
+    """Run a Typer app. Bad input of any kind: one line on stderr, exit code 2; a full disk: one line naming the file
+    and the resume command, exit code 1. Ctrl-C or SIGTERM, in Run.guard or not, ends the process *by that signal*
+    (die_of), which a shell loop, make or a job runner reads as "stop" (exit code 130 would let them go on). fast_exit
+    (where the private atexit._run_exitfuncs exists): os._exit after the atexit handlers (wandb, coverage keep their
+    data), skipping torch's slow teardown, with nothing left to do (files are written atomically and fsynced; Run.finish
+    and Ctrl-C close the TensorBoard writers). False for libraries that clean up at exit (Ray), or a caller in-process."""
     signum, Run.current = None, None
     label_copy(app, getattr(sys.modules.get("__main__"), "__file__", None))
     received, restore = _note_signals()
@@ -91,9 +92,8 @@ def main(app: typer.Typer, fast_exit: bool = True) -> None:
     restore()
     if signum is not None:
         die_of(signum)
-    run_exit_handlers = getattr(atexit, "_run_exitfuncs", None)
-    if fast_exit and callable(run_exit_handlers):
-        run_exit_handlers()  # what the interpreter's exit would run first; each handler once (it unregisters them)
+    if fast_exit and callable(getattr(atexit, "_run_exitfuncs", None)):
+        atexit._run_exitfuncs()  # what the interpreter's exit would run first; each handler once (it unregisters them)
         sys.stdout.flush()
         sys.stderr.flush()
         os._exit(code)
@@ -101,11 +101,8 @@ def main(app: typer.Typer, fast_exit: bool = True) -> None:
 
 
 def _note_signals():
-    """While main runs the app: SIGINT and SIGTERM raise KeyboardInterrupt (Terminated) as Python's default
-    SIGINT handler does, and are remembered (Typer turns them into exit code 130, which would hide them). Where one
-    is ignored (a background job's SIGINT) it stays so. Returns (received, restore(ignore=False))."""
-    import signal
-
+    """While main runs the app, SIGINT and SIGTERM raise KeyboardInterrupt (Terminated) and are remembered (Typer's
+    exit code 130 would hide them); an ignored one (a background job's SIGINT) stays so. Returns (received, restore)."""
     received: list[int] = []
 
     def handler(signum, frame):
@@ -141,11 +138,8 @@ class Terminated(KeyboardInterrupt):
 def die_of(signum: int) -> None:
     """End the process by `signum` with its default action, after the atexit handlers and flushed output (a closed
     pipe, e.g. `| tee` killed by the same Ctrl-C, is ignored): the parent sees "killed by SIGINT", not an exit code."""
-    import signal
-
-    run_exit_handlers = getattr(atexit, "_run_exitfuncs", None)  # private: probed (without it, as a plain kill)
-    if callable(run_exit_handlers):
-        run_exit_handlers()
+    if callable(getattr(atexit, "_run_exitfuncs", None)):  # private: probed (without it, as a plain kill)
+        atexit._run_exitfuncs()
     for stream in (sys.stdout, sys.stderr):
         with contextlib.suppress(Exception):
             stream.flush()
@@ -164,8 +158,6 @@ def script_name(script_file) -> str:
 def copy_of(script_file) -> Optional[str]:
     """The script a file was copied from, where its docstring's first line names another file ("a.py: ..." in b.py
     gives "a"); None when it names itself (or no file)."""
-    import re
-
     with contextlib.suppress(OSError, UnicodeDecodeError):
         named = re.match(r'\s*[rRuU]?"""\s*([\w.-]+)\.py:', Path(script_file).read_text())
         if named and named.group(1) != script_name(script_file):
@@ -174,10 +166,7 @@ def copy_of(script_file) -> Optional[str]:
 
 
 def label_copy(app: typer.Typer, script_file) -> None:
-    """In a copy (copy_of), --help begins with what the file is a copy of: "b.py, a copy of a.py (edit its docstring's
-    first line to say what your experiment is): ..." (main calls it)."""
-    import inspect
-
+    """In a copy (copy_of), --help begins "b.py, a copy of a.py (edit its docstring's first line ...): "."""
     original = copy_of(script_file) if script_file else None
     if original is None:
         return
@@ -189,9 +178,8 @@ def label_copy(app: typer.Typer, script_file) -> None:
 
 # ----------------------------------------------------------------------------- files, written atomically
 def atomic_write(path, write) -> None:
-    """write(tmp_path) into a temporary file beside `path`, fsync it, rename it over `path`, fsync the folder:
-    a reader (or a resume after SIGKILL) sees the old file or the new one, never half of one. The file gets the
-    modes any new file gets (0666 less the umask: 0644 under umask 022), as the plots do; mkstemp's are 0600."""
+    """write(tmp_path) into a temporary file beside `path`, fsync it, rename it over `path`, fsync the folder: a reader
+    (or a resume after SIGKILL) sees the old file or the new one, never half of one. Mode 0666 less the umask (as plots)."""
     path = Path(path)
     for _ in range(100):
         tmp = str(path.parent / f"{path.name}.{os.urandom(4).hex()}.tmp")
@@ -301,11 +289,9 @@ def load_checkpoint(path, map_location="cpu") -> dict:
 
 # ----------------------------------------------------------------------------- what ran
 def versions() -> dict:
-    from importlib.metadata import PackageNotFoundError, version
-
-    try:  # from the package metadata: importing torchvision costs about 1.5 s
-        torchvision_version = version("torchvision")
-    except PackageNotFoundError:
+    try:  # from the package metadata: importing torchvision is slow
+        torchvision_version = importlib.metadata.version("torchvision")
+    except importlib.metadata.PackageNotFoundError:
         torchvision_version = None
     return {"python": platform.python_version(), "torch": torch.__version__, "torchvision": torchvision_version,
             "numpy": np.__version__, "platform": platform.platform(), "cpu_capability": torch.backends.cpu.get_cpu_capability(),
@@ -313,13 +299,9 @@ def versions() -> dict:
 
 
 def code_version(script_file) -> dict:
-    """The code that ran, for config.json: {"script_sha256": the script file's, "common_sha256" and "rundir_sha256":
-    the shared modules', "git": {"commit", "dirty" (uncommitted changes anywhere in the tree), "root"} when the script
-    is in a git work tree, else None, "copy_of": the script it was copied from (copy_of)}. Two runs of a script edited in between differ here;
-    a table of runs can group by script_sha256, git_commit or git_dirty."""
-    import hashlib
-    import subprocess
-
+    """The code that ran, for config.json (runs of an edited script differ here): {"script_sha256", "common_sha256",
+    "rundir_sha256": the files', "git": {"commit", "dirty" (uncommitted changes anywhere in the tree, or the script
+    itself not committed), "root"} in a git work tree, else None, "copy_of": copy_of(script)}."""
     sha = lambda f: hashlib.sha256(Path(f).read_bytes()).hexdigest()  # noqa: E731
     folder = Path(script_file).resolve().parent
     git = None
@@ -331,7 +313,7 @@ def code_version(script_file) -> dict:
             tree = run("status", "--porcelain", "--untracked-files=no")  # changed tracked files
             script = run("status", "--porcelain", "--untracked-files=all", "--", str(Path(script_file).resolve()))
             dirty = bool(tree.stdout.strip() or script.stdout.strip()) if tree.returncode == script.returncode == 0 else None
-            git = {"commit": commit, "dirty": dirty, "root": root}  # dirty: also when the script itself is not committed
+            git = {"commit": commit, "dirty": dirty, "root": root}
     return {"script_sha256": sha(script_file), "common_sha256": sha(common.__file__),
             "rundir_sha256": sha(__file__), "git": git, "copy_of": copy_of(script_file)}
 
@@ -382,17 +364,10 @@ def options_of(ctx: typer.Context) -> SimpleNamespace:
     return SimpleNamespace(**{k: (str(v) if isinstance(v, Path) else v) for k in names for v in [ctx.params[k]]})
 
 
-def typed_on_command_line(ctx, name: str) -> bool:
-    """Whether the user gave option `name` on the command line (not its default, nor an environment variable)."""
-    source = ctx.get_parameter_source(name) if ctx is not None else None
-    return source is not None and source.name == "COMMANDLINE"
-
-
 class Run:
-    """One run's directory and files (config.json, best.*/last.*, metrics.json, a results.jsonl line) and Ctrl-C.
-    The script decides when they are written. last.* (registered objects, RNG, history) is the one source of truth
-    after a kill at any moment. The script says what it needs: `changeable` (options a resume may change),
-    `length_option`, fix_length(why), checkpoint_format=(ext, save, load) for non-torch checkpoints."""
+    """One run's directory and files (config.json, best.*/last.*, metrics.json, a results.jsonl line) and Ctrl-C,
+    written when the script says; last.* (objects, RNG, history) is the source of truth after a kill. The script gives
+    `changeable` (options a resume may change), `length_option`, fix_length(why), checkpoint_format=(ext, save, load)."""
 
     current = None  # the process's latest Run: main says how to resume it after a Ctrl-C outside its guard
 
@@ -403,7 +378,8 @@ class Run:
         self.ext, self._save_file, self._load_file = checkpoint_format or (".pt", torch.save, load_checkpoint)
         self.length_option, self.main_process = length_option, main_process
         self.resumed, self.original, self.dir = bool(getattr(args, "resume", None)), None, None
-        self.typed = {name for name in vars(args) if typed_on_command_line(ctx, name)}  # what the user asked for
+        # what the user typed on the command line (not a default, nor an environment variable)
+        self.typed = {name for name in vars(args) if getattr(ctx.get_parameter_source(name), "name", None) == "COMMANDLINE"}
         if self.resumed:
             self.dir = Path(args.resume)
             check(self.dir.is_dir(), f"--resume {self.dir}: no such run directory")
@@ -417,15 +393,13 @@ class Run:
         self.args, self.objects, self._writers, self._pending_config = args, {}, {}, None
         self.epoch, self.history, self.best = 0, [], {"epoch": 0, "score": None}
         self.best_loss, self.bad_epochs, self.stopped_early, self.training_done = float("inf"), 0, False, False
-        self.fixed_length = None
-        self._guarded = False  # inside Run.guard
+        self.fixed_length, self._guarded = None, False  # _guarded: inside Run.guard
         Run.current = self  # main's Ctrl-C outside Run.guard says how to resume this run
 
     def _end_if_finished(self, args) -> None:
-        """A finished run resumed asking for nothing new (a requeued cluster job: `python SCRIPT --resume RUN` after a
-        preemption that came just after the end): print the run's own last line and exit 0, touching no file. Options
-        typed with a new value (a longer run, another analysis) go on to restore, which does them or says why not;
-        a new --device, --data-dir or --quiet changes nothing a finished run would do."""
+        """A finished run resumed asking for nothing new (a cluster job requeued just after its end): print its own last
+        line and exit 0, touching no file. Options typed with a new value (a longer run, another analysis) go on to
+        restore, which does them or says why not; --device, --data-dir and --quiet change nothing of a finished run."""
         metrics = read_json(self.dir / "metrics.json", {})
         asked = {name for name in self.typed if name in self._saved and name not in ("resume", "tag", "quiet", "device", "data_dir")
                  and self._saved[name] != getattr(args, name)}
@@ -442,12 +416,9 @@ class Run:
                     saved[name] = new
         merged = dict(vars(args))
         for name in vars(args):
-            if name in ("resume", "tag") or name not in saved:
+            if name in ("resume", "tag") or name not in saved or (name in self.typed and name in changeable):
                 continue
-            typed = name in self.typed
-            if typed and name in changeable:
-                continue
-            if typed and saved[name] != getattr(args, name):
+            if name in self.typed and saved[name] != getattr(args, name):
                 raise UserError(f"--{name.replace('_', '-')} cannot change when resuming ({saved[name]!r} in {self.dir}); "
                                 f"start a new run instead")
             merged[name] = saved[name]
@@ -455,8 +426,7 @@ class Run:
         return SimpleNamespace(**{**merged, "resume": str(self.dir)})
 
     def fix_length(self, why: str) -> None:
-        """Refuse a resume that changes the planned length (--epochs): `why` it must not change, e.g. the lr schedule
-        spans the planned epochs and would jump back up mid-run."""
+        """Refuse a resume that changes the planned length (--epochs), because `why` (e.g. the lr schedule spans it)."""
         self.fixed_length = why
         planned, now = (self.original or {}).get(self.length_option), getattr(self.args, self.length_option)
         flag = "--" + self.length_option.replace("_", "-")
@@ -467,10 +437,6 @@ class Run:
     @property
     def last_path(self) -> Path:
         return self.dir / f"last{self.ext}"
-
-    @property
-    def best_path(self) -> Path:
-        return self.dir / f"best{self.ext}"
 
     def _save(self, name: str, state: dict) -> None:
         if self.main_process:  # other processes may not know the new run's directory (rank 0 makes it)
@@ -487,9 +453,8 @@ class Run:
 
     def save_config(self, **derived) -> dict:
         """New run: OUT_DIR/<script>/<time>[-tag]/config.json (options, derived facts, versions). Resumed: the original
-        stays and config["resumes"] gains {"time", "changed": the options the user typed with a new value [old, new],
-        "environment": the derived facts and versions that differ now [old, new] (another device, an edited script)},
-        written once last.* has loaded (a failed resume changes nothing)."""
+        stays; config["resumes"] gains {"time", "changed": options typed with a new value, "environment": derived facts
+        and versions that differ now}, each [old, new], written once last.* loads (a failed resume changes nothing)."""
         if self.resumed:
             config = dict(self.original)
             current = dict(config)  # as the run stood before this resume: earlier resumes' changes applied
@@ -515,11 +480,10 @@ class Run:
         return config
 
     def restore(self, device="cpu", planned: Optional[int] = None, **objects) -> None:
-        """Register the objects kept in last.* (Generators, or state_dict/load_state_dict) and restore them with the RNG
-        and history if there is a last.*, else write it at epoch 0. `device`: where the run computes (its RNG is saved
-        with the CPU's). last.* is read to the CPU whatever the device: weights and optimizer state reach the model's
-        device through load_state_dict, and RNG states are CPU byte tensors on every device (CUDA's, MPS's and
-        device Generators' set_state take nothing else). `planned`: epochs to train (default --epochs)."""
+        """Register the objects kept in last.* (Generators, or state_dict/load_state_dict) and restore them, the RNG (the
+        CPU's and `device`'s, where the run computes) and history from last.* if there is one, else write it at epoch 0.
+        last.* is read to the CPU: load_state_dict moves weights and optimizer state to their device, and every RNG
+        state is a CPU byte tensor (what every set_state takes). `planned`: epochs to train (default --epochs)."""
         self.objects, self.device = objects, torch.device(device)
         planned = getattr(self.args, "epochs", None) if planned is None else planned
         if not (self.resumed and self.last_path.is_file()):
@@ -615,7 +579,7 @@ class Run:
 
     def load_best(self) -> dict:
         """best.* read to the CPU (model.load_state_dict copies the weights to the model's device)."""
-        return self._load(self.best_path)
+        return self._load(self.dir / f"best{self.ext}")
 
     def tensorboard(self, folder: Optional[str] = None, purge_step: Optional[int] = None):
         """A SummaryWriter on the run directory (or `folder` in it: values on another x axis) that drops the events a
@@ -629,11 +593,9 @@ class Run:
 
     @contextlib.contextmanager
     def guard(self):
-        """Ctrl-C (SIGINT) or SIGTERM inside: last.* already holds the last finished epoch (every write is atomic).
-        With both signals ignored meanwhile (a second Ctrl-C cannot cut it short), close the TensorBoard writers and
-        write the resume command to INTERRUPTED.txt in the run directory, then to stderr; then raise Interrupted, which
-        main turns into death by the same signal, so a shell loop of runs stops."""
-        import signal
+        """Ctrl-C (SIGINT) or SIGTERM inside (last.* already holds the last finished epoch): with both signals ignored, so
+        a second Ctrl-C cannot cut it short, run interrupted(), then raise Interrupted, which main turns into death by
+        the same signal, so a shell loop of runs stops."""
 
         def on_term(signum, frame):
             raise Terminated()
@@ -661,8 +623,6 @@ class Run:
     def interrupted(self, signum: int) -> None:
         """After Ctrl-C or SIGTERM: close the TensorBoard writers, then the resume command into INTERRUPTED.txt and
         onto stderr (main process; nothing once the run has finished)."""
-        import signal
-
         failpoint("interrupted")
         for writer in self._writers.values():
             writer.close()
@@ -680,9 +640,8 @@ class Run:
         return f"python {path if not path.startswith('..') else self.script_path} --resume {self.dir}"
 
     def finish(self, final: dict, result: dict, summary: str) -> None:
-        """One line in OUT_DIR/results.jsonl (once per run directory), then metrics.json with `final` (which marks the
-        run finished) and `summary`, the run's last line, printed here and again by a resume of the finished run.
-        Killed before this, a resume redoes the final report."""
+        """One line in OUT_DIR/results.jsonl (once per run directory), then metrics.json with `final` (the run is finished)
+        and `summary` (its last line, printed here and again on a resume of it); killed before, a resume redoes this."""
         for writer in self._writers.values():
             writer.close()
         if self.main_process:
@@ -707,10 +666,9 @@ def make_run_dir(out_dir, script: str, tag: Optional[str] = None) -> Path:
 
 # ----------------------------------------------------------------------------- each epoch's predictions
 class Predictions:
-    """Each training row's predicted probabilities as its training step saw them (softmax of the step's own logits),
-    float16 on the device during an epoch and written once at its end: predictions/epoch_<n>.npz (probs [N, classes]
-    in training-split order, sample_index, label, seen): what a label audit ranks suspect labels with. record() is
-    one scatter per step on the device, no host sync."""
+    """Each training row's probabilities as its training step saw them (softmax of the step's logits), float16 on the
+    device (record: one scatter per step, no host sync), written at the epoch's end to predictions/epoch_<n>.npz (probs
+    [N, classes] in training-split order, sample_index, label, seen): what a label audit ranks suspect labels with."""
 
     def __init__(self, labels: torch.Tensor, num_classes: int, sample_index: torch.Tensor):
         self.labels, self.sample_index = labels, sample_index
