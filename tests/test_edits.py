@@ -26,6 +26,8 @@ SCRIPTS = {  # script: (data fixture, arguments of a small run, reads back with 
     "train_allcnn": ("tiny_cifar", ["--epochs", 2, "--batch-size", 16, "--c1", 8, "--c2", 16, "--quiet"], False, True),
     "grad_collect": ("tiny_mnist", [*MNIST_ARGS, "--hidden", 32, "--no-analysis"], True, True),
     "numpy_nn": ("tiny_mnist", ["--updates", 24, "--eval-every", 12, "--arch", "mlp", "--hidden", 16, "--quiet"], False, False),
+    "train_adv": ("tiny_mnist", [*MNIST_ARGS, "--check-steps", 2, "--guard-rows", 60, "--eval-steps", 2, "--eval-restarts", 2],
+                  True, True),
 }
 TORCH_SCRIPTS = [s for s in SCRIPTS if s != "numpy_nn"]  # the optimizer, scheduler and clipping edits need torch
 
@@ -67,6 +69,8 @@ WIDER = {  # a changed layer width: the readers must rebuild the copy's model, n
     "train_allcnn": [("*block(3, c1, 3), *block(c1, c1, 3),", "*block(3, c1 + 8, 3), *block(c1 + 8, c1, 3),")],
     "grad_collect": [("re:nn\\.Linear\\(width, h\\)", "nn.Linear(width, h + 8)"), ("re:width = h\\b", "width = h + 8")],
     "numpy_nn": [("widths, self.layers = [28 * 28] + hidden, [Flatten()]", "widths, self.layers = [28 * 28] + [h + 8 for h in hidden], [Flatten()]")],
+    "train_adv": [("nn.Linear(32 * 7 * 7, width), nn.ReLU(), nn.Linear(width, num_classes)",
+                   "nn.Linear(32 * 7 * 7, width + 8), nn.ReLU(), nn.Linear(width + 8, num_classes)")],
 }
 EDITS = {"epoch_scheduler": EPOCH_SCHEDULER, "param_groups": PARAM_GROUPS, "clipping": CLIPPING, "new_option": NEW_OPTION,
          "new_local": NEW_LOCAL, "extra_scalar": EXTRA_SCALAR, "wider": None}
