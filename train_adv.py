@@ -133,19 +133,21 @@ def make_training(args, images, labels, num_classes: int, device):
     return model, optimizer, scheduler, common.grad_scaler(device, args.precision), batches, generator
 
 
-def train_epoch(model, batches, optimizer, scheduler, scaler, generator, args, predictions=None):
+def train_epoch(model, batches, optimizer, scheduler, scaler, generator, args, epoch: int, predictions=None):
     """One pass over the training batches, each replaced by its adversarial version (FGSM from a random start, or
     PGD), the model trained on those under common.autocast(--precision); the scheduler stepped after each step.
     Returns the epoch's mean loss and accuracy on the attacked inputs, and the per-step values [steps, 2] (read once
     at the end: no per-step synchronisation). predictions: records each row's probabilities as the step saw them."""
     device = batches.labels.device
-    eps, step_stats, sizes = args.eps * 255, torch.zeros(len(batches), 2, device=device), torch.zeros(len(batches), device=device)
+    step_stats, sizes = torch.zeros(len(batches), 2, device=device), torch.zeros(len(batches), device=device)
+    warmup = args.eps_warmup * len(batches)  # steps over which eps grows linearly to --eps
     for i, (x, y) in enumerate(common.progress(batches, args.quiet, desc="train")):
         common.failpoint("batch")  # tests kill the process here (RUN_TEST_KILL_AT=batch:N); a no-op otherwise
-        x = x.float()
+        x, step = x.float(), (epoch - 1) * len(batches) + i  # the global step: --eps-warmup ramps eps over them
+        eps = 255 * args.eps * (min(1.0, (step + 1) / warmup) if warmup else 1.0)
         model.eval()  # the attack sees the model as it is (no dropout or batch norm here: the same either way)
         if args.attack == "fgsm":
-            adv = fgsm_rs(model, x, y, eps, (args.fgsm_step or 1.25 * args.eps) * 255, generator)
+            adv = fgsm_rs(model, x, y, eps, eps * (args.fgsm_step or 1.25 * args.eps) / args.eps if args.eps else 0.0, generator)
         else:
             adv = pgd(model, x, y, eps, args.pgd_steps, args.pgd_step * 255, generator)
         model.train()
@@ -171,8 +173,8 @@ def fit(config: dict, images, labels, num_classes: int, seed: int) -> nn.Module:
     no validation or checkpoints): label_audit.py's cleanlab folds."""
     args = SimpleNamespace(**{**config, "seed": seed, "quiet": True})
     model, optimizer, scheduler, scaler, batches, generator = make_training(args, images, labels, num_classes, images.device)
-    for _ in range(args.epochs):
-        train_epoch(model, batches, optimizer, scheduler, scaler, generator, args)
+    for epoch in range(1, args.epochs + 1):
+        train_epoch(model, batches, optimizer, scheduler, scaler, generator, args, epoch)
     return model.eval()
 
 
@@ -183,7 +185,10 @@ def check_options(args) -> None:
     common.check(args.pgd_steps >= 1 and args.pgd_step > 0, f"--pgd-steps {args.pgd_steps} --pgd-step {args.pgd_step}: need >= 1 step of a positive size")
     common.check(args.eval_steps >= 1 and args.eval_restarts >= 1, f"--eval-steps {args.eval_steps} --eval-restarts {args.eval_restarts}: need at least 1 of each")
     common.check(args.check_steps >= 1, f"--check-steps {args.check_steps}: must be at least 1")
-    common.check(args.guard_rows >= 1 and 0 < args.guard_drop <= 1, f"--guard-rows {args.guard_rows} --guard-drop {args.guard_drop}: need >= 1 row and a drop in (0, 1]")
+    common.check(args.eps_warmup >= 0, f"--eps-warmup {args.eps_warmup}: epochs, not negative")
+    common.check(args.guard_rows >= 1 and 0 < args.guard_drop <= 1 and 0 < args.guard_gap <= 1,
+                 f"--guard-rows {args.guard_rows} --guard-drop {args.guard_drop} --guard-gap {args.guard_gap}: need >= 1 row, "
+                 f"a drop and a gap in (0, 1]")
     common.check(args.epochs >= 1 and args.batch_size >= 1 and args.lr > 0 and args.width >= 1,
                  "--epochs, --batch-size, --lr and --width must be positive")
 
@@ -199,20 +204,23 @@ def train(run, model, optimizer, scheduler, scaler, batches, generator, data, gu
     with run.guard():
         for epoch in run.epochs(args.epochs):
             t0 = time.time()
-            train_loss, train_acc, step_stats = train_epoch(model, batches, optimizer, scheduler, scaler, generator, args, predictions)
-            guard = robust_accuracy(model, guard_x, guard_y, eps, args.check_steps, step, 1, args.seed + epoch, fgsm=False)["pgd_acc"]
+            train_loss, train_acc, step_stats = train_epoch(model, batches, optimizer, scheduler, scaler, generator, args, epoch, predictions)
+            check = robust_accuracy(model, guard_x, guard_y, eps, args.check_steps, step, 1, args.seed + epoch)
+            guard, guard_fgsm = check["pgd_acc"], check["fgsm_acc"]
             val = robust_accuracy(model, data.val_x, data.val_y, eps, args.check_steps, step, 1, args.seed, fgsm=False) \
                 if len(data.val_y) else {"clean_acc": None, "pgd_acc": None}
             predictions.save(run.dir, epoch)  # predictions/epoch_<n>.npz, before last.pt records the epoch
-            record = {"epoch": epoch, "train_loss": train_loss, "train_acc": train_acc, "guard_pgd_acc": guard,
+            record = {"epoch": epoch, "train_loss": train_loss, "train_acc": train_acc, "guard_pgd_acc": guard, "guard_fgsm_acc": guard_fgsm,
                       "val_acc": val["clean_acc"], "val_pgd_acc": val["pgd_acc"], "lr_end": optimizer.param_groups[0]["lr"],
                       "epoch_time_s": time.time() - t0, **common.step_values(step_stats)}
             common.add_step_scalars(steps_writer, record, (epoch - 1) * len(batches))
-            for key in ("train_loss", "train_acc", "guard_pgd_acc", "val_acc", "val_pgd_acc"):
+            for key in ("train_loss", "train_acc", "guard_pgd_acc", "guard_fgsm_acc", "val_acc", "val_pgd_acc"):
                 if record[key] is not None:
                     writer.add_scalar(key, record[key], epoch)
+            # catastrophic overfitting (Wong et al.; Andriushchenko and Flammarion): PGD accuracy falls within an epoch,
+            # or the model resists FGSM (the attack it trains on) while PGD breaks it: the gradient at x misleads
             best_guard = max([h["guard_pgd_acc"] for h in run.history] + [guard])
-            collapsed = guard < best_guard - args.guard_drop  # catastrophic overfitting: robustness gone in an epoch
+            collapsed = guard < best_guard - args.guard_drop or (epoch > 1 and guard_fgsm - guard > args.guard_gap)
             if not collapsed and run.improved(val["pgd_acc"], epoch):  # best.pt: the best validation PGD accuracy
                 run.save_best({"model": model.state_dict()})
             if collapsed:
@@ -222,8 +230,8 @@ def train(run, model, optimizer, scheduler, scaler, batches, generator, data, gu
                   + (f"val {val['clean_acc']:.2%}, PGD {val['pgd_acc']:.2%} | " if val["pgd_acc"] is not None else "")
                   + f"{record['epoch_time_s']:.1f}s")
             if collapsed:
-                print(f"catastrophic overfitting: PGD accuracy on the guard rows fell to {guard:.2%} (best {best_guard:.2%}) in "
-                      f"epoch {epoch}; stopping, best.pt keeps epoch {run.best['epoch']}")
+                print(f"catastrophic overfitting: PGD accuracy on the guard rows fell to {guard:.2%} (best {best_guard:.2%}; "
+                      f"FGSM {guard_fgsm:.2%}) in epoch {epoch}; stopping, best.pt keeps epoch {run.best['epoch']}")
                 break
 
 
@@ -281,11 +289,13 @@ def main(
     attack: Annotated[str, typer.Option(help="fgsm (from a random start, Wong et al.) or pgd (Madry et al.) adversarial training.")] = "fgsm",
     eps: Annotated[float, typer.Option(help="L-inf budget as a fraction of the pixel range (0.3 = 76.5/255).")] = 0.3,
     fgsm_step: Annotated[Optional[float], typer.Option(help="FGSM training step, a fraction of the range (default 1.25 eps).")] = None,
+    eps_warmup: Annotated[float, typer.Option(help="Epochs over which the training eps (and the FGSM step with it) grows linearly from 0 to --eps.")] = 0.0,
     pgd_steps: Annotated[int, typer.Option(help="PGD training steps (--attack pgd).")] = 40,
     pgd_step: Annotated[float, typer.Option(help="PGD training step size, a fraction of the range.")] = 0.01,
     check_steps: Annotated[int, typer.Option(help="PGD steps of the per-epoch checks (guard rows and validation; step 2.5 eps / steps).")] = 10,
     guard_rows: Annotated[int, typer.Option(help="The first N training rows, attacked with PGD after every epoch: the catastrophic-overfitting guard.")] = 1000,
     guard_drop: Annotated[float, typer.Option(help="Stop when the guard rows' PGD accuracy falls this far below its best (0.2 = 20 points).")] = 0.2,
+    guard_gap: Annotated[float, typer.Option(help="... or, from epoch 2, when their FGSM accuracy exceeds their PGD accuracy by this much.")] = 0.7,
     eval_steps: Annotated[int, typer.Option(help="PGD steps of the final test evaluation.")] = 50,
     eval_restarts: Annotated[int, typer.Option(help="Random restarts of the final test evaluation.")] = 10,
     eval_step: Annotated[Optional[float], typer.Option(help="PGD step size of the final evaluation, a fraction of the range (default 2.5 eps / steps).")] = None,

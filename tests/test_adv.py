@@ -51,7 +51,7 @@ def test_the_guard_stops_a_run_whose_robustness_collapses(tiny_mnist, tmp_path):
     """A copy whose weights are scrambled after epoch 3's training (robustness gone, as catastrophic overfitting does
     in an epoch): the guard says so, training stops, best.pt keeps an earlier epoch, and the final report runs."""
     source = (ROOT / "train_adv.py").read_text()
-    anchor = "            guard = robust_accuracy("
+    anchor = "            check = robust_accuracy(model, guard_x"
     assert source.count(anchor) == 1
     collapse = ("            if epoch == 3:  # the test's collapse\n"
                 "                with torch.no_grad():\n"
