@@ -67,7 +67,7 @@ def make_tiny_mnist(root: Path, n_train: int = 600, n_test: int = 200) -> Path:
 # The modules whose tests take longest (Ray, torchrun, real Ctrl-C and SIGKILL cycles) first, in this order, the rest
 # as collected: `-n 2` hands tests out in collection order, so the two workers end together on short tests instead
 # of one waiting for the other's last long module.
-SLOW_MODULES_FIRST = ["test_sweep.py", "test_edits.py", "test_device_check.py", "test_allcnn.py", "test_kill.py", "test_signals.py", "test_mlp.py",
+SLOW_MODULES_FIRST = ["test_sweep.py", "test_edits.py", "test_adv.py", "test_device_check.py", "test_allcnn.py", "test_kill.py", "test_signals.py", "test_mlp.py",
                       "test_grad_collect.py",
                       "test_glonet.py", "test_cnn.py", "test_copy.py"]
 

@@ -26,7 +26,7 @@ SCRIPTS = {  # script: (data fixture, arguments of a small run, reads back with 
     "train_allcnn": ("tiny_cifar", ["--epochs", 2, "--batch-size", 16, "--c1", 8, "--c2", 16, "--quiet"], False, True),
     "grad_collect": ("tiny_mnist", [*MNIST_ARGS, "--hidden", 32, "--no-analysis"], True, True),
     "numpy_nn": ("tiny_mnist", ["--updates", 24, "--eval-every", 12, "--arch", "mlp", "--hidden", 16, "--quiet"], False, False),
-    "train_adv": ("tiny_mnist", [*MNIST_ARGS, "--check-steps", 2, "--guard-rows", 60, "--eval-steps", 2, "--eval-restarts", 2],
+    "train_adv": ("tiny_mnist", [*MNIST_ARGS, "--attack", "fgsm", "--check-steps", 2, "--guard-rows", 60, "--eval-steps", 2, "--eval-restarts", 2],
                   True, True),
 }
 TORCH_SCRIPTS = [s for s in SCRIPTS if s != "numpy_nn"]  # the optimizer, scheduler and clipping edits need torch

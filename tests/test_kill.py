@@ -25,7 +25,8 @@ SCRIPTS = {  # tiny runs: 540 training samples, batches of 90 -> 6 steps an epoc
                      "--tsne-samples", 40, "--perplexity", 5],  # the default --store factors
     "numpy_nn": ["--compare-torch"],  # 2 evaluations of 6 updates each stand for the 2 epochs; .npz checkpoints
     "train_allcnn": ["--c1", 8, "--c2", 16, "--batch-size", 16],  # tiny CIFAR: 87 training images -> 6 steps an epoch
-    "train_adv": ["--batch-size", 90, "--check-steps", 2, "--guard-rows", 60, "--eval-steps", 3, "--eval-restarts", 2],
+    "train_adv": ["--batch-size", 90, "--pgd-steps", 2, "--eps-warmup", 1, "--check-steps", 2, "--guard-rows", 60,
+                  "--eval-steps", 3, "--eval-restarts", 2],  # the default: PGD training, eps ramped over the first epoch
 }
 LENGTH = {"numpy_nn": ["--updates", 12, "--eval-every", 6]}
 EXTRA_KILLS = {"grad_collect": ["gradients:2"]}  # inside the first epoch's gradient collection (its arrays half written)
