@@ -97,6 +97,11 @@ CLAIMS = [
          metric="best_val_error", rule=("<", 0.10), only_if=("n_train", ">=", 45000), needs="a GPU and --full"),
     dict(job="fgsm", claim="FGSM on the MNIST CNN, seed 0 (the self-learning project)", source="accuracy far below clean",
          metric="fgsm_acc", rule=("<=", {"metric": "clean_acc", "scale": 0.5})),
+    dict(job="adv", claim="adversarial training, MNIST eps 0.3: clean accuracy (train_adv.py defaults)",
+         source="98.50% (Wong et al. 2020, FGSM training)", metric="test_acc", rule=(">=", 0.985), needs="--full"),
+    dict(job="adv", claim="adversarial training, MNIST eps 0.3: robust accuracy, PGD-50 x 10 restarts, per-example worst case",
+         source="88.38% (Wong et al.); 89.62% under PGD-100 x 50 (Madry et al. 2018)", metric="robust_acc",
+         rule=(">=", 0.88), needs="--full"),
     dict(job="clusters", claim="per-sample-gradient clusters align with digits (the per-sample-gradient MLP project)",
          source="clusters ~ digits (ARI 0: chance, 1: the digits)", metric="grad_ari_direction", rule=(">=", 0.8)),
 ]
@@ -763,6 +768,8 @@ def reproduce_plan(quick: bool, data_dir, out_dir, gpu: bool = False, num_cpus: 
         {"name": "ablations", "sweep": f"reproduce-{mode}-ablations", "note": "quick setting: 3 epochs, 20,000 images" if quick else "10 epochs, all images",
          "cmd": ablation_command(d, o, 3 if quick else 10, 20000 if quick else None, f"reproduce-{mode}-ablations", num_cpus)},
     ]
+    if not quick:  # 20-30 minutes a seed on 2 cores: --full only
+        jobs.append(sweep("adv", "train_adv.py"))
     if not quick and gpu:
         jobs.append(single("allcnn", "train_allcnn.py", "--data-dir", d))
     return jobs
