@@ -1,22 +1,34 @@
-"""fgsm_attack.py: input gradients and (iterative) FGSM attacks on a trained MNIST or CIFAR-10 model.
+"""fgsm_attack.py: input gradients, FGSM, iterative FGSM and PGD attacks on a trained MNIST or CIFAR-10 model.
 
 Reproduces the course project's attack section: the gradient of the loss with respect to the input image, drawn for
 correctly and incorrectly classified test images; the 1-step signed-gradient attack (FGSM: x + eps sign(dL/dx)) on
 the whole test set against clean accuracy; and a 5-step iterative FGSM (BIM: step eps/steps, each step projected back
-to the eps-ball around the image and to valid pixels). The attack works on the pixels the model takes, as the data
-stores them (float on the 0-255 scale): the model's normalization is its own first layer (common.Pixels), so eps is
-in pixel units, the same for every channel, and images are clamped to [0, 255].
+to the eps-ball around the image and to valid pixels). Then robust accuracy as the field measures it: L-inf PGD
+(Madry et al.: a start drawn uniformly from the eps-ball, then --pgd-steps 20 signed steps of 2.5 eps/20, each
+projected; --restarts R runs it from R random starts, seeded by --seed), and the worst case per test image over every
+attack of the command: an image counts as robust at an eps only if the model gets it right clean, under FGSM, under
+the iterative FGSM and under every PGD restart (AutoAttack's rule; a restart after the first attacks only the images
+no restart has broken yet, which gives the same answer for less). The attack works on the pixels the model takes, as
+the data stores them (float on the 0-255 scale): the model's normalization is its own first layer (common.Pixels), so
+eps is in pixel units, the same for every channel, and images are clamped to [0, 255]; --eps-fraction reads --eps as
+shares of the range instead (0.3 = 76.5 pixel units; config.json records pixel units either way).
 Defaults: CIFAR-10 eps 2,4,8 (8 is the usual CIFAR budget); MNIST eps 16,32,64 (64 = 0.25 of the range, the FGSM
 paper's MNIST setting: MNIST pixels are nearly binary and small budgets barely move a trained model).
     python fgsm_attack.py runs/SCRIPT/RUN                 # eps 16,32,64 (MNIST) or 2,4,8 (CIFAR-10)
     python fgsm_attack.py runs/SCRIPT/RUN --eps 8 --steps 10
+    python fgsm_attack.py runs/SCRIPT/RUN --eps-fraction --eps 0.3 --pgd-steps 50 --restarts 10
+Each batch takes 1 + steps + pgd_steps x restarts forward/backward passes (26 by default; the progress bar says how
+many), so the time grows with --pgd-steps and --restarts: the default command on train_cnn.py's default MNIST model
+(10,000 test images, 3 eps) takes about 7 minutes of CPU time, 9 minutes on a busy 2-core CPU (without PGD: a
+quarter of that); --pgd-steps 0 turns PGD off.
 The attacked run's own script rebuilds its model (build_model(config), so a copied script's runs work too) and its
 config.json names the dataset. Accuracies are measured
 the way the run's script measured its test accuracy (under its --precision autocast where its evaluate() takes one),
 so the clean accuracy is the run's test accuracy; the attack's gradients are fp32.
-Writes runs/fgsm_attack/<timestamp>[-tag]/: config.json (naming the attacked run), metrics.json (clean, 1-step and
-iterative accuracy per eps, mean loss per step), grad_visuals_correct.png, grad_visuals_incorrect.png,
-attack_loss_curve.png, attack_image_progression_example0.png, fgsm_accuracy_vs_eps.png; one line in runs/results.jsonl.
+Writes runs/fgsm_attack/<timestamp>[-tag]/: config.json (naming the attacked run), metrics.json (clean, FGSM,
+iterative, PGD and robust accuracy per eps, the iterative attack's mean loss per step), grad_visuals_correct.png,
+grad_visuals_incorrect.png, attack_loss_curve.png, attack_image_progression_example0.png, fgsm_accuracy_vs_eps.png;
+one line in runs/results.jsonl (the accuracies at the largest eps).
 """
 
 from __future__ import annotations
@@ -35,6 +47,7 @@ import rundir
 
 app = typer.Typer(add_completion=False, pretty_exceptions_enable=False, help=__doc__.split("\n")[0])
 DEFAULT_EPS = {"mnist": "16,32,64", "cifar10": "2,4,8"}
+ROBUST_STYLE = {"robust (worst case of all)": {"color": "black", "linestyle": "--", "marker": "x"}}  # on top of PGD's line, visibly
 
 
 # ----------------------------------------------------------------------------- the attacked run
@@ -87,10 +100,15 @@ def fgsm(f, x, y, eps: float):
     return (x + eps * grad.sign()).clamp_(0, 255)
 
 
+def signed_step(adv, x, grad, eps: float, size: float):
+    """adv + size sign(grad), projected to the L-inf eps-ball around x and to [0, 255] (at eps 0: x itself)."""
+    return torch.min(torch.max(adv + size * grad.sign(), x - eps), x + eps).clamp_(0, 255)
+
+
 def bim_step(adv, x, grad, eps: float, steps: int):
     """One step of the iterative attack: eps/steps along sign(grad), projected to the L-inf eps-ball around x and to
     [0, 255]."""
-    return torch.min(torch.max(adv + eps / steps * grad.sign(), x - eps), x + eps).clamp_(0, 255)
+    return signed_step(adv, x, grad, eps, eps / steps)
 
 
 def iterative_fgsm(f, x, y, eps: float, steps: int):
@@ -106,26 +124,77 @@ def iterative_fgsm(f, x, y, eps: float, steps: int):
     return adv, losses
 
 
+def pgd(f, x, y, eps: float, steps: int, step_size: float, generator: torch.Generator):
+    """L-inf PGD (Madry et al. 2018): a start drawn uniformly from the eps-ball around x (from `generator`, on x's
+    device) and clamped to [0, 255], then `steps` signed-gradient steps of step_size (pixel units), each projected to
+    the eps-ball and to [0, 255]. At eps 0 the images stay x exactly (the start is x + 0, every projection x)."""
+    noise = torch.rand(x.shape, generator=generator, device=x.device, dtype=x.dtype)
+    adv = (x + eps * (2 * noise - 1)).clamp_(0, 255)
+    for _ in range(steps):
+        _, grad = input_gradients(f, adv, y)
+        adv = signed_step(adv, x, grad, eps, step_size)
+    return adv
+
+
+def pgd_generator(seed: int, eps: float, restart: int, device) -> torch.Generator:
+    """The random starts of PGD's restart `restart` at eps: a generator on the device with its own stream of --seed."""
+    return torch.Generator(device).manual_seed(common.seed_for(seed, f"pgd start: eps {eps:g}, restart {restart}"))
+
+
 def predict(model, x, precision: str) -> torch.Tensor:
     """The model's logits (float) as the run's script evaluates it: under its autocast for `precision`."""
     with torch.no_grad(), common.autocast(x.device, precision):
         return model(x).float()
 
 
-def attack_accuracy(model, images, labels, eps: float, steps: int, batch_size: int, precision: str = "fp32"):
-    """Clean, 1-step FGSM and iterative FGSM accuracy over a whole split (predictions in `precision`, the run's
-    evaluation precision; gradients fp32), and the iterative attack's mean loss per step."""
-    clean = one = many = 0
-    loss_curve = torch.zeros(steps + 1)
-    for s in range(0, len(labels), batch_size):
+def attack_batch(model, x, y, eps: float, steps: int, pgd_steps: int, step_size: float, generators, precision: str):
+    """Which images of one batch the model gets right (predictions in `precision`): clean, under FGSM, under the
+    iterative FGSM, under every PGD restart (one generator each; none: no PGD), and robust (right under all of them,
+    the per-image worst case); and the iterative attack's mean loss per step. A restart after the first attacks only
+    the images no restart has broken yet; every prediction is made on the whole batch, as the clean one is (a batch
+    of another size could round a borderline image the other way: at eps 0 each attack gives the clean predictions)."""
+    def right(images):
+        return predict(model, images, precision).argmax(1) == y
+
+    adv, losses = iterative_fgsm(model, x, y, eps, steps)
+    result = {"clean": right(x), "fgsm": right(fgsm(model, x, y, eps)), "iterative": right(adv)}
+    unbroken = torch.ones_like(result["clean"])
+    for generator in generators:
+        todo = unbroken.nonzero().squeeze(1)
+        if len(todo) == 0:
+            break
+        adv = x.clone()
+        adv[todo] = pgd(model, x[todo], y[todo], eps, pgd_steps, step_size, generator)
+        unbroken &= right(adv)
+    if generators:
+        result["pgd"] = unbroken
+    result["robust"] = result["clean"] & result["fgsm"] & result["iterative"] & unbroken
+    return result, losses
+
+
+def attack_accuracy(model, images, labels, eps: float, steps: int, batch_size: int, precision: str = "fp32",
+                    pgd_steps: int = 0, pgd_step_size: Optional[float] = None, restarts: int = 1, seed: int = 0,
+                    quiet: bool = True) -> dict:
+    """Accuracy over a whole split at eps: clean_acc, fgsm_acc, iterative_acc, pgd_acc (right under every restart;
+    None with pgd_steps 0), robust_acc (right clean and under every attack), the iterative attack's mean loss per step
+    and the PGD step size (default 2.5 eps / pgd_steps). Restart r draws its starts from its own generator, seeded from
+    seed, eps and r: the same seed gives the same first restarts whatever --restarts is (more restarts never raise
+    robust_acc) and whatever other eps the command attacks. A progress bar over the batches (off when quiet)."""
+    step_size = (2.5 * eps / pgd_steps if pgd_step_size is None else pgd_step_size) if pgd_steps else None
+    generators = [pgd_generator(seed, eps, r, images.device) for r in range(restarts if pgd_steps else 0)]
+    counts, loss_curve = {}, torch.zeros(steps + 1)
+    passes = 1 + steps + pgd_steps * len(generators)
+    for s in common.progress(range(0, len(labels), batch_size), quiet, unit="batch",
+                             desc=f"eps {eps:g}: {passes} forward/backward passes a batch"):
         x, y = images[s:s + batch_size], labels[s:s + batch_size]
-        clean += (predict(model, x, precision).argmax(1) == y).sum().item()
-        one += (predict(model, fgsm(model, x, y, eps), precision).argmax(1) == y).sum().item()
-        adv, losses = iterative_fgsm(model, x, y, eps, steps)
-        many += (predict(model, adv, precision).argmax(1) == y).sum().item()
+        right, losses = attack_batch(model, x, y, eps, steps, pgd_steps, step_size, generators, precision)
+        for kind, mask in right.items():
+            counts[kind] = counts.get(kind, 0) + int(mask.sum())
         loss_curve += torch.tensor(losses) * len(y)
     n = len(labels)
-    return clean / n, one / n, many / n, (loss_curve / n).tolist()
+    return {"clean_acc": counts["clean"] / n, "fgsm_acc": counts["fgsm"] / n, "iterative_acc": counts["iterative"] / n,
+            "pgd_acc": counts["pgd"] / n if "pgd" in counts else None, "robust_acc": counts["robust"] / n,
+            "iterative_loss_per_step": (loss_curve / n).tolist(), "pgd_step_size": step_size}
 
 
 # ----------------------------------------------------------------------------- figures
@@ -187,11 +256,12 @@ def plot_progression(model, x, y, eps: float, steps: int, names, path, precision
     plt.close(fig)
 
 
-def plot_lines(xs, lines: dict, xlabel, ylabel, path, title) -> None:
+def plot_lines(xs, lines: dict, xlabel, ylabel, path, title, styles: Optional[dict] = None) -> None:
+    """One line per label (marker o; styles[label]: other plot options, e.g. a dashed line that another may hide)."""
     plt = common.pyplot()
     fig, ax = plt.subplots(figsize=(6, 4))
     for label, ys in lines.items():
-        ax.plot(xs if not isinstance(xs, dict) else xs[label], ys, marker="o", label=label)
+        ax.plot(xs if not isinstance(xs, dict) else xs[label], ys, label=label, **{"marker": "o", **(styles or {}).get(label, {})})
     ax.set_xlabel(xlabel)
     ax.set_ylabel(ylabel)
     ax.set_title(title, fontsize=9)
@@ -202,44 +272,57 @@ def plot_lines(xs, lines: dict, xlabel, ylabel, path, title) -> None:
     plt.close(fig)
 
 
-def parse_eps(text) -> list[float]:
+def parse_eps(text, fraction: bool = False) -> list[float]:
+    """--eps as sorted pixel units: values in [0, 255], or with fraction (--eps-fraction) shares of the range in [0, 1]
+    times 255 (0.3 -> 76.5; rounded to 9 decimals so that 0.1 gives 25.5, not 25.500000000000004)."""
     text = ",".join(common.split_values(text if isinstance(text, list) else [text]))
+    unit, top = ("fractions of the pixel range (0-1)", 1) if fraction else ("pixel units (0-255)", 255)
     try:
         values = [float(v) for v in text.split(",") if v.strip()]
     except ValueError:
-        raise common.UserError(f"--eps {text}: use pixel units (0-255), one value or a comma-separated list like 2,4,8") from None
-    common.check(values and all(0 <= v <= 255 for v in values), f"--eps {text}: each eps must be in [0, 255] pixel units")
-    return sorted(values)
+        raise common.UserError(f"--eps {text}: use {unit}, one value or a comma-separated list like "
+                               f"{'0.1,0.2,0.3' if fraction else '2,4,8'}") from None
+    common.check(values and all(0 <= v <= top for v in values), f"--eps {text}: each eps must be in [0, {top}] {unit}")
+    return sorted(round(v * 255, 9) if fraction else v for v in values)
 
 
 @app.command()
 def main(
     ctx: typer.Context,
     run_dir: Annotated[Path, typer.Argument(help="A run directory of an MNIST or CIFAR-10 training script (any script with build_model, copies too).", show_default=False)],
-    eps: Annotated[Optional[list[str]], typer.Option(callback=common.strs_option, help="Attack budget(s) in pixel units 0..255, e.g. 8 or 2,4,8,16 or --eps 2 --eps 4 (default: CIFAR 2,4,8; MNIST 16,32,64).")] = None,
+    eps: Annotated[Optional[list[str]], typer.Option(callback=common.strs_option, help="Attack budget(s) in pixel units 0..255, e.g. 8 or 2,4,8,16 or --eps 2 --eps 4 (default: CIFAR 2,4,8; MNIST 16,32,64); fractions of the range with --eps-fraction.")] = None,
+    eps_fraction: Annotated[bool, typer.Option("--eps-fraction", help="Read --eps as fractions of the pixel range, 0..1 (0.3 = 76.5 pixel units); config.json's eps_pixels records pixel units.")] = False,
     steps: Annotated[int, typer.Option(help="Steps of the iterative attack (each eps/steps).")] = 5,
+    pgd_steps: Annotated[int, typer.Option(help="Steps of PGD from a random start (0: no PGD).")] = 20,
+    pgd_step_size: Annotated[Optional[float], typer.Option(help="PGD's step in pixel units, whatever --eps-fraction says (default: 2.5 eps / pgd-steps, Madry et al.'s rule).", show_default=False)] = None,
+    restarts: Annotated[int, typer.Option(help="PGD runs from this many random starts; an image is robust only if it survives them all.")] = 1,
     examples: Annotated[int, typer.Option(help="Correct and incorrect test images drawn with their input gradients.")] = 8,
     batch_size: common.BatchSize = 1000,
     data_dir: Annotated[Optional[Path], typer.Option(help="Folder holding the data (default: the attacked run's).")] = None,
     out_dir: common.OutDir = Path("runs"),
-    seed: common.Seed = 0,
+    seed: Annotated[int, typer.Option(help="Seed of PGD's random starts (each eps and restart draws from its own stream derived from it).")] = 0,
     device: common.Device = "auto",
     tag: common.Tag = None,
     quiet: common.Quiet = False,
 ):
-    """Attack a trained model: input gradients, FGSM accuracy per eps, iterative FGSM."""
+    """Attack a trained model: input gradients; clean, FGSM, iterative FGSM, PGD and worst-case accuracy per eps."""
     run = rundir.Run(ctx, __file__)
     args = run.args
     common.check(args.steps >= 1, f"--steps {args.steps}: must be at least 1")
+    common.check(args.pgd_steps >= 0, f"--pgd-steps {args.pgd_steps}: must be at least 0 (0: no PGD)")
+    common.check(args.pgd_step_size is None or args.pgd_step_size > 0, f"--pgd-step-size {args.pgd_step_size}: must be above 0 (pixel units)")
+    common.check(args.restarts >= 1, f"--restarts {args.restarts}: must be at least 1")
     common.check(args.examples >= 1, f"--examples {args.examples}: must be at least 1")
-    eps_list = parse_eps(args.eps) if args.eps is not None else None
+    common.check(args.eps is not None or not args.eps_fraction, "--eps-fraction reads --eps as fractions of the range: give --eps too")
+    eps_list = parse_eps(args.eps, args.eps_fraction) if args.eps is not None else None
     dev = common.pick_device(args.device)
     model, images, labels, names, dataset, attacked, precision = load_attacked_run(Path(args.run_dir), dev, args.data_dir)
     eps_list = eps_list or parse_eps(DEFAULT_EPS[dataset])
     run.save_config(attacked_run=str(args.run_dir), attacked_script=attacked["script"], dataset=dataset,
                     eps_pixels=eps_list, device=str(dev), n_test=len(labels), evaluation_precision=precision)
+    pgd_name = f"PGD-{args.pgd_steps} x{args.restarts}" if args.pgd_steps else ""
     print(f"attacking {args.run_dir} ({attacked['script']}, {dataset}) | {len(labels)} test images | eps {eps_list} | "
-          f"accuracies in {precision} | run {run.dir}")
+          f"{pgd_name or 'no PGD'} | accuracies in {precision} | run {run.dir}")
 
     t0 = time.time()
     preds = torch.cat([predict(model, images[s:s + args.batch_size], precision).argmax(1) for s in range(0, len(labels), args.batch_size)])
@@ -251,26 +334,30 @@ def main(
                        f"test images the model gets {'right' if kind == 'correct' else 'wrong'} (top) and dL/dx (bottom)")
     results = {}
     for e in eps_list:
-        clean, one, many, curve = attack_accuracy(model, images, labels, e, args.steps, args.batch_size, precision)
-        results[f"{e:g}"] = {"clean_acc": clean, "fgsm_acc": one, "iterative_acc": many, "iterative_loss_per_step": curve}
-        print(f"eps {e:5g}/255 | clean {clean:.2%} | FGSM {one:.2%} | {args.steps}-step FGSM {many:.2%} | "
-              f"loss {curve[0]:.3f} -> {curve[-1]:.3f}")
+        r = results[f"{e:g}"] = attack_accuracy(model, images, labels, e, args.steps, args.batch_size, precision, args.pgd_steps,
+                                                args.pgd_step_size, args.restarts, args.seed, args.quiet)
+        curve = r["iterative_loss_per_step"]
+        pgd_part = f" | {pgd_name} {r['pgd_acc']:.2%}" if args.pgd_steps else ""
+        print(f"eps {e:5g}/255 | clean {r['clean_acc']:.2%} | FGSM {r['fgsm_acc']:.2%} | {args.steps}-step FGSM "
+              f"{r['iterative_acc']:.2%}{pgd_part} | robust {r['robust_acc']:.2%} | loss {curve[0]:.3f} -> {curve[-1]:.3f}")
     attack_s = time.time() - t0
     plot_lines(list(range(args.steps + 1)), {f"eps {k}": r["iterative_loss_per_step"] for k, r in results.items()},
                "iterative FGSM step", "mean test loss", run.dir / "attack_loss_curve.png", "loss rises with every step")
     plot_progression(model, images, labels, eps_list[-1], args.steps, names, run.dir / "attack_image_progression_example0.png",
                      precision)
-    plot_lines(eps_list, {"clean": [r["clean_acc"] for r in results.values()], "FGSM (1 step)": [r["fgsm_acc"] for r in results.values()],
-                          f"iterative ({args.steps} steps)": [r["iterative_acc"] for r in results.values()]},
-               "eps (pixel units, 0-255)", "test accuracy", run.dir / "fgsm_accuracy_vs_eps.png", f"{attacked['script']} on {dataset}")
+    lines = {"clean": "clean_acc", "FGSM (1 step)": "fgsm_acc", f"iterative ({args.steps} steps)": "iterative_acc",
+             **({f"PGD ({args.pgd_steps} steps, worst of {args.restarts})": "pgd_acc"} if args.pgd_steps else {}),
+             "robust (worst case of all)": "robust_acc"}
+    plot_lines(eps_list, {label: [r[key] for r in results.values()] for label, key in lines.items()},
+               "eps (pixel units, 0-255)", "test accuracy", run.dir / "fgsm_accuracy_vs_eps.png", f"{attacked['script']} on {dataset}",
+               ROBUST_STYLE)
     top = results[f"{eps_list[-1]:g}"]
-    final = {"per_eps": results, "clean_acc": top["clean_acc"], "eps": eps_list[-1], "fgsm_acc": top["fgsm_acc"],
-             "iterative_acc": top["iterative_acc"], "attack_time_s": attack_s}
-    run.finish(final, {"attacked_run": str(args.run_dir), "dataset": dataset, "eps": eps_list[-1], "clean_acc": top["clean_acc"],
-                       "fgsm_acc": top["fgsm_acc"], "iterative_acc": top["iterative_acc"]},
+    accuracies = {k: top[k] for k in ("clean_acc", "fgsm_acc", "iterative_acc", "pgd_acc", "robust_acc")}
+    final = {"per_eps": results, "eps": eps_list[-1], **accuracies, "attack_time_s": attack_s}
+    pgd_part = f", {pgd_name} {top['pgd_acc']:.2%}" if args.pgd_steps else ""
+    run.finish(final, {"attacked_run": str(args.run_dir), "dataset": dataset, "eps": eps_list[-1], **accuracies},
                summary=f"run {run.dir} | eps {eps_list[-1]:g}/255: clean {top['clean_acc']:.2%}, FGSM "
-               f"{top['fgsm_acc']:.2%}, {args.steps}-step {top['iterative_acc']:.2%}")
-
+               f"{top['fgsm_acc']:.2%}, {args.steps}-step {top['iterative_acc']:.2%}{pgd_part}, robust {top['robust_acc']:.2%}")
 
 if __name__ == "__main__":
     rundir.main(app)

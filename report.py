@@ -761,7 +761,7 @@ def reproduce_plan(quick: bool, data_dir, out_dir, gpu: bool = False, num_cpus: 
         sweep("numpy", "numpy_nn.py", "--grid", "arch=embed,mlp", "--grid", "input-scale=standard,raw"),
         single("svm", "svm_gabor.py", "--data-dir", d, *(["--train-size", "5000"] if quick else []),
                note="quick: 5,000 training images (full: 20,000)" if quick else ""),
-        single("fgsm", "fgsm_attack.py", "CNN_RUN_DIR"),
+        single("fgsm", "fgsm_attack.py", "CNN_RUN_DIR", "--pgd-steps", "0"),  # the source's FGSM claim (PGD: train_adv's)
         single("clusters", "grad_collect.py", "--data-dir", d,
                *(["--epochs", "2", "--no-every-epoch", "--limit", "20000"] if quick else []),
                note="quick: 2 epochs on the first 20,000 images, gradients of the last epoch only" if quick else ""),

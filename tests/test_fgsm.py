@@ -1,8 +1,10 @@
 """fgsm_attack.py: adversarial images stay in the eps-ball and the pixel range (0-255), the iterative loss rises, FGSM
 and the iterative attack equal torchattacks' FGSM and BIM (where it is installed), adversarial accuracy is at most
-clean accuracy and clean accuracy is the run's test accuracy (measured in the precision its script evaluates in),
-end-to-end attacks on an MLP (MNIST), a copied script's run and an All-CNN-T (CIFAR) run, the gradient figure, the
-dataset of runs that do not record it, bad input."""
+clean accuracy and clean accuracy is the run's test accuracy (measured in the precision its script evaluates in);
+PGD and the worst case: eps 0 gives the clean accuracy under every attack, more restarts never raise robust accuracy,
+the worst case is at most each attack's accuracy, PGD is at least as strong as FGSM, --eps-fraction; end-to-end
+attacks on an MLP (MNIST), a copied script's run and an All-CNN-T (CIFAR) run, the gradient figure, the dataset of
+runs that do not record it, bad input."""
 
 import json
 import pickle
@@ -38,11 +40,18 @@ def test_adversarial_images_stay_in_the_eps_ball_and_pixel_range():
     eps = 8.0  # pixel units
     one = fgsm_attack.fgsm(f, x, y, eps)
     many, losses = fgsm_attack.iterative_fgsm(f, x, y, eps, steps=5)
-    for adv in (one, many):
+    pgd = fgsm_attack.pgd(f, x, y, eps, steps=5, step_size=3.0, generator=torch.Generator().manual_seed(0))
+    for adv in (one, many, pgd):
         assert adv.min() >= 0 and adv.max() <= 255
         assert (adv - x).abs().max() <= eps + 1e-4
     assert (one - x).abs().max() > 0.9 * eps  # FGSM moves the free pixels by the whole budget
     assert len(losses) == 6 and losses[-1] > losses[0]  # the loss rises over the steps
+    again = fgsm_attack.pgd(f, x, y, eps, steps=5, step_size=3.0, generator=torch.Generator().manual_seed(0))
+    other = fgsm_attack.pgd(f, x, y, eps, steps=0, step_size=3.0, generator=torch.Generator().manual_seed(1))
+    assert torch.equal(pgd, again)  # the random start comes from the generator alone
+    assert (other - x).abs().max() > 0.9 * eps and (other - x).abs().max() <= eps  # a start anywhere in the ball
+    for steps in (0, 3):  # eps 0: the random start and every step leave the images as they are, bit for bit
+        assert torch.equal(fgsm_attack.pgd(f, x, y, 0.0, steps, 3.0, torch.Generator().manual_seed(0)), x)
 
 
 def test_fgsm_and_the_iterative_attack_equal_torchattacks():
@@ -140,6 +149,10 @@ def test_attack_an_mnist_mlp_end_to_end(mlp_run, tmp_path):
     for eps, r in final["per_eps"].items():
         assert r["iterative_acc"] <= r["fgsm_acc"] + 0.05 and r["fgsm_acc"] <= r["clean_acc"]
         assert r["iterative_loss_per_step"][-1] > r["iterative_loss_per_step"][0]
+        assert r["robust_acc"] <= min(r["fgsm_acc"], r["iterative_acc"], r["pgd_acc"])  # PGD-20 x1, the default
+    (attack,) = [json.loads(line) for line in (tmp_path / "results.jsonl").read_text().splitlines()]
+    assert attack["eps"] == 32 and attack["robust_acc"] == final["robust_acc"] == final["per_eps"]["32"]["robust_acc"]
+    assert "PGD-20 x1" in proc.stdout and "robust" in proc.stdout.splitlines()[-1]
     assert final["per_eps"]["32"]["fgsm_acc"] <= final["per_eps"]["8"]["fgsm_acc"]  # a larger budget hurts more
     assert final["per_eps"]["32"]["fgsm_acc"] < final["clean_acc"] - 0.1
 
@@ -183,6 +196,74 @@ def test_attack_a_copied_scripts_run(tiny_mnist, tmp_path):
     assert final["clean_acc"] > 0.5 and final["fgsm_acc"] < final["clean_acc"]  # a trained model, then attacked
 
 
+@pytest.fixture(scope="module")
+def mlp_model(mlp_run):
+    """The briefly trained MLP, its 200 test images and the precision it was evaluated in, loaded in-process."""
+    model, images, labels, _, _, _, precision = fgsm_attack.load_attacked_run(mlp_run, torch.device("cpu"), None)
+    return model, images, labels, precision
+
+
+def accuracies(mlp_model, eps, **kwargs):
+    model, images, labels, precision = mlp_model
+    options = {"steps": 3, "batch_size": 64, "pgd_steps": 10, "restarts": 1, "seed": 0} | kwargs
+    return fgsm_attack.attack_accuracy(model, images, labels, eps, options.pop("steps"), options.pop("batch_size"),
+                                       precision, **options)
+
+
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+def test_eps_0_gives_the_clean_accuracy_under_every_attack_and_the_worst_case(mlp_model, precision):
+    """PGD's random start is x + 0 * noise and every projection lands on x: no attack moves an image at eps 0 (unlike
+    torchattacks#124's PGD), and the predictions are made on whole batches as the clean ones are, so each accuracy is
+    the clean one exactly, in the run's precision or another (a batch of 64 and a last one of 8: 200 images)."""
+    r = accuracies(mlp_model[:3] + (precision,), 0.0, restarts=3)
+    assert r["clean_acc"] > 0.5
+    assert r["fgsm_acc"] == r["iterative_acc"] == r["pgd_acc"] == r["robust_acc"] == r["clean_acc"]
+    assert r["pgd_step_size"] == 0
+
+
+def test_more_restarts_never_raise_robust_accuracy_and_the_worst_case_is_below_each_attack(mlp_model, monkeypatch):
+    """The same seed draws the same first start whatever --restarts is (each restart its own stream): 3 restarts can
+    only break more images than 1. The worst case over all attacks is at most each one's accuracy, and PGD with enough
+    steps is at least as strong as one FGSM step at the same eps. The progress bar counts the passes a batch takes."""
+    bars = []
+    real = fgsm_attack.common.progress
+    monkeypatch.setattr(fgsm_attack.common, "progress", lambda it, quiet, **kw: bars.append(kw["desc"]) or real(it, quiet, **kw))
+    for eps in (8.0, 24.0):
+        one, three = (accuracies(mlp_model, eps, restarts=r) for r in (1, 3))
+        assert three["pgd_acc"] <= one["pgd_acc"] and three["robust_acc"] <= one["robust_acc"]
+        assert {k: one[k] for k in ("clean_acc", "fgsm_acc", "iterative_acc")} == {k: three[k] for k in ("clean_acc", "fgsm_acc", "iterative_acc")}
+        for r in (one, three):
+            assert r["robust_acc"] <= min(r["clean_acc"], r["fgsm_acc"], r["iterative_acc"], r["pgd_acc"])
+            assert r["pgd_acc"] <= r["fgsm_acc"]  # 10 steps of 2.5 eps / 10 from a random start against one step
+            assert r["pgd_step_size"] == pytest.approx(2.5 * eps / 10)
+    assert one["robust_acc"] < one["clean_acc"] - 0.1  # eps 24 breaks the MLP: the comparisons above are not vacuous
+    assert bars[:2] == ["eps 8: 14 forward/backward passes a batch", "eps 8: 34 forward/backward passes a batch"]  # 1 + 3 + 10 x R
+    assert accuracies(mlp_model, 24.0, seed=0) == accuracies(mlp_model, 24.0, seed=0)  # seeded: the same numbers again
+    no_pgd = accuracies(mlp_model, 24.0, pgd_steps=0)
+    assert no_pgd["pgd_acc"] is None and no_pgd["robust_acc"] >= one["robust_acc"]  # one attack fewer to survive
+    assert no_pgd["robust_acc"] <= min(no_pgd["fgsm_acc"], no_pgd["iterative_acc"])
+    assert bars[-1] == "eps 24: 4 forward/backward passes a batch"
+
+
+def test_eps_as_a_fraction_of_the_range_is_recorded_in_pixel_units(mlp_run, tmp_path):
+    """--eps-fraction --eps 0.3 attacks at 76.5 pixel units; config.json, metrics.json and results.jsonl say 76.5."""
+    proc = run_cli("fgsm_attack.py", mlp_run, "--out-dir", tmp_path, "--eps-fraction", "--eps", "0,0.3", "--steps", 2,
+                   "--pgd-steps", 4, "--restarts", 2, "--examples", 2, "--quiet", env=ONE_THREAD)
+    assert proc.returncode == 0, proc.stderr
+    (run_dir,) = (tmp_path / "fgsm_attack").iterdir()
+    config = json.loads((run_dir / "config.json").read_text())
+    assert config["eps_pixels"] == [0, 76.5] and config["eps_fraction"] is True and config["eps"] == ["0", "0.3"]
+    final = json.loads((run_dir / "metrics.json").read_text())["final"]
+    assert final["eps"] == 76.5 and sorted(final["per_eps"]) == ["0", "76.5"]
+    assert final["per_eps"]["76.5"]["pgd_step_size"] == pytest.approx(2.5 * 76.5 / 4)
+    zero = final["per_eps"]["0"]
+    assert zero["fgsm_acc"] == zero["iterative_acc"] == zero["pgd_acc"] == zero["robust_acc"] == zero["clean_acc"]
+    (result,) = [json.loads(line) for line in (tmp_path / "results.jsonl").read_text().splitlines()]
+    assert result["eps"] == 76.5 and result["robust_acc"] == final["robust_acc"] <= result["pgd_acc"]
+    assert "PGD-4 x2" in proc.stdout and "robust" in proc.stdout.splitlines()[-1]
+    assert fgsm_attack.parse_eps("0.1,0.5", fraction=True) == [25.5, 127.5]
+
+
 class Payload:
     def __reduce__(self):
         import os
@@ -196,6 +277,8 @@ class Payload:
     ("missing_checkpoint", ["best.pt", "not found"]),
     ("poisoned_checkpoint", ["best.pt", "unreadable"]),
     ("negative_eps", ["--eps"]),
+    ("fraction_above_1", ["--eps 2", "[0, 1]"]),
+    ("no_restarts", ["--restarts"]),
 ])
 def test_bad_input_exits_2(mlp_run, tmp_path, case, words):
     run_dir = tmp_path / "run"
@@ -215,6 +298,10 @@ def test_bad_input_exits_2(mlp_run, tmp_path, case, words):
     elif case == "negative_eps":
         (run_dir / "best.pt").write_bytes((mlp_run / "best.pt").read_bytes())
         args = ["--eps", "-4"]
+    elif case == "fraction_above_1":
+        args = ["--eps-fraction", "--eps", "2"]
+    elif case == "no_restarts":
+        args = ["--restarts", "0"]
     rundir.write_json(run_dir / "config.json", config)
     proc = run_cli("fgsm_attack.py", run_dir, "--out-dir", tmp_path / "out", *args, cwd=tmp_path)
     assert_user_error(proc, *words)
