@@ -10,7 +10,7 @@ Every epoch: PGD accuracy on a fixed batch of training rows (the guard: when it 
 the run says so and stops; best.pt keeps the epoch before) and PGD accuracy on the validation split (which picks
 best.pt). The final report attacks best.pt's model on the test set: clean, FGSM, PGD --eval-steps x --eval-restarts;
 an example counts as robust only if it survives every restart of every attack (the per-example worst case).
-    python train_adv.py                          # ~98.5% clean, ~90% robust at eps 0.3 (docs/train_adv.md); 20-30 min, 2 cores
+    python train_adv.py                          # ~99% clean, ~92% robust at eps 0.3 (docs/train_adv.md); tens of minutes
     python train_adv.py --attack fgsm --eps-warmup 0 --epochs 10     # Wong et al.'s recipe: the guard catches its collapse
     python fgsm_attack.py runs/train_adv/RUN --eps 0.3 --eps-fraction --pgd-steps 50 --restarts 10
 eps and step sizes are fractions of the pixel range (0.3 = 76.5 of 255); the model takes the stored pixels.
